@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: install install-dev system-deps serve test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the CPU wheel in the local cache; torchvision is never installed.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# redis-server (queue tests) and prometheus/promtool (monitoring tests), only when missing.
+system-deps:
+	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus >/dev/null; \
+	fi
+
+serve: install
+	$(BIN)/s2amnet serve --port $(PORT)
+
+test: install-dev system-deps
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check app model tests
+
+bench: install
+	$(BIN)/s2amnet bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
