@@ -1,0 +1,114 @@
+"""COCO RLE written by us, checked against pycocotools both ways; components; polygons; PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import masks as M
+
+cm = pytest.importorskip("pycocotools.mask")
+
+# pycocotools' C extension predates numpy 2's __array__(copy=) protocol
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _random_masks(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    out = [np.zeros((1, 1), bool), np.ones((1, 1), bool), np.zeros((5, 7), bool), np.ones((6, 3), bool)]
+    for _ in range(n):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        out.append(rng.random((h, w)) < rng.random())
+    # large runs exercise multi-character varints and negative deltas
+    big = np.zeros((300, 200), bool)
+    big[10:250, 5:190] = True
+    big[100:120, 50:60] = False
+    out.append(big)
+    return out
+
+
+def test_rle_encode_matches_pycocotools():
+    for m in _random_masks():
+        ours = M.encode_rle(m)
+        ref = cm.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert ours["size"] == list(ref["size"])
+        assert ours["counts"] == ref["counts"].decode("ascii")
+        assert M.rle_area(ours) == int(cm.area(ref)) == int(m.sum())
+
+
+def test_rle_decode_of_pycocotools_output_and_back():
+    for m in _random_masks(seed=1):
+        ref = cm.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert (M.decode_rle(ref) == m).all()  # bytes counts
+        ours = M.encode_rle(m)
+        back = cm.decode({"size": ours["size"], "counts": ours["counts"].encode()})
+        assert back.shape == m.shape and (back.astype(bool) == m).all()
+        assert (M.decode_rle(ours) == m).all()
+
+
+def test_rle_uncompressed_counts_and_errors():
+    m = np.array([[0, 1], [1, 1]], bool)  # column-major: 0,1,1,1 → runs [1, 3]
+    assert (M.decode_rle({"size": [2, 2], "counts": [1, 3]}) == m).all()
+    with pytest.raises(ValueError):
+        M.decode_rle({"size": [2, 2], "counts": [1, 2]})
+    with pytest.raises(ValueError):
+        M.encode_rle(np.zeros((2, 2, 2)))
+
+
+@pytest.mark.parametrize("conn", [4, 8])
+def test_label_components_numpy_matches_scipy(conn):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(3)
+    structure = np.ones((3, 3), bool) if conn == 8 else None
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        m = rng.random((h, w)) < rng.random()
+        ref, n_ref = ndimage.label(m, structure=structure)
+        ours, n = M._label_numpy(m, conn)
+        assert n == n_ref and (ours == ref).all()
+
+
+def test_label_components_diagonal():
+    m = np.eye(4, dtype=bool)
+    assert M.label_components(m, 8)[1] == 1
+    assert M.label_components(m, 4)[1] == 4
+
+
+def test_polygons_exact_area_and_holes():
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(1, 25, 2))
+        m = rng.random((h, w)) < rng.random()
+        polys = M.mask_to_polygons(m, include_holes=True)
+        assert sum(M.polygon_area(p) for p in polys) == pytest.approx(m.sum())
+    ring = np.zeros((10, 10), bool)
+    ring[2:8, 2:8] = True
+    ring[4:6, 4:6] = False
+    outer = M.mask_to_polygons(ring)
+    assert outer == [[2.0, 2.0, 8.0, 2.0, 8.0, 8.0, 2.0, 8.0]]
+    both = M.mask_to_polygons(ring, include_holes=True)
+    assert len(both) == 2 and sorted(M.polygon_area(p) for p in both) == [-4.0, 36.0]
+
+
+def test_polygons_connectivity_and_rasterise_back():
+    m = np.zeros((6, 6), bool)
+    m[1, 1] = m[2, 2] = True  # diagonal touch
+    assert len(M.mask_to_polygons(m, connectivity=8)) == 1
+    assert len(M.mask_to_polygons(m, connectivity=4)) == 2
+    blob = np.zeros((40, 50), bool)
+    yy, xx = np.mgrid[:40, :50]
+    blob[(yy - 20) ** 2 + (xx - 25) ** 2 < 150] = True
+    polys = M.mask_to_polygons(blob)
+    rles = cm.frPyObjects(polys, 40, 50)
+    raster = cm.decode(cm.merge(rles)).astype(bool)
+    iou = (raster & blob).sum() / (raster | blob).sum()
+    assert iou > 0.9
+    assert M.mask_to_polygons(np.zeros((3, 3), bool)) == []
+
+
+def test_png_roundtrip():
+    rng = np.random.default_rng(5)
+    m = rng.random((17, 23)) < 0.4
+    b64 = M.mask_to_png_b64(m)
+    assert isinstance(b64, str)
+    assert (M.png_b64_to_mask(b64) == m).all()
