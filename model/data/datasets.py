@@ -1,0 +1,351 @@
+"""torch Datasets for training and evaluation: ClassifyDataset, SegmentDataset, DetectDataset.
+
+Every item is a dict; images are uint8 tensors 3×S×S (grayscale data replicated to 3 channels; normalise on
+the device, as the predictor does). Use the matching collate function in the DataLoader:
+
+=================  ===============================================================================
+ClassifyDataset    ``{"image": u8 3×S×S, "label": int64, "index": int64[, "mask": int64 S×S]}``
+SegmentDataset     ``{"image": u8 3×C×C, "mask": int64 C×C (255 = ignore), "index"}``
+DetectDataset      ``{"image": u8 3×S×S, "boxes": f32 N×4 xyxy (pixels of the S×S input),
+                   "classes": int64 N, "index"}``; `collate_detect` adds ``targets`` (M×6:
+                   batch index, class, x1, y1, x2, y2)
+=================  ===============================================================================
+
+Eval items (``train=False``) also carry ``meta`` = ``{"orig_w", "orig_h", "scale", "pad": [x, y]}`` of the
+letterbox, so outputs can be mapped back to original pixels (`augment.unletterbox_boxes`).
+
+Decoded images are kept in memory (``cache=True``; grayscale content is stored single-channel). Call
+``dataset.preload()`` before building a DataLoader with workers so the forked workers share the cache.
+Augmentation randomness is drawn from torch's RNG (seeded per DataLoader worker by torch), so
+``torch.manual_seed`` makes an epoch reproducible and workers never repeat each other.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from .augment import (
+    IGNORE_INDEX,
+    ClassifyAugment,
+    DetectAugment,
+    SegmentAugment,
+    letterbox_geometry,
+)
+from .readers import Record
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ClassifyDataset",
+    "SegmentDataset",
+    "DetectDataset",
+    "collate",
+    "collate_classify",
+    "collate_segment",
+    "collate_detect",
+    "sample_weights",
+    "balanced_sampler",
+    "decode_image",
+    "to_chw_tensor",
+]
+
+
+def decode_image(path, grayscale: bool = False, max_side: int | None = None) -> np.ndarray:
+    """Decode to uint8: H×W if the content is grayscale (or ``grayscale=True``), else H×W×3.
+
+    EXIF orientation is applied; with ``max_side`` images larger than that are downscaled (bilinear).
+    """
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if grayscale or im.mode in ("L", "1", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(im, np.float32)
+                im = Image.fromarray((a / max(float(a.max()), 1.0) * 255).astype(np.uint8))
+            im = im.convert("L")
+        elif im.mode != "RGB":
+            im = im.convert("RGB")
+        if max_side and max(im.size) > max_side:
+            r = max_side / max(im.size)
+            im = im.resize((max(1, round(im.size[0] * r)), max(1, round(im.size[1] * r))), Image.BILINEAR)
+        a = np.asarray(im, np.uint8)
+    if a.ndim == 3:
+        g = a[..., 0]
+        if np.array_equal(g, a[..., 1]) and np.array_equal(g, a[..., 2]):
+            a = g  # RGB file with R=G=B (NEU-DET): keep one channel
+    return np.ascontiguousarray(a)
+
+
+def to_chw_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 H×W or H×W×C → uint8 tensor 3×H×W (gray replicated)."""
+    if img.ndim == 2:
+        t = torch.from_numpy(np.ascontiguousarray(img))
+        return t.unsqueeze(0).expand(3, -1, -1).contiguous()
+    if img.shape[2] == 1:
+        return to_chw_tensor(img[..., 0])
+    return torch.from_numpy(np.ascontiguousarray(img[..., :3].transpose(2, 0, 1)))
+
+
+class _Base(Dataset):
+    task = ""
+
+    def __init__(self, records: Sequence[Record], imgsz: int, train: bool, cache: bool = True,
+                 grayscale: bool = False, cache_max_side: int | None = None):
+        self.records = list(records)
+        self.imgsz = int(imgsz)
+        self.train = train
+        self.cache = cache
+        self.grayscale = grayscale
+        self.cache_max_side = cache_max_side
+        self._images: dict[int, np.ndarray] = {}
+        self._masks: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # --- decoding with cache
+    def load_image(self, i: int) -> np.ndarray:
+        img = self._images.get(i)
+        if img is None:
+            img = decode_image(self.records[i].image, self.grayscale, self.cache_max_side)
+            if self.cache:
+                self._images[i] = img
+        return img
+
+    def load_mask(self, i: int) -> np.ndarray:
+        m = self._masks.get(i)
+        if m is None:
+            img = self.load_image(i)
+            rec = self.records[i]
+            m = rec.load_mask()
+            if m.shape != img.shape[:2]:
+                if self.cache_max_side and rec.width and m.shape == (rec.height, rec.width):
+                    m = np.asarray(Image.fromarray(m).resize(img.shape[1::-1], Image.NEAREST))
+                else:
+                    m = rec.load_mask(hw=img.shape[:2])
+            if self.cache:
+                self._masks[i] = m
+        return m
+
+    def _uses_mask(self) -> bool:
+        return False
+
+    def preload(self, progress: bool = False) -> _Base:
+        """Decode every image (and mask, when used) into the cache now."""
+        it = range(len(self))
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                it = tqdm(it, desc=f"caching {self.task}", leave=False)
+            except ImportError:  # pragma: no cover
+                pass
+        for i in it:
+            self.load_image(i)
+            if self._uses_mask():
+                self.load_mask(i)
+        return self
+
+    @staticmethod
+    def _rng() -> np.random.Generator:
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def _meta(self, img: np.ndarray, i: int) -> dict:
+        h, w = img.shape[:2]
+        rec = self.records[i]
+        ow, oh = (rec.width or w), (rec.height or h)
+        scale, _, pad = letterbox_geometry(w, h, self.imgsz)
+        # scale refers to original pixels (the cache may hold a downscaled copy)
+        return {"orig_w": int(ow), "orig_h": int(oh), "scale": float(scale * w / ow), "pad": [pad[0], pad[1]],
+                "key": rec.key}
+
+
+class ClassifyDataset(_Base):
+    """Image-level classification. ``with_mask=True`` also returns the segment mask (magnetic-tile),
+    transformed like the image (for a mask-supervised classifier). In training, masks (when the records
+    have them) steer the random crop so that it keeps the defect. Extra kwargs go to `ClassifyAugment`."""
+
+    task = "classify"
+
+    def __init__(self, records: Sequence[Record], imgsz: int = 224, train: bool = False,
+                 augment: ClassifyAugment | None = None, cache: bool = True, with_mask: bool = False,
+                 grayscale: bool = False, cache_max_side: int | None = None, **aug_kwargs):
+        super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
+        if any(r.label is None for r in self.records):
+            raise ValueError("ClassifyDataset needs records with a classify label")
+        self.augment = augment or ClassifyAugment(imgsz, train=train, **aug_kwargs)
+        self.with_mask = with_mask
+        self._have_masks = all(r.has_mask for r in self.records)
+        if with_mask and not self._have_masks:
+            raise ValueError("with_mask=True needs records with masks")
+
+    def _uses_mask(self) -> bool:
+        return self.with_mask or (self.train and self._have_masks and self.augment.min_defect_keep > 0)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([r.label for r in self.records], np.int64)
+
+    def __getitem__(self, i: int) -> dict:
+        img = self.load_image(i)
+        mask = self.load_mask(i) if self._uses_mask() else None
+        out_img, out_mask = self.augment(img, self._rng(), mask)
+        item = {"image": to_chw_tensor(out_img), "label": torch.tensor(self.records[i].label, dtype=torch.int64),
+                "index": torch.tensor(i, dtype=torch.int64)}
+        if self.with_mask:
+            item["mask"] = torch.from_numpy(out_mask.astype(np.int64))
+        if not self.train:
+            item["meta"] = self._meta(img, i)
+        return item
+
+
+class SegmentDataset(_Base):
+    """Semantic segmentation; ``imgsz`` = inference (letterbox) size, ``crop`` = training crop size
+    (default imgsz). Extra kwargs go to `SegmentAugment`."""
+
+    task = "segment"
+
+    def __init__(self, records: Sequence[Record], imgsz: int = 512, crop: int | None = None,
+                 train: bool = False, augment: SegmentAugment | None = None, cache: bool = True,
+                 grayscale: bool = False, cache_max_side: int | None = None, **aug_kwargs):
+        super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
+        if any(not r.has_mask for r in self.records):
+            raise ValueError("SegmentDataset needs records with masks")
+        self.augment = augment or SegmentAugment(imgsz, crop=crop, train=train, **aug_kwargs)
+
+    def _uses_mask(self) -> bool:
+        return True
+
+    def __getitem__(self, i: int) -> dict:
+        img = self.load_image(i)
+        mask = self.load_mask(i)
+        out_img, out_mask = self.augment(img, mask, self._rng())
+        item = {"image": to_chw_tensor(out_img), "mask": torch.from_numpy(out_mask.astype(np.int64)),
+                "index": torch.tensor(i, dtype=torch.int64)}
+        if not self.train:
+            item["meta"] = self._meta(img, i)
+        return item
+
+
+class DetectDataset(_Base):
+    """Object detection at a fixed ``imgsz``. In training, mosaic partners are drawn uniformly from the
+    dataset. ``include_difficult=False`` drops VOC difficult boxes. Extra kwargs go to `DetectAugment`."""
+
+    task = "detect"
+
+    def __init__(self, records: Sequence[Record], imgsz: int = 512, train: bool = False,
+                 augment: DetectAugment | None = None, cache: bool = True, include_difficult: bool = True,
+                 grayscale: bool = False, cache_max_side: int | None = None, **aug_kwargs):
+        super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
+        self.augment = augment or DetectAugment(imgsz, train=train, **aug_kwargs)
+        self.include_difficult = include_difficult
+
+    def targets(self, i: int, img: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes float32 N×4 in pixels of the (cached) image, classes int64 N)."""
+        rec = self.records[i]
+        boxes, cls = rec.boxes, rec.box_classes
+        if not self.include_difficult and rec.difficult is not None and len(rec.difficult) == len(boxes):
+            boxes, cls = boxes[~rec.difficult], cls[~rec.difficult]
+        boxes = boxes.astype(np.float32)
+        if img is not None and rec.width and img.shape[1] != rec.width:
+            boxes = boxes * np.float32(img.shape[1] / rec.width)
+        return boxes, cls.astype(np.int64)
+
+    def _sample(self, i: int):
+        img = self.load_image(i)
+        b, c = self.targets(i, img)
+        return img, b, c
+
+    def __getitem__(self, i: int) -> dict:
+        img, boxes, cls = self._sample(i)
+        rng = self._rng()
+        others = None
+        if self.augment.wants_mosaic(rng) and len(self) > 1:
+            others = [self._sample(int(j)) for j in rng.integers(0, len(self), 3)]
+        out_img, out_boxes, out_cls = self.augment(img, boxes, cls, rng, others=others)
+        item = {"image": to_chw_tensor(out_img), "boxes": torch.from_numpy(out_boxes.reshape(-1, 4)),
+                "classes": torch.from_numpy(out_cls.reshape(-1)), "index": torch.tensor(i, dtype=torch.int64)}
+        if not self.train:
+            item["meta"] = self._meta(img, i)
+        return item
+
+
+# ----------------------------------------------------------------------------------------------------
+# collate
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack tensors of equal shape, keep everything else (and ragged tensors) as lists."""
+    out = {}
+    for k in batch[0]:
+        vals = [b[k] for b in batch]
+        if isinstance(vals[0], torch.Tensor) and all(v.shape == vals[0].shape for v in vals):
+            out[k] = torch.stack(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+collate_classify = collate
+collate_segment = collate
+
+
+def collate_detect(batch: list[dict]) -> dict:
+    """Like `collate`, with ``boxes``/``classes`` as lists and ``targets`` = float32 M×6
+    ``[batch_index, class, x1, y1, x2, y2]``."""
+    out = collate([{k: v for k, v in b.items() if k not in ("boxes", "classes")} for b in batch])
+    out["boxes"] = [b["boxes"] for b in batch]
+    out["classes"] = [b["classes"] for b in batch]
+    rows = []
+    for j, b in enumerate(batch):
+        n = len(b["classes"])
+        if n:
+            rows.append(torch.cat([torch.full((n, 1), float(j)), b["classes"].float().reshape(n, 1),
+                                   b["boxes"].float().reshape(n, 4)], 1))
+    out["targets"] = torch.cat(rows, 0) if rows else torch.zeros((0, 6), dtype=torch.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# class balance
+
+
+def sample_weights(records: Sequence[Record], task: str = "classify", power: float = 0.5) -> np.ndarray:
+    """Per-record sampling weights (mean 1) that rebalance skewed classes: ``w = count(class) ** -power``.
+
+    ``power=1`` is full inverse-frequency balance, ``0.5`` (default) square-root balance (full balance
+    over-corrects on magnetic-tile, 70 % MT_Free), ``0`` uniform. classify/segment use the image label
+    (segment without labels → uniform); detect uses the rarest box class of the image, images without
+    boxes form their own group.
+    """
+    n = len(records)
+    if n == 0:
+        return np.zeros(0)
+    if task == "detect":
+        box_cnt = Counter(int(c) for r in records for c in r.box_classes.tolist())
+        n_empty = sum(1 for r in records if len(r.box_classes) == 0)
+        w = np.empty(n)
+        for i, r in enumerate(records):
+            cls = r.box_classes.tolist()
+            w[i] = max(box_cnt[int(c)] ** -power for c in cls) if cls else n_empty ** -power
+    else:
+        labels = [r.label for r in records]
+        if any(lab is None for lab in labels):
+            return np.ones(n)
+        cnt = Counter(labels)
+        w = np.array([cnt[lab] ** -power for lab in labels], np.float64)
+    return w * (n / w.sum())
+
+
+def balanced_sampler(records: Sequence[Record], task: str = "classify", power: float = 0.5,
+                     num_samples: int | None = None, generator: torch.Generator | None = None
+                     ) -> WeightedRandomSampler:
+    """A `WeightedRandomSampler` (with replacement) over `sample_weights`; pass as ``sampler=``."""
+    w = sample_weights(records, task, power)
+    return WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples or len(w),
+                                 replacement=True, generator=generator)
+
