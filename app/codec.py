@@ -1,0 +1,140 @@
+"""Image decoding with limits: bytes -> upright RGB PIL image, or a Problem (400/413/415).
+
+- The pixel limit is checked from the header (`Image.open` reads only the header) before any pixel is
+  decoded, so a decompression bomb (a small file claiming a huge size) costs nothing.
+- EXIF orientation is applied (`ImageOps.exif_transpose`): width/height and all coordinates of a result
+  refer to the upright image.
+- Any mode becomes 8-bit RGB: grayscale, 1-bit, palette (with or without transparency), RGBA/LA (alpha
+  dropped), CMYK, YCbCr/LAB/HSV, 16-bit integer (scaled by 1/256) and float images (scaled to their range).
+- Errors: empty, truncated, corrupt data of a known image format, or an image smaller than
+  `min_image_side` -> 400 (`bad_image`); data that is not an image format PIL reads -> 415; too many pixels
+  -> 413.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import Problem, bad_image, too_large, unsupported_media
+
+# Leading bytes of image formats PIL can decode: data starting like this but failing to decode is a
+# corrupt image (400), anything else is not an image (415).
+_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a", b"GIF89a",
+    b"BM",  # BMP
+    b"II*\x00", b"MM\x00*",  # TIFF
+    b"RIFF",  # WEBP (RIFF....WEBP)
+    b"P1", b"P2", b"P3", b"P4", b"P5", b"P6",  # PNM
+    b"\x00\x00\x00\x0cjP  ",  # JPEG 2000
+)
+
+# PIL refuses images above 2*MAX_IMAGE_PIXELS on its own; our limit (checked first) is the real one.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def looks_like_image(data: bytes) -> bool:
+    return any(data.startswith(m) for m in _MAGIC)
+
+
+def decode_base64(text: str, index: int = 0) -> bytes:
+    """Standard or URL-safe base64, optionally as a `data:image/...;base64,` URL -> bytes, or 400."""
+    if not isinstance(text, str):
+        raise bad_image(f"image {index}: expected a base64 string")
+    payload = text.strip()
+    if payload.startswith("data:"):
+        head, sep, rest = payload.partition(",")
+        if not sep or ";base64" not in head:
+            raise bad_image(f"image {index}: data URL must be base64-encoded")
+        payload = rest
+    payload = "".join(payload.split())  # tolerate line breaks
+    if "-" in payload or "_" in payload:
+        payload = payload.replace("-", "+").replace("_", "/")
+    payload += "=" * (-len(payload) % 4)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise bad_image(f"image {index}: invalid base64 ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        if mode == "I":  # 32-bit container; PNG 16-bit grey arrives as I or I;16
+            arr = np.clip(arr, 0, 65535)
+        arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        finite = np.isfinite(arr)
+        lo = float(arr[finite].min()) if finite.any() else 0.0
+        hi = float(arr[finite].max()) if finite.any() else 1.0
+        if lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0
+        elif lo >= 0.0 and hi <= 255.0:
+            lo, hi = 0.0, 255.0
+        scaled = np.nan_to_num((arr - lo) / max(hi - lo, 1e-12), nan=0.0, posinf=1.0, neginf=0.0)
+        arr8 = (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        return img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img.convert("RGB")  # alpha dropped: colour channels as captured
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0
+) -> Image.Image:
+    """Bytes -> upright RGB image (fully loaded), or raise a Problem."""
+    if not data:
+        raise bad_image(f"image {index}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if looks_like_image(data):
+            raise bad_image(f"image {index}: corrupt image data") from None
+        raise unsupported_media(
+            f"image {index}: not a supported image format (JPEG, PNG, BMP, TIFF, WEBP, GIF, PNM)"
+        ) from None
+    except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is disabled
+        raise too_large("too_many_pixels", f"image {index}: {exc}") from None
+    except Exception as exc:  # any other parser failure on the header
+        raise bad_image(f"image {index}: unreadable image header ({type(exc).__name__})") from None
+
+    width, height = img.size
+    if width * height > max_pixels:
+        raise too_large(
+            "too_many_pixels",
+            f"image {index}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+        )
+    if width < min_side or height < min_side:
+        raise bad_image(f"image {index}: {width}x{height} is smaller than {min_side} px on a side")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()  # truncated / corrupt data fails here (LOAD_TRUNCATED_IMAGES stays False)
+            img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+            rgb.load()
+    except Problem:
+        raise
+    except MemoryError:
+        raise too_large("too_many_pixels", f"image {index}: too large to decode") from None
+    except Exception as exc:
+        raise bad_image(f"image {index}: corrupt or truncated image data ({type(exc).__name__}: {exc})") \
+            from None
+    return rgb

@@ -1,0 +1,249 @@
+"""Embedded dispatcher: in-process dynamic batching on one long-lived inference thread.
+
+- One bounded FIFO per model (`max_queue`); a full queue refuses with `QueueFull` (503 + Retry-After).
+- ONE inference thread for all models. It owns every forward pass, including the warm-up, so torch's
+  intra-op (OpenMP) thread team lives on that one thread: forwards cost there what they cost on the main
+  thread, while a pool of threads each running torch would build competing OpenMP teams on the same
+  cores. The thread picks the model whose oldest job has waited longest, waits until `max_batch_size`
+  jobs are queued for it or `max_delay_ms` have passed since its first job was queued, and runs
+  `app.inference.run_batch` (which drops expired jobs without computing them).
+- Results go back to the asyncio futures with `loop.call_soon_threadsafe`. `submit` waits at most until
+  the job's deadline (then `DeadlineExceeded`, 504); a job whose request went away is skipped.
+- `stop()` refuses new work, lets the thread finish what is queued (up to `drain_timeout`), then fails
+  whatever is left with `Unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app import metrics
+from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
+from app.inference import raise_for_result, run_batch
+
+log = logging.getLogger("s2amnet.dispatch")
+
+
+@dataclass
+class _Pending:
+    job: Job
+    future: asyncio.Future
+    put_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+def _resolve(fut: asyncio.Future, result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def configure_torch_threads(num_threads: int | None) -> None:
+    """Set torch's intra-op threads (process-wide) if asked; called on the inference thread."""
+    if not num_threads:
+        return
+    import torch
+
+    torch.set_num_threads(int(num_threads))
+
+
+def warm_up(predictor: Any) -> float:
+    """One preprocess + forward + postprocess on a blank image at the model's input size; returns seconds."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    h, w = (int(v) for v in predictor.input_size)
+    sample = predictor.preprocess(Image.new("RGB", (w, h), (128, 128, 128)))
+    raws = predictor.infer([sample.array])
+    predictor.postprocess(raws[0], sample.meta)
+    return time.perf_counter() - t0
+
+
+class LocalDispatcher(Dispatcher):
+    def __init__(self, predictors: Mapping[str, Any], settings: Any):
+        self._predictors = dict(predictors)
+        self._max_batch = int(settings.max_batch_size)
+        self._max_delay = float(settings.max_delay_ms) / 1000.0
+        self._max_queue = int(settings.max_queue)
+        self._retry_after = float(getattr(settings, "retry_after_s", 1))
+        self._torch_threads = getattr(settings, "torch_threads", None)
+        self._warmup = bool(getattr(settings, "warmup", True))
+        self._queues: dict[str, deque[_Pending]] = {name: deque() for name in self._predictors}
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._closing = False  # stop accepting, flush the queues, then exit
+        self._abort = False  # exit after the batch in hand
+        self._ready = False
+        self.warmup_seconds: dict[str, float] = {}
+        for name in self._predictors:
+            metrics.QUEUE_DEPTH.labels(model=name).set(0)
+
+    # ------------------------------------------------------------------ Dispatcher interface
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        started: asyncio.Future = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(started,), name="s2amnet-inference", daemon=True
+        )
+        self._thread.start()
+        await started  # re-raises a warm-up failure
+        self._accepting = True
+        self._ready = True
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        self._accepting = False
+        self._ready = False
+        thread = self._thread
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if thread is not None and thread.is_alive():
+            await asyncio.to_thread(thread.join, max(0.0, drain_timeout))
+            if thread.is_alive():
+                log.warning("inference thread still busy after %.1f s drain; abandoning queued jobs",
+                            drain_timeout)
+                with self._cond:
+                    self._abort = True
+                    self._cond.notify_all()
+        # Whatever is still queued will not be computed.
+        with self._cond:
+            for name, q in self._queues.items():
+                while q:
+                    _fail(q.popleft().future, Unavailable("service is shutting down", self._retry_after))
+                metrics.QUEUE_DEPTH.labels(model=name).set(0)
+
+    async def submit(self, job: Job) -> dict[str, Any]:
+        if job.model not in self._predictors:
+            raise UnknownModel(f"model {job.model!r} is not loaded")
+        if not self._accepting:
+            raise Unavailable("service is not ready or is shutting down", self._retry_after)
+        assert self._loop is not None
+        pending = _Pending(job, self._loop.create_future())
+        with self._cond:
+            q = self._queues[job.model]
+            if len(q) >= self._max_queue:
+                raise QueueFull(
+                    f"queue of model {job.model!r} is full ({self._max_queue} jobs waiting)", self._retry_after
+                )
+            q.append(pending)
+            metrics.QUEUE_DEPTH.labels(model=job.model).set(len(q))
+            self._cond.notify()
+        timeout = job.deadline - time.time()
+        try:
+            result = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, timeout))
+        except TimeoutError:
+            # Leave it queued but certainly expired: run_batch drops it uncomputed and counts it.
+            job.deadline = min(job.deadline, time.time())
+            raise DeadlineExceeded(
+                f"no result within the request deadline ({max(0.0, job.deadline - job.enqueued_at):.3f} s)"
+            ) from None
+        except asyncio.CancelledError:  # the request went away
+            pending.cancelled = True
+            raise
+        return raise_for_result(result)
+
+    def ready(self) -> bool:
+        return self._ready and self._thread is not None and self._thread.is_alive()
+
+    def queue_depth(self, model: str) -> int:
+        q = self._queues.get(model)
+        return len(q) if q is not None else 0
+
+    # ------------------------------------------------------------------ inference thread
+    def _post(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed meanwhile
+            pass
+
+    def _thread_main(self, started: asyncio.Future) -> None:
+        try:
+            configure_torch_threads(self._torch_threads)
+            if self._warmup:
+                for name, predictor in self._predictors.items():
+                    self.warmup_seconds[name] = warm_up(predictor)
+                    log.info("warmed up %s in %.3f s", name, self.warmup_seconds[name])
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            log.exception("warm-up failed")
+            self._post(_fail, started, exc)
+            return
+        self._post(_resolve, started, None)
+        try:
+            import torch
+
+            grad_ctx = torch.inference_mode()
+        except Exception:  # pragma: no cover
+            import contextlib
+
+            grad_ctx = contextlib.nullcontext()
+        with grad_ctx:
+            self._batch_loop()
+        log.info("inference thread stopped")
+
+    def _oldest_model(self) -> str | None:
+        best, best_t = None, None
+        for name, q in self._queues.items():
+            while q and q[0].cancelled:  # a request that went away before its batch
+                q.popleft()
+            if q and (best_t is None or q[0].put_at < best_t):
+                best, best_t = name, q[0].put_at
+        return best
+
+    def _next_batch(self) -> tuple[str, list[_Pending]] | None:
+        with self._cond:
+            while True:
+                if self._abort:
+                    return None
+                name = self._oldest_model()
+                if name is None:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                q = self._queues[name]
+                first = q[0].put_at
+                while len(q) < self._max_batch and not self._closing and not self._abort:
+                    remaining = first + self._max_delay - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch: list[_Pending] = []
+                while q and len(batch) < self._max_batch:
+                    p = q.popleft()
+                    if not p.cancelled:
+                        batch.append(p)
+                metrics.QUEUE_DEPTH.labels(model=name).set(len(q))
+                if batch:
+                    return name, batch
+
+    def _batch_loop(self) -> None:
+        while True:
+            nxt = self._next_batch()
+            if nxt is None:
+                return
+            name, batch = nxt
+            try:
+                results = run_batch(self._predictors[name], [p.job for p in batch])
+            except BaseException as exc:  # noqa: BLE001 - never let the thread die
+                log.exception("batch of %s failed", name)
+                results = [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"}] * len(batch)
+            for p, r in zip(batch, results, strict=True):
+                self._post(_resolve, p.future, r)

@@ -1,0 +1,304 @@
+"""HTTP routes. Thin: parse and check the request, decode + preprocess images, hand jobs to the
+dispatcher, assemble the answer. No tensor is touched here."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from app import metrics
+from app.codec import decode_image
+from app.deps import parse_inspect_body, require_api_key
+from app.dispatch.base import Job, Unavailable
+from app.errors import Problem
+from app.idempotency import MAX_KEY_LENGTH, fingerprint, scoped_key
+from app.schemas import (
+    Health,
+    InspectionResult,
+    InspectOptions,
+    InspectQuery,
+    JsonInspectRequest,
+    ModelInfo,
+    ModelsResponse,
+    ProblemDetails,
+)
+
+router = APIRouter()
+
+TASKS = ("classify", "detect", "segment")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_KEY_LENGTH)
+
+
+def _problem_doc(description: str) -> dict[str, Any]:
+    return {"model": ProblemDetails, "description": description}
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _problem_doc("Corrupt or unreadable image, invalid base64, malformed multipart body."),
+    401: _problem_doc("Missing or wrong API key (when S2AMNET_API_KEYS is set)."),
+    404: _problem_doc("Unknown model, or no model loaded for this task."),
+    413: _problem_doc("Body, pixel count or number of images over the limit."),
+    415: _problem_doc("Unsupported Content-Type or file that is not an image."),
+    422: _problem_doc("Invalid fields or options."),
+    503: _problem_doc("Overloaded (queue full) or not ready / shutting down; see Retry-After."),
+    504: _problem_doc("The request deadline passed before a result was ready."),
+}
+
+
+def _body_doc() -> dict[str, Any]:
+    fields = InspectOptions.model_json_schema()["properties"]
+    multipart = {
+        "type": "object",
+        "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": "One or several images (repeat the `file` part); answered in order."},
+            **fields,
+        },
+        "required": ["file"],
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart, "encoding": {"file": {"contentType": "image/*"}}},
+                "application/json": {"schema": JsonInspectRequest.model_json_schema()},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    }
+
+
+def _model_for(request: Request, task: str, name: str | None) -> Any:
+    state = request.app.state
+    predictors: dict[str, Any] = state.predictors
+    if name is None:
+        default = state.defaults.get(task)
+        if default is None:
+            raise Problem(404, "unknown_model", f"no {task} model is loaded", title="Unknown model")
+        return predictors[default]
+    predictor = predictors.get(name)
+    if predictor is None:
+        known = ", ".join(n for n, p in predictors.items() if p.task == task) or "none"
+        raise Problem(404, "unknown_model", f"no model named {name!r} (loaded {task} models: {known})",
+                      title="Unknown model")
+    if predictor.task != task:
+        raise Problem(404, "unknown_model",
+                      f"model {name!r} is a {predictor.task} model; use POST /{predictor.task}",
+                      title="Unknown model")
+    return predictor
+
+
+def _prepare(predictor: Any, data: bytes, index: int, max_pixels: int, min_side: int) -> tuple[Any, Any]:
+    """Worker-thread part: decode (limits, EXIF, mode) and preprocess; returns (array, meta)."""
+    image = decode_image(data, max_pixels=max_pixels, min_side=min_side, index=index)
+    sample = predictor.preprocess(image)
+    return sample.array, sample.meta
+
+
+async def _submit_all(dispatcher: Any, jobs: list[Job]) -> list[dict[str, Any]]:
+    """Submit every job at once (so they can share batches); the first failure cancels the rest."""
+    if len(jobs) == 1:
+        return [await dispatcher.submit(jobs[0])]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(dispatcher.submit(job)) for job in jobs]
+    except BaseExceptionGroup as group:
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]
+
+
+async def _compute(request: Request, task: str, body: bytes, deadline: float) -> Any:
+    state = request.app.state
+    settings = state.settings
+    parsed = await parse_inspect_body(request, body, settings.max_images)
+    predictor = _model_for(request, task, parsed.options.model)
+
+    limiter: anyio.CapacityLimiter = state.decode_limiter
+
+    async def prepare(i: int, data: bytes) -> tuple[Any, Any]:
+        return await anyio.to_thread.run_sync(
+            _prepare, predictor, data, i, settings.max_pixels, settings.min_image_side, limiter=limiter
+        )
+
+    if len(parsed.images) == 1:
+        prepared = [await prepare(0, parsed.images[0])]
+    else:
+        prepared = await asyncio.gather(*(prepare(i, d) for i, d in enumerate(parsed.images)))
+    parsed.images.clear()
+
+    options = parsed.options.inference_options()
+    jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(options), deadline=deadline)
+            for arr, meta in prepared]
+    outputs = await _submit_all(state.dispatcher, jobs)
+
+    request_id = request.state.request_id
+    total_ms = round((time.time() - request.state.start_time) * 1000.0, 3)
+    mes = parsed.options.mes()
+    results = []
+    for out in outputs:
+        result: dict[str, Any] = {
+            "result_id": str(uuid.uuid4()),
+            "request_id": request_id,
+            "model": out["model"],
+            "task": out["task"],
+            "image": out["image"],
+            "verdict": out["verdict"],
+            "defects": out["defects"],
+        }
+        if "top_k" in out:
+            result["top_k"] = out["top_k"]
+        timing = out.get("timing_ms", {})
+        result["timing_ms"] = {"queue": timing.get("queue", 0.0), "inference": timing.get("inference", 0.0),
+                               "total": total_ms}
+        result.update(mes)
+        results.append(result)
+    return results[0] if parsed.single else results
+
+
+async def inspect(request: Request, task: str, timeout_s: float | None, idempotency_key: str | None) -> Response:
+    state = request.app.state
+    settings = state.settings
+    if not state.ready or state.draining:
+        raise Unavailable("service is not ready" if not state.ready else "service is shutting down",
+                          settings.retry_after_s)
+    timeout = settings.request_timeout_s if timeout_s is None else min(settings.request_timeout_s, timeout_s)
+    deadline = request.state.start_time + timeout
+
+    state.inflight += 1
+    metrics.INFLIGHT.inc()
+    try:
+        body = await request.body()  # bounded by the body-limit middleware while it is read
+        if not idempotency_key:
+            return JSONResponse(await _compute(request, task, body, deadline))
+
+        if not _IDEMPOTENCY_KEY.match(idempotency_key):
+            raise Problem(422, "invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters",
+                          title="Invalid request")
+        store = state.idempotency
+        key = scoped_key(idempotency_key, getattr(request.state, "principal", None), task)
+        fp = fingerprint(request.method, request.url.path, request.url.query,
+                         request.headers.get("content-type", ""), body)
+        async with store.lock(key):
+            entry = await store.get(key)
+            if entry is not None:
+                if entry["fingerprint"] != fp:
+                    raise Problem(422, "idempotency_key_reused",
+                                  "this Idempotency-Key was used for a different request",
+                                  title="Idempotency-Key reused")
+                return JSONResponse(entry["body"], status_code=entry.get("status", 200),
+                                    headers={"Idempotent-Replayed": "true"})
+            answer = await _compute(request, task, body, deadline)
+            await store.put(key, {"fingerprint": fp, "status": 200, "body": answer}, settings.idempotency_ttl_s)
+            return JSONResponse(answer)
+    finally:
+        state.inflight -= 1
+        metrics.INFLIGHT.dec()
+
+
+def _add_inspect_route(task: str) -> None:
+    descriptions = {
+        "classify": "Classify each image: `verdict`, the failing label (if any) in `defects`, and `top_k`.",
+        "detect": "Detect defects: label, score, box and area in original image pixels.",
+        "segment": "Segment defects: one entry per connected defect region with box, area and mask.",
+    }
+
+    async def endpoint(
+        request: Request,
+        query: Annotated[InspectQuery, Query()],
+        _key: Annotated[str | None, Depends(require_api_key)],
+        x_request_timeout: Annotated[
+            float | None,
+            Header(gt=0, le=3600, description="Deadline in seconds; lowers S2AMNET_REQUEST_TIMEOUT_S."),
+        ] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(max_length=MAX_KEY_LENGTH,
+                   description="Repeat a request with the same key to get the stored answer."),
+        ] = None,
+    ) -> Any:
+        return await inspect(request, task, x_request_timeout, idempotency_key)
+
+    endpoint.__name__ = task
+    router.add_api_route(
+        f"/{task}",
+        endpoint,
+        methods=["POST"],
+        response_model=InspectionResult | list[InspectionResult],
+        summary=f"{task.capitalize()} images",
+        description=descriptions[task] + (
+            "\n\nOne image (`file` sent once, JSON `image`, or a raw image body) is answered with one "
+            "result object; several images (`file` repeated, or JSON `images`) with a list of results in "
+            "request order. All images of a request use the same model and options; if any image is "
+            "rejected, the whole request is."
+        ),
+        responses=ERROR_RESPONSES,
+        openapi_extra=_body_doc(),
+        tags=["inspection"],
+        operation_id=task,
+    )
+
+
+for _task in TASKS:
+    _add_inspect_route(_task)
+
+
+@router.get("/models", response_model=ModelsResponse, tags=["service"],
+            responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]})
+async def models(request: Request, _key: Annotated[str | None, Depends(require_api_key)]) -> Any:
+    """The loaded models: task, classes, input size, version, and the metrics from their manifest."""
+    state = request.app.state
+    if state.predictors is None:
+        raise Unavailable("models are still loading", state.settings.retry_after_s)
+    out = []
+    for name, p in state.predictors.items():
+        manifest = p.manifest or {}
+        arch = manifest.get("arch", {}) or {}
+        out.append(ModelInfo(
+            name=name, task=p.task, version=str(p.version), variant=arch.get("variant"),
+            classes=list(p.classes), input_size=[int(v) for v in p.input_size],
+            default=state.defaults.get(p.task) == name, verdict=manifest.get("verdict"),
+            metrics=manifest.get("metrics"), trained_on=manifest.get("trained_on"),
+        ))
+    return ModelsResponse(models=out)
+
+
+@router.get("/livez", response_model=Health, tags=["service"])
+async def livez() -> Any:
+    """The process is up and its event loop answers."""
+    return Health(status="alive")
+
+
+@router.get("/readyz", response_model=Health, tags=["service"], responses={503: ERROR_RESPONSES[503]})
+async def readyz(request: Request) -> Any:
+    """200 once every model is loaded and warmed up and the dispatcher is ready; 503 before that, while
+    shutting down, or when the backend is unreachable."""
+    state = request.app.state
+    if state.draining:
+        raise Unavailable("shutting down", state.settings.retry_after_s)
+    if state.startup_error:
+        raise Unavailable(f"startup failed: {state.startup_error}", state.settings.retry_after_s)
+    if not state.ready or state.dispatcher is None or not state.dispatcher.ready():
+        raise Unavailable("not ready: models loading or backend unreachable", state.settings.retry_after_s)
+    return Health(status="ready", models=list(state.predictors))
+
+
+@router.get("/metrics", tags=["service"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics (merged over processes in multiprocess mode)."""
+    state = request.app.state
+    if state.dispatcher is not None:
+        for name in state.predictors or {}:
+            metrics.QUEUE_DEPTH.labels(model=name).set(state.dispatcher.queue_depth(name))
+    body, content_type = await asyncio.to_thread(metrics.render)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,163 @@
+"""Pydantic models = the OpenAPI contract of the HTTP API (also used by `app.client`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MaskFormat = Literal["rle", "polygon", "png"]
+Task = Literal["classify", "detect", "segment"]
+
+MES_FIELDS = ("station_id", "part_id", "meas_id", "recipe_id")
+OPTION_FIELDS = ("model", "conf", "iou", "max_det", "top_k", "mask_format")
+
+_ID = dict(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
+
+
+class InspectOptions(BaseModel):
+    """Options and MES identifiers of an inspection request.
+
+    Accepted alike as query parameters, multipart form fields or JSON fields; when a field is given both
+    in the query and in the body, the body wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, max_length=128, description="Name of a loaded model of this task; default: the task's default."
+    )
+    conf: float = Field(0.25, ge=0.0, le=1.0, description="Minimum score of a reported defect.")
+    iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold (detect).")
+    max_det: int = Field(300, ge=1, le=1000, description="Most defects reported per image.")
+    top_k: int = Field(5, ge=1, le=100, description="Number of top classes reported (classify).")
+    mask_format: MaskFormat = Field(
+        "rle", description="Mask encoding (segment): COCO compressed RLE, polygons, or a base64 PNG."
+    )
+    station_id: str | None = Field(None, description="MES station identifier, echoed back.", **_ID)
+    part_id: str | None = Field(None, description="MES part identifier, echoed back.", **_ID)
+    meas_id: str | None = Field(None, description="MES measurement identifier, echoed back.", **_ID)
+    recipe_id: str | None = Field(None, description="MES recipe identifier, echoed back.", **_ID)
+
+    def inference_options(self) -> dict[str, Any]:
+        return {"conf": self.conf, "iou": self.iou, "max_det": self.max_det, "top_k": self.top_k,
+                "mask_format": self.mask_format}
+
+    def mes(self) -> dict[str, str | None]:
+        return {name: getattr(self, name) for name in MES_FIELDS}
+
+
+class InspectQuery(InspectOptions):
+    """The same options as query parameters (unknown query parameters are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class JsonInspectRequest(InspectOptions):
+    """JSON body: exactly one of `image` (one base64 image; the answer is one result object) or `images`
+    (a list; the answer is a list of results in the same order)."""
+
+    image: str | None = Field(None, description="One image, base64 (standard or URL-safe, or a data URL).")
+    images: list[str] | None = Field(None, description="Several images, base64; answered in order.")
+
+
+class Box(BaseModel):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Mask(BaseModel):
+    """`rle`: COCO compressed RLE `{size: [h, w], counts}` (pycocotools `decode` reads it as is);
+    `polygon`: `{size, polygons: [[x1, y1, x2, y2, ...], ...]}`; `png`: `{size, png: <base64 PNG>}`.
+    Always in original (upright) image pixels."""
+
+    size: list[int] = Field(..., min_length=2, max_length=2, description="[height, width]")
+    counts: str | None = None
+    polygons: list[list[float]] | None = None
+    png: str | None = None
+
+
+class Defect(BaseModel):
+    label: str
+    class_id: int
+    score: float
+    box: Box | None = Field(None, description="detect/segment: box in original image pixels.")
+    area: float | None = Field(None, description="detect/segment: area in pixels (mask area for segment).")
+    mask: Mask | None = Field(None, description="segment only.")
+
+
+class ClassScore(BaseModel):
+    label: str
+    class_id: int
+    score: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class TimingMs(BaseModel):
+    queue: float = Field(..., description="Waiting for a batch.")
+    inference: float = Field(..., description="The batch's forward pass and postprocessing.")
+    total: float = Field(..., description="The whole request, from arrival to answer.")
+
+
+class InspectionResult(BaseModel):
+    """One inspected image."""
+
+    result_id: str = Field(..., description="UUID of this result (the same when replayed by Idempotency-Key).")
+    request_id: str
+    model: ModelRef
+    task: Task
+    image: ImageSize
+    verdict: Literal["pass", "fail"]
+    defects: list[Defect]
+    top_k: list[ClassScore] | None = Field(None, description="classify only.")
+    timing_ms: TimingMs
+    station_id: str | None = None
+    part_id: str | None = None
+    meas_id: str | None = None
+    recipe_id: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    task: Task
+    version: str
+    variant: str | None = None
+    classes: list[str]
+    input_size: list[int] = Field(..., description="[height, width]")
+    default: bool = Field(..., description="Used when a request names no model.")
+    verdict: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    trained_on: Any = None
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+    models: list[str] | None = None
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details (`application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    code: str | None = None
+    request_id: str | None = None

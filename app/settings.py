@@ -1,0 +1,111 @@
+"""All service settings, in one place.
+
+Every field reads the environment variable `S2AMNET_<FIELD>` (case-insensitive); command-line flags of
+`s2amnet serve` / `s2amnet worker` override them by passing init arguments (init > environment > default).
+List settings (`models`, `api_keys`) are comma-separated in the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: Any) -> Any:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="S2AMNET_", extra="ignore", validate_default=True)
+
+    # --- where the API listens
+    host: str = Field("0.0.0.0", description="Interface the HTTP API binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API.")
+    log_level: str = Field("info", description="uvicorn / service log level.")
+
+    # --- models
+    weights_dir: Path = Field(Path("weights"), description="Folder of model folders to load.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated model names to load; empty = all in weights_dir."
+    )
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; unset = cuda if available.")
+    warmup: bool = Field(True, description="Run one forward per model before reporting ready.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of the inference thread; unset = torch default."
+    )
+
+    # --- batching / queueing
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
+    max_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
+    )
+    max_queue: int = Field(256, ge=1, description="Backlog per model above which new work gets 503.")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="Default deadline of a request; the X-Request-Timeout header lowers it."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 answers.")
+
+    # --- redis mode (another implementation of the dispatcher)
+    redis_url: str | None = Field(None, description="Set: Redis Streams mode; unset: embedded batching.")
+
+    # --- security / input limits
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated API keys; empty = no auth (logged as a warning)."
+    )
+    max_body_mb: float = Field(20.0, gt=0, description="Largest request body, in MiB (multipart or JSON).")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest width*height of one image.")
+    max_images: int = Field(16, ge=1, description="Most images in one request.")
+    min_image_side: int = Field(8, ge=1, description="Smallest accepted width or height, in pixels.")
+    decode_threads: int = Field(4, ge=1, description="Images decoded/preprocessed at the same time.")
+
+    # --- idempotency / shutdown
+    idempotency_ttl_s: float = Field(
+        3600.0, gt=0, description="How long a result is kept for a repeated Idempotency-Key."
+    )
+    idempotency_max_entries: int = Field(10_000, ge=1, description="Bound of the in-memory idempotency store.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: longest wait for in-flight requests before exiting."
+    )
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, description="On SIGTERM: keep answering /readyz=503 at least this long before closing."
+    )
+
+    # --- worker
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Where a worker exports its metrics.")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except Exception:  # pragma: no cover - torch is a hard dependency
+            return "cpu"
+
+
+def settings_from_args(args: Any, names: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by every argparse attribute that is not None."""
+    fields = names or list(Settings.model_fields)
+    overrides = {}
+    for name in fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
