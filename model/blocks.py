@@ -216,6 +216,11 @@ def cumulative_offsets(o: torch.Tensor) -> torch.Tensor:
     return torch.cat([left, torch.zeros_like(o[:, c : c + 1]), right], dim=1)
 
 
+def _coord_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sampling coordinates are never computed in less than float32 (D3)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 _GRID_CACHE: dict = {}
 _GRID_CACHE_MAX = 64
 
@@ -246,18 +251,18 @@ class DAConv(nn.Module):
 
     # -- offsets ------------------------------------------------------------------------------------
     def offsets(self, x: torch.Tensor) -> torch.Tensor:
-        """Cumulative offsets delta (B x K x H x W, float32, pixel units)."""
+        """Cumulative offsets delta (B x K x H x W, pixel units, float32 or float64)."""
         B, _, H, W = x.shape
         if H * W == 1:
             # GroupNorm over a single value is undefined (reference crashes, D1): no deformation.
-            return x.new_zeros((B, self.kernel_size, H, W), dtype=torch.float32)
-        o = torch.tanh(self.offset_norm(self.offset_pw(self.offset_dw(x)))).float()
-        return cumulative_offsets(o)
+            return x.new_zeros((B, self.kernel_size, H, W), dtype=_coord_dtype(x.dtype))
+        o = torch.tanh(self.offset_norm(self.offset_pw(self.offset_dw(x))))
+        return cumulative_offsets(o.to(_coord_dtype(x.dtype)))
 
     # -- sampling -----------------------------------------------------------------------------------
-    def _base(self, H: int, W: int, device: torch.device):
-        """(moving-axis base coordinate as float32 broadcastable to BxKxHxW, fixed-axis index KxN)."""
-        key = (self.axis, self.kernel_size, H, W, device, torch.float32)
+    def _base(self, H: int, W: int, device: torch.device, dtype: torch.dtype):
+        """(moving-axis base coordinate broadcastable to BxKxHxW, fixed-axis flat index 1xKx.x.)."""
+        key = (self.axis, self.kernel_size, H, W, device, dtype)
         if not _tracing():
             hit = _GRID_CACHE.get(key)
             if hit is not None:
@@ -265,10 +270,10 @@ class DAConv(nn.Module):
         k = self.kernel_size
         taps = torch.arange(k, device=device) - k // 2
         if self.axis == "x":
-            base = torch.arange(H, device=device, dtype=torch.float32).view(1, 1, H, 1)
+            base = torch.arange(H, device=device, dtype=dtype).view(1, 1, H, 1)
             fixed = (torch.arange(W, device=device).view(1, 1, 1, W) + taps.view(1, k, 1, 1)).clamp(0, W - 1)
         else:
-            base = torch.arange(W, device=device, dtype=torch.float32).view(1, 1, 1, W)
+            base = torch.arange(W, device=device, dtype=dtype).view(1, 1, 1, W)
             fixed = (torch.arange(H, device=device).view(1, 1, H, 1) + taps.view(1, k, 1, 1)).clamp(0, H - 1)
             fixed = fixed * W  # row offset in the flattened H*W index
         out = (base, fixed)
@@ -282,12 +287,12 @@ class DAConv(nn.Module):
         """Gather the K taps: B x C x K x (H*W), bilinear along the wiggling axis."""
         B, C, H, W = x.shape
         k = self.kernel_size
-        base, fixed = self._base(H, W, x.device)
+        base, fixed = self._base(H, W, x.device, delta.dtype)
         if self.axis == "x":
             size, stride = H, W
         else:
             size, stride = W, 1
-        pos = (base + self.extend_scope * delta).clamp(0, size - 1)  # float32, BxKxHxW
+        pos = (base + self.extend_scope * delta).clamp(0, size - 1)  # BxKxHxW
         p0 = pos.floor()
         frac = (pos - p0).to(x.dtype)
         i0 = p0.long()
