@@ -192,3 +192,23 @@ def test_psa_attention_matches_manual():
     manual = att.proj(torch.cat(outs, 1).reshape(1, 128, 3, 4) + att.pe(vv))
     torch.testing.assert_close(att(x), manual, atol=1e-5, rtol=1e-5)
     assert len(C2PSA(256).m[0].attn.qkv.conv.weight) == 256  # 2 heads: 128 + 2·2·32
+
+
+DESIGN_DET_TOTAL = {"tiny": 2_271_335, "small": 3_140_271, "base": 4_315_127, "large": 7_588_743}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_CHANNELS))
+def test_full_detector_param_totals(variant):
+    backbone_mod = pytest.importorskip("model.backbone")
+    bb = backbone_mod.SSAMNet(variant, **backbone_mod.task_settings(variant, "detect"))
+    neck, head = DetectNeck(bb.channels), DetectHead(5)
+    assert n_params(bb, neck, head) == DESIGN_DET_TOTAL[variant]
+
+
+def test_backbone_features_through_neck_and_head_odd_size():
+    backbone_mod = pytest.importorskip("model.backbone")
+    bb = backbone_mod.SSAMNet("tiny").eval()
+    neck, head = DetectNeck(bb.channels).eval(), DetectHead(5).eval()
+    with torch.no_grad():
+        raw = head(neck(bb(torch.randn(1, 3, 100, 130))))
+    assert [tuple(r.shape[2:]) for r in raw] == stage_sizes(100, 130) == [(13, 17), (7, 9), (4, 5)]

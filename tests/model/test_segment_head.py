@@ -116,3 +116,22 @@ def test_gradients_reach_every_parameter():
     dec(feats, (64, 48)).square().mean().backward()
     missing = [n for n, p in dec.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+DESIGN_SEG_TOTAL = {"tiny": 718_778, "small": 1_484_658, "base": 2_540_074, "large": 5_519_514}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_CHANNELS))
+def test_full_segmenter_param_totals(variant):
+    backbone_mod = pytest.importorskip("model.backbone")
+    bb = backbone_mod.SSAMNet(variant, **backbone_mod.task_settings(variant, "segment"))
+    assert n_params(bb) + n_params(MFLiteSegDecoder(bb.channels, 2)) == DESIGN_SEG_TOTAL[variant]
+
+
+def test_backbone_features_through_decoder_small_input():
+    backbone_mod = pytest.importorskip("model.backbone")
+    bb = backbone_mod.SSAMNet("tiny").eval()
+    dec = MFLiteSegDecoder(bb.channels, 2).eval()
+    with torch.no_grad():
+        out = dec(bb(torch.randn(1, 3, 32, 45)), (32, 45))
+    assert out.shape == (1, 2, 32, 45) and torch.isfinite(out).all()
