@@ -23,6 +23,7 @@ __all__ = [
     "rle_to_string",
     "rle_from_string",
     "label_components",
+    "component_stats",
     "mask_to_polygons",
     "polygon_area",
     "mask_to_png_b64",
@@ -306,3 +307,30 @@ def png_b64_to_mask(data: str) -> np.ndarray:
 
     img = Image.open(io.BytesIO(base64.b64decode(data)))
     return np.asarray(img.convert("L")) > 127
+
+
+def component_stats(labels: np.ndarray, n: int, weights: np.ndarray | None = None):
+    """Per-component statistics of a label map from :func:`label_components`.
+
+    Returns ``(areas int64 n, boxes int64 n×4 [x1, y1, x2, y2) with exclusive x2/y2 (pixel-corner
+    coordinates), weight_sums float64 n or None)``; component k is row k-1.
+    """
+    lab = np.asarray(labels).ravel()
+    w = labels.shape[1]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 4), np.int64), (np.zeros(0) if weights is not None else None)
+    areas = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
+    sums = None
+    if weights is not None:
+        sums = np.bincount(lab, weights=np.asarray(weights, np.float64).ravel(), minlength=n + 1)[1:]
+    nz = np.flatnonzero(lab)
+    lv = lab[nz]
+    order = np.argsort(lv, kind="stable")
+    lv, nz = lv[order], nz[order]
+    ys, xs = nz // w, nz % w
+    starts = np.searchsorted(lv, np.arange(1, n + 1))
+    boxes = np.stack(
+        [np.minimum.reduceat(xs, starts), np.minimum.reduceat(ys, starts),
+         np.maximum.reduceat(xs, starts) + 1, np.maximum.reduceat(ys, starts) + 1], axis=1
+    ).astype(np.int64)
+    return areas, boxes, sums
