@@ -210,7 +210,7 @@ def coco_map(predictions: Sequence[dict], ground_truths: Sequence[dict], num_cla
     if len(predictions) != len(ground_truths):
         raise ValueError("predictions and ground_truths must have one entry per image")
     images, anns, dets = [], [], []
-    for img_id, (pred, gt) in enumerate(zip(predictions, ground_truths), start=1):
+    for img_id, (pred, gt) in enumerate(zip(predictions, ground_truths, strict=True), start=1):
         gb = _boxes(gt.get("boxes"))
         gc = _np(gt.get("classes", np.zeros(0))).reshape(-1).astype(np.int64)
         ign = _np(gt["ignore"]).reshape(-1).astype(bool) if gt.get("ignore") is not None else \
@@ -218,7 +218,7 @@ def coco_map(predictions: Sequence[dict], ground_truths: Sequence[dict], num_cla
         w = float(max(gt.get("width") or 0, gb[:, 2].max() if len(gb) else 0, 1))
         h = float(max(gt.get("height") or 0, gb[:, 3].max() if len(gb) else 0, 1))
         images.append({"id": img_id, "width": w, "height": h})
-        for b, c, ig in zip(gb, gc, ign):
+        for b, c, ig in zip(gb, gc, ign, strict=True):
             bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
             anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": int(c) + 1,
                          "bbox": [float(b[0]), float(b[1]), bw, bh], "area": bw * bh,
@@ -226,7 +226,7 @@ def coco_map(predictions: Sequence[dict], ground_truths: Sequence[dict], num_cla
         pb = _boxes(pred.get("boxes"))
         ps = _np(pred.get("scores", np.zeros(0))).reshape(-1).astype(np.float64)
         pc = _np(pred.get("classes", np.zeros(0))).reshape(-1).astype(np.int64)
-        for b, s, c in zip(pb, ps, pc):
+        for b, s, c in zip(pb, ps, pc, strict=True):
             if not 0 <= c < num_classes:
                 continue
             dets.append({"image_id": img_id, "category_id": int(c) + 1,
@@ -300,7 +300,7 @@ class DetectMetrics:
         """One dict per image for both (see module docstring); arrays are copied to numpy."""
         if len(predictions) != len(ground_truths):
             raise ValueError("one prediction dict per ground-truth dict")
-        for p, g in zip(predictions, ground_truths):
+        for p, g in zip(predictions, ground_truths, strict=True):
             self.predictions.append({
                 "boxes": _boxes(p.get("boxes")),
                 "scores": _np(p.get("scores", np.zeros(0))).reshape(-1).astype(np.float64),

@@ -200,7 +200,7 @@ def _affine(img: np.ndarray, s: float, tx: float, ty: float, out_wh: tuple[int, 
 
 def photometric(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.2, contrast: float = 0.2,
                 gamma: float = 0.2) -> np.ndarray:
-    """Random brightness (additive, fraction of 255), contrast (around 128) and gamma, as one 256-entry LUT."""
+    """Random brightness (additive, fraction of 255), contrast (around mid-grey) and gamma, as one LUT."""
     x = np.arange(256, dtype=np.float32) / 255.0
     if gamma:
         x = x ** float(np.exp(rng.uniform(-gamma, gamma)))
@@ -308,9 +308,10 @@ class ClassifyAugment:
     """Classification transform → uint8 image of ``imgsz``×``imgsz`` (and the mask, if one is given).
 
     train: defect-aware random resized crop (``crop_scale`` of the area; if a mask is given, a crop must keep
-    ``min_defect_keep`` of the defect pixels, else the full image is used), letterbox to imgsz (``resize_mode``
-    ``"letterbox"`` keeps the aspect ratio like the eval path; ``"stretch"`` resizes), h/v flips, rot90,
-    brightness/contrast/gamma, optional RandAugment-lite (``randaugment`` ops, ``magnitude``).
+    ``min_defect_keep`` of the defect pixels, else the full image is used), letterbox to imgsz
+    (``resize_mode="letterbox"`` keeps the aspect ratio like the eval path; ``"stretch"`` resizes),
+    h/v flips, rot90, brightness/contrast/gamma, optional RandAugment-lite
+    (``randaugment`` ops, ``magnitude``).
     eval (``train=False``): letterbox (or stretch) only.
     """
 

@@ -194,7 +194,8 @@ class ClassifyDataset(_Base):
         img = self.load_image(i)
         mask = self.load_mask(i) if self._uses_mask() else None
         out_img, out_mask = self.augment(img, self._rng(), mask)
-        item = {"image": to_chw_tensor(out_img), "label": torch.tensor(self.records[i].label, dtype=torch.int64),
+        label = torch.tensor(self.records[i].label, dtype=torch.int64)
+        item = {"image": to_chw_tensor(out_img), "label": label,
                 "index": torch.tensor(i, dtype=torch.int64)}
         if self.with_mask:
             item["mask"] = torch.from_numpy(out_mask.astype(np.int64))

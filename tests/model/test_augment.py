@@ -131,7 +131,7 @@ def test_mosaic_shape_and_box_content():
         assert b.shape == (len(c), 4) and b.dtype == np.float32
         assert (b >= 0).all() and (b <= 128).all()
         assert ((b[:, 2] - b[:, 0]) >= 2).all() and ((b[:, 3] - b[:, 1]) >= 2).all()
-        for box, k in zip(b, c):
+        for box, k in zip(b, c, strict=True):
             x1, y1, x2, y2 = box
             inner = out[int(np.ceil(y1)) + 1:int(y2) - 1, int(np.ceil(x1)) + 1:int(x2) - 1]
             if inner.size:
