@@ -180,7 +180,7 @@ def _fit_mask(mask: np.ndarray, hw: tuple[int, int] | None) -> np.ndarray:
 # records
 
 
-@dataclass
+@dataclass(eq=False)
 class Record:
     """One image and its annotations.
 
@@ -613,7 +613,7 @@ def _read_folder_segment(root: Path, img_dir: Path, mask_dir: Path) -> DatasetIn
 
 def _read_yolo(root: Path, img_dir: Path, lab_dir: Path) -> DatasetInfo:
     names = _read_classes_txt(root)
-    records, max_cls = [], -1
+    records, rows_per_record, max_cls = [], [], -1
     for p in _images_in(img_dir):
         rec = Record(stem=p.stem, key=f"{img_dir.name}/{p.stem}", image=p)
         lp = lab_dir / f"{p.stem}.txt"
@@ -623,14 +623,14 @@ def _read_yolo(root: Path, img_dir: Path, lab_dir: Path) -> DatasetInfo:
                 parts = ln.split()
                 if len(parts) >= 5:
                     rows.append([float(v) for v in parts[:5]])
-        rec._yolo = np.asarray(rows, np.float32).reshape(-1, 5)  # type: ignore[attr-defined]
-        if len(rows):
-            max_cls = max(max_cls, int(rec._yolo[:, 0].max()))  # type: ignore[attr-defined]
+        arr = np.asarray(rows, np.float32).reshape(-1, 5)
+        if len(arr):
+            max_cls = max(max_cls, int(arr[:, 0].max()))
         records.append(rec)
+        rows_per_record.append(arr)
     if names is None:
         names = [f"class{i}" for i in range(max_cls + 1)]
-    for rec in records:
-        rows = rec.__dict__.pop("_yolo")
+    for rec, rows in zip(records, rows_per_record, strict=True):
         w, h = rec.size()
         keep = (rows[:, 0] >= 0) & (rows[:, 0] < len(names))
         rows = rows[keep]
