@@ -126,7 +126,9 @@ def dfl_loss(logits: Tensor, target: Tensor) -> Tensor:
     tr = tl + 1
     wl = tr.to(target.dtype) - target
     wr = 1 - wl
-    return F.cross_entropy(logits, tl, reduction="none") * wl + F.cross_entropy(logits, tr, reduction="none") * wr
+    ce_l = F.cross_entropy(logits, tl, reduction="none")
+    ce_r = F.cross_entropy(logits, tr, reduction="none")
+    return ce_l * wl + ce_r * wr
 
 
 def _unpack_target(t) -> tuple[Tensor, Tensor]:

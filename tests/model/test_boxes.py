@@ -6,15 +6,25 @@ import pytest
 import torch
 
 from model.boxes import (
+    batched_nms,
     bbox2dist,
     bbox_iou,
-    batched_nms,
     box_iou,
     dfl_decode,
     dist2bbox,
     make_anchors,
     nms,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def test_box_iou_known_pairs():

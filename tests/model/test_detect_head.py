@@ -16,6 +16,16 @@ from model.heads.detect import (
     postprocess_detections,
 )
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 VARIANT_CHANNELS = {
     "tiny": (32, 64, 128, 256),
     "small": (48, 96, 192, 384),

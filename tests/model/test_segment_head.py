@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from model.heads.segment import MHSA2d, MFLiteSegDecoder
+from model.heads.segment import MFLiteSegDecoder, MHSA2d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 VARIANT_CHANNELS = {
     "tiny": (32, 64, 128, 256),
