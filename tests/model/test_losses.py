@@ -240,3 +240,16 @@ def test_seg_loss_dice_value_and_bad_labels():
     assert crit(logits, target).item() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="outside"):
         crit(logits, torch.tensor([[[0, 1, 2, 0, 0]]]))
+
+
+def test_detection_loss_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = DetectHead(2, in_chs=(16, 32, 64))
+    feats = [torch.randn(1, c, s, s) for c, s in ((16, 8), (32, 4), (64, 2))]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        raw = head(feats)
+        assert raw[0].dtype == torch.bfloat16
+        loss, parts = DetectionLoss(2)(raw, [(torch.tensor([[4.0, 4, 40, 50]]), torch.tensor([1]))])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and parts["box"] > 0
+    loss.backward()
+    assert torch.isfinite(head.box[0][-1].weight.grad).all()
