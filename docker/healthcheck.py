@@ -12,8 +12,10 @@ import urllib.request
 
 
 def main() -> int:
-    url = sys.argv[1] if len(sys.argv) > 1 else (
-        f"http://127.0.0.1:{os.environ.get('S2AMNET_PORT', '8000')}/readyz"
+    url = (
+        sys.argv[1]
+        if len(sys.argv) > 1
+        else (f"http://127.0.0.1:{os.environ.get('S2AMNET_PORT', '8000')}/readyz")
     )
     try:
         with urllib.request.urlopen(url, timeout=float(os.environ.get("HEALTHCHECK_TIMEOUT_S", "3"))) as r:
