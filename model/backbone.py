@@ -144,6 +144,30 @@ class SSAMNet(nn.Module):
     def num_features(self) -> int:
         return self.channels[-1]
 
+    @property
+    def is_fused(self) -> bool:
+        return not any(isinstance(m, nn.BatchNorm2d) for m in self.modules())
+
+    @torch.no_grad()
+    def fuse(self) -> SSAMNet:
+        """Fold every BatchNorm into the preceding conv for inference (in place; returns self).
+
+        Puts the model in eval mode. Outputs equal the unfused eval model up to float rounding, but
+        the state dict changes (no ``bn*`` keys, convs gain biases): load checkpoints *before*
+        fusing, never save a fused model as a training checkpoint. A fused model cannot train.
+        """
+        self.eval()
+        for m in list(self.modules()):
+            fuse = getattr(m, "fuse_bn_", None)
+            if fuse is not None:
+                fuse()
+        return self
+
+    def train(self, mode: bool = True) -> SSAMNet:
+        if mode and self.is_fused:
+            raise RuntimeError("SSAMNet.fuse() folded BatchNorm into the convs; the model is inference-only")
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         outs = []

@@ -33,11 +33,39 @@ __all__ = [
     "AFMM",
     "SSAMBlock",
     "cumulative_offsets",
+    "fuse_conv_bn",
 ]
 
 
 def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+# --------------------------------------------------------------------------------------------------
+# inference-time BatchNorm folding
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A conv with bias equal to ``bn(conv(x))`` in eval mode (running statistics)."""
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        conv.groups, bias=True, padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    fused.train(conv.training)
+    return fused
+
+
+def _fuse_attrs(module: nn.Module, conv_name: str, bn_name: str) -> None:
+    bn = getattr(module, bn_name)
+    if isinstance(bn, nn.BatchNorm2d):
+        setattr(module, conv_name, fuse_conv_bn(getattr(module, conv_name), bn))
+        setattr(module, bn_name, nn.Identity())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,6 +129,10 @@ class ConvStem(nn.Module):
         x = F.gelu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(x))
 
+    def fuse_bn_(self) -> None:
+        _fuse_attrs(self, "conv1", "bn1")
+        _fuse_attrs(self, "conv2", "bn2")
+
 
 # --------------------------------------------------------------------------------------------------
 # MPBlock (stages 1-2)
@@ -131,6 +163,13 @@ class MPConv(nn.Module):
             ys.append(y)
         return F.gelu(torch.cat(ys, dim=1))
 
+    @torch.no_grad()
+    def fuse_bn_(self) -> None:
+        for i, bn in enumerate(self.bns):
+            if isinstance(bn, nn.BatchNorm2d):
+                self.convs[i] = fuse_conv_bn(self.convs[i], bn)
+                self.bns[i] = nn.Identity()
+
 
 class MPBlock(nn.Module):
     """x + DropPath(BN(1x1(h->C)(MPConv(GELU(BN(1x1(C->h)(x))))))), h = expansion * C; 8C^2 + 54C params."""
@@ -150,6 +189,10 @@ class MPBlock(nn.Module):
         y = self.bn2(self.pw2(self.mpconv(y)))
         return x + self.drop_path(y)
 
+    def fuse_bn_(self) -> None:
+        _fuse_attrs(self, "pw1", "bn1")
+        _fuse_attrs(self, "pw2", "bn2")
+
 
 # --------------------------------------------------------------------------------------------------
 # SAMM branches
@@ -167,6 +210,9 @@ class ConvBNAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
+
+    def fuse_bn_(self) -> None:
+        _fuse_attrs(self, "conv", "bn")
 
 
 class PConv(nn.Module):
@@ -190,6 +236,30 @@ class PConv(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Each shared unit runs once on a symmetrically padded copy; the two asymmetric paddings
+        # are then two shifted windows of that output (identical values, half the pads/convs):
+        # (3,0,1,0) -> rows [0, H+1), cols [0, W+1);  (0,3,0,1) -> rows [1, H+2), cols [3, W+4)
+        # (0,1,3,0) -> rows [0, H+1), cols [1, W+2);  (1,0,0,3) -> rows [3, H+4), cols [0, W+1)
+        H, W = x.shape[-2:]
+        ch, cv = self.conv_h, self.conv_v
+        fh = ch.conv(F.pad(x, (3, 3, 1, 1)))  # (H+2) x (W+4)
+        fv = cv.conv(F.pad(x, (1, 1, 3, 3)))  # (H+4) x (W+2)
+        if self.training:
+            # training BatchNorm: statistics per use of the unit, as in the reference
+            parts = [
+                ch.act(ch.bn(fh[..., : H + 1, : W + 1])),
+                ch.act(ch.bn(fh[..., 1:, 3:])),
+                cv.act(cv.bn(fv[..., : H + 1, 1:])),
+                cv.act(cv.bn(fv[..., 3:, : W + 1])),
+            ]
+        else:
+            fh = ch.act(ch.bn(fh))
+            fv = cv.act(cv.bn(fv))
+            parts = [fh[..., : H + 1, : W + 1], fh[..., 1:, 3:], fv[..., : H + 1, 1:], fv[..., 3:, : W + 1]]
+        return self.proj(self.cat(torch.cat(parts, dim=1)))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Literal formulation: four asymmetric zero paddings, each unit applied twice."""
         p1, p2, p3, p4 = self.PADS
         y = torch.cat(
             [
@@ -351,6 +421,9 @@ class ADSCDConv(nn.Module):
         kc = kern[:, :, c]
         centre = kc - kern.sum(2) + theta.to(kern.dtype) * kc
         return torch.cat([kern[:, :, :c], centre.unsqueeze(2), kern[:, :, c + 1 :]], dim=2)
+
+    def fuse_bn_(self) -> None:
+        _fuse_attrs(self, "attn_conv1", "attn_bn")
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         B, d, H, W = u.shape

@@ -96,7 +96,23 @@ class HaarDown(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.fused_weight(x.dtype)
-        return self.bn(F.conv2d(_pad_to_even(x), w, stride=2, groups=self.cin))
+        b = self.conv.bias
+        if b is not None:
+            b = b.to(x.dtype)
+        return self.bn(F.conv2d(_pad_to_even(x), w, b, stride=2, groups=self.cin))
+
+    @torch.no_grad()
+    def fuse_bn_(self) -> None:
+        """Fold the eval-mode BatchNorm into the grouped 1x1 conv (inference only)."""
+        if not isinstance(self.bn, nn.BatchNorm2d):
+            return
+        bn, conv = self.bn, self.conv
+        fused = nn.Conv2d(4 * self.cin, self.cout, 1, groups=self.cin, bias=True).to(conv.weight)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        self.conv = fused
+        self.bn = nn.Identity()
 
     def extra_repr(self) -> str:
         return f"cin={self.cin}, cout={self.cout}"

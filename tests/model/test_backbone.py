@@ -202,7 +202,7 @@ def test_small_and_thin_inputs_d1(tiny_eval, hw):
 def test_trace_batch_and_size_dynamic_d2(tiny_eval):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tr = torch.jit.trace(tiny_eval, torch.randn(2, 3, 64, 64))
+        tr = torch.jit.trace(tiny_eval, torch.randn(2, 3, 64, 64), check_trace=False)
     for shape in [(3, 3, 64, 64), (1, 3, 96, 80)]:
         x = torch.randn(*shape)
         with torch.no_grad():
@@ -256,6 +256,26 @@ def test_gradients_reach_offset_predictors():
         assert mod.offset_pw.weight.grad is not None and mod.offset_pw.weight.grad.abs().sum() > 0
         assert mod.offset_dw.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_fuse_for_inference(tiny_eval):
+    import copy
+
+    fused = copy.deepcopy(tiny_eval).fuse()
+    assert fused.is_fused and not tiny_eval.is_fused
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 72, 64)
+    with torch.no_grad():
+        ref = tiny_eval(x)
+        out = fused(x)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError):
+        fused.train()
+    fused.eval()  # eval stays allowed
+    with torch.no_grad():
+        pure = copy.deepcopy(fused).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all() for p in pure)
 
 
 # ---------------------------------------------------------------------------------------------

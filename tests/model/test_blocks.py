@@ -146,28 +146,34 @@ def test_mpblock_residual_and_droppath():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_pconv_padding_semantics():
-    """Check the four asymmetric paddings against one symmetric-padded conv sliced four ways."""
+def pconv_literal(m, x):
+    """The spec formulation: four asymmetric zero paddings, each conv unit applied twice."""
+    units = [m.conv_h, m.conv_h, m.conv_v, m.conv_v]
+    pads = [(3, 0, 1, 0), (0, 3, 0, 1), (0, 1, 3, 0), (1, 0, 0, 3)]
+    y = torch.cat([u(F.pad(x, p)) for u, p in zip(units, pads)], 1)
+    return m.proj(m.cat(y))
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("hw", [(5, 7), (1, 1), (2, 9)])
+def test_pconv_matches_literal_padding(train, hw):
+    import copy
+
     torch.manual_seed(0)
     d = 16
-    m = randomize_bn(PConv(d)).eval()
-    H, W = 5, 7
-    x = torch.randn(2, d, H, W)
-    ch, cv = m.conv_h, m.conv_v
-    full_h = F.conv2d(F.pad(x, (3, 3, 1, 1)), ch.conv.weight, groups=d // 4)  # (H+2) x (W+4)
-    full_v = F.conv2d(F.pad(x, (1, 1, 3, 3)), cv.conv.weight, groups=d // 4)  # (H+4) x (W+2)
-    parts = [
-        full_h[..., : H + 1, : W + 1],  # (3, 0, 1, 0)
-        full_h[..., 1:, 3:],  # (0, 3, 0, 1)
-        full_v[..., : H + 1, 1:],  # (0, 1, 3, 0)
-        full_v[..., 3:, : W + 1],  # (1, 0, 0, 3)
-    ]
-    units = [ch, ch, cv, cv]
-    y = torch.cat([F.silu(u.bn(p)) for u, p in zip(units, parts)], 1)
-    ref = m.proj(m.cat(y))
+    m = randomize_bn(PConv(d)).train(train)
+    ref_m = copy.deepcopy(m)
+    x = torch.randn(2, d, *hw)
     out = m(x)
-    assert out.shape == (2, d, H, W)
+    ref = pconv_literal(ref_m, x)
+    assert out.shape == (2, d, *hw)
     assert torch.allclose(out, ref, atol=1e-5)
+    # training BatchNorm: each unit is used twice -> running stats updated twice, like the reference
+    for a, b in zip(m.buffers(), ref_m.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    if train:
+        assert not torch.allclose(m.conv_h.bn.running_mean, torch.zeros(d // 4))
+        assert m.conv_h.bn.num_batches_tracked.item() == 2
 
 
 # ---------------------------------------------------------------------------------------------
