@@ -1,0 +1,264 @@
+"""`Predictor`: decoded image → preprocess → batched forward → postprocess in ORIGINAL image coordinates.
+
+The three steps are separate so that a server can run them in different places:
+
+* :meth:`Predictor.preprocess` (any thread / the API process): image → :class:`Sample` (uint8 C×H×W at
+  the model input size + a JSON-serialisable ``meta`` dict describing the geometry).
+* :meth:`Predictor.infer` (ONE inference thread): a list of sample arrays → one batched forward on the
+  device (normalisation on the device, eval mode, ``torch.inference_mode``) → one small CPU
+  tensor set per sample, independent of the batch it was computed in.
+* :meth:`Predictor.postprocess` (any thread; pure function of its inputs): raw + meta + options → plain
+  Python result ``{"verdict", "defects", ["top_k"]}``.
+
+Results (all coordinates in original image pixels, continuous pixel-corner convention: pixel (c, r) spans
+[c, c+1) × [r, r+1), so a box of a full W×H image is (0, 0, W, H)):
+
+* classify: ``top_k`` = [{label, class_id, score}] (softmax), ``defects`` = [] when the verdict is pass,
+  else [the most probable non-pass class].
+* detect: ``defects`` = [{label, class_id, score, box {x1, y1, x2, y2}, area (box area, px²)}] after
+  per-class NMS, boxes clipped to the image, sorted by score, at most ``max_det``.
+* segment: logits are resampled to the original size (inverse letterbox/resize, bilinear), then
+  softmax/argmax per pixel; ``defects`` has ONE ENTRY PER CONNECTED COMPONENT (8-connectivity) of each
+  non-background class: {label, class_id, score = mean probability of that class over the component,
+  box (tight, exclusive x2/y2), area (pixel count), mask (bool H×W, original size)}, sorted by score.
+
+Verdict (the manifest's rule, independent of the request's ``conf`` so that a display threshold can
+never turn a fail into a pass):
+
+* ``{"type": "any_defect", "min_score": s, "min_area": a}``: fail when any detection/component has
+  score ≥ s and area ≥ a.
+* ``{"type": "classify", "pass_labels": [...], "min_score": s}``: fail when the probability mass of the
+  non-pass classes (1 − Σ p(pass labels)) is ≥ s.
+
+Thread safety: preprocess/postprocess are re-entrant; infer must be called from one thread at a time
+(the service's single inference thread).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import masks as mask_ops
+from model import transforms as T
+from model.checkpoint import CheckpointError, load_model, validate_manifest
+
+__all__ = ["Sample", "Predictor", "verdict_for"]
+
+
+@dataclass
+class Sample:
+    """A preprocessed image: ``array`` uint8 C×H×W at the model input size; ``meta`` plain JSON."""
+
+    array: np.ndarray
+    meta: dict
+
+
+def _below(x: float) -> float:
+    """Largest float strictly below x (turns a ``score > thr`` filter into ``score >= x``)."""
+    return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
+
+
+def verdict_for(rule: Mapping[str, Any], defects: Iterable[Mapping[str, Any]]) -> str:
+    """Apply an ``any_defect`` rule to detect/segment defects (score and area keys)."""
+    s, a = float(rule.get("min_score", 0.5)), float(rule.get("min_area", 0))
+    return "fail" if any(d["score"] >= s and d.get("area", 0) >= a for d in defects) else "pass"
+
+
+class Predictor:
+    """Runs one model. ``Predictor(model, manifest, device)`` or ``Predictor.from_folder(path, device)``."""
+
+    def __init__(self, model: torch.nn.Module, manifest: Mapping[str, Any], device: str | torch.device = "cpu"):
+        m = validate_manifest(manifest, require_sha=False)
+        task = getattr(model, "task", m["task"])
+        if task != m["task"]:
+            raise CheckpointError(f"the model is a {task} model but the manifest says {m['task']}")
+        nc = getattr(model, "num_classes", m["arch"]["num_classes"])
+        if nc != len(m["classes"]):
+            raise CheckpointError(f"the model has {nc} classes but the manifest lists {len(m['classes'])}")
+        self.manifest = m
+        self.task: str = m["task"]
+        self.name: str = str(m["name"])
+        self.version: str = str(m["version"])
+        self.classes: list[str] = list(m["classes"])
+        self.input_size: tuple[int, int] = (int(m["arch"]["input_size"][0]), int(m["arch"]["input_size"][1]))
+        self.verdict_rule: dict = dict(m["verdict"])
+        self.resize_mode: str = m["preprocess"]["resize"]
+        self.pad_value: int = int(m["preprocess"]["pad_value"])
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        std = torch.tensor(m["std"], dtype=torch.float32)
+        mean = torch.tensor(m["mean"], dtype=torch.float32)
+        # x = (u8 / 255 − mean) / std  =  u8 · scale + shift
+        self._scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)
+        self._shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        if self.task == "classify":
+            pl = set(self.verdict_rule.get("pass_labels", []))
+            self._pass_ids = [i for i, c in enumerate(self.classes) if c in pl]
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
+        model, manifest = load_model(path, device=device)
+        return cls(model, manifest, device=device)
+
+    def __repr__(self) -> str:
+        return (f"Predictor(name={self.name!r}, task={self.task}, variant={self.manifest['arch']['variant']}, "
+                f"classes={len(self.classes)}, input_size={self.input_size}, device={self.device})")
+
+    # ------------------------------------------------------------------------------------------------
+    # preprocess
+
+    def preprocess(self, image) -> Sample:
+        """PIL image or uint8/uint16/float array (H×W, H×W×3, H×W×4) → Sample at the input size."""
+        array, meta = T.prepare(image, self.input_size, self.resize_mode, self.pad_value)
+        return Sample(array, meta)
+
+    # ------------------------------------------------------------------------------------------------
+    # infer
+
+    def _stack(self, arrays: Sequence[np.ndarray | Sample]) -> torch.Tensor:
+        if len(arrays) == 0:
+            raise ValueError("infer() needs at least one array")
+        want = (3, *self.input_size)
+        items = []
+        for i, a in enumerate(arrays):
+            a = a.array if isinstance(a, Sample) else np.asarray(a)
+            if a.shape != want or a.dtype != np.uint8:
+                raise ValueError(f"array {i} has shape {a.shape} dtype {a.dtype}; expected uint8 {want} "
+                                 f"(use Predictor.preprocess)")
+            items.append(a)
+        batch = torch.from_numpy(np.stack(items))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        return batch
+
+    def infer(self, arrays: Sequence[np.ndarray | Sample]) -> list[dict[str, torch.Tensor]]:
+        """One batched forward. Returns per sample a dict of CPU float32 tensors:
+        classify ``{"probs": nc}``, segment ``{"logits": nc×H×W}``, detect ``{"boxes": N×4 (input
+        pixels), "scores": N×nc}``."""
+        x = self._stack(arrays)
+        with torch.inference_mode():
+            x = x.float().mul_(self._scale).add_(self._shift)
+            if self.task == "classify":
+                out = {"probs": torch.softmax(self.model(x).float(), dim=1)}
+            elif self.task == "segment":
+                out = {"logits": self.model(x).float()}
+            else:
+                boxes, scores = self.model.decode(self.model(x))
+                out = {"boxes": boxes.float(), "scores": scores.float()}
+            cpu = {k: v.to("cpu") for k, v in out.items()}
+        # clone per sample: a sample's raw must not keep the whole batch alive
+        return [{k: v[i].clone() for k, v in cpu.items()} for i in range(x.shape[0])]
+
+    # ------------------------------------------------------------------------------------------------
+    # postprocess
+
+    def postprocess(self, raw: Mapping[str, Any], meta: Mapping[str, Any], conf: float = 0.25, iou: float = 0.7,
+                    max_det: int = 300, top_k: int = 5) -> dict[str, Any]:
+        """Raw output of one sample + its meta → ``{"verdict", "defects"[, "top_k"]}`` (plain Python;
+        segment masks are bool numpy arrays of the original size)."""
+        if self.task == "classify":
+            return self._post_classify(raw, int(top_k))
+        if self.task == "detect":
+            return self._post_detect(raw, meta, float(conf), float(iou), int(max_det))
+        return self._post_segment(raw, meta, float(conf), int(max_det))
+
+    def _entry(self, cid: int, score: float) -> dict[str, Any]:
+        return {"label": self.classes[cid], "class_id": int(cid), "score": float(score)}
+
+    def _post_classify(self, raw, top_k: int) -> dict[str, Any]:
+        probs = torch.as_tensor(raw["probs"]).float().numpy().astype(np.float64)
+        order = np.argsort(-probs, kind="stable")
+        k = max(1, min(top_k, len(order)))
+        result: dict[str, Any] = {"top_k": [self._entry(int(i), probs[i]) for i in order[:k]]}
+        pass_mass = float(probs[self._pass_ids].sum()) if self._pass_ids else 0.0
+        fail = (1.0 - pass_mass) >= float(self.verdict_rule["min_score"])
+        result["verdict"] = "fail" if fail else "pass"
+        defects = []
+        if fail:
+            worst = next((int(i) for i in order if int(i) not in self._pass_ids), None)
+            if worst is not None:
+                defects.append(self._entry(worst, probs[worst]))
+        result["defects"] = defects
+        return result
+
+    def _post_detect(self, raw, meta, conf: float, iou: float, max_det: int) -> dict[str, Any]:
+        from model.heads.detect import postprocess_detections
+
+        boxes = torch.as_tensor(raw["boxes"]).float()
+        scores = torch.as_tensor(raw["scores"]).float()
+        rule_score = float(self.verdict_rule["min_score"])
+        thr = min(conf, rule_score)
+        det = postprocess_detections(boxes[None], scores[None], conf=_below(thr), iou=iou,
+                                     max_det=boxes.shape[0])[0]
+        b = T.boxes_to_original(det["boxes"].numpy(), meta)
+        areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        cands = []
+        for (x1, y1, x2, y2), area, s, c in zip(b.tolist(), areas.tolist(), det["scores"].tolist(),
+                                                det["labels"].tolist(), strict=True):
+            if area <= 0:  # entirely in the letterbox padding
+                continue
+            cands.append({**self._entry(int(c), s), "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
+                          "area": float(area)})
+        verdict = verdict_for(self.verdict_rule, cands)
+        defects = [d for d in cands if d["score"] >= conf][: max(0, max_det)]
+        return {"verdict": verdict, "defects": defects}
+
+    def _post_segment(self, raw, meta, conf: float, max_det: int) -> dict[str, Any]:
+        labels, probs = T.logits_to_original(raw["logits"], meta)
+        h, w = labels.shape
+        cands = []
+        for cid in range(1, len(self.classes)):
+            cmask = labels == cid
+            if not cmask.any():
+                continue
+            comp, n = mask_ops.label_components(cmask, connectivity=8)
+            areas, boxes, sums = mask_ops.component_stats(comp, n, probs)
+            for k in range(n):
+                cands.append((float(sums[k] / areas[k]), int(areas[k]), cid, k + 1, boxes[k], comp))
+        rule = self.verdict_rule
+        verdict = verdict_for(rule, ({"score": c[0], "area": c[1]} for c in cands))
+        keep = sorted((c for c in cands if c[0] >= conf), key=lambda c: (-c[0], -c[1]))[: max(0, max_det)]
+        defects = []
+        for score, area, cid, k, (x1, y1, x2, y2), comp in keep:
+            mask = np.zeros((h, w), dtype=bool)
+            mask[y1:y2, x1:x2] = comp[y1:y2, x1:x2] == k
+            defects.append({**self._entry(cid, score),
+                            "box": {"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)},
+                            "area": float(area), "mask": mask})
+        return {"verdict": verdict, "defects": defects}
+
+    # ------------------------------------------------------------------------------------------------
+    # convenience
+
+    def predict(self, images, *, batch_size: int = 16, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
+                top_k: int = 5) -> list[dict[str, Any]]:
+        """preprocess → infer (in batches of ``batch_size``) → postprocess. A single image is accepted too
+        (the result is still a list). Each result also carries ``image {width, height}``."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        samples = [self.preprocess(im) for im in images]
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(samples), max(1, int(batch_size))):
+            chunk = samples[start:start + max(1, int(batch_size))]
+            raws = self.infer([s.array for s in chunk])
+            for s, r in zip(chunk, raws, strict=True):
+                out = self.postprocess(r, s.meta, conf=conf, iou=iou, max_det=max_det, top_k=top_k)
+                out["image"] = {"width": s.meta["orig_w"], "height": s.meta["orig_h"]}
+                results.append(out)
+        return results
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run dummy forwards (first-call allocations, lazy init, cuDNN autotune) before serving."""
+        blank = np.full((3, *self.input_size), self.pad_value, dtype=np.uint8)
+        for b in batch_sizes:
+            self.infer([blank] * int(b))

@@ -1,0 +1,209 @@
+"""Inference-time preprocessing geometry and its inverse.
+
+* :func:`to_rgb_uint8` — any decoded image (PIL in any mode, or a numpy array H×W / H×W×1/3/4 of
+  uint8 / uint16 / bool / float) → H×W×3 uint8 RGB.
+* :func:`prepare` — letterbox or resize ("stretch") to the model input size → (C×H×W uint8 array,
+  meta). Both are ``model.data.augment``'s own ``letterbox`` / ``resize`` (the functions training uses),
+  so inference sees the same geometry and interpolation as training.
+* The meta dict is plain JSON (it crosses Redis): ``mode``, ``orig_w``, ``orig_h``, ``input_w``,
+  ``input_h``, ``scale_x``, ``scale_y`` (input pixels per original pixel), ``pad_x``, ``pad_y``.
+  Input coordinates relate to original ones by ``x_in = x_orig · scale_x + pad_x`` (continuous pixel
+  coordinates, pixel (c, r) spans [c, c+1) × [r, r+1)).
+* :func:`boxes_to_original` and :func:`logits_to_original` map outputs back to original pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "to_rgb_uint8",
+    "resize_rgb",
+    "prepare",
+    "boxes_to_original",
+    "axis_interp",
+    "logits_to_original",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# colour / dtype normalisation
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(
+            f"unsupported image array shape {a.shape}: expected H×W, H×W×1, H×W×3 (RGB) or H×W×4 (RGBA)"
+        )
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"empty image of shape {a.shape}")
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        # full 16-bit range → 8 bit with rounding (65535 → 255); PIL's own convert would clip instead
+        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer):
+        hi = 65535 if a.max(initial=0) > 255 else 255
+        a = np.clip(np.rint(a.astype(np.float64) * (255.0 / hi)), 0, 255).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if f.max(initial=0.0) <= 1.0:  # 0..1 floats
+            f = f * 255.0
+        a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"unsupported image dtype {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    elif a.shape[2] == 4:  # RGBA: alpha is ignored (inspection images are opaque)
+        a = a[:, :, :3]
+    return np.ascontiguousarray(a)
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """Decoded image → H×W×3 uint8 RGB.
+
+    PIL images: EXIF orientation is applied if the image still carries it (idempotent: an already
+    transposed image has no orientation tag); 16-bit / 32-bit integer modes are scaled from their full
+    range, not clipped; palette, LA, RGBA, CMYK, YCbCr and 1-bit images are converted, alpha dropped.
+    numpy arrays are taken as H×W×C (channels last) RGB(A) or H×W grey.
+    """
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:  # pragma: no cover
+        Image = None  # type: ignore[assignment]
+    if Image is not None and isinstance(image, Image.Image):
+        img = image
+        try:
+            if img.getexif().get(0x0112, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001 - corrupt EXIF must not break inference
+            pass
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            arr = np.asarray(img)
+            if mode == "I":
+                arr = arr.astype(np.int64)
+                arr = np.clip(arr, 0, 65535).astype(np.uint16) if arr.max(initial=0) > 255 else \
+                    np.clip(arr, 0, 255).astype(np.uint8)
+            elif mode.startswith("I;16"):
+                arr = arr.astype(np.uint16)
+            return _array_to_rgb(arr)
+        if mode != "RGB":
+            if mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            img = img.convert("RGB")
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise TypeError(f"expected a PIL.Image or a numpy array, got {type(image).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward geometry
+
+
+def resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (aspect ratio not kept) to (h, w) — ``model.data.augment.resize``, as in training."""
+    from model.data.augment import resize
+
+    return resize(rgb, (int(size_hw[1]), int(size_hw[0])))
+
+
+RESIZE_MODES = {"resize": "resize", "stretch": "resize", "letterbox": "letterbox"}
+
+
+def prepare(image, input_size, mode: str = "letterbox", pad_value: int = 114) -> tuple[np.ndarray, dict]:
+    """Image → (C×H×W uint8 at ``input_size`` = (H, W), meta).
+
+    ``mode``: "letterbox" (keep the aspect ratio, pad centred with ``pad_value``) or "resize" (alias
+    "stretch": scale each axis independently). Both are the training pipeline's own functions.
+    """
+    rgb = to_rgb_uint8(image)
+    oh, ow = rgb.shape[:2]
+    ih, iw = int(input_size[0]), int(input_size[1])
+    kind = RESIZE_MODES.get(mode)
+    if kind == "resize":
+        out = resize_rgb(rgb, (ih, iw))
+        meta = {"scale_x": iw / ow, "scale_y": ih / oh, "pad_x": 0.0, "pad_y": 0.0}
+    elif kind == "letterbox":
+        from model.data.augment import letterbox
+
+        out, scale, (pad_x, pad_y) = letterbox(rgb, (ih, iw), pad_value=int(pad_value))
+        meta = {"scale_x": float(scale), "scale_y": float(scale), "pad_x": float(pad_x), "pad_y": float(pad_y)}
+    else:
+        raise ValueError(f"unknown preprocessing mode {mode!r} (resize | letterbox)")
+    out = np.asarray(out)
+    if out.shape != (ih, iw, 3):  # pragma: no cover - guards the contract with model.data.augment
+        raise RuntimeError(f"preprocessing produced {out.shape}, expected {(ih, iw, 3)}")
+    meta = {"mode": kind, "orig_w": int(ow), "orig_h": int(oh), "input_w": iw, "input_h": ih, **meta}
+    return np.ascontiguousarray(out.transpose(2, 0, 1)), meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# inverse geometry
+
+
+def boxes_to_original(boxes: np.ndarray, meta: dict, clip: bool = True) -> np.ndarray:
+    """N×4 xyxy boxes in input pixels → original pixels (float64), clipped to the image."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    b[:, [0, 2]] = (b[:, [0, 2]] - meta["pad_x"]) / meta["scale_x"]
+    b[:, [1, 3]] = (b[:, [1, 3]] - meta["pad_y"]) / meta["scale_y"]
+    if clip:
+        b[:, [0, 2]] = b[:, [0, 2]].clip(0, meta["orig_w"])
+        b[:, [1, 3]] = b[:, [1, 3]].clip(0, meta["orig_h"])
+    return b
+
+
+def axis_interp(n_out: int, n_in: int, scale: float, pad: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear sampling along one axis from an input grid to the original grid.
+
+    Output pixel centre ``d + 0.5`` maps to input coordinate ``(d + 0.5)·scale + pad`` (continuous), i.e.
+    the input sample index ``src = (d + 0.5)·scale + pad − 0.5``; returns (i0, i1, weight of i1) with
+    PyTorch's ``align_corners=False`` clamping. For ``pad = 0`` and ``scale = n_in/n_out`` this equals
+    ``F.interpolate(..., mode="bilinear", align_corners=False)``.
+    """
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale + pad - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = (src - i0).astype(np.float32)
+    return i0, i1, lam
+
+
+def logits_to_original(logits, meta: dict, max_elems: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """nc×h×w logits at input size → (label map uint8/int16 H×W, probability of that label float32 H×W).
+
+    Logits are bilinearly resampled to the original image (inverting resize or letterbox, padding
+    discarded), then softmax and argmax per pixel. Processed in row bands so that memory stays at
+    ``max_elems`` floats whatever the image size.
+    """
+    import torch
+
+    t = torch.as_tensor(logits).float()
+    nc, ih, iw = t.shape
+    oh, ow = int(meta["orig_h"]), int(meta["orig_w"])
+    y0, y1, ly = axis_interp(oh, ih, meta["scale_y"], meta["pad_y"])
+    x0, x1, lx = axis_interp(ow, iw, meta["scale_x"], meta["pad_x"])
+    x0t, x1t = torch.from_numpy(x0), torch.from_numpy(x1)
+    lxt = torch.from_numpy(lx)
+    label_dtype = np.uint8 if nc <= 255 else np.int16
+    labels = np.empty((oh, ow), dtype=label_dtype)
+    probs = np.empty((oh, ow), dtype=np.float32)
+    band = max(1, min(oh, max_elems // max(1, nc * max(ow, iw))))
+    for r in range(0, oh, band):
+        sl = slice(r, min(oh, r + band))
+        a = t[:, torch.from_numpy(y0[sl]), :]
+        b = t[:, torch.from_numpy(y1[sl]), :]
+        wy = torch.from_numpy(ly[sl])[None, :, None]
+        rows = a + (b - a) * wy  # nc × band × iw
+        ra = rows.index_select(2, x0t)
+        rb = rows.index_select(2, x1t)
+        up = ra + (rb - ra) * lxt  # nc × band × ow
+        p, idx = torch.softmax(up, dim=0).max(dim=0)
+        labels[sl] = idx.numpy().astype(label_dtype, copy=False)
+        probs[sl] = p.numpy()
+    return labels, probs

@@ -1,0 +1,317 @@
+"""Predictor: preprocessing, batch independence, exact inverse geometry, odd inputs, verdict rules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model import Predictor, build_model, save_model
+from model import transforms as T
+from model.masks import decode_rle, encode_rle
+
+CLASSES = {
+    "classify": ["ok", "scratch", "dent"],
+    "segment": ["background", "crack", "spot"],
+    "detect": ["a", "b", "c"],
+}
+
+
+def _manifest(task, size=(64, 64), **kw):
+    man = {"name": f"t-{task}", "version": "3", "task": task, "classes": CLASSES[task],
+           "arch": {"variant": "tiny", "num_classes": len(CLASSES[task]), "input_size": list(size)}}
+    if task == "classify":
+        man["verdict"] = {"type": "classify", "pass_labels": ["ok"], "min_score": 0.5}
+    man.update(kw)
+    return man
+
+
+@pytest.fixture(scope="module")
+def predictors():
+    torch.manual_seed(0)
+    out = {}
+    for task in CLASSES:
+        model = build_model(task, "tiny", len(CLASSES[task]))
+        out[task] = Predictor(model, _manifest(task, (64, 96) if task == "detect" else (64, 64)))
+    return out
+
+
+def _images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),  # landscape RGB
+        rng.integers(0, 256, (90, 40), dtype=np.uint8),  # portrait grey
+        rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),  # tiny
+        rng.integers(0, 65536, (20, 300), dtype=np.uint16),  # 16-bit, very thin
+        rng.integers(0, 256, (33, 33, 4), dtype=np.uint8),  # RGBA
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def test_to_rgb_conversions():
+    grey16 = np.array([[0, 65535], [257, 32896]], dtype=np.uint16)
+    out = T.to_rgb_uint8(grey16)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+    assert out[..., 0].tolist() == [[0, 255], [1, 128]]
+    assert T.to_rgb_uint8(Image.fromarray(grey16))[..., 1].tolist() == [[0, 255], [1, 128]]  # PIL I;16
+    rgba = Image.new("RGBA", (3, 2), (10, 20, 30, 0))
+    assert T.to_rgb_uint8(rgba)[0, 0].tolist() == [10, 20, 30]
+    assert T.to_rgb_uint8(Image.new("CMYK", (2, 2), (0, 0, 0, 0)))[0, 0].tolist() == [255, 255, 255]
+    assert T.to_rgb_uint8(np.ones((2, 2), bool))[0, 0].tolist() == [255, 255, 255]
+    assert T.to_rgb_uint8(np.full((2, 2, 1), 0.5, np.float32))[0, 0].tolist() == [128, 128, 128]
+    with pytest.raises(ValueError, match="shape"):
+        T.to_rgb_uint8(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(TypeError):
+        T.to_rgb_uint8("image.png")
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° CW to display
+    img.info["exif"] = exif.tobytes()
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes())
+    decoded = Image.open(io.BytesIO(buf.getvalue()))
+    assert T.to_rgb_uint8(decoded).shape == (40, 20, 3)
+
+
+def test_preprocess_sample_and_meta(predictors):
+    p = predictors["detect"]
+    s = p.preprocess(np.zeros((50, 100, 3), np.uint8))
+    assert s.array.shape == (3, 64, 96) and s.array.dtype == np.uint8
+    json.dumps(s.meta)  # crosses Redis
+    assert s.meta["orig_w"] == 100 and s.meta["orig_h"] == 50 and s.meta["mode"] == "letterbox"
+    assert s.meta["scale_x"] == pytest.approx(0.96) and s.meta["pad_y"] == 8
+    assert (s.array[:, :8] == 114).all()  # letterbox padding
+    r = predictors["classify"].preprocess(Image.new("L", (10, 30), 7))
+    assert r.array.shape == (3, 64, 64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch independence
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_alone_equals_in_batch(task, predictors):
+    p = predictors[task]
+    imgs = _images()
+    samples = [p.preprocess(im) for im in imgs]
+    batch = p.infer([s.array for s in samples])
+    for i, s in enumerate(samples[:3]):
+        alone = p.infer([s.array])[0]
+        for k in alone:
+            torch.testing.assert_close(alone[k], batch[i][k], atol=2e-5, rtol=1e-4)
+        conf = 0.0 if task == "segment" else 0.001
+        ra = p.postprocess(alone, s.meta, conf=conf)
+        rb = p.postprocess(batch[i], s.meta, conf=conf)
+        assert ra["verdict"] == rb["verdict"]
+        assert [d["label"] for d in ra["defects"]] == [d["label"] for d in rb["defects"]]
+        for da, db in zip(ra["defects"], rb["defects"], strict=True):
+            assert da["score"] == pytest.approx(db["score"], abs=1e-4)
+            if "box" in da:
+                assert da["box"] == pytest.approx(db["box"], abs=1e-3)
+    # raw of one sample does not keep the batch alive
+    assert batch[0][next(iter(batch[0]))].untyped_storage().nbytes() < 4 * 10**7
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_odd_inputs_end_to_end(task, predictors):
+    p = predictors[task]
+    imgs = _images(1)
+    results = p.predict(imgs, conf=0.0, max_det=20)
+    assert len(results) == len(imgs)
+    for im, r in zip(imgs, results, strict=True):
+        h, w = im.shape[:2]
+        assert r["image"] == {"width": w, "height": h}
+        assert r["verdict"] in ("pass", "fail")
+        json.dumps({k: v for k, v in r.items() if k != "defects"})
+        for d in r["defects"]:
+            assert d["label"] == CLASSES[task][d["class_id"]]
+            assert isinstance(d["score"], float)
+            if "box" in d:
+                b = d["box"]
+                assert 0 <= b["x1"] <= b["x2"] <= w and 0 <= b["y1"] <= b["y2"] <= h
+            if "mask" in d:
+                assert d["mask"].shape == (h, w) and d["mask"].dtype == bool
+                assert int(d["mask"].sum()) == d["area"]
+        if task == "classify":
+            assert len(r["top_k"]) == 3 and sum(t["score"] for t in r["top_k"]) == pytest.approx(1, abs=1e-5)
+    assert len(p.predict(imgs[0])) == 1  # a single image works too
+
+
+def test_infer_rejects_bad_arrays(predictors):
+    with pytest.raises(ValueError, match="expected uint8"):
+        predictors["classify"].infer([np.zeros((3, 32, 32), np.uint8)])
+    with pytest.raises(ValueError, match="at least one"):
+        predictors["classify"].infer([])
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact inverse geometry
+
+
+def test_detect_boxes_map_back_exactly(predictors):
+    p = predictors["detect"]  # input 64×96 (H×W), letterbox
+    img = np.zeros((120, 100, 3), np.uint8)  # portrait: scale 64/120, pad_x = (96 - 53) // 2
+    s = p.preprocess(img)
+    m = s.meta
+    orig = np.array([[10.0, 20.0, 50.0, 90.0],  # inside
+                     [80.0, 100.0, 130.0, 140.0],  # crosses the right/bottom edge → clipped
+                     [20.0, 30.0, 40.0, 60.0]])  # duplicate of class b, overlapping the first? no: other class
+    inp = orig.copy()
+    inp[:, [0, 2]] = inp[:, [0, 2]] * m["scale_x"] + m["pad_x"]
+    inp[:, [1, 3]] = inp[:, [1, 3]] * m["scale_y"] + m["pad_y"]
+    pad_box = [0.0, 0.0, m["pad_x"] - 1.0, 10.0]  # entirely inside the letterbox padding
+    boxes = torch.tensor(np.vstack([inp, pad_box]), dtype=torch.float32)
+    scores = torch.zeros(4, 3)
+    scores[0, 0], scores[1, 2], scores[2, 1], scores[3, 0] = 0.9, 0.8, 0.7, 0.95
+    out = p.postprocess({"boxes": boxes, "scores": scores}, m, conf=0.25)
+    got = [[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in out["defects"]]
+    assert [d["label"] for d in out["defects"]] == ["a", "c", "b"]
+    np.testing.assert_allclose(got[0], orig[0], atol=1e-4)
+    np.testing.assert_allclose(got[1], [80.0, 100.0, 100.0, 120.0], atol=1e-4)  # clipped to the image
+    np.testing.assert_allclose(got[2], orig[2], atol=1e-4)
+    assert out["defects"][0]["area"] == pytest.approx(40 * 70, rel=1e-5)
+    assert out["verdict"] == "fail"
+
+
+def test_detect_end_to_end_with_patched_decode(monkeypatch, predictors):
+    """Whole predict() path on a non-square image: the decoder emits one box at a known input location."""
+    p = predictors["detect"]
+    img = np.zeros((30, 200, 3), np.uint8)  # very wide: scale 0.48, pad_y = (64 - 14) // 2 = 25
+    meta = p.preprocess(img).meta
+    x1, y1, x2, y2 = 50.0, 5.0, 150.0, 25.0
+    box_in = [x1 * meta["scale_x"] + meta["pad_x"], y1 * meta["scale_y"] + meta["pad_y"],
+              x2 * meta["scale_x"] + meta["pad_x"], y2 * meta["scale_y"] + meta["pad_y"]]
+
+    def fake_decode(raw):
+        b = raw[0].shape[0]
+        boxes = torch.tensor(box_in).repeat(b, 1, 1)
+        scores = torch.tensor([[[0.1, 0.6, 0.2]]]).repeat(b, 1, 1)
+        return boxes, scores
+
+    monkeypatch.setattr(p.model, "decode", fake_decode)
+    (res,) = p.predict([img])
+    (d,) = res["defects"]
+    assert d["label"] == "b" and d["score"] == pytest.approx(0.6)
+    assert [d["box"][k] for k in ("x1", "y1", "x2", "y2")] == pytest.approx([x1, y1, x2, y2], abs=1e-4)
+
+
+def test_nms_is_per_class(predictors):
+    p = predictors["detect"]
+    meta = p.preprocess(np.zeros((64, 96, 3), np.uint8)).meta  # identity geometry
+    boxes = torch.tensor([[10.0, 10, 50, 50], [11, 11, 51, 51], [12, 12, 52, 52]])
+    scores = torch.tensor([[0.9, 0, 0], [0.8, 0, 0], [0, 0.7, 0]])
+    out = p.postprocess({"boxes": boxes, "scores": scores}, meta, iou=0.5)
+    assert [(d["label"], round(d["score"], 2)) for d in out["defects"]] == [("a", 0.9), ("b", 0.7)]
+    assert len(p.postprocess({"boxes": boxes, "scores": scores}, meta, iou=0.5, max_det=1)["defects"]) == 1
+
+
+@pytest.mark.parametrize("mode", ["letterbox", "resize"])
+def test_segment_masks_map_back(mode):
+    torch.manual_seed(0)
+    model = build_model("segment", "tiny", 3)
+    p = Predictor(model, _manifest("segment", (64, 64), preprocess={"resize": mode}))
+    img = np.zeros((40, 80, 3), np.uint8)
+    meta = p.preprocess(img).meta
+    # original rectangle x 20..60, y 10..30 as class 2 ("spot"); everything else background
+    yy, xx = np.mgrid[:64, :64] + 0.5  # input pixel centres
+    ox = (xx - meta["pad_x"]) / meta["scale_x"]
+    oy = (yy - meta["pad_y"]) / meta["scale_y"]
+    inside = (ox >= 20) & (ox < 60) & (oy >= 10) & (oy < 30)
+    logits = torch.full((3, 64, 64), -4.0)
+    logits[0] = 4.0
+    logits[0][torch.from_numpy(inside)] = -4.0
+    logits[2][torch.from_numpy(inside)] = 4.0
+    out = p.postprocess({"logits": logits}, meta, conf=0.25)
+    assert out["verdict"] == "fail"
+    (d,) = out["defects"]
+    assert d["label"] == "spot" and d["class_id"] == 2
+    assert d["box"] == pytest.approx({"x1": 20, "y1": 10, "x2": 60, "y2": 30}, abs=1.01)
+    expected = np.zeros((40, 80), bool)
+    expected[10:30, 20:60] = True
+    assert (d["mask"] ^ expected).sum() <= 2 * (40 + 20)  # at most a one-pixel border differs
+    assert d["area"] == int(d["mask"].sum()) and d["score"] > 0.9
+    assert (decode_rle(encode_rle(d["mask"])) == d["mask"]).all()
+
+
+def test_logits_resampling_equals_torch_interpolate():
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(4, 16, 24)).astype(np.float32))
+    meta = {"orig_w": 37, "orig_h": 53, "scale_x": 24 / 37, "scale_y": 16 / 53, "pad_x": 0.0, "pad_y": 0.0}
+    labels, probs = T.logits_to_original(logits, meta, max_elems=500)  # forces several bands
+    ref = F.interpolate(logits[None], size=(53, 37), mode="bilinear", align_corners=False)[0].softmax(0)
+    p_ref, l_ref = ref.max(0)
+    np.testing.assert_allclose(probs, p_ref.numpy(), atol=1e-5)
+    assert (labels == l_ref.numpy()).mean() > 0.999
+
+
+def test_segment_components_and_max_det():
+    torch.manual_seed(0)
+    p = Predictor(build_model("segment", "tiny", 3), _manifest("segment", (64, 64), preprocess={"resize": "resize"}))
+    meta = p.preprocess(np.zeros((64, 64, 3), np.uint8)).meta  # identity geometry
+    logits = torch.zeros(3, 64, 64)
+    logits[0] = 5
+    for i, (y, x) in enumerate([(5, 5), (5, 40), (40, 5), (40, 40)]):
+        logits[1 + i % 2, y:y + 10, x:x + 10 + i] = 10  # two blobs per class, different areas
+    out = p.postprocess({"logits": logits}, meta, conf=0.25)
+    assert sorted((d["label"], d["area"]) for d in out["defects"]) == [
+        ("crack", 100.0), ("crack", 120.0), ("spot", 110.0), ("spot", 130.0)]
+    assert len(p.postprocess({"logits": logits}, meta, max_det=2)["defects"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# verdict rules
+
+
+def test_classify_verdict_rule():
+    model = build_model("classify", "tiny", 3)
+    p = Predictor(model, _manifest("classify"))
+    res = p.postprocess({"probs": torch.tensor([0.7, 0.2, 0.1])}, {}, top_k=2)
+    assert res["verdict"] == "pass" and res["defects"] == []
+    assert [t["label"] for t in res["top_k"]] == ["ok", "scratch"]
+    res = p.postprocess({"probs": torch.tensor([0.1, 0.3, 0.6])}, {})
+    assert res["verdict"] == "fail" and res["defects"] == [{"label": "dent", "class_id": 2, "score": pytest.approx(0.6)}]
+    # top label passes (0.45) but the defect mass is 0.55 ≥ 0.5: fail, defect = most probable defect class
+    res = p.postprocess({"probs": torch.tensor([0.45, 0.3, 0.25])}, {})
+    assert res["verdict"] == "fail" and res["defects"][0]["label"] == "scratch"
+    strict = Predictor(model, _manifest("classify", verdict={"type": "classify", "pass_labels": ["ok"],
+                                                              "min_score": 0.2}))
+    assert strict.postprocess({"probs": torch.tensor([0.75, 0.2, 0.05])}, {})["verdict"] == "fail"
+
+
+def test_any_defect_rule_min_score_min_area_and_conf_independence(predictors):
+    model = predictors["detect"].model
+    p = Predictor(model, _manifest("detect", (64, 96), verdict={"type": "any_defect", "min_score": 0.6,
+                                                                  "min_area": 100}))
+    meta = p.preprocess(np.zeros((64, 96, 3), np.uint8)).meta
+    boxes = torch.tensor([[0.0, 0, 5, 5], [20, 20, 40, 40]])  # areas 25 and 400
+    scores = torch.tensor([[0.9, 0, 0], [0.55, 0, 0]])
+    raw = {"boxes": boxes, "scores": scores}
+    assert p.postprocess(raw, meta)["verdict"] == "pass"  # big one too weak, strong one too small
+    raw["scores"][1, 0] = 0.6
+    assert p.postprocess(raw, meta)["verdict"] == "fail"  # score exactly at min_score fails
+    hi = p.postprocess(raw, meta, conf=0.95)
+    assert hi["verdict"] == "fail" and hi["defects"] == []  # conf filters the list, not the verdict
+
+
+def test_from_folder(tmp_path, predictors):
+    folder = save_model(predictors["detect"].model, tmp_path / "det", _manifest("detect", (64, 96)))
+    p = Predictor.from_folder(folder)
+    assert p.name == "t-detect" and p.version == "3" and p.task == "detect"
+    assert p.input_size == (64, 96) and p.classes == CLASSES["detect"]
+    p.warmup((1, 2))
+    img = _images()[0]
+    a = p.predict(img, conf=0.001)[0]
+    b = predictors["detect"].predict(img, conf=0.001)[0]
+    assert a == b
