@@ -326,3 +326,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)  # outermost: sees every answer, 413s included
     app.openapi = _custom_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for `uvicorn --factory` / several worker processes: settings from S2AMNET_*."""
+    return create_app(Settings())

@@ -1,0 +1,136 @@
+"""app.codec: every input mode becomes upright 8-bit RGB; bad input becomes the right problem."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from apitest_helpers import encode, exif_rotated, jpeg, pattern, png, png_bomb_header, real_png_bomb
+from PIL import Image
+
+from app.codec import decode_base64, decode_image
+from app.errors import Problem
+
+LIMIT = 40_000_000
+
+
+def decode(data: bytes, **kw) -> Image.Image:
+    return decode_image(data, max_pixels=kw.pop("max_pixels", LIMIT), min_side=kw.pop("min_side", 8), **kw)
+
+
+def problem_of(data: bytes, **kw) -> Problem:
+    with pytest.raises(Problem) as info:
+        decode(data, **kw)
+    return info.value
+
+
+def test_rgb_png_roundtrip_is_exact():
+    arr = pattern(50, 30)
+    out = decode(encode(arr, "PNG"))
+    assert out.mode == "RGB" and out.size == (50, 30)
+    assert np.array_equal(np.asarray(out), arr)
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("L", "PNG"), ("L", "JPEG"), ("1", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
+    ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF"), ("RGB", "BMP"),
+    ("RGB", "WEBP"), ("RGB", "GIF"), ("YCbCr", "JPEG"),
+])
+def test_every_mode_becomes_rgb(mode, fmt):
+    base = Image.fromarray(pattern(40, 24))
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257))
+    elif mode == "I":
+        img = Image.fromarray(np.asarray(base.convert("L")).astype(np.int32) * 257)
+    elif mode == "F":
+        img = Image.fromarray(np.asarray(base.convert("L")).astype(np.float32) / 255.0)
+    else:
+        img = base.convert(mode)
+    out = decode(encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (40, 24)
+    arr = np.asarray(out)
+    assert arr.dtype == np.uint8 and arr.std() > 10  # real content, not a blank/saturated image
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    grey = np.linspace(0, 65535, 32 * 16).reshape(16, 32).astype(np.uint16)
+    out = np.asarray(decode(encode(Image.fromarray(grey), "PNG")))
+    assert np.array_equal(out[..., 0], (grey >> 8).astype(np.uint8))
+    assert out.min() == 0 and out.max() == 255  # a naive convert("RGB") saturates everything > 255
+
+
+def test_palette_with_transparency_and_rgba_keep_colours():
+    arr = pattern(20, 20)
+    rgba = np.dstack([arr, np.full((20, 20), 7, np.uint8)])  # almost transparent
+    out = np.asarray(decode(encode(Image.fromarray(rgba, "RGBA"), "PNG")))
+    assert np.array_equal(out, arr)  # alpha dropped, colours as captured
+    p = Image.fromarray(arr).convert("P")
+    p.info["transparency"] = 0
+    out = decode(encode(p, "PNG", transparency=0))
+    assert out.mode == "RGB" and out.size == (20, 20)
+
+
+def test_cmyk_jpeg_colours_are_converted():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
+    r, g, b = np.asarray(decode(encode(cmyk, "JPEG", quality=100))).reshape(-1, 3).mean(0)
+    assert r > 200 and g < 60 and b < 60
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_gives_the_upright_image(fmt):
+    upright = pattern(64, 40, seed=3)  # W=64, H=40
+    out = decode(exif_rotated(upright, fmt))
+    assert out.size == (64, 40)  # not the stored 40x64
+    diff = np.abs(np.asarray(out).astype(int) - upright.astype(int))
+    assert diff.mean() < (4 if fmt == "JPEG" else 1e-9)
+
+
+def test_decompression_bomb_header_is_refused_before_decoding():
+    p = problem_of(png_bomb_header(100_000, 100_000))
+    assert p.status == 413 and p.code == "too_many_pixels"
+
+
+def test_real_bomb_over_the_limit_is_refused():
+    data = real_png_bomb(3000)  # 9 Mpx in a few KB
+    assert len(data) < 100_000
+    p = problem_of(data, max_pixels=4_000_000)
+    assert p.status == 413
+
+
+@pytest.mark.parametrize("data, status, code", [
+    (b"", 400, "bad_image"),
+    (b"hello, this is not an image at all", 415, "unsupported_media_type"),
+    (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj", 415, "unsupported_media_type"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, 400, "bad_image"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 50, 400, "bad_image"),
+])
+def test_bad_bytes(data, status, code):
+    p = problem_of(data)
+    assert (p.status, p.code) == (status, code)
+
+
+def test_truncated_jpeg_and_png():
+    for full in (jpeg(200, 150), png(200, 150)):
+        p = problem_of(full[: len(full) // 2])
+        assert p.status == 400 and p.code == "bad_image"
+
+
+def test_tiny_images_are_refused():
+    for w, h in [(1, 1), (1, 50), (50, 7)]:
+        p = problem_of(encode(pattern(w, h), "PNG"))
+        assert p.status == 400 and "smaller than" in p.detail
+    assert decode(encode(pattern(8, 8), "PNG")).size == (8, 8)
+
+
+def test_base64_variants():
+    raw = png(16, 16)
+    std = base64.b64encode(raw).decode()
+    assert decode_base64(std) == raw
+    assert decode_base64(base64.urlsafe_b64encode(raw).decode().rstrip("=")) == raw
+    assert decode_base64("data:image/png;base64," + std) == raw
+    assert decode_base64(std[:40] + "\n" + std[40:]) == raw
+    for bad in ["!!!!", "abc$", "data:image/png,xyz", "a"]:
+        with pytest.raises(Problem) as info:
+            decode_base64(bad)
+        assert info.value.status == 400 and "base64" in info.value.detail
