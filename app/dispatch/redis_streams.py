@@ -1,0 +1,451 @@
+"""Redis Streams dispatcher: the API side of the Redis mode (DESIGN.md, "Data flow").
+
+The API enqueues each job on the stream of its model, ``s2amnet:jobs:<model>``; ``s2amnet worker``
+processes read it through the consumer group ``workers`` (see ``app/worker.py``), batch, compute, and
+write one reply per job to the reply stream of the API instance that asked
+(``s2amnet:replies:<instance>``). One background task per API instance reads that stream and resolves
+the waiting request by job id; a reply for an unknown job id (a duplicate after a redelivery, or a
+request that already timed out) is ignored.
+
+Bounded by construction:
+- the job stream holds only the backlog: workers ``XACK`` *and* ``XDEL`` a job once its reply is written,
+  so ``XLEN`` is exactly "waiting + in progress", and the admission script refuses new jobs (503 +
+  ``Retry-After``) when it reaches ``max_queue`` — the stream is never trimmed;
+- reply streams are written with ``MAXLEN ~`` and an ``EXPIRE`` by the workers, their entries are
+  deleted by the reading API instance, and the stream is deleted when the instance stops;
+- the dead-letter stream ``s2amnet:dead:<model>`` is capped with ``MAXLEN ~`` (it keeps the job's
+  fields and error, not the image bytes).
+
+While Redis is unreachable ``ready()`` is False and ``submit`` fails fast with ``Unavailable`` (503);
+the client library reconnects by itself on the next command once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from app.dispatch.base import (
+    DeadlineExceeded,
+    DispatchError,
+    Dispatcher,
+    Job,
+    JobFailed,
+    QueueFull,
+    Unavailable,
+    UnknownModel,
+)
+
+log = logging.getLogger(__name__)
+
+# Key names (shared with the worker and the deployment's KEDA scaler).
+PREFIX = "s2amnet"
+GROUP = "workers"
+
+
+def job_stream(model: str) -> str:
+    return f"{PREFIX}:jobs:{model}"
+
+
+def dead_stream(model: str) -> str:
+    return f"{PREFIX}:dead:{model}"
+
+
+def reply_stream(instance: str) -> str:
+    return f"{PREFIX}:replies:{instance}"
+
+
+def worker_key(consumer: str) -> str:
+    return f"{PREFIX}:worker:{consumer}"
+
+
+# Reply statuses written by workers.
+OK, EXPIRED, DEAD, ERROR = "ok", "expired", "dead", "error"
+
+# Defaults shared by API and worker (overridable by settings where the settings class has them).
+DEFAULT_REPLY_MAXLEN = 10_000
+DEFAULT_REPLY_TTL_S = 600
+DEFAULT_DEAD_MAXLEN = 1_000
+
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+# Admission: refuse (nil) when the backlog of the model's stream is at its bound, otherwise XADD.
+# Atomic, one round trip, and it never trims: the bound is enforced by refusing.
+_ADMIT_LUA = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Wire format of a job (stream entry fields) and of a reply.
+
+
+def encode_job(job: Job, reply_to: str) -> dict[str, bytes | str]:
+    array = np.ascontiguousarray(job.array)
+    return {
+        "job_id": job.job_id,
+        "reply_to": reply_to,
+        "deadline": repr(float(job.deadline)),
+        "enqueued_at": repr(float(job.enqueued_at)),
+        "options": json.dumps(job.options, separators=(",", ":")),
+        "meta": json.dumps(job.meta, separators=(",", ":")),
+        "dtype": array.dtype.str,
+        "shape": ",".join(str(int(s)) for s in array.shape),
+        "array": array.tobytes(),
+        "attempts": "0",
+    }
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_job(model: str, fields: dict[bytes, bytes]) -> Job:
+    """Rebuild a Job from stream fields; raises ValueError/KeyError on a malformed entry."""
+    f = {_s(k): v for k, v in fields.items()}
+    shape = tuple(int(s) for s in _s(f["shape"]).split(",") if s)
+    dtype = np.dtype(_s(f["dtype"]))
+    raw = f["array"]
+    if not isinstance(raw, bytes | bytearray):
+        raise ValueError("array field is not bytes")
+    array = np.frombuffer(raw, dtype=dtype)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"array of {array.size} elements does not match shape {shape}")
+    return Job(
+        model=model,
+        array=array.reshape(shape),
+        meta=json.loads(f["meta"]),
+        options=json.loads(f["options"]),
+        deadline=float(_s(f["deadline"])),
+        job_id=_s(f["job_id"]),
+        enqueued_at=float(_s(f.get("enqueued_at", b"0"))),
+    )
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def encode_reply(job_id: str, status: str, result: dict | None = None, detail: str = "") -> dict:
+    out: dict[str, str] = {"job_id": job_id, "status": status}
+    if result is not None:
+        out["result"] = json.dumps(result, default=_json_default, separators=(",", ":"))
+    if detail:
+        out["detail"] = detail
+    return out
+
+
+def redis_client(url: str, *, socket_timeout: float | None, connect_timeout: float = 1.0,
+                 retries: int = 1, max_connections: int | None = None,
+                 pool_timeout: float = 2.0) -> aioredis.Redis:
+    """An asyncio client that fails fast while Redis is down and reconnects by itself afterwards.
+
+    One retry without backoff: a pooled connection broken by a Redis restart is replaced at once, while
+    a Redis that is really down answers ``ConnectionError`` in milliseconds (connection refused) or after
+    ``connect_timeout`` (unreachable host).
+    """
+    kwargs: dict[str, Any] = dict(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    if max_connections:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout, **kwargs
+        )
+        return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_url(url, **kwargs)
+
+
+async def ensure_group(r: aioredis.Redis, model: str) -> None:
+    """Create the model's stream and consumer group if missing. Id 0: jobs added before the group
+    existed (e.g. right after a Redis restart without persistence) are still delivered."""
+    try:
+        await r.xgroup_create(job_stream(model), GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class RedisDispatcher(Dispatcher):
+    """API-side dispatcher of the Redis mode.
+
+    ``models``: names the API serves (jobs for others raise ``UnknownModel``). ``max_queue``: backlog per
+    model (``XLEN`` of its stream = waiting + in progress) above which ``submit`` raises ``QueueFull``.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        models: list[str] | tuple[str, ...] | set[str] | dict[str, Any],
+        *,
+        max_queue: int = 256,
+        instance_id: str | None = None,
+        health_interval_s: float = 0.5,
+        read_block_ms: int = 1000,
+        retry_after_s: float = 1.0,
+        command_timeout_s: float = 2.0,
+        max_connections: int = 64,
+    ):
+        self.redis_url = redis_url
+        self.models = list(models)
+        self.max_queue = int(max_queue)
+        self.instance_id = instance_id or uuid.uuid4().hex[:16]
+        self.reply_key = reply_stream(self.instance_id)
+        self.health_interval_s = health_interval_s
+        self.read_block_ms = read_block_ms
+        self.retry_after_s = retry_after_s
+        self.command_timeout_s = command_timeout_s
+        self._max_connections = max_connections
+        self._redis: aioredis.Redis | None = None
+        self._reader: aioredis.Redis | None = None
+        self._admit = None
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._depth: dict[str, int] = dict.fromkeys(self.models, 0)
+        self._healthy = False
+        self._started = False
+        self._closing = False
+        self._shutdown = False
+        self._tasks: list[asyncio.Task] = []
+        self._last_reply_id = "0-0"
+        self._bg: set[asyncio.Task] = set()
+        self.replies_ignored = 0  # duplicates / late replies, for tests and debugging
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._redis = redis_client(self.redis_url, socket_timeout=self.command_timeout_s,
+                                   max_connections=self._max_connections)
+        # The blocking reader has its own connection, with a socket timeout above its BLOCK time.
+        self._reader = redis_client(self.redis_url, socket_timeout=self.read_block_ms / 1000 + 3.0)
+        self._admit = self._redis.register_script(_ADMIT_LUA)
+        self._started = True
+        await self._check_health()  # ready at once if Redis is up; never raises
+        self._tasks = [
+            asyncio.create_task(self._reply_loop(), name=f"redis-replies-{self.instance_id}"),
+            asyncio.create_task(self._health_loop(), name=f"redis-health-{self.instance_id}"),
+        ]
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        self._closing = True
+        end = time.monotonic() + drain_timeout
+        while self._waiting and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for fut in list(self._waiting.values()):
+            if not fut.done():
+                fut.set_exception(Unavailable("the service is shutting down", retry_after=self.retry_after_s))
+        self._waiting.clear()
+        # The loops also watch `_shutdown`: redis-py may turn a cancellation that lands inside a
+        # command into a connection error, which the loops treat as an outage and retry.
+        self._shutdown = True
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.read_block_ms / 1000 + 2.0)
+        self._tasks = []
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._redis.delete(self.reply_key), 2.0)
+        for client in (self._redis, self._reader):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        self._started = False
+        self._healthy = False
+
+    def ready(self) -> bool:
+        return self._started and self._healthy and not self._closing
+
+    def queue_depth(self, model: str) -> int:
+        return self._depth.get(model, 0)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The command client (e.g. for the Redis idempotency store)."""
+        if self._redis is None:
+            raise RuntimeError("dispatcher not started")
+        return self._redis
+
+    # -- submit ------------------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> dict[str, Any]:
+        if job.model not in self._depth:
+            raise UnknownModel(f"model {job.model!r} is not served here")
+        if not self._started or self._closing:
+            raise Unavailable("the service is shutting down", retry_after=self.retry_after_s)
+        if not self._healthy:
+            raise Unavailable("the job queue (Redis) is unreachable", retry_after=self.retry_after_s)
+        remaining = job.deadline - time.time()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request deadline passed before the job was queued")
+
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._waiting[job.job_id] = fut
+        stream = job_stream(job.model)
+        try:
+            fields = encode_job(job, self.reply_key)
+            args: list[Any] = [self.max_queue]
+            for k, v in fields.items():
+                args += [k, v]
+            try:
+                entry_id = await asyncio.wait_for(
+                    self._admit(keys=[stream], args=args), min(remaining, self.command_timeout_s)
+                )
+            except (asyncio.TimeoutError, *CONNECTION_ERRORS) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the request was cancelled, not Redis
+                    raise asyncio.CancelledError from None
+                self._mark_down(exc)
+                raise Unavailable("the job queue (Redis) is unreachable",
+                                  retry_after=self.retry_after_s) from None
+            except RedisError as exc:  # e.g. Redis loading its AOF after a restart, or OOM
+                raise Unavailable(f"the job queue refused the job: {exc}",
+                                  retry_after=self.retry_after_s) from None
+            if entry_id is None:
+                raise QueueFull(
+                    f"model {job.model!r} has {self.max_queue} or more jobs waiting; retry later",
+                    retry_after=self.retry_after_s,
+                )
+            try:
+                return await asyncio.wait_for(fut, max(0.0, job.deadline - time.time()))
+            except asyncio.TimeoutError:
+                # Drop the job if no worker took it yet (a worker that has it acks it as expired).
+                self._forget_job(stream, entry_id)
+                raise DeadlineExceeded("the request deadline passed before a worker answered") from None
+        finally:
+            self._waiting.pop(job.job_id, None)
+
+    def _forget_job(self, stream: str, entry_id: bytes | str) -> None:
+        async def _xdel():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._redis.xdel(stream, entry_id), 1.0)
+
+        task = asyncio.get_running_loop().create_task(_xdel())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # -- background tasks --------------------------------------------------------------------------
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._healthy:
+            log.warning("Redis unreachable (%s); answering 503 until it is back", exc)
+        self._healthy = False
+
+    async def _check_health(self) -> None:
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.ping()
+            for m in self.models:
+                pipe.xlen(job_stream(m))
+            res = await asyncio.wait_for(pipe.execute(), self.command_timeout_s)
+            for m, n in zip(self.models, res[1:], strict=True):
+                self._depth[m] = int(n)
+            if not self._healthy:
+                log.info("Redis reachable at %s", self._redacted_url())
+                # groups first, so jobs added now are delivered to workers that start later
+                for m in self.models:
+                    await ensure_group(self._redis, m)
+            self._healthy = True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+            self._mark_down(exc)
+
+    async def _health_loop(self) -> None:
+        while not self._shutdown:
+            await asyncio.sleep(self.health_interval_s)
+            await self._check_health()
+
+    async def _reply_loop(self) -> None:
+        backoff = 0.05
+        while not self._shutdown:
+            try:
+                res = await self._reader.xread({self.reply_key: self._last_reply_id},
+                                               count=512, block=self.read_block_ms)
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except CONNECTION_ERRORS as exc:
+                self._mark_down(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            except Exception:  # noqa: BLE001 - keep the only reader alive whatever happens
+                log.exception("reply reader failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if not res:
+                continue
+            ids = []
+            for _stream, entries in res:
+                for entry_id, fields in entries:
+                    ids.append(entry_id)
+                    self._resolve(fields)
+            self._last_reply_id = _s(ids[-1])
+            with contextlib.suppress(Exception):  # consumed: delete (workers' MAXLEN/TTL backstop)
+                await self._reader.xdel(self.reply_key, *ids)
+
+    def _resolve(self, fields: dict[bytes, bytes]) -> None:
+        f = {_s(k): _s(v) for k, v in fields.items()}
+        fut = self._waiting.get(f.get("job_id", ""))
+        if fut is None or fut.done():
+            self.replies_ignored += 1
+            return
+        status = f.get("status")
+        if status == OK:
+            try:
+                fut.set_result(json.loads(f["result"]))
+            except (KeyError, ValueError) as exc:
+                fut.set_exception(JobFailed(f"malformed reply from worker: {exc}"))
+        elif status == EXPIRED:
+            fut.set_exception(DeadlineExceeded(f.get("detail") or "the job expired before a worker ran it"))
+        elif status == DEAD:
+            fut.set_exception(JobFailed(f.get("detail") or "the job failed repeatedly and was dead-lettered"))
+        else:
+            fut.set_exception(JobFailed(f.get("detail") or f"the job failed ({status})"))
+
+    def _redacted_url(self) -> str:
+        url = self.redis_url
+        if "@" in url:
+            scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+            url = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url
+
+
+__all__ = [
+    "GROUP",
+    "RedisDispatcher",
+    "DispatchError",
+    "decode_job",
+    "encode_job",
+    "encode_reply",
+    "ensure_group",
+    "job_stream",
+    "dead_stream",
+    "reply_stream",
+    "worker_key",
+]

@@ -1,0 +1,583 @@
+"""`s2amnet worker`: consume jobs from Redis Streams, batch them onto a model, reply, then ack.
+
+One process per GPU (or CPU box). For every model it serves, the worker is a consumer of the group
+``workers`` on ``s2amnet:jobs:<model>``:
+
+- batch: ``XREADGROUP COUNT max_batch BLOCK`` over all its streams; once a job is in hand the batch of
+  its model is topped up until it is full or ``max_delay_ms`` has passed since that first job;
+- expired jobs (deadline passed) are acked and answered ``expired`` without computing;
+- the batch goes through ``app.inference.run_batch`` (the pipeline shared with the embedded dispatcher);
+  when a batch fails, its jobs are retried one by one so that one bad job does not fail the others;
+- replies are written (``XADD`` to the asking API instance's reply stream, ``MAXLEN ~`` + ``EXPIRE``)
+  and *then* the jobs are acked and deleted, in one ``MULTI`` — at-least-once delivery;
+- jobs idle longer than the visibility timeout in any consumer's pending list (a dead or stuck worker)
+  are taken over with ``XAUTOCLAIM``; a job delivered more than ``max_deliveries`` times (or that
+  failed that often) is moved to ``s2amnet:dead:<model>`` and answered with an error;
+- Redis outages: the worker keeps retrying with backoff and carries on when Redis is back (the consumer
+  group is recreated if Redis came back empty); replies computed during an outage are written when it
+  returns;
+- SIGTERM/SIGINT: stop reading, finish, reply and ack the jobs in hand, leave the group, exit 0.
+
+The worker exports its own Prometheus metrics on ``metrics_port`` and keeps a heartbeat key
+``s2amnet:worker:<consumer>`` (with a TTL) in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from app.dispatch.base import Job
+from app.dispatch.redis_streams import (
+    DEAD,
+    DEFAULT_DEAD_MAXLEN,
+    DEFAULT_REPLY_MAXLEN,
+    DEFAULT_REPLY_TTL_S,
+    ERROR,
+    EXPIRED,
+    GROUP,
+    OK,
+    _s,
+    dead_stream,
+    decode_job,
+    encode_reply,
+    job_stream,
+    worker_key,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+RunBatch = Callable[[Any, list[Job]], list[dict]]
+
+
+@dataclass
+class _Entry:
+    """A stream entry this worker holds (it is in this consumer's pending list)."""
+
+    model: str
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int  # how often Redis delivered it + how often it was requeued after a failure
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def job_id(self) -> str:
+        return _s(self.fields.get(b"job_id", b"?"))
+
+    @property
+    def reply_to(self) -> str | None:
+        v = self.fields.get(b"reply_to")
+        return _s(v) if v else None
+
+    @property
+    def deadline(self) -> float | None:
+        try:
+            return float(_s(self.fields[b"deadline"]))
+        except (KeyError, ValueError):
+            return None
+
+
+class _Metrics:
+    """The worker's metrics, looked up by name in ``app.metrics`` (every metric is defined once there).
+
+    A metric missing from ``app.metrics`` becomes a no-op, and is logged once.
+    """
+
+    NAMES = {
+        "batches": "s2amnet_batches",
+        "batch_size": "s2amnet_batch_size",
+        "inference": "s2amnet_inference_duration_seconds",
+        "queue_wait": "s2amnet_queue_wait_seconds",
+        "redelivered": "s2amnet_jobs_redelivered",
+        "expired": "s2amnet_jobs_expired",
+        "dead": "s2amnet_jobs_dead_lettered",
+        "heartbeat": "s2amnet_worker_heartbeat_timestamp_seconds",
+        "up": "s2amnet_worker_up",
+        "images": "s2amnet_images",
+    }
+
+    def __init__(self) -> None:
+        found: dict[str, Any] = {}
+        try:
+            from app import metrics as m  # noqa: PLC0415
+        except ImportError:
+            m = None
+        if m is not None:
+            for value in vars(m).values():
+                name = getattr(value, "_name", None)
+                if isinstance(name, str):
+                    found[name] = value
+                    if name.endswith("_total"):
+                        found[name[: -len("_total")]] = value
+        self._by_key: dict[str, Any] = {}
+        for key, name in self.NAMES.items():
+            metric = found.get(name)
+            if metric is None:
+                log.debug("metric %s not defined in app.metrics; not exported", name)
+            self._by_key[key] = metric
+
+    def get(self, key: str) -> Any:
+        return self._by_key.get(key)
+
+    def inc(self, key: str, amount: float = 1.0, **labels: str) -> None:
+        metric = self._by_key.get(key)
+        if metric is not None and amount:
+            (metric.labels(**labels) if labels else metric).inc(amount)
+
+    def observe(self, key: str, value: float, **labels: str) -> None:
+        metric = self._by_key.get(key)
+        if metric is not None:
+            (metric.labels(**labels) if labels else metric).observe(value)
+
+    def set(self, key: str, value: float, **labels: str) -> None:
+        metric = self._by_key.get(key)
+        if metric is not None:
+            (metric.labels(**labels) if labels else metric).set(value)
+
+
+def _default_run_batch() -> RunBatch:
+    from app.inference import run_batch  # noqa: PLC0415 - torch-heavy, imported when a worker runs
+
+    return run_batch
+
+
+class Worker:
+    """Consumes ``s2amnet:jobs:<model>`` for each model in ``predictors`` (name -> Predictor)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        predictors: dict[str, Any],
+        *,
+        consumer: str | None = None,
+        max_batch_size: int = 16,
+        max_delay_ms: float = 5.0,
+        visibility_timeout_s: float = 30.0,
+        max_deliveries: int = 3,
+        block_ms: int = 500,
+        reply_maxlen: int = DEFAULT_REPLY_MAXLEN,
+        reply_ttl_s: int = DEFAULT_REPLY_TTL_S,
+        dead_maxlen: int = DEFAULT_DEAD_MAXLEN,
+        heartbeat_ttl_s: float = 10.0,
+        run_batch: RunBatch | None = None,
+        metrics: _Metrics | None = None,
+    ):
+        if not predictors:
+            raise ValueError("a worker needs at least one model")
+        self.redis_url = redis_url
+        self.predictors = dict(predictors)
+        self.models = list(self.predictors)
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_delay_s = max(0.0, float(max_delay_ms) / 1000.0)
+        self.visibility_ms = max(1, int(visibility_timeout_s * 1000))
+        self.max_deliveries = max(1, int(max_deliveries))
+        self.block_ms = max(1, int(block_ms))
+        self.reply_maxlen = reply_maxlen
+        self.reply_ttl_s = int(reply_ttl_s)
+        self.dead_maxlen = dead_maxlen
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.claim_interval_s = max(0.2, visibility_timeout_s / 4)
+        self.janitor_interval_s = 60.0
+        self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
+        self._run_batch = run_batch or _default_run_batch()
+        self.metrics = metrics or _Metrics()
+        self._r = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=self.block_ms / 1000 + 5.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        self._stop = threading.Event()
+        self._buffers: dict[str, list[_Entry]] = {m: [] for m in self.models}
+        self._held: set[tuple[str, str]] = set()
+        self._claim_cursor: dict[str, str] = dict.fromkeys(self.models, "0-0")
+        self._next_claim = 0.0
+        self._next_janitor = time.monotonic() + self.janitor_interval_s
+        self._next_heartbeat = 0.0
+        self._connected = False
+        self._groups_ok = False
+        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "dead": 0, "redelivered": 0, "requeued": 0}
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        """Finish the jobs in hand, then leave ``run()``. Safe from a signal handler."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        log.info("worker %s serving %s (max_batch=%d, max_delay=%.1f ms, visibility=%d ms)",
+                 self.consumer, ",".join(self.models), self.max_batch_size, self.max_delay_s * 1000,
+                 self.visibility_ms)
+        self.metrics.set("up", 1, worker=self.consumer)
+        backoff = 0.05
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._step()
+                    backoff = 0.05
+                except CONNECTION_ERRORS as exc:
+                    self._on_disconnect(exc)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):  # Redis came back without our groups
+                        self._groups_ok = False
+                        continue
+                    log.exception("Redis refused a command; retrying")
+                    self._stop.wait(0.5)
+            self._drain()
+        finally:
+            self.metrics.set("up", 0, worker=self.consumer)
+            self._leave()
+            self._r.close()
+            log.info("worker %s stopped (%s)", self.consumer, self.stats)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        if not self._groups_ok:
+            self._ensure_groups()
+        now = time.monotonic()
+        self._heartbeat(now)
+        if now >= self._next_claim:
+            self._claim()
+            self._next_claim = now + self.claim_interval_s
+        if now >= self._next_janitor:
+            self._janitor()
+            self._next_janitor = now + self.janitor_interval_s
+        if not any(self._buffers.values()):
+            self._read(self.models, self.max_batch_size, self.block_ms)
+            if not any(self._buffers.values()):
+                return
+        model = min((m for m in self.models if self._buffers[m]), key=lambda m: self._buffers[m][0].arrived)
+        self._top_up(model)
+        batch = self._buffers[model][: self.max_batch_size]
+        self._process(model, batch)
+
+    def _ensure_groups(self) -> None:
+        for m in self.models:
+            try:
+                self._r.xgroup_create(job_stream(m), GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        if not self._connected:
+            log.info("worker %s connected to Redis", self.consumer)
+        self._connected = True
+        self._groups_ok = True
+        # Jobs this consumer (same name) held before a restart: take them back at once.
+        for m in self.models:
+            self._read([m], self.max_batch_size * 4, None, history=True)
+
+    def _on_disconnect(self, exc: BaseException) -> None:
+        if self._connected:
+            log.warning("worker %s lost Redis (%s); retrying", self.consumer, exc)
+        self._connected = False
+        self._groups_ok = False
+
+    def _heartbeat(self, now: float) -> None:
+        self.metrics.set("heartbeat", time.time(), worker=self.consumer)
+        if now >= self._next_heartbeat:
+            info = json.dumps({"consumer": self.consumer, "models": self.models, "pid": os.getpid(),
+                               "host": socket.gethostname(), "time": time.time()})
+            self._r.set(worker_key(self.consumer), info, px=int(self.heartbeat_ttl_s * 1000))
+            self._next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 3)
+
+    def _add(self, model: str, entry_id: bytes | str, fields: dict | None, deliveries: int) -> None:
+        eid = _s(entry_id)
+        if fields is None or (model, eid) in self._held:  # deleted entry, or already in hand
+            return
+        try:
+            deliveries += int(_s(fields.get(b"attempts", b"0")))
+        except ValueError:
+            pass
+        self._buffers[model].append(_Entry(model, eid, fields, deliveries))
+        self._held.add((model, eid))
+
+    def _read(self, models: Sequence[str], count: int, block_ms: int | None, history: bool = False) -> None:
+        streams = {job_stream(m): ("0" if history else ">") for m in models}
+        res = self._r.xreadgroup(GROUP, self.consumer, streams, count=count, block=block_ms)
+        by_stream = {job_stream(m): m for m in models}
+        for stream, entries in res or []:
+            model = by_stream[_s(stream)]
+            for entry_id, fields in entries:
+                # history entries were delivered before; reading them again counts as a delivery
+                self._add(model, entry_id, fields or None, 2 if history else 1)
+
+    def _top_up(self, model: str) -> None:
+        buf = self._buffers[model]
+        while len(buf) < self.max_batch_size and not self._stop.is_set():
+            left = buf[0].arrived + self.max_delay_s - time.monotonic()
+            if left <= 0:
+                break
+            self._read([model], self.max_batch_size - len(buf), max(1, int(left * 1000)))
+
+    def _claim(self) -> None:
+        """Take over jobs idle longer than the visibility timeout in any consumer's pending list."""
+        for m in self.models:
+            stream = job_stream(m)
+            start = self._claim_cursor[m]
+            res = self._r.xautoclaim(stream, GROUP, self.consumer, self.visibility_ms,
+                                     start_id=start, count=self.max_batch_size)
+            nxt, entries = _s(res[0]), res[1]
+            self._claim_cursor[m] = nxt
+            entries = [(e, f) for e, f in entries if f]
+            if not entries:
+                continue
+            pipe = self._r.pipeline(transaction=False)
+            for eid, _ in entries:
+                pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
+            pend = pipe.execute()
+            for (eid, fields), p in zip(entries, pend, strict=True):
+                deliveries = int(p[0]["times_delivered"]) if p else 2
+                self._add(m, eid, fields, deliveries)
+            self.stats["redelivered"] += len(entries)
+            self.metrics.inc("redelivered", len(entries), model=m)
+            log.warning("worker %s took over %d job(s) of %s idle > %d ms", self.consumer, len(entries),
+                        m, self.visibility_ms)
+
+    def _janitor(self) -> None:
+        """Remove consumers that hold nothing and have been silent for long (workers that exited
+        without leaving, e.g. killed), so the group's consumer list stays bounded."""
+        for m in self.models:
+            for c in self._r.xinfo_consumers(job_stream(m), GROUP):
+                name = _s(c["name"])
+                if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > self.consumer_max_idle_ms:
+                    self._r.xgroup_delconsumer(job_stream(m), GROUP, name)
+
+    # -- one batch ---------------------------------------------------------------------------------
+
+    def _process(self, model: str, batch: list[_Entry]) -> None:
+        now = time.time()
+        replies: list[tuple[_Entry, dict]] = []
+        dead: list[tuple[_Entry, str]] = []
+        requeue: list[_Entry] = []
+        live: list[tuple[_Entry, Job]] = []
+        for e in batch:
+            deadline = e.deadline
+            if deadline is not None and deadline <= now:
+                replies.append((e, encode_reply(e.job_id, EXPIRED, detail="the job expired before a worker ran it")))
+                self.metrics.inc("expired", model=model)
+                self.stats["expired"] += 1
+            elif e.deliveries > self.max_deliveries:
+                dead.append((e, f"delivered {e.deliveries} times without an answer (workers died on it?)"))
+            else:
+                try:
+                    live.append((e, decode_job(model, e.fields)))
+                except Exception as exc:  # noqa: BLE001 - a malformed job never succeeds
+                    dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
+
+        if live:
+            predictor = self.predictors[model]
+            results = self._compute(predictor, [j for _, j in live])
+            for (e, _job), res in zip(live, results, strict=True):
+                if isinstance(res, BaseException):
+                    detail = f"{type(res).__name__}: {res}"
+                    if e.deliveries >= self.max_deliveries:
+                        dead.append((e, f"failed {e.deliveries} times, last error: {detail}"))
+                    else:
+                        log.warning("job %s failed (%s), try %d of %d", e.job_id, detail, e.deliveries,
+                                    self.max_deliveries)
+                        requeue.append(e)
+                else:
+                    replies.append((e, encode_reply(e.job_id, OK, res)))
+        for e, reason in dead:
+            replies.append((e, encode_reply(e.job_id, DEAD, detail=f"job dead-lettered: {reason}")))
+        self._commit(model, batch, replies, dead, requeue)
+
+    def _compute(self, predictor: Any, jobs: list[Job]) -> list[dict | BaseException]:
+        """run_batch over the batch; when it fails, each job alone (to find the bad one)."""
+        model = jobs[0].model
+        t0 = time.perf_counter()
+        now = time.time()
+        for j in jobs:
+            self.metrics.observe("queue_wait", max(0.0, now - j.enqueued_at), model=model)
+        try:
+            results: list[dict | BaseException] = list(self._run_batch(predictor, jobs))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
+        except Exception as exc:  # noqa: BLE001
+            if len(jobs) == 1:
+                results = [exc]
+            else:
+                log.warning("batch of %d failed (%s: %s); retrying one by one", len(jobs),
+                            type(exc).__name__, exc)
+                results = []
+                for j in jobs:
+                    try:
+                        results.extend(self._run_batch(predictor, [j]))
+                    except Exception as one_exc:  # noqa: BLE001
+                        results.append(one_exc)
+        dt = time.perf_counter() - t0
+        self.metrics.inc("batches", model=model)
+        self.metrics.observe("batch_size", len(jobs), model=model)
+        self.metrics.observe("inference", dt, model=model)
+        self.stats["batches"] += 1
+        self.stats["jobs"] += len(jobs)
+        return results
+
+    def _commit(self, model: str, batch: list[_Entry], replies: list[tuple[_Entry, dict]],
+                dead: list[tuple[_Entry, str]], requeue: list[_Entry]) -> None:
+        """Write replies, dead letters and retries, THEN ack + delete the batch: one MULTI/EXEC.
+
+        On a Redis error the results are kept and the write retried (Redis may come back, AOF-backed,
+        with the jobs still pending); after a visibility timeout others may have redone them and the
+        batch is dropped here (its jobs stay pending in Redis, so nothing is lost)."""
+        stream = job_stream(model)
+        ids = [e.entry_id for e in batch]
+        give_up = time.monotonic() + self.visibility_ms / 1000
+        backoff = 0.05
+        while True:
+            try:
+                pipe = self._r.pipeline(transaction=True)
+                for e, reply in replies:
+                    if e.reply_to:
+                        pipe.xadd(e.reply_to, reply, maxlen=self.reply_maxlen, approximate=True)
+                        pipe.expire(e.reply_to, self.reply_ttl_s)
+                for e, reason in dead:
+                    fields = {k: v for k, v in e.fields.items() if k != b"array"}
+                    fields.update({b"model": model, b"error": reason, b"deliveries": str(e.deliveries),
+                                   b"consumer": self.consumer, b"dead_at": repr(time.time()),
+                                   b"entry_id": e.entry_id})
+                    pipe.xadd(dead_stream(model), fields, maxlen=self.dead_maxlen, approximate=True)
+                for e in requeue:  # a fresh entry, delivered again at once, carrying its tries so far
+                    fields = dict(e.fields)
+                    fields[b"attempts"] = str(e.deliveries)
+                    pipe.xadd(stream, fields)
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+                pipe.execute()
+                break
+            except CONNECTION_ERRORS as exc:
+                self._on_disconnect(exc)
+                if time.monotonic() > give_up or (self._stop.is_set() and time.monotonic() > give_up - 5):
+                    log.error("could not write %d replies; leaving the jobs to be redelivered", len(batch))
+                    break
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        for e in batch:
+            self._held.discard((model, e.entry_id))
+        done = {e.entry_id for e in batch}
+        self._buffers[model] = [e for e in self._buffers[model] if e.entry_id not in done]
+        if dead:
+            self.metrics.inc("dead", len(dead), model=model)
+            self.stats["dead"] += len(dead)
+            for e, reason in dead:
+                log.error("job %s of %s dead-lettered: %s", e.job_id, model, reason)
+        self.stats["requeued"] += len(requeue)
+
+    # -- shutdown ----------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """The jobs already read are in hand: answer them (best effort) before leaving."""
+        end = time.monotonic() + 30.0
+        for m in self.models:
+            while self._buffers[m] and time.monotonic() < end:
+                try:
+                    self._process(m, self._buffers[m][: self.max_batch_size])
+                except CONNECTION_ERRORS:
+                    return  # they stay pending in Redis: another worker takes them over
+                except RedisError:
+                    return
+
+    def _leave(self) -> None:
+        """Leave the group if this consumer holds nothing, and drop the heartbeat key."""
+        try:
+            for m in self.models:
+                if not self._r.xpending_range(job_stream(m), GROUP, min="-", max="+", count=1,
+                                              consumername=self.consumer):
+                    self._r.xgroup_delconsumer(job_stream(m), GROUP, self.consumer)
+            self._r.delete(worker_key(self.consumer))
+        except (RedisError, *CONNECTION_ERRORS) as exc:
+            log.info("could not leave the group cleanly (%s)", exc)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def load_predictors(weights_dir: str, models: Sequence[str] | None, device: str) -> dict[str, Any]:
+    """Load ``weights_dir/<name>`` for each name (all folders with a manifest when ``models`` is empty)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from model.predictor import Predictor  # noqa: PLC0415
+
+    root = Path(weights_dir)
+    names = [m for m in (models or []) if m]
+    if not names:
+        names = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+    if not names:
+        raise SystemExit(f"no models to serve in {root} (folders with a manifest.json)")
+    out = {}
+    for name in names:
+        folder = root / name
+        if not (folder / "manifest.json").is_file():
+            raise SystemExit(f"model {name!r} not found in {root}")
+        t0 = time.perf_counter()
+        out[name] = Predictor.from_folder(folder, device=device)
+        log.info("loaded %s on %s in %.2f s", name, device, time.perf_counter() - t0)
+    return out
+
+
+def warm_up(predictors: dict[str, Any], run_batch: RunBatch, max_batch_size: int) -> None:
+    """One forward per model (batch 1 and a full batch) so the first real batch is not slow."""
+    import numpy as np  # noqa: PLC0415
+
+    for name, p in predictors.items():
+        h, w = p.input_size
+        sample = p.preprocess(np.zeros((int(h), int(w), 3), dtype=np.uint8))
+        for n in {1, max_batch_size}:
+            jobs = [Job(model=name, array=sample.array, meta=sample.meta, options={}, deadline=time.time() + 60)
+                    for _ in range(n)]
+            run_batch(p, jobs)
+
+
+def serve_worker(redis_url: str, *, weights_dir: str, models: Sequence[str] | None, device: str,
+                 max_batch_size: int, max_delay_ms: float, metrics_port: int | None,
+                 visibility_timeout_s: float, max_deliveries: int, consumer: str | None = None) -> int:
+    """Entry point of ``s2amnet worker``: load, warm up, export metrics, consume until SIGTERM."""
+    stop_early = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
+    predictors = load_predictors(weights_dir, models, device)
+    run_batch = _default_run_batch()
+    warm_up(predictors, run_batch, max_batch_size)
+    if metrics_port:
+        from prometheus_client import start_http_server  # noqa: PLC0415
+
+        start_http_server(metrics_port)
+        log.info("worker metrics on :%d/metrics", metrics_port)
+    worker = Worker(redis_url, predictors, consumer=consumer, max_batch_size=max_batch_size,
+                    max_delay_ms=max_delay_ms, visibility_timeout_s=visibility_timeout_s,
+                    max_deliveries=max_deliveries, run_batch=run_batch)
+    worker.install_signal_handlers()
+    if stop_early.is_set():
+        worker.request_stop()
+    worker.run()
+    return 0
