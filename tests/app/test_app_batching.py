@@ -1,0 +1,200 @@
+"""Dynamic batching, backpressure (503 + Retry-After), deadlines (504, job not computed), readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from apitest_helpers import assert_problem, histogram_buckets, metric, png
+from conftest import API_KEY, MODES, Server, start_server, wait_until_ready
+
+
+def files(data: bytes):
+    return [("file", ("a.png", data, "image/png"))]
+
+
+def test_concurrent_requests_are_batched(server: Server):
+    """16 clients at once: fewer forward passes than requests, some batch > 1, every answer its own."""
+    n = 16
+    sizes = [(40 + 3 * i, 60 - i) for i in range(n)]
+    before = server.metrics()
+
+    async def go():
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60,
+                                     limits=limits) as c:
+            bodies = [png(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+            return await asyncio.gather(*(c.post("/detect", files=files(b)) for b in bodies))
+
+    responses = asyncio.run(go())
+    assert [r.status_code for r in responses] == [200] * n
+    # each answer belongs to its own request (batching never mixes them up)
+    assert [(r.json()["image"]["width"], r.json()["image"]["height"]) for r in responses] == sizes
+    after = server.metrics()
+    buckets_before = histogram_buckets(before, "s2amnet_batch_size", model="det")
+    buckets_after = histogram_buckets(after, "s2amnet_batch_size", model="det")
+    batches = buckets_after[float("inf")] - buckets_before.get(float("inf"), 0)
+    singles = buckets_after[1.0] - buckets_before.get(1.0, 0)
+    images = metric(after, "s2amnet_batch_size_sum", model="det") - metric(before, "s2amnet_batch_size_sum",
+                                                                            model="det")
+    assert images == n
+    assert batches < n and batches - singles >= 1, (batches, singles)
+    assert metric(after, "s2amnet_batches_total", model="det") - \
+        metric(before, "s2amnet_batches_total", model="det") == batches
+
+
+# ------------------------------------------------------------------------------------------------------
+DELAY = 1.5  # every forward of the slow server sleeps this long first
+
+
+@pytest.fixture(scope="module", params=MODES)
+def slow_server(request, weights_dir, tmp_path_factory) -> Iterator[Server]:
+    """One detector whose forwards take >= DELAY s, batches of 1, a queue of 1; multiprocess metrics."""
+    mp_dir = tmp_path_factory.mktemp("prom")
+    server = start_server(
+        request.param, weights_dir, wait_ready=False,
+        S2AMNET_MODELS="det", S2AMNET_TEST_INFER_DELAY_S=str(DELAY), S2AMNET_MAX_QUEUE="1",
+        S2AMNET_MAX_BATCH_SIZE="1", S2AMNET_MAX_DELAY_MS="0", S2AMNET_RETRY_AFTER_S="3",
+        PROMETHEUS_MULTIPROC_DIR=str(mp_dir),
+    )
+    server.mp_dir = mp_dir
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Background:
+    """A request running in a thread."""
+
+    def __init__(self, url: str, **kw):
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+
+        def run():
+            try:
+                self.response = httpx.post(url, timeout=60, **kw)
+            except BaseException as exc:  # noqa: BLE001
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def result(self, timeout: float = 60) -> httpx.Response:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "request hung"
+        if self.error:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
+def gauges(server: Server) -> tuple[float, float]:
+    text = server.metrics()
+    return metric(text, "s2amnet_inflight_requests"), metric(text, "s2amnet_queue_depth", model="det")
+
+
+def test_readiness_while_starting(slow_server: Server):
+    """/livez answers at once; /readyz and the inspection routes say 503 until warm-up has finished."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(slow_server.url + "/livez", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    ready = httpx.get(slow_server.url + "/readyz")
+    if ready.status_code == 200:
+        pytest.skip("the server finished its start-up before the first check (machine too slow to see it)")
+    body = assert_problem(ready, 503, "unavailable")
+    assert "ready" in body["detail"]
+    assert int(ready.headers["retry-after"]) == 3
+    early = httpx.post(slow_server.url + "/detect", files=files(png()))
+    assert_problem(early, 503, "unavailable")
+    assert early.headers["retry-after"] == "3"
+    wait_until_ready(slow_server)
+    assert httpx.get(slow_server.url + "/readyz").json()["status"] == "ready"
+
+
+def test_full_queue_answers_503_with_retry_after(slow_server: Server):
+    wait_until_ready(slow_server)
+    url = slow_server.url + "/detect"
+    before = slow_server.metrics()
+    first = Background(url, files=files(png(seed=1)))
+    wait_for(lambda: gauges(slow_server) == (1, 0), what="first job in its forward pass")
+    second = Background(url, files=files(png(seed=2)))
+    wait_for(lambda: gauges(slow_server) == (2, 1), what="second job queued")
+    third = httpx.post(url, files=files(png(seed=3)))
+    body = assert_problem(third, 503, "queue_full")
+    assert third.headers["retry-after"] == "3"
+    assert "full" in body["detail"]
+    assert first.result().status_code == 200
+    assert second.result().status_code == 200
+    after = slow_server.metrics()
+    assert metric(after, "s2amnet_rejected_total", reason="queue_full") - \
+        metric(before, "s2amnet_rejected_total", reason="queue_full") == 1
+    assert metric(after, "s2amnet_images_total", model="det") - metric(before, "s2amnet_images_total",
+                                                                       model="det") == 2
+
+
+def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: Server):
+    wait_until_ready(slow_server)
+    url = slow_server.url + "/detect"
+    before = slow_server.metrics()
+    busy = Background(url, files=files(png(seed=4)))
+    wait_for(lambda: gauges(slow_server) == (1, 0), what="a forward in progress")
+    t0 = time.monotonic()
+    late = httpx.post(url, files=files(png(seed=5)), headers={"X-Request-Timeout": "0.3"})
+    elapsed = time.monotonic() - t0
+    body = assert_problem(late, 504, "timeout")
+    assert "deadline" in body["detail"]
+    assert elapsed < DELAY  # answered at its deadline, not when the busy forward ended
+    assert busy.result().status_code == 200
+
+    def expired() -> float:
+        return metric(slow_server.metrics(), "s2amnet_jobs_expired_total", model="det") - \
+            metric(before, "s2amnet_jobs_expired_total", model="det")
+
+    wait_for(lambda: expired() == 1, what="the late job to be dropped")
+    after = slow_server.metrics()
+    assert metric(after, "s2amnet_images_total", model="det") - \
+        metric(before, "s2amnet_images_total", model="det") == 1  # only the busy one was computed
+    assert metric(after, "s2amnet_batches_total", model="det") - \
+        metric(before, "s2amnet_batches_total", model="det") == 1
+    assert metric(after, "s2amnet_rejected_total", reason="timeout") - \
+        metric(before, "s2amnet_rejected_total", reason="timeout") == 1
+
+
+def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Server):
+    wait_until_ready(slow_server)
+    wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
+    t0 = time.monotonic()
+    resp = httpx.post(slow_server.url + "/detect", files=files(png(seed=6)), headers={"X-Request-Timeout": "0.4"})
+    assert_problem(resp, 504, "timeout")
+    assert time.monotonic() - t0 < DELAY
+    wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
+
+
+def test_metrics_in_multiprocess_mode(slow_server: Server):
+    """PROMETHEUS_MULTIPROC_DIR set: values live in mmap files and /metrics merges them."""
+    wait_until_ready(slow_server)
+    files_written = sorted(p.name for p in slow_server.mp_dir.iterdir())
+    assert any(name.startswith("counter_") for name in files_written), files_written
+    assert any(name.startswith("histogram_") for name in files_written), files_written
+    assert any(name.startswith("gauge_livesum_") for name in files_written), files_written
+    text = slow_server.metrics()
+    assert metric(text, "s2amnet_requests_total", endpoint="/readyz", status="200") >= 1
+    assert metric(text, "s2amnet_model_info", model="det", task="detect", version="1", variant="tiny") == 1
