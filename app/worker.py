@@ -43,13 +43,13 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from app import metrics
 from app.dispatch.base import Job
 from app.dispatch.redis_streams import (
     DEAD,
     DEFAULT_DEAD_MAXLEN,
     DEFAULT_REPLY_MAXLEN,
     DEFAULT_REPLY_TTL_S,
-    ERROR,
     EXPIRED,
     GROUP,
     OK,
@@ -95,64 +95,6 @@ class _Entry:
             return None
 
 
-class _Metrics:
-    """The worker's metrics, looked up by name in ``app.metrics`` (every metric is defined once there).
-
-    A metric missing from ``app.metrics`` becomes a no-op, and is logged once.
-    """
-
-    NAMES = {
-        "batches": "s2amnet_batches",
-        "batch_size": "s2amnet_batch_size",
-        "inference": "s2amnet_inference_duration_seconds",
-        "queue_wait": "s2amnet_queue_wait_seconds",
-        "redelivered": "s2amnet_jobs_redelivered",
-        "expired": "s2amnet_jobs_expired",
-        "dead": "s2amnet_jobs_dead_lettered",
-        "heartbeat": "s2amnet_worker_heartbeat_timestamp_seconds",
-        "up": "s2amnet_worker_up",
-        "images": "s2amnet_images",
-    }
-
-    def __init__(self) -> None:
-        found: dict[str, Any] = {}
-        try:
-            from app import metrics as m  # noqa: PLC0415
-        except ImportError:
-            m = None
-        if m is not None:
-            for value in vars(m).values():
-                name = getattr(value, "_name", None)
-                if isinstance(name, str):
-                    found[name] = value
-                    if name.endswith("_total"):
-                        found[name[: -len("_total")]] = value
-        self._by_key: dict[str, Any] = {}
-        for key, name in self.NAMES.items():
-            metric = found.get(name)
-            if metric is None:
-                log.debug("metric %s not defined in app.metrics; not exported", name)
-            self._by_key[key] = metric
-
-    def get(self, key: str) -> Any:
-        return self._by_key.get(key)
-
-    def inc(self, key: str, amount: float = 1.0, **labels: str) -> None:
-        metric = self._by_key.get(key)
-        if metric is not None and amount:
-            (metric.labels(**labels) if labels else metric).inc(amount)
-
-    def observe(self, key: str, value: float, **labels: str) -> None:
-        metric = self._by_key.get(key)
-        if metric is not None:
-            (metric.labels(**labels) if labels else metric).observe(value)
-
-    def set(self, key: str, value: float, **labels: str) -> None:
-        metric = self._by_key.get(key)
-        if metric is not None:
-            (metric.labels(**labels) if labels else metric).set(value)
-
-
 def _default_run_batch() -> RunBatch:
     from app.inference import run_batch  # noqa: PLC0415 - torch-heavy, imported when a worker runs
 
@@ -178,7 +120,6 @@ class Worker:
         dead_maxlen: int = DEFAULT_DEAD_MAXLEN,
         heartbeat_ttl_s: float = 10.0,
         run_batch: RunBatch | None = None,
-        metrics: _Metrics | None = None,
     ):
         if not predictors:
             raise ValueError("a worker needs at least one model")
@@ -199,7 +140,6 @@ class Worker:
         self.janitor_interval_s = 60.0
         self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
         self._run_batch = run_batch or _default_run_batch()
-        self.metrics = metrics or _Metrics()
         self._r = redis.Redis.from_url(
             redis_url,
             socket_timeout=self.block_ms / 1000 + 5.0,
@@ -236,7 +176,7 @@ class Worker:
         log.info("worker %s serving %s (max_batch=%d, max_delay=%.1f ms, visibility=%d ms)",
                  self.consumer, ",".join(self.models), self.max_batch_size, self.max_delay_s * 1000,
                  self.visibility_ms)
-        self.metrics.set("up", 1, worker=self.consumer)
+        metrics.WORKER_UP.labels(worker=self.consumer).set(1)
         backoff = 0.05
         try:
             while not self._stop.is_set():
@@ -255,7 +195,7 @@ class Worker:
                     self._stop.wait(0.5)
             self._drain()
         finally:
-            self.metrics.set("up", 0, worker=self.consumer)
+            metrics.WORKER_UP.labels(worker=self.consumer).set(0)
             self._leave()
             self._r.close()
             log.info("worker %s stopped (%s)", self.consumer, self.stats)
@@ -304,7 +244,7 @@ class Worker:
         self._groups_ok = False
 
     def _heartbeat(self, now: float) -> None:
-        self.metrics.set("heartbeat", time.time(), worker=self.consumer)
+        metrics.WORKER_HEARTBEAT.labels(worker=self.consumer).set(time.time())
         if now >= self._next_heartbeat:
             info = json.dumps({"consumer": self.consumer, "models": self.models, "pid": os.getpid(),
                                "host": socket.gethostname(), "time": time.time()})
@@ -360,7 +300,7 @@ class Worker:
                 deliveries = int(p[0]["times_delivered"]) if p else 2
                 self._add(m, eid, fields, deliveries)
             self.stats["redelivered"] += len(entries)
-            self.metrics.inc("redelivered", len(entries), model=m)
+            metrics.JOBS_REDELIVERED.labels(model=m).inc(len(entries))
             log.warning("worker %s took over %d job(s) of %s idle > %d ms", self.consumer, len(entries),
                         m, self.visibility_ms)
 
@@ -370,7 +310,8 @@ class Worker:
         for m in self.models:
             for c in self._r.xinfo_consumers(job_stream(m), GROUP):
                 name = _s(c["name"])
-                if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > self.consumer_max_idle_ms:
+                idle = int(c["idle"])
+                if name != self.consumer and int(c["pending"]) == 0 and idle > self.consumer_max_idle_ms:
                     self._r.xgroup_delconsumer(job_stream(m), GROUP, name)
 
     # -- one batch ---------------------------------------------------------------------------------
@@ -384,8 +325,9 @@ class Worker:
         for e in batch:
             deadline = e.deadline
             if deadline is not None and deadline <= now:
-                replies.append((e, encode_reply(e.job_id, EXPIRED, detail="the job expired before a worker ran it")))
-                self.metrics.inc("expired", model=model)
+                detail = "the job expired before a worker ran it"
+                replies.append((e, encode_reply(e.job_id, EXPIRED, detail=detail)))
+                metrics.JOBS_EXPIRED.labels(model=model).inc()
                 self.stats["expired"] += 1
             elif e.deliveries > self.max_deliveries:
                 dead.append((e, f"delivered {e.deliveries} times without an answer (workers died on it?)"))
@@ -396,53 +338,48 @@ class Worker:
                     dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
 
         if live:
-            predictor = self.predictors[model]
-            results = self._compute(predictor, [j for _, j in live])
+            results = self._compute(self.predictors[model], [j for _, j in live])
             for (e, _job), res in zip(live, results, strict=True):
-                if isinstance(res, BaseException):
-                    detail = f"{type(res).__name__}: {res}"
-                    if e.deliveries >= self.max_deliveries:
-                        dead.append((e, f"failed {e.deliveries} times, last error: {detail}"))
-                    else:
-                        log.warning("job %s failed (%s), try %d of %d", e.job_id, detail, e.deliveries,
-                                    self.max_deliveries)
-                        requeue.append(e)
-                else:
+                error = res.get("error")
+                if not error:
                     replies.append((e, encode_reply(e.job_id, OK, res)))
+                elif error == "expired":  # expired while waiting for its batch (counted by run_batch)
+                    replies.append((e, encode_reply(e.job_id, EXPIRED, detail=str(res.get("detail", "")))))
+                    self.stats["expired"] += 1
+                elif e.deliveries >= self.max_deliveries:
+                    dead.append((e, f"failed {e.deliveries} times, last error: {res.get('detail', error)}"))
+                else:
+                    log.warning("job %s failed (%s), try %d of %d", e.job_id, res.get("detail", error),
+                                e.deliveries, self.max_deliveries)
+                    requeue.append(e)
         for e, reason in dead:
             replies.append((e, encode_reply(e.job_id, DEAD, detail=f"job dead-lettered: {reason}")))
         self._commit(model, batch, replies, dead, requeue)
 
-    def _compute(self, predictor: Any, jobs: list[Job]) -> list[dict | BaseException]:
-        """run_batch over the batch; when it fails, each job alone (to find the bad one)."""
-        model = jobs[0].model
-        t0 = time.perf_counter()
-        now = time.time()
-        for j in jobs:
-            self.metrics.observe("queue_wait", max(0.0, now - j.enqueued_at), model=model)
-        try:
-            results: list[dict | BaseException] = list(self._run_batch(predictor, jobs))
-            if len(results) != len(jobs):
-                raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
-        except Exception as exc:  # noqa: BLE001
-            if len(jobs) == 1:
-                results = [exc]
-            else:
-                log.warning("batch of %d failed (%s: %s); retrying one by one", len(jobs),
-                            type(exc).__name__, exc)
-                results = []
-                for j in jobs:
-                    try:
-                        results.extend(self._run_batch(predictor, [j]))
-                    except Exception as one_exc:  # noqa: BLE001
-                        results.append(one_exc)
-        dt = time.perf_counter() - t0
-        self.metrics.inc("batches", model=model)
-        self.metrics.observe("batch_size", len(jobs), model=model)
-        self.metrics.observe("inference", dt, model=model)
+    def _compute(self, predictor: Any, jobs: list[Job]) -> list[dict]:
+        """``run_batch`` over the batch (it records the batch metrics and answers expired jobs). When
+        jobs of a batch fail, each of them is tried once more alone, so one bad job does not fail the
+        others. A result is a success dict or ``{"error": "expired"|"failed", "detail"}``."""
+        results = self._safe_run(predictor, jobs)
+        failed = [i for i, r in enumerate(results) if r.get("error") == "failed"]
+        if len(jobs) > 1 and failed:
+            log.warning("%d of a batch of %d failed; retrying them one by one", len(failed), len(jobs))
+            for i in failed:
+                results[i] = self._safe_run(predictor, [jobs[i]])[0]
         self.stats["batches"] += 1
         self.stats["jobs"] += len(jobs)
         return results
+
+    def _safe_run(self, predictor: Any, jobs: list[Job]) -> list[dict]:
+        try:
+            results = list(self._run_batch(predictor, jobs))
+            if len(results) != len(jobs):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
+            return [r if isinstance(r, dict) else {"error": "failed", "detail": f"bad result {r!r}"}
+                    for r in results]
+        except Exception as exc:  # noqa: BLE001 - reported per job
+            log.exception("run_batch raised")
+            return [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"} for _ in jobs]
 
     def _commit(self, model: str, batch: list[_Entry], replies: list[tuple[_Entry, dict]],
                 dead: list[tuple[_Entry, str]], requeue: list[_Entry]) -> None:
@@ -488,7 +425,7 @@ class Worker:
         done = {e.entry_id for e in batch}
         self._buffers[model] = [e for e in self._buffers[model] if e.entry_id not in done]
         if dead:
-            self.metrics.inc("dead", len(dead), model=model)
+            metrics.JOBS_DEAD_LETTERED.labels(model=model).inc(len(dead))
             self.stats["dead"] += len(dead)
             for e, reason in dead:
                 log.error("job %s of %s dead-lettered: %s", e.job_id, model, reason)
@@ -523,61 +460,32 @@ class Worker:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_predictors(weights_dir: str, models: Sequence[str] | None, device: str) -> dict[str, Any]:
-    """Load ``weights_dir/<name>`` for each name (all folders with a manifest when ``models`` is empty)."""
-    from pathlib import Path  # noqa: PLC0415
-
-    from model.predictor import Predictor  # noqa: PLC0415
-
-    root = Path(weights_dir)
-    names = [m for m in (models or []) if m]
-    if not names:
-        names = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
-    if not names:
-        raise SystemExit(f"no models to serve in {root} (folders with a manifest.json)")
-    out = {}
-    for name in names:
-        folder = root / name
-        if not (folder / "manifest.json").is_file():
-            raise SystemExit(f"model {name!r} not found in {root}")
-        t0 = time.perf_counter()
-        out[name] = Predictor.from_folder(folder, device=device)
-        log.info("loaded %s on %s in %.2f s", name, device, time.perf_counter() - t0)
-    return out
-
-
-def warm_up(predictors: dict[str, Any], run_batch: RunBatch, max_batch_size: int) -> None:
-    """One forward per model (batch 1 and a full batch) so the first real batch is not slow."""
-    import numpy as np  # noqa: PLC0415
-
-    for name, p in predictors.items():
-        h, w = p.input_size
-        sample = p.preprocess(np.zeros((int(h), int(w), 3), dtype=np.uint8))
-        for n in {1, max_batch_size}:
-            jobs = [Job(model=name, array=sample.array, meta=sample.meta, options={}, deadline=time.time() + 60)
-                    for _ in range(n)]
-            run_batch(p, jobs)
-
-
-def serve_worker(redis_url: str, *, weights_dir: str, models: Sequence[str] | None, device: str,
-                 max_batch_size: int, max_delay_ms: float, metrics_port: int | None,
-                 visibility_timeout_s: float, max_deliveries: int, consumer: str | None = None) -> int:
-    """Entry point of ``s2amnet worker``: load, warm up, export metrics, consume until SIGTERM."""
+def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliveries: int = 3,
+                 consumer: str | None = None) -> int:
+    """Entry point of ``s2amnet worker``: load and warm up the models, export metrics, consume until
+    SIGTERM. ``settings``: an ``app.settings.Settings`` (redis_url, weights_dir, models, device,
+    max_batch_size, max_delay_ms, metrics_port, torch_threads, warmup)."""
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    predictors = load_predictors(weights_dir, models, device)
-    run_batch = _default_run_batch()
-    warm_up(predictors, run_batch, max_batch_size)
-    if metrics_port:
-        from prometheus_client import start_http_server  # noqa: PLC0415
+    from app.dispatch.local import configure_torch_threads, warm_up  # noqa: PLC0415
+    from app.main import load_predictors  # noqa: PLC0415
 
-        start_http_server(metrics_port)
-        log.info("worker metrics on :%d/metrics", metrics_port)
-    worker = Worker(redis_url, predictors, consumer=consumer, max_batch_size=max_batch_size,
-                    max_delay_ms=max_delay_ms, visibility_timeout_s=visibility_timeout_s,
-                    max_deliveries=max_deliveries, run_batch=run_batch)
+    configure_torch_threads(getattr(settings, "torch_threads", None))
+    predictors = load_predictors(settings)
+    if getattr(settings, "warmup", True):
+        for name, predictor in predictors.items():
+            log.info("warmed up %s in %.3f s", name, warm_up(predictor))
+    if settings.metrics_port:
+        metrics.start_metrics_server(int(settings.metrics_port))
+        log.info("worker metrics on :%d/metrics", settings.metrics_port)
+    worker = Worker(settings.redis_url, predictors, consumer=consumer,
+                    max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_delay_ms,
+                    visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries)
     worker.install_signal_handlers()
     if stop_early.is_set():
         worker.request_stop()
-    worker.run()
+    import torch  # noqa: PLC0415
+
+    with torch.inference_mode():
+        worker.run()
     return 0

@@ -28,6 +28,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,8 @@ from redis.retry import Retry
 
 from app.dispatch.base import (
     DeadlineExceeded,
-    DispatchError,
     Dispatcher,
+    DispatchError,
     Job,
     JobFailed,
     QueueFull,
@@ -191,27 +192,38 @@ async def ensure_group(r: aioredis.Redis, model: str) -> None:
 
 
 class RedisDispatcher(Dispatcher):
-    """API-side dispatcher of the Redis mode.
+    """API-side dispatcher of the Redis mode: ``RedisDispatcher(predictors, settings)``.
 
-    ``models``: names the API serves (jobs for others raise ``UnknownModel``). ``max_queue``: backlog per
-    model (``XLEN`` of its stream = waiting + in progress) above which ``submit`` raises ``QueueFull``.
+    ``predictors``: the models the API serves (name -> Predictor, or names; only the names are used
+    here, preprocessing happens in the routes). From ``settings``: ``redis_url``; ``max_queue``, the
+    backlog per model (``XLEN`` of its stream = waiting + in progress) at which ``submit`` raises
+    ``QueueFull``; ``retry_after_s``. Keyword arguments override the rest (tests, tuning).
     """
 
     def __init__(
         self,
-        redis_url: str,
-        models: list[str] | tuple[str, ...] | set[str] | dict[str, Any],
+        predictors: Mapping[str, Any] | Iterable[str],
+        settings: Any = None,
         *,
-        max_queue: int = 256,
+        redis_url: str | None = None,
+        max_queue: int | None = None,
         instance_id: str | None = None,
         health_interval_s: float = 0.5,
         read_block_ms: int = 1000,
-        retry_after_s: float = 1.0,
+        retry_after_s: float | None = None,
         command_timeout_s: float = 2.0,
         max_connections: int = 64,
     ):
+        redis_url = redis_url or getattr(settings, "redis_url", None)
+        if not redis_url:
+            raise ValueError("RedisDispatcher needs a Redis URL (S2AMNET_REDIS_URL)")
+        if max_queue is None:
+            max_queue = int(getattr(settings, "max_queue", 256))
+        if retry_after_s is None:
+            retry_after_s = float(getattr(settings, "retry_after_s", 1))
+        models = list(predictors)
         self.redis_url = redis_url
-        self.models = list(models)
+        self.models = models
         self.max_queue = int(max_queue)
         self.instance_id = instance_id or uuid.uuid4().hex[:16]
         self.reply_key = reply_stream(self.instance_id)
@@ -315,7 +327,7 @@ class RedisDispatcher(Dispatcher):
                 entry_id = await asyncio.wait_for(
                     self._admit(keys=[stream], args=args), min(remaining, self.command_timeout_s)
                 )
-            except (asyncio.TimeoutError, *CONNECTION_ERRORS) as exc:
+            except (TimeoutError, *CONNECTION_ERRORS) as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # the request was cancelled, not Redis
                     raise asyncio.CancelledError from None
@@ -332,7 +344,7 @@ class RedisDispatcher(Dispatcher):
                 )
             try:
                 return await asyncio.wait_for(fut, max(0.0, job.deadline - time.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # Drop the job if no worker took it yet (a worker that has it acks it as expired).
                 self._forget_job(stream, entry_id)
                 raise DeadlineExceeded("the request deadline passed before a worker answered") from None
@@ -449,3 +461,13 @@ __all__ = [
     "reply_stream",
     "worker_key",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # app.main looks the Redis idempotency store up here; it lives in app/idempotency_redis.py
+    # (imported lazily: that module imports this one).
+    if name == "RedisIdempotencyStore":
+        from app.idempotency_redis import RedisIdempotencyStore  # noqa: PLC0415
+
+        return RedisIdempotencyStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
