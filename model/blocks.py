@@ -375,8 +375,8 @@ class DAConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         taps = self.sample(x, self.offsets(x))  # B x C x K x HW
-        w = self.conv.weight.view(C, self.kernel_size, 1).to(taps.dtype)
-        return torch.matmul(taps.transpose(2, 3), w).view(B, C, H, W)
+        w = self.conv.weight.view(C, 1, self.kernel_size).to(taps.dtype)
+        return torch.matmul(w, taps).view(B, C, H, W)  # (C x 1 x K) @ (B x C x K x HW)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, axis={self.axis}, kernel_size={self.kernel_size}"
