@@ -1,0 +1,55 @@
+"""`s2amnet train`: train a model from scratch on a dataset folder (see model/train.py)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a dataset folder (native layout detected)",
+                       description="Train S2-AMNet from scratch. Checkpoints every epoch to --out; "
+                                   "--resume continues an interrupted run.")
+    p.add_argument("--task", required=True, choices=["classify", "detect", "segment"])
+    p.add_argument("--data", required=True, help="dataset folder (magnetic-tile, NEU-DET, CrackForest, "
+                                                 "DeepCrack or your own layout, see README)")
+    p.add_argument("--variant", default="tiny", help="tiny | small | base | large")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--imgsz", type=int, help="square input size (letterbox)")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--crop", type=int, help="segment: training crop size")
+    p.add_argument("--out", default="", help="run folder (default runs/<data>-<task>)")
+    p.add_argument("--name", default="", help="model name written to the manifest")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--export", help="copy the best weights folder here at the end (e.g. weights/NAME)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
+    p.add_argument("--max-val-images", type=int, help=argparse_hidden())
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def run(args) -> int:
+    from model.train import TrainConfig, train
+
+    cfg = TrainConfig(task=args.task, data=args.data, variant=args.variant, epochs=args.epochs,
+                      imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                      crop=args.crop, out=args.out, name=args.name, resume=args.resume, export=args.export,
+                      workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
+                      max_train_batches=args.max_train_batches, max_val_images=args.max_val_images,
+                      command="s2amnet " + shlex.join(sys.argv[1:]))
+    result = train(cfg, progress=not args.quiet)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,439 @@
+"""Training: `s2amnet train --task {classify,detect,segment} --data DIR ...`.
+
+One loop for the three tasks; what differs per task (datasets, loss, the metric that picks the best
+epoch, defaults) is a `TaskRecipe`. Every epoch: train (AdamW, linear warm-up then cosine, EMA of the
+weights, class-balanced sampling where classes are skewed), validate the EMA weights through the same
+`Predictor` + `evaluate` code the service and `s2amnet eval` use, append to ``log.csv``, redraw
+``curves.png``, write ``last.pt`` (everything needed to resume) and, when the validation metric
+improved, export the EMA weights to ``<out>/best/`` (model.safetensors + manifest.json).
+
+The output folder layout (``--out runs/NAME``)::
+
+    runs/NAME/config.json   the resolved configuration
+    runs/NAME/last.pt       resume state: model, EMA, optimiser, scheduler, epoch, history
+    runs/NAME/log.csv       one row per epoch
+    runs/NAME/curves.png    training curves
+    runs/NAME/best/         the best EMA weights (a weights folder ready for `weights/`)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model.checkpoint import save_model
+from model.data import (
+    ClassifyDataset,
+    DetectDataset,
+    SegmentDataset,
+    balanced_sampler,
+    collate,
+    collate_detect,
+    load_records,
+    split_records,
+)
+from model.evaluate import evaluate
+from model.losses import DetectionLoss, SegmentationLoss
+from model.predictor import Predictor
+from model.registry import build_model
+
+__all__ = ["TrainConfig", "RECIPES", "train"]
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    """Per-task defaults (each overridable from the command line) and the selection metric."""
+
+    imgsz: int
+    batch: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    metric: str
+    balance_power: float  # class-balanced sampling strength (0 = uniform)
+    crop: int | None = None  # segment: training crop size
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES: dict[str, TaskRecipe] = {
+    # DESIGN-model §4.2 (AdamW 1e-3, wd 0.01-0.05, label smoothing 0.1, warm-up + cosine), CPU-sized.
+    "classify": TaskRecipe(imgsz=224, batch=32, epochs=60, lr=2e-3, weight_decay=0.05, warmup_epochs=3,
+                           metric="macro_recall", balance_power=0.5, extra={"label_smoothing": 0.1}),
+    # §4.3 (AdamW 1e-3, wd 1e-4, warm-up + poly); CE + Dice against the thin-crack class imbalance.
+    "segment": TaskRecipe(imgsz=512, batch=8, epochs=80, lr=2e-3, weight_decay=1e-4, warmup_epochs=3,
+                          metric="miou", balance_power=0.5, crop=256, extra={"dice_weight": 1.0}),
+    # §4.4 (AdamW, cosine to 1 %, mosaic, loss gains 7.5/0.5/1.5), at 256 px for the CPU budget.
+    "detect": TaskRecipe(imgsz=256, batch=16, epochs=150, lr=2e-3, weight_decay=5e-4, warmup_epochs=3,
+                         metric="map50", balance_power=0.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    data: str
+    variant: str = "tiny"
+    epochs: int | None = None
+    imgsz: int | None = None
+    batch: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    crop: int | None = None
+    out: str = ""
+    name: str = ""
+    resume: bool = False
+    export: str | None = None
+    workers: int | None = None
+    seed: int = 42
+    device: str = "auto"
+    amp: bool | None = None  # None: bf16 autocast on CUDA only (no bf16 units on the CPU machines here)
+    ema_decay: float = 0.999
+    lr_final: float = 0.01  # final LR as a fraction of lr
+    val_every: int = 1
+    max_train_batches: int | None = None  # smoke tests: cap batches per epoch
+    max_val_images: int | None = None
+    threads: int | None = None
+    command: str = ""
+
+    def resolved(self) -> TrainConfig:
+        """Fill every None from the task recipe."""
+        r = RECIPES[self.task]
+        c = dataclasses.replace(self)
+        for k in ("epochs", "imgsz", "batch", "lr", "weight_decay", "warmup_epochs", "crop"):
+            if getattr(c, k) is None:
+                setattr(c, k, getattr(r, k))
+        if not c.name:
+            c.name = f"{Path(c.data).name}-{c.task}"
+        if not c.out:
+            c.out = str(Path("runs") / c.name)
+        if c.device == "auto":
+            c.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if c.amp is None:
+            c.amp = c.device.startswith("cuda")
+        if c.workers is None:
+            c.workers = max(0, min(4, (os.cpu_count() or 1) - 1))
+        return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# pieces
+
+
+def _ema(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of weights and buffers; the decay ramps up over the first ~2000 updates (early weights are
+    poor, so they should not dominate the average)."""
+
+    def avg_fn(avg: torch.Tensor, cur: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = decay * (1.0 - math.exp(-float(n) / 2000.0))
+        return avg * d + cur * (1.0 - d)
+
+    return AveragedModel(model, avg_fn=avg_fn, use_buffers=True)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, layer-scale and other 1-D parameters; skip frozen ones."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(total_iters: int, warmup_iters: int, final: float):
+    def f(it: int) -> float:
+        if it < warmup_iters:
+            return 1e-3 + (1 - 1e-3) * it / max(1, warmup_iters)
+        p = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _mean_std(dataset, limit: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (0..1) over up to `limit` training images (grayscale data: equal channels)."""
+    idx = np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int)
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    n = 0
+    for i in idx:
+        img = dataset.load_image(int(i)).astype(np.float64) / 255.0
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        flat = img.reshape(-1, 3)
+        s += flat.sum(0)
+        s2 += (flat ** 2).sum(0)
+        n += flat.shape[0]
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 1e-8))
+    return [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+
+
+def _verdict_rule(task: str, pass_classes: list[str]) -> dict:
+    if task == "classify":
+        return {"type": "classify", "pass_labels": list(pass_classes), "min_score": 0.5}
+    return {"type": "any_defect", "min_score": 0.5, "min_area": 0}
+
+
+class _Task:
+    """Datasets, loss and one training step for a task."""
+
+    def __init__(self, cfg: TrainConfig, info, train_recs, nc: int):
+        self.cfg = cfg
+        task = cfg.task
+        if task == "classify":
+            self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True)
+            self.collate = collate
+            self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
+        elif task == "segment":
+            self.train_ds = SegmentDataset(train_recs, imgsz=cfg.imgsz, crop=cfg.crop, train=True)
+            self.collate = collate
+            self.loss = SegmentationLoss(nc, dice_weight=RECIPES[task].extra["dice_weight"])
+        else:
+            self.train_ds = DetectDataset(train_recs, imgsz=cfg.imgsz, train=True)
+            self.collate = collate_detect
+            self.loss = DetectionLoss(nc)
+
+    def step_loss(self, model: nn.Module, batch: dict, x: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        out = model(x)
+        if self.cfg.task == "classify":
+            loss = self.loss(out.float(), batch["label"].to(device))
+            return loss, {}
+        if self.cfg.task == "segment":
+            loss = self.loss(out.float(), batch["mask"].to(device))
+            return loss, {}
+        targets = [(b.to(device), c.to(device)) for b, c in zip(batch["boxes"], batch["classes"], strict=True)]
+        loss, parts = self.loss([r.float() for r in out], targets)
+        return loss, {k: float(v) for k, v in parts.items()}
+
+
+def _write_csv(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def _plot(path: Path, history: list[dict], metric: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    ax[0].set_yscale("log")
+    for k in sorted({k for h in history for k in h if k.startswith("val_")}):
+        if k in ("val_num_images",):
+            continue
+        pts = [(h["epoch"], h[k]) for h in history if h.get(k) not in (None, "")]
+        if pts:
+            ax[1].plot(*zip(*pts, strict=True), label=k[4:], lw=2.5 if k == f"val_{metric}" else 1)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylim(0, 1)
+    ax[1].grid(alpha=0.3)
+    ax[1].legend()
+    ax[2].plot(ep, [h["lr"] for h in history])
+    ax[2].set_xlabel("epoch")
+    ax[2].set_ylabel("learning rate")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    return {k: round(float(v), 5) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_images"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) and return ``{"best": {...metrics}, "best_epoch": n, "export": path}``."""
+    out = Path(cfg.out or Path("runs") / (cfg.name or f"{Path(cfg.data).name}-{cfg.task}"))
+    last_path = out / "last.pt"
+    state = None
+    if cfg.resume:
+        if not last_path.exists():
+            raise FileNotFoundError(f"--resume: no {last_path} to resume from")
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        saved = TrainConfig(**json.loads(state["config"]))
+        # a resumed run keeps its data and architecture; only the length / output options may change
+        overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "threads", "max_train_batches",
+                                                  "max_val_images") if getattr(cfg, k) is not None}
+        cfg = dataclasses.replace(saved, **overrides, resume=True)
+    cfg = cfg.resolved()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device)
+    recipe = RECIPES[cfg.task]
+
+    info = load_records(cfg.data, cfg.task)
+    classes = info.class_names(cfg.task)
+    nc = len(classes)
+    records = info.records_for(cfg.task)
+    train_recs = split_records(records, "train")
+    val_recs = split_records(records, "val")
+    if cfg.max_val_images:
+        val_recs = val_recs[: cfg.max_val_images]
+    if not train_recs or not val_recs:
+        raise ValueError(f"{cfg.data}: need labelled images in both the train and the val split "
+                         f"(got {len(train_recs)} / {len(val_recs)})")
+    task = _Task(cfg, info, train_recs, nc)
+    task.train_ds.preload(progress=progress)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    if state is not None:
+        mean, std = state["mean"], state["std"]
+    else:
+        mean, std = _mean_std(task.train_ds)
+    sampler = (balanced_sampler(train_recs, cfg.task, power=recipe.balance_power)
+               if recipe.balance_power > 0 and cfg.task != "detect" else None)
+    loader = DataLoader(task.train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.workers, collate_fn=task.collate, drop_last=len(train_recs) > cfg.batch,
+                        persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+    iters_per_epoch = len(loader) if cfg.max_train_batches is None else min(len(loader), cfg.max_train_batches)
+
+    model = build_model(cfg.task, cfg.variant, nc).to(device)
+    ema = _ema(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    total = cfg.epochs * iters_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(total, int(cfg.warmup_epochs * iters_per_epoch), cfg.lr_final))
+    start_epoch, history, best, best_epoch = 1, [], -1.0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history"])
+        best, best_epoch = float(state["best"]), int(state["best_epoch"])
+        torch.set_rng_state(state["rng"])
+
+    manifest_base = {
+        "name": cfg.name,
+        "version": "1.0.0",
+        "task": cfg.task,
+        "arch": {"variant": cfg.variant, "input_size": [cfg.imgsz, cfg.imgsz], "num_classes": nc},
+        "classes": classes,
+        "mean": mean,
+        "std": std,
+        "preprocess": {"resize": "letterbox", "pad_value": 114},
+        "verdict": _verdict_rule(cfg.task, info.pass_classes),
+        "trained_on": f"{info.format}: {Path(cfg.data).name}, {len(train_recs)} train images "
+                      f"(split sha1('val:'+stem) % 5 != 0)",
+        "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
+    }
+    best_dir = out / "best"
+    amp_dtype = torch.bfloat16
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        t0 = time.time()
+        loss_sum, parts_sum, n = 0.0, {}, 0
+        bar = tqdm(total=iters_per_epoch, desc=f"{cfg.name} {epoch}/{cfg.epochs}", disable=not progress,
+                   leave=False, unit="batch")
+        for i, batch in enumerate(loader):
+            if i >= iters_per_epoch:
+                break
+            x = batch["image"].to(device, non_blocking=True).float()
+            x = (x / 255.0 - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / \
+                torch.tensor(std, device=device).view(1, 3, 1, 1)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                loss, parts = task.step_loss(model, batch, x, device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {i}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            ema.update_parameters(model)
+            loss_sum += loss.item()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v
+            n += 1
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+            bar.update(1)
+        bar.close()
+        row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                               "train_loss": round(loss_sum / max(n, 1), 5),
+                               **{f"loss_{k}": round(v / max(n, 1), 5) for k, v in parts_sum.items()},
+                               "train_s": round(time.time() - t0, 1)}
+        improved = False
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            t1 = time.time()
+            ema_model = _frozen_copy(ema.module)
+            predictor = Predictor(ema_model, {**manifest_base, "metrics": {}}, device=device)
+            metrics = evaluate(predictor, val_recs, batch_size=max(8, cfg.batch), progress=progress)
+            scal = _scalar_metrics(metrics)
+            row.update({f"val_{k}": v for k, v in scal.items()})
+            row["val_s"] = round(time.time() - t1, 1)
+            score = float(metrics[recipe.metric])
+            if score > best:
+                best, best_epoch, improved = score, epoch, True
+                manifest = {**manifest_base, "metrics": {
+                    "split": "val", "data": Path(cfg.data).name, "num_images": len(val_recs), "epoch": epoch,
+                    **scal}}
+                save_model(ema_model, best_dir, manifest)
+        history.append(row)
+        _write_csv(out / "log.csv", history)
+        try:
+            _plot(out / "curves.png", history, recipe.metric, f"{cfg.name} ({cfg.task}, {cfg.variant})")
+        except Exception as exc:  # plotting must never stop a training run
+            print(f"warning: could not draw curves: {exc}", file=sys.stderr)
+        tmp = last_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                    "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
+                    "mean": mean, "std": std, "rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, last_path)
+        msg = " ".join(f"{k}={v}" for k, v in row.items())
+        print(f"[{cfg.name}] {msg}{'  *best*' if improved else ''}", flush=True)
+
+    export = None
+    if cfg.export and best_dir.exists():
+        import shutil
+
+        export = Path(cfg.export)
+        export.mkdir(parents=True, exist_ok=True)
+        for f in best_dir.iterdir():
+            shutil.copy2(f, export / f.name)
+    return {"best": {recipe.metric: best}, "best_epoch": best_epoch, "out": str(out),
+            "best_dir": str(best_dir), "export": str(export) if export else None}
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A detached copy for validation (the Predictor freezes and moves the model it is given)."""
+    import copy
+
+    return copy.deepcopy(module).eval()
