@@ -24,11 +24,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# redis-server (queue tests) and prometheus/promtool (monitoring tests), only when missing.
+# redis-server (queue tests), prometheus/promtool (monitoring tests), nginx (gateway config check), when missing.
 system-deps:
-	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null; then \
+	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v nginx >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus nginx-light >/dev/null; \
 	fi
 
 serve: install
