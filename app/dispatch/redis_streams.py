@@ -39,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from app import metrics
 from app.dispatch.base import (
     DeadlineExceeded,
     Dispatcher,
@@ -83,12 +84,15 @@ DEFAULT_DEAD_MAXLEN = 1_000
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
-# Admission: refuse (nil) when the backlog of the model's stream is at its bound, otherwise XADD.
-# Atomic, one round trip, and it never trims: the bound is enforced by refusing.
+# Admission: refuse (nil) when the model's backlog -- jobs no worker has taken yet: XLEN minus the group's
+# pending entries (acked jobs are deleted, so XLEN = waiting + taken) -- is at its bound, else XADD.
+# Atomic and one round trip; it never trims: the bound is kept by refusing.
 _ADMIT_LUA = """
-local n = redis.call('XLEN', KEYS[1])
-if n >= tonumber(ARGV[1]) then return false end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local waiting = redis.call('XLEN', KEYS[1])
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[2])
+if ok and pending then waiting = waiting - tonumber(pending[1]) end
+if waiting >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 """
 
 
@@ -243,7 +247,6 @@ class RedisDispatcher(Dispatcher):
         self._shutdown = False
         self._tasks: list[asyncio.Task] = []
         self._last_reply_id = "0-0"
-        self._bg: set[asyncio.Task] = set()
         self.replies_ignored = 0  # duplicates / late replies, for tests and debugging
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -320,7 +323,7 @@ class RedisDispatcher(Dispatcher):
         stream = job_stream(job.model)
         try:
             fields = encode_job(job, self.reply_key)
-            args: list[Any] = [self.max_queue]
+            args: list[Any] = [self.max_queue, GROUP]
             for k, v in fields.items():
                 args += [k, v]
             try:
@@ -345,20 +348,11 @@ class RedisDispatcher(Dispatcher):
             try:
                 return await asyncio.wait_for(fut, max(0.0, job.deadline - time.time()))
             except TimeoutError:
-                # Drop the job if no worker took it yet (a worker that has it acks it as expired).
-                self._forget_job(stream, entry_id)
+                # The job stays queued with its deadline: the worker that gets it acks it as expired,
+                # counts it and does not compute it.
                 raise DeadlineExceeded("the request deadline passed before a worker answered") from None
         finally:
             self._waiting.pop(job.job_id, None)
-
-    def _forget_job(self, stream: str, entry_id: bytes | str) -> None:
-        async def _xdel():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._redis.xdel(stream, entry_id), 1.0)
-
-        task = asyncio.get_running_loop().create_task(_xdel())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
 
     # -- background tasks --------------------------------------------------------------------------
 
@@ -373,9 +367,15 @@ class RedisDispatcher(Dispatcher):
             pipe.ping()
             for m in self.models:
                 pipe.xlen(job_stream(m))
-            res = await asyncio.wait_for(pipe.execute(), self.command_timeout_s)
-            for m, n in zip(self.models, res[1:], strict=True):
-                self._depth[m] = int(n)
+                pipe.xpending(job_stream(m), GROUP)
+            res = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.command_timeout_s)
+            if isinstance(res[0], Exception):
+                raise res[0]
+            for i, m in enumerate(self.models):
+                n, pending = res[1 + 2 * i], res[2 + 2 * i]
+                taken = 0 if isinstance(pending, Exception) else int(pending["pending"])
+                self._depth[m] = max(0, int(n) - taken) if not isinstance(n, Exception) else 0
+                metrics.QUEUE_DEPTH.labels(model=m).set(self._depth[m])
             if not self._healthy:
                 log.info("Redis reachable at %s", self._redacted_url())
                 # groups first, so jobs added now are delivered to workers that start later

@@ -1,0 +1,110 @@
+"""Fault test of the Redis mode: a worker SIGKILLed mid-run loses nothing (issue 6, "Done when")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx
+from e2e_helpers import Reference, assert_same_answer, png_bytes, size_for
+from prometheus_client.parser import text_string_to_metric_families
+from redis_harness import GROUP, JOBS, group_pending, redis_stack
+
+N = 200
+VISIBILITY_S = 2.0
+
+
+def consumer_of(r, pid: int) -> str:
+    for key in r.scan_iter("s2amnet:worker:*"):
+        info = json.loads(r.get(key) or b"{}")
+        if info.get("pid") == pid:
+            return info["consumer"]
+    raise AssertionError(f"no heartbeat of worker pid {pid}")
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e_weights):
+    bodies = [png_bytes(i, *size_for(i)) for i in range(N)]
+    ref = Reference(e2e_weights, "cls")
+    want = [ref.answer(b) for b in bodies]
+
+    env = dict(S2AMNET_MAX_QUEUE="1000", S2AMNET_REQUEST_TIMEOUT_S="60", S2AMNET_MAX_BATCH_SIZE="8",
+               S2AMNET_MAX_DELAY_MS="5")
+    # every forward sleeps 50 ms first, so that the run lasts long enough to kill a worker in it
+    with redis_stack(tmp_path, e2e_weights, workers=2, models="cls", visibility_s=VISIBILITY_S,
+                     worker_env={"S2AMNET_TEST_INFER_DELAY_S": "0.05"}, **env) as stack:
+        r = stack.r()
+        victim, survivor = stack.workers
+        victim_name = consumer_of(r, victim.pid)
+        done = 0
+        killed: dict = {}
+
+        def killer() -> None:
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                holding = {_s(c["name"]): int(c["pending"])
+                           for c in r.xpending(JOBS.format("cls"), GROUP)["consumers"]}
+                if done >= 10 and holding.get(victim_name, 0) > 0:
+                    victim.send(signal.SIGKILL)
+                    killed.update(pending=holding[victim_name], done=done, at=time.monotonic())
+                    return
+                time.sleep(0.002)
+
+        async def run() -> list[httpx.Response]:
+            nonlocal done
+            limits = httpx.Limits(max_connections=N, max_keepalive_connections=N)
+            async with httpx.AsyncClient(base_url=stack.api.url, timeout=90, limits=limits) as c:
+                async def one(i: int) -> httpx.Response:
+                    nonlocal done
+                    resp = await c.post("/classify", files=[("file", ("x.png", bodies[i], "image/png"))],
+                                        data={"part_id": f"part-{i}"})
+                    done += 1
+                    return resp
+
+                return await asyncio.gather(*(one(i) for i in range(N)))
+
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        responses = asyncio.run(run())
+        elapsed = time.monotonic() - t0
+        thread.join(5)
+
+        assert killed, f"the victim never held a job while requests were running\n{stack.logs()}"
+        assert victim.wait(10) == -signal.SIGKILL
+        assert [resp.status_code for resp in responses] == [200] * N, \
+            [resp.text for resp in responses if resp.status_code != 200][:3]
+        for i, resp in enumerate(responses):
+            got = resp.json()
+            assert got["part_id"] == f"part-{i}"
+            assert (got["image"]["width"], got["image"]["height"]) == size_for(i)
+            assert_same_answer(got, want[i])
+
+        # nothing left behind: every job acked (and deleted), nothing dead-lettered
+        assert group_pending(r, "cls") == 0
+        assert r.xlen(JOBS.format("cls")) == 0
+        assert r.xlen("s2amnet:dead:cls") == 0
+        # the survivor took the victim's jobs over (after the visibility timeout) and says so
+        metrics = httpx.get(survivor.url, timeout=10).text
+        redelivered = counter(metrics, "s2amnet_jobs_redelivered_total", model="cls")
+        assert redelivered >= killed["pending"], (redelivered, killed)
+        assert survivor.alive() and stack.api.alive()
+        print(f"\nfault test: {N} requests in {elapsed:.2f} s, worker SIGKILLed after {killed['done']} "
+              "answers "
+              f"holding {killed['pending']} unacked jobs; survivor redelivered {redelivered:.0f}; "
+              f"all {N} answers correct; group pending 0")
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
