@@ -28,11 +28,18 @@ from app.errors import Problem, bad_image, too_large, unsupported_media
 _MAGIC = (
     b"\xff\xd8\xff",  # JPEG
     b"\x89PNG\r\n\x1a\n",
-    b"GIF87a", b"GIF89a",
+    b"GIF87a",
+    b"GIF89a",
     b"BM",  # BMP
-    b"II*\x00", b"MM\x00*",  # TIFF
+    b"II*\x00",
+    b"MM\x00*",  # TIFF
     b"RIFF",  # WEBP (RIFF....WEBP)
-    b"P1", b"P2", b"P3", b"P4", b"P5", b"P6",  # PNM
+    b"P1",
+    b"P2",
+    b"P3",
+    b"P4",
+    b"P5",
+    b"P6",  # PNM
     b"\x00\x00\x00\x0cjP  ",  # JPEG 2000
 )
 
@@ -94,9 +101,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
 
 
-def decode_image(
-    data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0
-) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0) -> Image.Image:
     """Bytes -> upright RGB image (fully loaded), or raise a Problem."""
     if not data:
         raise bad_image(f"image {index}: empty file")
@@ -135,6 +140,7 @@ def decode_image(
     except MemoryError:
         raise too_large("too_many_pixels", f"image {index}: too large to decode") from None
     except Exception as exc:
-        raise bad_image(f"image {index}: corrupt or truncated image data ({type(exc).__name__}: {exc})") \
-            from None
+        raise bad_image(
+            f"image {index}: corrupt or truncated image data ({type(exc).__name__}: {exc})"
+        ) from None
     return rgb

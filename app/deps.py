@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -26,14 +26,16 @@ from app.schemas import MES_FIELDS, OPTION_FIELDS, InspectOptions, JsonInspectRe
 
 FIELDS = set(OPTION_FIELDS) | set(MES_FIELDS)
 
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key of S2AMNET_API_KEYS.")
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="An API key of S2AMNET_API_KEYS."
+)
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`.")
 
 
 async def require_api_key(
     request: Request,
-    x_api_key: str | None = Security(api_key_header),
-    credentials: HTTPAuthorizationCredentials | None = Security(bearer),
+    x_api_key: Annotated[str | None, Security(api_key_header)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> str | None:
     """When API keys are configured, the request must carry one (X-API-Key or Authorization: Bearer)."""
     keys: list[str] = request.app.state.settings.api_keys
@@ -108,17 +110,23 @@ async def parse_inspect_body(request: Request, body: bytes, max_images: int) -> 
             for name, value in form.multi_items():
                 if name == "file":
                     if not isinstance(value, UploadFile):
-                        raise invalid("`file` must be a file part (filename=...), not a text field",
-                                      [{"loc": ["body", "file"], "msg": "expected a file", "type": "type_error"}])
+                        raise invalid(
+                            "`file` must be a file part (filename=...), not a text field",
+                            [{"loc": ["body", "file"], "msg": "expected a file", "type": "type_error"}],
+                        )
                     images.append(await value.read())
                 elif name in FIELDS:
                     if isinstance(value, UploadFile):
-                        raise invalid(f"`{name}` must be a text field",
-                                      [{"loc": ["body", name], "msg": "expected text", "type": "type_error"}])
+                        raise invalid(
+                            f"`{name}` must be a text field",
+                            [{"loc": ["body", name], "msg": "expected text", "type": "type_error"}],
+                        )
                     fields[name] = value
                 else:
-                    raise invalid(f"unknown form field `{name}`",
-                                  [{"loc": ["body", name], "msg": "unknown field", "type": "extra_forbidden"}])
+                    raise invalid(
+                        f"unknown form field `{name}`",
+                        [{"loc": ["body", name], "msg": "unknown field", "type": "extra_forbidden"}],
+                    )
         finally:
             await form.close()
         _check_count(len(images), max_images)
@@ -128,15 +136,19 @@ async def parse_inspect_body(request: Request, body: bytes, max_images: int) -> 
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise invalid(f"malformed JSON body: {exc}",
-                          [{"loc": ["body"], "msg": "malformed JSON", "type": "json_invalid"}]) from None
+            raise invalid(
+                f"malformed JSON body: {exc}",
+                [{"loc": ["body"], "msg": "malformed JSON", "type": "json_invalid"}],
+            ) from None
         try:
             req = JsonInspectRequest.model_validate(data)
         except ValidationError as exc:
             raise _validation_problem(exc, "body") from None
         if (req.image is None) == (req.images is None):
-            raise invalid("send exactly one of `image` (one base64 image) or `images` (a list)",
-                          [{"loc": ["body", "image"], "msg": "exactly one of image/images", "type": "value_error"}])
+            raise invalid(
+                "send exactly one of `image` (one base64 image) or `images` (a list)",
+                [{"loc": ["body", "image"], "msg": "exactly one of image/images", "type": "value_error"}],
+            )
         raw = [req.image] if req.image is not None else list(req.images or [])
         _check_count(len(raw), max_images)
         images = [decode_base64(text, i) for i, text in enumerate(raw)]

@@ -66,13 +66,21 @@ def invalid(detail: str, errors: list[dict[str, Any]] | None = None) -> Problem:
 
 def unauthorized(detail: str) -> Problem:
     return Problem(
-        401, "unauthorized", detail, title="Unauthorized",
+        401,
+        "unauthorized",
+        detail,
+        title="Unauthorized",
         headers={"WWW-Authenticate": 'Bearer realm="s2amnet"'},
     )
 
 
 def problem_body(
-    status: int, code: str, title: str, detail: str, instance: str | None, request_id: str | None,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    instance: str | None,
+    request_id: str | None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -92,8 +100,14 @@ def problem_body(
 
 
 def problem_response(
-    request: Request | None, status: int, code: str, detail: str, *, title: str | None = None,
-    headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+    request: Request | None,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None) if request is not None else None
     instance = request.url.path if request is not None else None
@@ -109,11 +123,13 @@ def problem_response(
 def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:
     out = []
     for err in errors:
-        out.append({
-            "loc": [str(p) for p in err.get("loc", ())],
-            "msg": str(err.get("msg", "")),
-            "type": str(err.get("type", "")),
-        })
+        out.append(
+            {
+                "loc": [str(p) for p in err.get("loc", ())],
+                "msg": str(err.get("msg", "")),
+                "type": str(err.get("type", "")),
+            }
+        )
     return out
 
 
@@ -158,8 +174,14 @@ def install(app: FastAPI, retry_after: int = 1) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "body_too_large",
-                 415: "unsupported_media_type", 400: "bad_request"}
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            401: "unauthorized",
+            413: "body_too_large",
+            415: "unsupported_media_type",
+            400: "bad_request",
+        }
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return problem_response(request, exc.status_code, code, detail, headers=dict(exc.headers or {}))

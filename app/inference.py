@@ -51,8 +51,10 @@ def encode_mask(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
     h, w = (int(s) for s in mask.shape[:2])
     if mask_format == "polygon":
         polygons = mask_ops.mask_to_polygons(mask)
-        return {"size": [h, w], "polygons": [[round(float(v), 2) for v in np.asarray(p).ravel()]
-                                             for p in polygons]}
+        return {
+            "size": [h, w],
+            "polygons": [[round(float(v), 2) for v in np.asarray(p).ravel()] for p in polygons],
+        }
     if mask_format == "png":
         return {"size": [h, w], "png": mask_ops.mask_to_png_b64(mask)}
     rle = mask_ops.encode_rle(mask)
@@ -119,8 +121,10 @@ def run_batch(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> 
     for i, job in enumerate(jobs):
         if job.expired(start):
             metrics.JOBS_EXPIRED.labels(model=name).inc()
-            results[i] = {"error": "expired",
-                          "detail": f"deadline passed {start - job.deadline:.3f} s before the job's batch"}
+            results[i] = {
+                "error": "expired",
+                "detail": f"deadline passed {start - job.deadline:.3f} s before the job's batch",
+            }
         else:
             live.append(i)
     if not live:
@@ -175,3 +179,30 @@ def raise_for_result(result: dict[str, Any]) -> dict[str, Any]:
     if error == "failed":
         raise JobFailed(detail)
     raise DispatchError(detail)
+
+
+def assemble_result(
+    out: dict[str, Any], request_id: str, total_ms: float, mes: dict[str, Any]
+) -> dict[str, Any]:
+    """A worker's result + request context -> one InspectionResult dict (the API's answer per image)."""
+    import uuid
+
+    result: dict[str, Any] = {
+        "result_id": str(uuid.uuid4()),
+        "request_id": request_id,
+        "model": out["model"],
+        "task": out["task"],
+        "image": out["image"],
+        "verdict": out["verdict"],
+        "defects": out["defects"],
+    }
+    if "top_k" in out:
+        result["top_k"] = out["top_k"]
+    timing = out.get("timing_ms", {})
+    result["timing_ms"] = {
+        "queue": timing.get("queue", 0.0),
+        "inference": timing.get("inference", 0.0),
+        "total": round(total_ms, 3),
+    }
+    result.update(mes)
+    return result

@@ -76,10 +76,18 @@ def load_predictors(settings: Settings) -> dict[str, Any]:
         predictors[served] = predictor
         variant = str(((predictor.manifest or {}).get("arch") or {}).get("variant", ""))
         metrics.MODEL_LOAD_SECONDS.labels(model=served).set(seconds)
-        metrics.MODEL_INFO.labels(model=served, task=predictor.task, version=str(predictor.version),
-                                  variant=variant).set(1)
-        log.info("loaded %s (%s, %s) from %s on %s in %.2f s", served, predictor.task, variant, folder,
-                 device, seconds)
+        metrics.MODEL_INFO.labels(
+            model=served, task=predictor.task, version=str(predictor.version), variant=variant
+        ).set(1)
+        log.info(
+            "loaded %s (%s, %s) from %s on %s in %.2f s",
+            served,
+            predictor.task,
+            variant,
+            folder,
+            device,
+            seconds,
+        )
     return predictors
 
 
@@ -168,9 +176,14 @@ class BodyLimitMiddleware:
     def _problem(self, scope: Scope) -> JSONResponse:
         request_id = scope.get("state", {}).get("request_id")
         metrics.record_rejection("body_too_large")
-        body = problem_body(413, "body_too_large", "Content too large",
-                            f"request body exceeds the limit of {self.max_bytes} bytes",
-                            scope.get("path"), request_id)
+        body = problem_body(
+            413,
+            "body_too_large",
+            "Content too large",
+            f"request body exceeds the limit of {self.max_bytes} bytes",
+            scope.get("path"),
+            request_id,
+        )
         return JSONResponse(body, status_code=413, media_type=PROBLEM_JSON, headers={"Connection": "close"})
 
     @staticmethod
@@ -205,8 +218,13 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     await self._drain(receive, message.get("more_body", False))
-                    raise Problem(413, "body_too_large", f"request body exceeds the limit of {limit} bytes",
-                                  title="Content too large", headers={"Connection": "close"})
+                    raise Problem(
+                        413,
+                        "body_too_large",
+                        f"request body exceeds the limit of {limit} bytes",
+                        title="Content too large",
+                        headers={"Connection": "close"},
+                    )
             return message
 
         await self.app(scope, limited_receive, send)
@@ -225,8 +243,13 @@ async def _startup(app: FastAPI) -> None:
         state.dispatcher = dispatcher
         await dispatcher.start()  # the embedded dispatcher warms every model up on its inference thread
         state.ready = True
-        log.info("ready: %d model(s) %s, defaults %s, in %.2f s", len(predictors), sorted(predictors),
-                 state.defaults, time.perf_counter() - t0)
+        log.info(
+            "ready: %d model(s) %s, defaults %s, in %.2f s",
+            len(predictors),
+            sorted(predictors),
+            state.defaults,
+            time.perf_counter() - t0,
+        )
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -265,8 +288,9 @@ def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         problem_ref = {"$ref": "#/components/schemas/ProblemDetails"}
         for path_item in schema.get("paths", {}).values():
             for op in path_item.values():
@@ -277,8 +301,12 @@ def _custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                     content.pop("application/json", None)
                     content[PROBLEM_JSON] = {"schema": problem_ref}
                     if int(status) == 503:
-                        response["headers"] = {"Retry-After": {
-                            "description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+                        response["headers"] = {
+                            "Retry-After": {
+                                "description": "Seconds to wait before retrying.",
+                                "schema": {"type": "integer"},
+                            }
+                        }
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             components.pop(unused, None)

@@ -28,7 +28,23 @@ PREFIX = "s2amnet"
 
 # Latency buckets from 1 ms to 60 s (inspection answers are expected in tens of milliseconds).
 LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 # Batch size buckets 1, 2, 4, ..., 64.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -40,75 +56,117 @@ def multiprocess_enabled() -> bool:
 
 # ---------------------------------------------------------------- HTTP API
 REQUESTS = Counter(
-    "requests", "HTTP requests by endpoint (route template) and status code.",
-    ["endpoint", "status"], namespace=PREFIX,
+    "requests",
+    "HTTP requests by endpoint (route template) and status code.",
+    ["endpoint", "status"],
+    namespace=PREFIX,
 )
 REQUEST_DURATION = Histogram(
-    "request_duration_seconds", "HTTP request latency, from request start to response start.",
-    ["endpoint"], namespace=PREFIX, buckets=LATENCY_BUCKETS,
+    "request_duration_seconds",
+    "HTTP request latency, from request start to response start.",
+    ["endpoint"],
+    namespace=PREFIX,
+    buckets=LATENCY_BUCKETS,
 )
 INFLIGHT = Gauge(
-    "inflight_requests", "Inference requests being processed now.",
-    namespace=PREFIX, multiprocess_mode="livesum",
+    "inflight_requests",
+    "Inference requests being processed now.",
+    namespace=PREFIX,
+    multiprocess_mode="livesum",
 )
 REJECTED = Counter(
-    "rejected", "Requests refused, by reason (queue_full, timeout, unauthorized, body_too_large, ...).",
-    ["reason"], namespace=PREFIX,
+    "rejected",
+    "Requests refused, by reason (queue_full, timeout, unauthorized, body_too_large, ...).",
+    ["reason"],
+    namespace=PREFIX,
 )
 
 # ---------------------------------------------------------------- queue / batching / inference
 QUEUE_WAIT = Histogram(
-    "queue_wait_seconds", "Time a job waited between submission and the start of its batch.",
-    ["model"], namespace=PREFIX, buckets=LATENCY_BUCKETS,
+    "queue_wait_seconds",
+    "Time a job waited between submission and the start of its batch.",
+    ["model"],
+    namespace=PREFIX,
+    buckets=LATENCY_BUCKETS,
 )
 INFERENCE_DURATION = Histogram(
-    "inference_duration_seconds", "Duration of one batch: forward pass plus postprocessing.",
-    ["model"], namespace=PREFIX, buckets=LATENCY_BUCKETS,
+    "inference_duration_seconds",
+    "Duration of one batch: forward pass plus postprocessing.",
+    ["model"],
+    namespace=PREFIX,
+    buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
-    "batch_size", "Images per forward pass.", ["model"], namespace=PREFIX, buckets=BATCH_SIZE_BUCKETS,
+    "batch_size",
+    "Images per forward pass.",
+    ["model"],
+    namespace=PREFIX,
+    buckets=BATCH_SIZE_BUCKETS,
 )
 BATCHES = Counter("batches", "Forward passes run.", ["model"], namespace=PREFIX)
 QUEUE_DEPTH = Gauge(
-    "queue_depth", "Jobs waiting for a batch.", ["model"], namespace=PREFIX, multiprocess_mode="livesum",
+    "queue_depth",
+    "Jobs waiting for a batch.",
+    ["model"],
+    namespace=PREFIX,
+    multiprocess_mode="livesum",
 )
 JOBS_REDELIVERED = Counter(
-    "jobs_redelivered", "Jobs delivered again after a worker failed to acknowledge them.",
-    ["model"], namespace=PREFIX,
+    "jobs_redelivered",
+    "Jobs delivered again after a worker failed to acknowledge them.",
+    ["model"],
+    namespace=PREFIX,
 )
 JOBS_EXPIRED = Counter(
-    "jobs_expired", "Jobs dropped without computing because their deadline had passed.",
-    ["model"], namespace=PREFIX,
+    "jobs_expired",
+    "Jobs dropped without computing because their deadline had passed.",
+    ["model"],
+    namespace=PREFIX,
 )
 JOBS_DEAD_LETTERED = Counter(
-    "jobs_dead_lettered", "Jobs moved to the dead-letter stream after too many deliveries.",
-    ["model"], namespace=PREFIX,
+    "jobs_dead_lettered",
+    "Jobs moved to the dead-letter stream after too many deliveries.",
+    ["model"],
+    namespace=PREFIX,
 )
 
 # ---------------------------------------------------------------- models
 MODEL_INFO = Gauge(
-    "model_info", "Loaded model (value 1), with its task, version and variant.",
-    ["model", "task", "version", "variant"], namespace=PREFIX, multiprocess_mode="livemax",
+    "model_info",
+    "Loaded model (value 1), with its task, version and variant.",
+    ["model", "task", "version", "variant"],
+    namespace=PREFIX,
+    multiprocess_mode="livemax",
 )
 MODEL_LOAD_SECONDS = Gauge(
-    "model_load_seconds", "Time taken to load (and warm up) a model.",
-    ["model"], namespace=PREFIX, multiprocess_mode="livemax",
+    "model_load_seconds",
+    "Time taken to load (and warm up) a model.",
+    ["model"],
+    namespace=PREFIX,
+    multiprocess_mode="livemax",
 )
 
 # ---------------------------------------------------------------- what was inspected
 IMAGES = Counter("images", "Images inspected.", ["model", "task"], namespace=PREFIX)
 DEFECTS = Counter("defects", "Defects reported, by model and label.", ["model", "label"], namespace=PREFIX)
-VERDICTS = Counter("verdicts", "Verdicts given, by model and verdict (pass/fail).", ["model", "verdict"],
-                   namespace=PREFIX)
+VERDICTS = Counter(
+    "verdicts", "Verdicts given, by model and verdict (pass/fail).", ["model", "verdict"], namespace=PREFIX
+)
 
 # ---------------------------------------------------------------- workers (Redis mode)
 WORKER_HEARTBEAT = Gauge(
-    "worker_heartbeat_timestamp_seconds", "Unix time of the worker's last heartbeat.",
-    ["worker"], namespace=PREFIX, multiprocess_mode="mostrecent",
+    "worker_heartbeat_timestamp_seconds",
+    "Unix time of the worker's last heartbeat.",
+    ["worker"],
+    namespace=PREFIX,
+    multiprocess_mode="mostrecent",
 )
 WORKER_UP = Gauge(
-    "worker_up", "1 while the worker is running and connected.",
-    ["worker"], namespace=PREFIX, multiprocess_mode="livemax",
+    "worker_up",
+    "1 while the worker is running and connected.",
+    ["worker"],
+    namespace=PREFIX,
+    multiprocess_mode="livemax",
 )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from typing import Annotated, Any
 
 import anyio
@@ -19,6 +18,7 @@ from app.deps import parse_inspect_body, require_api_key
 from app.dispatch.base import Job, Unavailable
 from app.errors import Problem
 from app.idempotency import MAX_KEY_LENGTH, fingerprint, scoped_key
+from app.inference import assemble_result
 from app.schemas import (
     Health,
     InspectionResult,
@@ -33,7 +33,7 @@ from app.schemas import (
 router = APIRouter()
 
 TASKS = ("classify", "detect", "segment")
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,%d}$" % MAX_KEY_LENGTH)
+_IDEMPOTENCY_KEY = re.compile(rf"^[\x21-\x7e]{{1,{MAX_KEY_LENGTH}}}$")
 
 
 def _problem_doc(description: str) -> dict[str, Any]:
@@ -57,8 +57,12 @@ def _body_doc() -> dict[str, Any]:
     multipart = {
         "type": "object",
         "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                     "description": "One or several images (repeat the `file` part); answered in order."},
+            "file": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "minItems": 1,
+                "description": "One or several images (repeat the `file` part); answered in order.",
+            },
             **fields,
         },
         "required": ["file"],
@@ -67,7 +71,10 @@ def _body_doc() -> dict[str, Any]:
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {"schema": multipart, "encoding": {"file": {"contentType": "image/*"}}},
+                "multipart/form-data": {
+                    "schema": multipart,
+                    "encoding": {"file": {"contentType": "image/*"}},
+                },
                 "application/json": {"schema": JsonInspectRequest.model_json_schema()},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
@@ -86,12 +93,19 @@ def _model_for(request: Request, task: str, name: str | None) -> Any:
     predictor = predictors.get(name)
     if predictor is None:
         known = ", ".join(n for n, p in predictors.items() if p.task == task) or "none"
-        raise Problem(404, "unknown_model", f"no model named {name!r} (loaded {task} models: {known})",
-                      title="Unknown model")
+        raise Problem(
+            404,
+            "unknown_model",
+            f"no model named {name!r} (loaded {task} models: {known})",
+            title="Unknown model",
+        )
     if predictor.task != task:
-        raise Problem(404, "unknown_model",
-                      f"model {name!r} is a {predictor.task} model; use POST /{predictor.task}",
-                      title="Unknown model")
+        raise Problem(
+            404,
+            "unknown_model",
+            f"model {name!r} is a {predictor.task} model; use POST /{predictor.task}",
+            title="Unknown model",
+        )
     return predictor
 
 
@@ -137,40 +151,27 @@ async def _compute(request: Request, task: str, body: bytes, deadline: float) ->
     parsed.images.clear()
 
     options = parsed.options.inference_options()
-    jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(options), deadline=deadline)
-            for arr, meta in prepared]
+    jobs = [
+        Job(model=predictor.name, array=arr, meta=meta, options=dict(options), deadline=deadline)
+        for arr, meta in prepared
+    ]
     outputs = await _submit_all(state.dispatcher, jobs)
 
-    request_id = request.state.request_id
-    total_ms = round((time.time() - request.state.start_time) * 1000.0, 3)
+    total_ms = (time.time() - request.state.start_time) * 1000.0
     mes = parsed.options.mes()
-    results = []
-    for out in outputs:
-        result: dict[str, Any] = {
-            "result_id": str(uuid.uuid4()),
-            "request_id": request_id,
-            "model": out["model"],
-            "task": out["task"],
-            "image": out["image"],
-            "verdict": out["verdict"],
-            "defects": out["defects"],
-        }
-        if "top_k" in out:
-            result["top_k"] = out["top_k"]
-        timing = out.get("timing_ms", {})
-        result["timing_ms"] = {"queue": timing.get("queue", 0.0), "inference": timing.get("inference", 0.0),
-                               "total": total_ms}
-        result.update(mes)
-        results.append(result)
+    results = [assemble_result(out, request.state.request_id, total_ms, mes) for out in outputs]
     return results[0] if parsed.single else results
 
 
-async def inspect(request: Request, task: str, timeout_s: float | None, idempotency_key: str | None) -> Response:
+async def inspect(
+    request: Request, task: str, timeout_s: float | None, idempotency_key: str | None
+) -> Response:
     state = request.app.state
     settings = state.settings
     if not state.ready or state.draining:
-        raise Unavailable("service is not ready" if not state.ready else "service is shutting down",
-                          settings.retry_after_s)
+        raise Unavailable(
+            "service is not ready" if not state.ready else "service is shutting down", settings.retry_after_s
+        )
     timeout = settings.request_timeout_s if timeout_s is None else min(settings.request_timeout_s, timeout_s)
     deadline = request.state.start_time + timeout
 
@@ -182,23 +183,36 @@ async def inspect(request: Request, task: str, timeout_s: float | None, idempote
             return JSONResponse(await _compute(request, task, body, deadline))
 
         if not _IDEMPOTENCY_KEY.match(idempotency_key):
-            raise Problem(422, "invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters",
-                          title="Invalid request")
+            raise Problem(
+                422,
+                "invalid_request",
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+                title="Invalid request",
+            )
         store = state.idempotency
         key = scoped_key(idempotency_key, getattr(request.state, "principal", None), task)
-        fp = fingerprint(request.method, request.url.path, request.url.query,
-                         request.headers.get("content-type", ""), body)
+        fp = fingerprint(
+            request.method, request.url.path, request.url.query, request.headers.get("content-type", ""), body
+        )
         async with store.lock(key):
             entry = await store.get(key)
             if entry is not None:
                 if entry["fingerprint"] != fp:
-                    raise Problem(422, "idempotency_key_reused",
-                                  "this Idempotency-Key was used for a different request",
-                                  title="Idempotency-Key reused")
-                return JSONResponse(entry["body"], status_code=entry.get("status", 200),
-                                    headers={"Idempotent-Replayed": "true"})
+                    raise Problem(
+                        422,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used for a different request",
+                        title="Idempotency-Key reused",
+                    )
+                return JSONResponse(
+                    entry["body"],
+                    status_code=entry.get("status", 200),
+                    headers={"Idempotent-Replayed": "true"},
+                )
             answer = await _compute(request, task, body, deadline)
-            await store.put(key, {"fingerprint": fp, "status": 200, "body": answer}, settings.idempotency_ttl_s)
+            await store.put(
+                key, {"fingerprint": fp, "status": 200, "body": answer}, settings.idempotency_ttl_s
+            )
             return JSONResponse(answer)
     finally:
         state.inflight -= 1
@@ -222,8 +236,10 @@ def _add_inspect_route(task: str) -> None:
         ] = None,
         idempotency_key: Annotated[
             str | None,
-            Header(max_length=MAX_KEY_LENGTH,
-                   description="Repeat a request with the same key to get the stored answer."),
+            Header(
+                max_length=MAX_KEY_LENGTH,
+                description="Repeat a request with the same key to get the stored answer.",
+            ),
         ] = None,
     ) -> Any:
         return await inspect(request, task, x_request_timeout, idempotency_key)
@@ -235,7 +251,8 @@ def _add_inspect_route(task: str) -> None:
         methods=["POST"],
         response_model=InspectionResult | list[InspectionResult],
         summary=f"{task.capitalize()} images",
-        description=descriptions[task] + (
+        description=descriptions[task]
+        + (
             "\n\nOne image (`file` sent once, JSON `image`, or a raw image body) is answered with one "
             "result object; several images (`file` repeated, or JSON `images`) with a list of results in "
             "request order. All images of a request use the same model and options; if any image is "
@@ -252,8 +269,12 @@ for _task in TASKS:
     _add_inspect_route(_task)
 
 
-@router.get("/models", response_model=ModelsResponse, tags=["service"],
-            responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]})
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    tags=["service"],
+    responses={401: ERROR_RESPONSES[401], 503: ERROR_RESPONSES[503]},
+)
 async def models(request: Request, _key: Annotated[str | None, Depends(require_api_key)]) -> Any:
     """The loaded models: task, classes, input size, version, and the metrics from their manifest."""
     state = request.app.state
@@ -263,12 +284,20 @@ async def models(request: Request, _key: Annotated[str | None, Depends(require_a
     for name, p in state.predictors.items():
         manifest = p.manifest or {}
         arch = manifest.get("arch", {}) or {}
-        out.append(ModelInfo(
-            name=name, task=p.task, version=str(p.version), variant=arch.get("variant"),
-            classes=list(p.classes), input_size=[int(v) for v in p.input_size],
-            default=state.defaults.get(p.task) == name, verdict=manifest.get("verdict"),
-            metrics=manifest.get("metrics"), trained_on=manifest.get("trained_on"),
-        ))
+        out.append(
+            ModelInfo(
+                name=name,
+                task=p.task,
+                version=str(p.version),
+                variant=arch.get("variant"),
+                classes=list(p.classes),
+                input_size=[int(v) for v in p.input_size],
+                default=state.defaults.get(p.task) == name,
+                verdict=manifest.get("verdict"),
+                metrics=manifest.get("metrics"),
+                trained_on=manifest.get("trained_on"),
+            )
+        )
     return ModelsResponse(models=out)
 
 
@@ -292,8 +321,12 @@ async def readyz(request: Request) -> Any:
     return Health(status="ready", models=list(state.predictors))
 
 
-@router.get("/metrics", tags=["service"], response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+@router.get(
+    "/metrics",
+    tags=["service"],
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus metrics (merged over processes in multiprocess mode)."""
     state = request.app.state

@@ -39,8 +39,13 @@ class InspectOptions(BaseModel):
     recipe_id: str | None = Field(None, description="MES recipe identifier, echoed back.", **_ID)
 
     def inference_options(self) -> dict[str, Any]:
-        return {"conf": self.conf, "iou": self.iou, "max_det": self.max_det, "top_k": self.top_k,
-                "mask_format": self.mask_format}
+        return {
+            "conf": self.conf,
+            "iou": self.iou,
+            "max_det": self.max_det,
+            "top_k": self.top_k,
+            "mask_format": self.mask_format,
+        }
 
     def mes(self) -> dict[str, str | None]:
         return {name: getattr(self, name) for name in MES_FIELDS}
@@ -57,7 +62,9 @@ class JsonInspectRequest(InspectOptions):
     (a list; the answer is a list of results in the same order)."""
 
     image: str | None = Field(None, description="One image, base64 (standard or URL-safe, or a data URL).")
-    images: list[str] | None = Field(None, description="Several images, base64; answered in order.")
+    images: list[str] | None = Field(
+        None, min_length=1, description="Several images, base64; answered in order (a list, even of one)."
+    )
 
 
 class Box(BaseModel):
@@ -112,7 +119,9 @@ class TimingMs(BaseModel):
 class InspectionResult(BaseModel):
     """One inspected image."""
 
-    result_id: str = Field(..., description="UUID of this result (the same when replayed by Idempotency-Key).")
+    result_id: str = Field(
+        ..., description="UUID of this result (the same when replayed by Idempotency-Key)."
+    )
     request_id: str
     model: ModelRef
     task: Task

@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     idempotency_ttl_s: float = Field(
         3600.0, gt=0, description="How long a result is kept for a repeated Idempotency-Key."
     )
-    idempotency_max_entries: int = Field(10_000, ge=1, description="Bound of the in-memory idempotency store.")
+    idempotency_max_entries: int = Field(
+        10_000, ge=1, description="Bound of the in-memory idempotency store."
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM: longest wait for in-flight requests before exiting."
     )

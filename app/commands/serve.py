@@ -41,16 +41,21 @@ FLAGS: list[tuple[str, str, Any, str]] = [
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "serve", help="run the HTTP inspection API",
+        "serve",
+        help="run the HTTP inspection API",
         description="Serve /classify, /detect, /segment, /models, /livez, /readyz, /metrics and /docs. "
-                    "Every flag overrides the S2AMNET_* environment variable of the same name.",
+        "Every flag overrides the S2AMNET_* environment variable of the same name.",
     )
     for flag, dest, typ, help_ in FLAGS:
         p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
-    p.add_argument("--workers", type=int, default=1,
-                   help="API processes (default 1). With more than one, metrics use prometheus-client "
-                        "multiprocess mode (PROMETHEUS_MULTIPROC_DIR, a temp folder if unset); mainly "
-                        "for Redis mode, since each process of embedded mode loads its own models.")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes (default 1). With more than one, metrics use prometheus-client "
+        "multiprocess mode (PROMETHEUS_MULTIPROC_DIR, a temp folder if unset); mainly "
+        "for Redis mode, since each process of embedded mode loads its own models.",
+    )
     p.set_defaults(func=run)
 
 
@@ -125,8 +130,12 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), lifespan="on",
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        lifespan="on",
     )
     server = DrainingServer.create(config, app, settings)
     app.state.on_startup_failure = server.startup_failed
@@ -145,8 +154,12 @@ def _run_multiprocess(args: argparse.Namespace, settings: Any) -> int:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="s2amnet-metrics-")
     uvicorn.run(
-        "app.main:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-        workers=args.workers, log_level=settings.log_level.lower(),
+        "app.main:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
     return 0

@@ -115,8 +115,9 @@ class LocalDispatcher(Dispatcher):
         if thread is not None and thread.is_alive():
             await asyncio.to_thread(thread.join, max(0.0, drain_timeout))
             if thread.is_alive():
-                log.warning("inference thread still busy after %.1f s drain; abandoning queued jobs",
-                            drain_timeout)
+                log.warning(
+                    "inference thread still busy after %.1f s drain; abandoning queued jobs", drain_timeout
+                )
                 with self._cond:
                     self._abort = True
                     self._cond.notify_all()
@@ -138,7 +139,8 @@ class LocalDispatcher(Dispatcher):
             q = self._queues[job.model]
             if len(q) >= self._max_queue:
                 raise QueueFull(
-                    f"queue of model {job.model!r} is full ({self._max_queue} jobs waiting)", self._retry_after
+                    f"queue of model {job.model!r} is full ({self._max_queue} jobs waiting)",
+                    self._retry_after,
                 )
             q.append(pending)
             metrics.QUEUE_DEPTH.labels(model=job.model).set(len(q))

@@ -21,7 +21,7 @@ def pattern(w: int, h: int, seed: int = 0) -> np.ndarray:
     img = img.astype(np.uint8)
     for _ in range(4):
         x0, y0 = rng.integers(0, max(w - 8, 1)), rng.integers(0, max(h - 8, 1))
-        img[y0:y0 + h // 4, x0:x0 + w // 4] = rng.integers(0, 255, 3)
+        img[y0 : y0 + h // 4, x0 : x0 + w // 4] = rng.integers(0, 255, 3)
     return img
 
 

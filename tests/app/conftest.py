@@ -31,10 +31,17 @@ INPUT_SIZE = 64  # tiny models at 64x64 keep CPU cost low
 
 # name -> (task, classes, verdict rule)
 TEST_MODELS = {
-    "cls": ("classify", ["good", "scratch", "dent"],
-            {"type": "classify", "pass_labels": ["good"], "min_score": 0.5}),
+    "cls": (
+        "classify",
+        ["good", "scratch", "dent"],
+        {"type": "classify", "pass_labels": ["good"], "min_score": 0.5},
+    ),
     "det": ("detect", ["scratch", "dent"], {"type": "any_defect", "min_score": 0.5, "min_area": 0}),
-    "seg": ("segment", ["background", "scratch", "dent"], {"type": "any_defect", "min_score": 0.5, "min_area": 0}),
+    "seg": (
+        "segment",
+        ["background", "scratch", "dent"],
+        {"type": "any_defect", "min_score": 0.5, "min_area": 0},
+    ),
 }
 
 # Settings of the shared server: small limits so that the limit tests send small bodies.
@@ -49,21 +56,29 @@ MAIN_SERVER_ENV = {
 
 def make_weights(root: Path, input_size: int = INPUT_SIZE, names: list[str] | None = None) -> Path:
     """Write tiny random-weight model folders (classify/detect/segment) under `root`."""
+    import torch
+
     from model.checkpoint import save_model
     from model.registry import build_model
-
-    import torch
 
     torch.manual_seed(0)
     for name, (task, classes, verdict) in TEST_MODELS.items():
         if names and name not in names:
             continue
         model = build_model(task, "tiny", len(classes))
-        save_model(model, root / name, {
-            "name": name, "version": "1", "classes": classes, "verdict": verdict,
-            "arch": {"variant": "tiny", "input_size": [input_size, input_size]},
-            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-        })
+        save_model(
+            model,
+            root / name,
+            {
+                "name": name,
+                "version": "1",
+                "classes": classes,
+                "verdict": verdict,
+                "arch": {"variant": "tiny", "input_size": [input_size, input_size]},
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+            },
+        )
     return root
 
 
@@ -119,8 +134,15 @@ def server_env(**env: str) -> dict[str, str]:
     return base
 
 
-def start_server(mode: str, weights_dir: Path, *, log_dir: Path | None = None, wait_ready: bool = True,
-                 ready_timeout: float = 120.0, **env: str) -> Server:
+def start_server(
+    mode: str,
+    weights_dir: Path,
+    *,
+    log_dir: Path | None = None,
+    wait_ready: bool = True,
+    ready_timeout: float = 120.0,
+    **env: str,
+) -> Server:
     """Start the API in `mode` on a free port with `S2AMNET_*` settings from `env`; wait until /readyz.
 
     `S2AMNET_TEST_INFER_DELAY_S` in env makes every forward pass sleep first (tests/app/_launch.py)."""
@@ -128,13 +150,23 @@ def start_server(mode: str, weights_dir: Path, *, log_dir: Path | None = None, w
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     log_path = log_dir / f"s2amnet-serve-{mode}-{port}.log"
     if mode == "embedded":
-        cmd = [sys.executable, str(LAUNCH), "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--weights-dir", str(weights_dir)]
+        cmd = [
+            sys.executable,
+            str(LAUNCH),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--weights-dir",
+            str(weights_dir),
+        ]
     else:
         raise ValueError(f"unknown dispatcher mode {mode!r}")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=server_env(**env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=server_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = Server(mode, f"http://127.0.0.1:{port}", proc, log_path)
     if wait_ready:
         wait_until_ready(server, ready_timeout)

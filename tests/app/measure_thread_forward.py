@@ -14,8 +14,8 @@ interleaved rounds so that load from other processes hits every place alike), in
 from __future__ import annotations
 
 import argparse
-import queue
 import concurrent.futures as cf
+import queue
 import statistics
 import tempfile
 import threading
@@ -44,8 +44,11 @@ def main() -> None:
     nc = 3
     with tempfile.TemporaryDirectory() as tmp:
         classes = ["background", "a", "b"] if args.task == "segment" else ["a", "b", "c"]
-        save_model(build_model(args.task, "tiny", nc), f"{tmp}/m",
-                   {"name": "m", "classes": classes, "arch": {"variant": "tiny", "input_size": [args.size] * 2}})
+        save_model(
+            build_model(args.task, "tiny", nc),
+            f"{tmp}/m",
+            {"name": "m", "classes": classes, "arch": {"variant": "tiny", "input_size": [args.size] * 2}},
+        )
         predictor = Predictor.from_folder(f"{tmp}/m")
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 255, (3, args.size, args.size), dtype=np.uint8) for _ in range(args.batch)]
@@ -97,8 +100,11 @@ def main() -> None:
     jobs.put(None)
     results = {p: min(v) for p, v in samples.items()}
     medians = {p: statistics.median(v) for p, v in samples.items()}
-    print(f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
-          f"{args.task} tiny, batch {args.batch} x {args.size}px, best of {args.rounds} rounds x {args.repeat} runs")
+    print(
+        f"torch {torch.__version__}, intra-op threads {torch.get_num_threads()}, "
+        f"{args.task} tiny, batch {args.batch} x {args.size}px, "
+        f"best of {args.rounds} rounds x {args.repeat} runs"
+    )
     print("  place                    best ms  (vs main)   median-of-round-bests ms")
     for k, v in results.items():
         print(f"  {k:24s} {v:8.1f}  ({v / results['main']:.2f}x)     {medians[k]:8.1f}")

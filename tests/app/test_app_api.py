@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import uuid
 
 import httpx
@@ -26,8 +25,20 @@ from pycocotools import mask as coco_mask
 
 from model.masks import png_b64_to_mask
 
-RESULT_KEYS = {"result_id", "request_id", "model", "task", "image", "verdict", "defects", "timing_ms",
-               "station_id", "part_id", "meas_id", "recipe_id"}
+RESULT_KEYS = {
+    "result_id",
+    "request_id",
+    "model",
+    "task",
+    "image",
+    "verdict",
+    "defects",
+    "timing_ms",
+    "station_id",
+    "part_id",
+    "meas_id",
+    "recipe_id",
+}
 
 
 def files(*images: bytes, name: str = "file") -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -43,7 +54,10 @@ def check_result(r: dict, task: str, w: int, h: int) -> None:
     assert set(r) == expected, set(r) ^ expected
     uuid.UUID(r["result_id"])
     assert r["task"] == task
-    assert r["model"] == {"name": {"classify": "cls", "detect": "det", "segment": "seg"}[task], "version": "1"}
+    assert r["model"] == {
+        "name": {"classify": "cls", "detect": "det", "segment": "seg"}[task],
+        "version": "1",
+    }
     assert r["image"] == {"width": w, "height": h}
     assert r["verdict"] in ("pass", "fail")
     t = r["timing_ms"]
@@ -78,8 +92,9 @@ def test_conf_filters_defects(client: httpx.Client):
     cut = sorted(d["score"] for d in everything)[len(everything) // 2]
     some = client.post("/detect", files=files(data), params={"conf": cut}).json()["defects"]
     assert nothing == [] and len(everything) > 0
-    assert {(d["label"], d["score"]) for d in some} == {(d["label"], d["score"]) for d in everything
-                                                        if d["score"] >= cut}
+    assert {(d["label"], d["score"]) for d in some} == {
+        (d["label"], d["score"]) for d in everything if d["score"] >= cut
+    }
 
 
 def test_classify_top_k(client: httpx.Client):
@@ -105,7 +120,9 @@ def test_segment_masks_decode_with_pycocotools(client: httpx.Client):
         assert rle["size"] == [h, w]
         m = coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()})
         assert m.shape == (h, w)
-        assert int(m.sum()) == d["area"] == int(coco_mask.area({"size": rle["size"], "counts": rle["counts"]}))
+        assert (
+            int(m.sum()) == d["area"] == int(coco_mask.area({"size": rle["size"], "counts": rle["counts"]}))
+        )
         ys, xs = np.nonzero(m)
         b = d["box"]
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (b["x1"], b["y1"], b["x2"], b["y2"])
@@ -119,7 +136,9 @@ def test_segment_mask_formats_agree(client: httpx.Client):
     }
     n = len(by_format["rle"]["defects"])
     assert n > 0 and all(len(r["defects"]) == n for r in by_format.values())
-    for rle_d, poly_d, png_d in zip(*(by_format[f]["defects"] for f in ("rle", "polygon", "png")), strict=True):
+    for rle_d, poly_d, png_d in zip(
+        *(by_format[f]["defects"] for f in ("rle", "polygon", "png")), strict=True
+    ):
         m = coco_mask.decode({"size": rle_d["mask"]["size"], "counts": rle_d["mask"]["counts"].encode()})
         assert np.array_equal(png_b64_to_mask(png_d["mask"]["png"]).astype(bool), m.astype(bool))
         assert poly_d["mask"]["size"] == [60, 80] and poly_d["mask"]["polygons"]
@@ -159,8 +178,9 @@ def test_json_single_and_list(client: httpx.Client):
 
 
 def test_raw_image_body(client: httpx.Client):
-    resp = client.post("/detect", content=jpeg(50, 40), headers={"Content-Type": "image/jpeg"},
-                       params={"station_id": "S9"})
+    resp = client.post(
+        "/detect", content=jpeg(50, 40), headers={"Content-Type": "image/jpeg"}, params={"station_id": "S9"}
+    )
     assert resp.status_code == 200 and resp.json()["station_id"] == "S9"
 
 
@@ -201,14 +221,26 @@ def test_body_field_overrides_query(client: httpx.Client):
 
 
 def test_named_model(client: httpx.Client):
-    assert client.post("/segment", files=files(png()), params={"model": "seg"}).json()["model"]["name"] == "seg"
+    assert (
+        client.post("/segment", files=files(png()), params={"model": "seg"}).json()["model"]["name"] == "seg"
+    )
 
 
 # --------------------------------------------------------------------------------------- 4xx
-@pytest.mark.parametrize("params", [
-    {"conf": 1.5}, {"conf": -0.1}, {"iou": 2}, {"max_det": 0}, {"max_det": 100000}, {"top_k": 0},
-    {"mask_format": "bitmap"}, {"conf": "abc"}, {"station_id": "x" * 300},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"conf": 1.5},
+        {"conf": -0.1},
+        {"iou": 2},
+        {"max_det": 0},
+        {"max_det": 100000},
+        {"top_k": 0},
+        {"mask_format": "bitmap"},
+        {"conf": "abc"},
+        {"station_id": "x" * 300},
+    ],
+)
 def test_out_of_range_options_422_in_query(client: httpx.Client, params):
     body = assert_problem(client.post("/detect", files=files(png()), params=params), 422, "invalid_request")
     assert body["errors"]
@@ -219,10 +251,19 @@ def test_invalid_form_fields_422(client: httpx.Client, fields):
     assert_problem(client.post("/segment", files=files(png()), data=fields), 422, "invalid_request")
 
 
-@pytest.mark.parametrize("payload", [
-    {"image": b64(png()), "iou": -1}, {"image": b64(png()), "max_det": 1.5}, {"image": b64(png()), "x": 1},
-    {"image": b64(png()), "images": [b64(png())]}, {}, {"images": []}, {"image": 12}, [1, 2],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"image": b64(png()), "iou": -1},
+        {"image": b64(png()), "max_det": 1.5},
+        {"image": b64(png()), "x": 1},
+        {"image": b64(png()), "images": [b64(png())]},
+        {},
+        {"images": []},
+        {"image": 12},
+        [1, 2],
+    ],
+)
 def test_invalid_json_422(client: httpx.Client, payload):
     assert_problem(client.post("/detect", json=payload), 422, "invalid_request")
 
@@ -239,8 +280,9 @@ def test_invalid_headers_422(client: httpx.Client):
 
 
 def test_no_image_422(client: httpx.Client):
-    assert_problem(client.post("/detect", data={"conf": "0.5"}, files=[("other", ("a", b"1", "text/plain"))]),
-                   422)
+    assert_problem(
+        client.post("/detect", data={"conf": "0.5"}, files=[("other", ("a", b"1", "text/plain"))]), 422
+    )
     assert_problem(client.post("/detect", content=b"", headers={"Content-Type": "image/png"}), 422)
 
 
@@ -250,8 +292,9 @@ def test_file_sent_as_text_field_422(client: httpx.Client):
 
 
 def test_unknown_model_404(client: httpx.Client):
-    body = assert_problem(client.post("/detect", files=files(png()), params={"model": "nope"}), 404,
-                          "unknown_model")
+    body = assert_problem(
+        client.post("/detect", files=files(png()), params={"model": "nope"}), 404, "unknown_model"
+    )
     assert "det" in body["detail"]
     body = assert_problem(client.post("/detect", files=files(png()), params={"model": "seg"}), 404)
     assert "/segment" in body["detail"]
@@ -264,18 +307,21 @@ def test_unknown_path_and_method_are_problems(client: httpx.Client):
     assert "POST" in resp.headers["allow"]
 
 
-@pytest.mark.parametrize("name, data, status, code", [
-    ("zero bytes", b"", 400, "bad_image"),
-    ("truncated jpeg", jpeg(300, 200)[:1500], 400, "bad_image"),
-    ("truncated png", png(300, 200)[:-300], 400, "bad_image"),
-    ("corrupt png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, 400, "bad_image"),
-    ("1x1", encode(pattern(1, 1)), 400, "bad_image"),
-    ("text", b"just some text, certainly not an image\n" * 10, 415, "unsupported_media_type"),
-    ("pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n", 415, "unsupported_media_type"),
-    ("bomb header", png_bomb_header(100_000, 100_000), 413, "too_many_pixels"),
-    ("real bomb", real_png_bomb(2000), 413, "too_many_pixels"),  # 4 Mpx > the 1 Mpx limit, 8 KB
-    ("just over the pixel limit", encode(pattern(1001, 1000)), 413, "too_many_pixels"),
-])
+@pytest.mark.parametrize(
+    "name, data, status, code",
+    [
+        ("zero bytes", b"", 400, "bad_image"),
+        ("truncated jpeg", jpeg(300, 200)[:1500], 400, "bad_image"),
+        ("truncated png", png(300, 200)[:-300], 400, "bad_image"),
+        ("corrupt png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, 400, "bad_image"),
+        ("1x1", encode(pattern(1, 1)), 400, "bad_image"),
+        ("text", b"just some text, certainly not an image\n" * 10, 415, "unsupported_media_type"),
+        ("pdf", b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\n", 415, "unsupported_media_type"),
+        ("bomb header", png_bomb_header(100_000, 100_000), 413, "too_many_pixels"),
+        ("real bomb", real_png_bomb(2000), 413, "too_many_pixels"),  # 4 Mpx > the 1 Mpx limit, 8 KB
+        ("just over the pixel limit", encode(pattern(1001, 1000)), 413, "too_many_pixels"),
+    ],
+)
 def test_bad_images(client: httpx.Client, name, data, status, code):
     body = assert_problem(client.post("/detect", files=files(data)), status, code)
     assert body["instance"] == "/detect" and body["request_id"]
@@ -292,14 +338,17 @@ def test_invalid_base64_400(client: httpx.Client):
     assert_problem(client.post("/detect", json={"image": b64(b"plain text, valid base64")}), 415)
 
 
-@pytest.mark.parametrize("name, img, fmt", [
-    ("16-bit png", Image.fromarray((pattern(64, 48)[..., 0].astype(np.uint16) * 257)), "PNG"),
-    ("rgba png", Image.fromarray(pattern(64, 48)).convert("RGBA"), "PNG"),
-    ("grayscale jpeg", Image.fromarray(pattern(64, 48)).convert("L"), "JPEG"),
-    ("cmyk jpeg", Image.fromarray(pattern(64, 48)).convert("CMYK"), "JPEG"),
-    ("palette png", Image.fromarray(pattern(64, 48)).convert("P"), "PNG"),
-    ("1-bit png", Image.fromarray(pattern(64, 48)).convert("1"), "PNG"),
-])
+@pytest.mark.parametrize(
+    "name, img, fmt",
+    [
+        ("16-bit png", Image.fromarray(pattern(64, 48)[..., 0].astype(np.uint16) * 257), "PNG"),
+        ("rgba png", Image.fromarray(pattern(64, 48)).convert("RGBA"), "PNG"),
+        ("grayscale jpeg", Image.fromarray(pattern(64, 48)).convert("L"), "JPEG"),
+        ("cmyk jpeg", Image.fromarray(pattern(64, 48)).convert("CMYK"), "JPEG"),
+        ("palette png", Image.fromarray(pattern(64, 48)).convert("P"), "PNG"),
+        ("1-bit png", Image.fromarray(pattern(64, 48)).convert("1"), "PNG"),
+    ],
+)
 def test_image_modes_are_accepted(client: httpx.Client, name, img, fmt):
     resp = client.post("/detect", files=files(encode(img, fmt)))
     assert resp.status_code == 200, resp.text
@@ -323,8 +372,9 @@ def test_exif_rotation_results_refer_to_the_upright_image(client: httpx.Client):
 # --------------------------------------------------------------------------------------- limits
 def test_body_over_limit_by_content_length_413(client: httpx.Client):
     big = b"\x89PNG\r\n\x1a\n" + b"\x00" * (1024 * 1024 + 10)
-    body = assert_problem(client.post("/detect", content=big, headers={"Content-Type": "image/png"}), 413,
-                          "body_too_large")
+    body = assert_problem(
+        client.post("/detect", content=big, headers={"Content-Type": "image/png"}), 413, "body_too_large"
+    )
     assert "limit" in body["detail"]
 
 
@@ -357,8 +407,11 @@ def test_unsupported_content_type_415(client: httpx.Client):
 
 
 def test_malformed_multipart_400(client: httpx.Client):
-    resp = client.post("/detect", content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
-                       headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+    resp = client.post(
+        "/detect",
+        content=b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc',
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+    )
     assert resp.status_code in (400, 422), resp.text
     assert_problem(resp, resp.status_code)
 
@@ -369,11 +422,15 @@ def test_api_key_required(anon: httpx.Client):
     assert "API key" in body["detail"]
     assert_problem(anon.post("/detect", files=files(png()), headers={"X-API-Key": "wrong"}), 401)
     assert_problem(anon.post("/detect", files=files(png()), headers={"Authorization": "Bearer wrong"}), 401)
-    assert_problem(anon.post("/detect", files=files(png()), headers={"Authorization": f"Basic {API_KEY}"}), 401)
+    assert_problem(
+        anon.post("/detect", files=files(png()), headers={"Authorization": f"Basic {API_KEY}"}), 401
+    )
     assert_problem(anon.get("/models"), 401)
     assert anon.post("/detect", files=files(png()), headers={"X-API-Key": OTHER_API_KEY}).status_code == 200
-    assert anon.post("/detect", files=files(png()),
-                     headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert (
+        anon.post("/detect", files=files(png()), headers={"Authorization": f"Bearer {API_KEY}"}).status_code
+        == 200
+    )
 
 
 def test_auth_is_checked_before_the_body(anon: httpx.Client):
@@ -395,24 +452,34 @@ def test_health_metrics_docs_are_open(anon: httpx.Client):
 def test_idempotency_key_replays_without_computing(client: httpx.Client, server):
     key = uuid.uuid4().hex
     data = png(50, 50, seed=21)
-    first = client.post("/detect", files=files(data), headers={"Idempotency-Key": key}, params={"part_id": "A"})
+    first = client.post(
+        "/detect", files=files(data), headers={"Idempotency-Key": key}, params={"part_id": "A"}
+    )
     assert first.status_code == 200 and "idempotent-replayed" not in first.headers
     before = metric(server.metrics(), "s2amnet_images_total", model="det")
-    again = client.post("/detect", files=files(data), headers={"Idempotency-Key": key}, params={"part_id": "A"})
+    again = client.post(
+        "/detect", files=files(data), headers={"Idempotency-Key": key}, params={"part_id": "A"}
+    )
     assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()  # same result_id, same result
     assert metric(server.metrics(), "s2amnet_images_total", model="det") == before  # nothing computed
-    other = client.post("/detect", files=files(data), headers={"Idempotency-Key": key + "-2"},
-                        params={"part_id": "A"})
+    other = client.post(
+        "/detect", files=files(data), headers={"Idempotency-Key": key + "-2"}, params={"part_id": "A"}
+    )
     assert other.json()["result_id"] != first.json()["result_id"]
     assert metric(server.metrics(), "s2amnet_images_total", model="det") == before + 1
 
 
 def test_idempotency_key_with_a_different_request_422(client: httpx.Client):
     key = uuid.uuid4().hex
-    assert client.post("/detect", files=files(png(seed=1)), headers={"Idempotency-Key": key}).status_code == 200
-    assert_problem(client.post("/detect", files=files(png(seed=2)), headers={"Idempotency-Key": key}), 422,
-                   "idempotency_key_reused")
+    assert (
+        client.post("/detect", files=files(png(seed=1)), headers={"Idempotency-Key": key}).status_code == 200
+    )
+    assert_problem(
+        client.post("/detect", files=files(png(seed=2)), headers={"Idempotency-Key": key}),
+        422,
+        "idempotency_key_reused",
+    )
 
 
 def test_idempotency_key_is_scoped_by_api_key(anon: httpx.Client):
@@ -431,8 +498,9 @@ def test_concurrent_requests_with_one_idempotency_key_compute_once(server):
 
     async def go():
         async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60) as c:
-            return await asyncio.gather(*(
-                c.post("/classify", files=files(data), headers={"Idempotency-Key": key}) for _ in range(4)))
+            return await asyncio.gather(
+                *(c.post("/classify", files=files(data), headers={"Idempotency-Key": key}) for _ in range(4))
+            )
 
     responses = asyncio.run(go())
     assert all(r.status_code == 200 for r in responses)
@@ -446,8 +514,14 @@ def test_models(client: httpx.Client):
     assert set(models) == {"cls", "det", "seg"}
     for name, (task, classes, verdict) in TEST_MODELS.items():
         m = models[name]
-        assert (m["task"], m["classes"], m["input_size"], m["default"], m["variant"], m["version"]) == \
-            (task, classes, [64, 64], True, "tiny", "1")
+        assert (m["task"], m["classes"], m["input_size"], m["default"], m["variant"], m["version"]) == (
+            task,
+            classes,
+            [64, 64],
+            True,
+            "tiny",
+            "1",
+        )
         assert m["verdict"]["type"] == verdict["type"]
 
 
@@ -461,8 +535,20 @@ def test_openapi_documents_the_contract(client: httpx.Client):
         for status in ("400", "401", "404", "413", "415", "422", "503", "504"):
             assert "application/problem+json" in op["responses"][status]["content"], status
         names = {p["name"] for p in op["parameters"]}
-        assert {"conf", "iou", "max_det", "top_k", "mask_format", "model", "station_id", "part_id",
-                "meas_id", "recipe_id", "x-request-timeout", "idempotency-key"} <= names
+        assert {
+            "conf",
+            "iou",
+            "max_det",
+            "top_k",
+            "mask_format",
+            "model",
+            "station_id",
+            "part_id",
+            "meas_id",
+            "recipe_id",
+            "x-request-timeout",
+            "idempotency-key",
+        } <= names
     assert {"InspectionResult", "ProblemDetails"} <= set(spec["components"]["schemas"])
 
 
@@ -488,7 +574,8 @@ def test_metrics_count_requests_defects_and_verdicts(client: httpx.Client, serve
     assert delta("s2amnet_request_duration_seconds_count", endpoint="/detect") == 2
     assert delta("s2amnet_verdicts_total", model="det", verdict=r["verdict"]) == 1
     for label in {d["label"] for d in r["defects"]}:
-        assert delta("s2amnet_defects_total", model="det", label=label) == \
-            sum(d["label"] == label for d in r["defects"])
+        assert delta("s2amnet_defects_total", model="det", label=label) == sum(
+            d["label"] == label for d in r["defects"]
+        )
     assert metric(after, "s2amnet_model_info", model="det", task="detect", version="1", variant="tiny") == 1
     assert metric(after, "s2amnet_queue_depth", model="det") == 0

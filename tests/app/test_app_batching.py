@@ -25,8 +25,9 @@ def test_concurrent_requests_are_batched(server: Server):
 
     async def go():
         limits = httpx.Limits(max_connections=n)
-        async with httpx.AsyncClient(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60,
-                                     limits=limits) as c:
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=60, limits=limits
+        ) as c:
             bodies = [png(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
             return await asyncio.gather(*(c.post("/detect", files=files(b)) for b in bodies))
 
@@ -39,12 +40,16 @@ def test_concurrent_requests_are_batched(server: Server):
     buckets_after = histogram_buckets(after, "s2amnet_batch_size", model="det")
     batches = buckets_after[float("inf")] - buckets_before.get(float("inf"), 0)
     singles = buckets_after[1.0] - buckets_before.get(1.0, 0)
-    images = metric(after, "s2amnet_batch_size_sum", model="det") - metric(before, "s2amnet_batch_size_sum",
-                                                                            model="det")
+    images = metric(after, "s2amnet_batch_size_sum", model="det") - metric(
+        before, "s2amnet_batch_size_sum", model="det"
+    )
     assert images == n
     assert batches < n and batches - singles >= 1, (batches, singles)
-    assert metric(after, "s2amnet_batches_total", model="det") - \
-        metric(before, "s2amnet_batches_total", model="det") == batches
+    assert (
+        metric(after, "s2amnet_batches_total", model="det")
+        - metric(before, "s2amnet_batches_total", model="det")
+        == batches
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -56,9 +61,15 @@ def slow_server(request, weights_dir, tmp_path_factory) -> Iterator[Server]:
     """One detector whose forwards take >= DELAY s, batches of 1, a queue of 1; multiprocess metrics."""
     mp_dir = tmp_path_factory.mktemp("prom")
     server = start_server(
-        request.param, weights_dir, wait_ready=False,
-        S2AMNET_MODELS="det", S2AMNET_TEST_INFER_DELAY_S=str(DELAY), S2AMNET_MAX_QUEUE="1",
-        S2AMNET_MAX_BATCH_SIZE="1", S2AMNET_MAX_DELAY_MS="0", S2AMNET_RETRY_AFTER_S="3",
+        request.param,
+        weights_dir,
+        wait_ready=False,
+        S2AMNET_MODELS="det",
+        S2AMNET_TEST_INFER_DELAY_S=str(DELAY),
+        S2AMNET_MAX_QUEUE="1",
+        S2AMNET_MAX_BATCH_SIZE="1",
+        S2AMNET_MAX_DELAY_MS="0",
+        S2AMNET_RETRY_AFTER_S="3",
         PROMETHEUS_MULTIPROC_DIR=str(mp_dir),
     )
     server.mp_dir = mp_dir
@@ -144,10 +155,16 @@ def test_full_queue_answers_503_with_retry_after(slow_server: Server):
     assert first.result().status_code == 200
     assert second.result().status_code == 200
     after = slow_server.metrics()
-    assert metric(after, "s2amnet_rejected_total", reason="queue_full") - \
-        metric(before, "s2amnet_rejected_total", reason="queue_full") == 1
-    assert metric(after, "s2amnet_images_total", model="det") - metric(before, "s2amnet_images_total",
-                                                                       model="det") == 2
+    assert (
+        metric(after, "s2amnet_rejected_total", reason="queue_full")
+        - metric(before, "s2amnet_rejected_total", reason="queue_full")
+        == 1
+    )
+    assert (
+        metric(after, "s2amnet_images_total", model="det")
+        - metric(before, "s2amnet_images_total", model="det")
+        == 2
+    )
 
 
 def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: Server):
@@ -165,24 +182,36 @@ def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: S
     assert busy.result().status_code == 200
 
     def expired() -> float:
-        return metric(slow_server.metrics(), "s2amnet_jobs_expired_total", model="det") - \
-            metric(before, "s2amnet_jobs_expired_total", model="det")
+        return metric(slow_server.metrics(), "s2amnet_jobs_expired_total", model="det") - metric(
+            before, "s2amnet_jobs_expired_total", model="det"
+        )
 
     wait_for(lambda: expired() == 1, what="the late job to be dropped")
     after = slow_server.metrics()
-    assert metric(after, "s2amnet_images_total", model="det") - \
-        metric(before, "s2amnet_images_total", model="det") == 1  # only the busy one was computed
-    assert metric(after, "s2amnet_batches_total", model="det") - \
-        metric(before, "s2amnet_batches_total", model="det") == 1
-    assert metric(after, "s2amnet_rejected_total", reason="timeout") - \
-        metric(before, "s2amnet_rejected_total", reason="timeout") == 1
+    assert (
+        metric(after, "s2amnet_images_total", model="det")
+        - metric(before, "s2amnet_images_total", model="det")
+        == 1
+    )  # only the busy one was computed
+    assert (
+        metric(after, "s2amnet_batches_total", model="det")
+        - metric(before, "s2amnet_batches_total", model="det")
+        == 1
+    )
+    assert (
+        metric(after, "s2amnet_rejected_total", reason="timeout")
+        - metric(before, "s2amnet_rejected_total", reason="timeout")
+        == 1
+    )
 
 
 def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Server):
     wait_until_ready(slow_server)
     wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
     t0 = time.monotonic()
-    resp = httpx.post(slow_server.url + "/detect", files=files(png(seed=6)), headers={"X-Request-Timeout": "0.4"})
+    resp = httpx.post(
+        slow_server.url + "/detect", files=files(png(seed=6)), headers={"X-Request-Timeout": "0.4"}
+    )
     assert_problem(resp, 504, "timeout")
     assert time.monotonic() - t0 < DELAY
     wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")

@@ -32,15 +32,30 @@ def test_rgb_png_roundtrip_is_exact():
     assert np.array_equal(np.asarray(out), arr)
 
 
-@pytest.mark.parametrize("mode, fmt", [
-    ("L", "PNG"), ("L", "JPEG"), ("1", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
-    ("CMYK", "JPEG"), ("CMYK", "TIFF"), ("I;16", "PNG"), ("I", "TIFF"), ("F", "TIFF"), ("RGB", "BMP"),
-    ("RGB", "WEBP"), ("RGB", "GIF"), ("YCbCr", "JPEG"),
-])
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [
+        ("L", "PNG"),
+        ("L", "JPEG"),
+        ("1", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("I;16", "PNG"),
+        ("I", "TIFF"),
+        ("F", "TIFF"),
+        ("RGB", "BMP"),
+        ("RGB", "WEBP"),
+        ("RGB", "GIF"),
+        ("YCbCr", "JPEG"),
+    ],
+)
 def test_every_mode_becomes_rgb(mode, fmt):
     base = Image.fromarray(pattern(40, 24))
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(base.convert("L")).astype(np.uint16) * 257))
+        img = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
     elif mode == "I":
         img = Image.fromarray(np.asarray(base.convert("L")).astype(np.int32) * 257)
     elif mode == "F":
@@ -98,13 +113,16 @@ def test_real_bomb_over_the_limit_is_refused():
     assert p.status == 413
 
 
-@pytest.mark.parametrize("data, status, code", [
-    (b"", 400, "bad_image"),
-    (b"hello, this is not an image at all", 415, "unsupported_media_type"),
-    (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj", 415, "unsupported_media_type"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, 400, "bad_image"),
-    (b"\xff\xd8\xff\xe0" + b"\x00" * 50, 400, "bad_image"),
-])
+@pytest.mark.parametrize(
+    "data, status, code",
+    [
+        (b"", 400, "bad_image"),
+        (b"hello, this is not an image at all", 415, "unsupported_media_type"),
+        (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj", 415, "unsupported_media_type"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20, 400, "bad_image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, 400, "bad_image"),
+    ],
+)
 def test_bad_bytes(data, status, code):
     p = problem_of(data)
     assert (p.status, p.code) == (status, code)

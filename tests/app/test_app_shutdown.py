@@ -20,13 +20,21 @@ def files(data: bytes):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sigterm_drains_then_exits_0(mode, weights_dir):
-    server = start_server(mode, weights_dir, S2AMNET_MODELS="det", S2AMNET_TEST_INFER_DELAY_S=str(DELAY),
-                          S2AMNET_DRAIN_TIMEOUT_S="20")
+    server = start_server(
+        mode,
+        weights_dir,
+        S2AMNET_MODELS="det",
+        S2AMNET_TEST_INFER_DELAY_S=str(DELAY),
+        S2AMNET_DRAIN_TIMEOUT_S="20",
+    )
     try:
         result: dict = {}
         inflight = threading.Thread(
-            target=lambda: result.setdefault("r", httpx.post(server.url + "/detect", files=files(png()), timeout=60)),
-            daemon=True)
+            target=lambda: result.setdefault(
+                "r", httpx.post(server.url + "/detect", files=files(png()), timeout=60)
+            ),
+            daemon=True,
+        )
         inflight.start()
         deadline = time.monotonic() + 20
         while metric(server.metrics(), "s2amnet_inflight_requests") < 1:
