@@ -232,6 +232,11 @@ def test_dtypes_d3(tiny_eval):
         assert torch.isfinite(p.float()).all()
         assert (a.float() - r).abs().max().item() < 0.1 * scale
         assert (p.float() - r).abs().max().item() < 0.2 * scale
+    with torch.no_grad():
+        half = m16.to(torch.float16)(x.to(torch.float16))
+    for r, h in zip(ref, half):
+        assert h.dtype == torch.float16
+        assert (h.float() - r).abs().max().item() < 0.05 * r.abs().max().item()
 
 
 def test_batch_independence_eval(tiny_eval):

@@ -114,3 +114,20 @@ def test_haardown_low_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m32(torch.randn(1, 4, 7, 7))
     assert torch.isfinite(y.float()).all()
+
+
+def test_haardown_fuse_bn():
+    torch.manual_seed(0)
+    m = HaarDown(4, 8)
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 2)
+        m.bn.bias.uniform_(-1, 1)
+    m.eval()
+    x = torch.randn(2, 4, 7, 10)
+    ref = m(x)
+    m.fuse_bn_()
+    assert isinstance(m.bn, torch.nn.Identity) and m.conv.bias is not None
+    assert torch.allclose(m(x), ref, atol=1e-5)
+    assert torch.allclose(m.forward_reference(x), ref, atol=1e-5)
