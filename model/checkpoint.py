@@ -118,8 +118,11 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
     size = arch.get("input_size", list(cfg["input_size"]))
     if isinstance(size, int):
         size = [size, size]
-    if (not isinstance(size, (list, tuple)) or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size)):
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size)
+    ):
         raise CheckpointError(f"manifest arch.input_size must be [H, W] integers >= 32, got {size!r}")
     arch["input_size"] = [int(size[0]), int(size[1])]
     arch.setdefault("in_chans", 3)
@@ -127,8 +130,11 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
 
     classes = m.get("classes")
     if classes is None:
-        classes = (["background"] + [f"class{i}" for i in range(1, nc)]) if task == "segment" else \
-            [f"class{i}" for i in range(nc)]
+        classes = (
+            (["background"] + [f"class{i}" for i in range(1, nc)])
+            if task == "segment"
+            else [f"class{i}" for i in range(nc)]
+        )
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise CheckpointError("manifest classes must be a list of strings")
     if len(classes) != nc:
@@ -157,8 +163,10 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
     pre.setdefault("resize", cfg.get("resize", "resize"))
     pre.setdefault("pad_value", int(cfg.get("pad_value", 114)))
     if pre["resize"] not in ("resize", "stretch", "letterbox"):
-        raise CheckpointError(f"manifest preprocess.resize must be 'letterbox' or 'resize' (alias 'stretch'), "
-                              f"got {pre['resize']!r}")
+        raise CheckpointError(
+            f"manifest preprocess.resize must be 'letterbox' or 'resize' (alias 'stretch'), "
+            f"got {pre['resize']!r}"
+        )
     pre["resize"] = "resize" if pre["resize"] == "stretch" else pre["resize"]
     m["preprocess"] = pre
 
@@ -198,23 +206,40 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
 def _model_arch(model) -> dict:
     for attr in ("task", "variant", "num_classes"):
         if not hasattr(model, attr):
-            raise CheckpointError(f"save_model needs a registry model (with .task/.variant/...), got "
-                                  f"{type(model).__name__}")
-    return model.arch() if hasattr(model, "arch") else {"variant": model.variant, "num_classes": model.num_classes}
+            raise CheckpointError(
+                f"save_model needs a registry model (with .task/.variant/...), got {type(model).__name__}"
+            )
+    return (
+        model.arch()
+        if hasattr(model, "arch")
+        else {"variant": model.variant, "num_classes": model.num_classes}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # save
 
-_KEY_ORDER = ("name", "version", "task", "arch", "classes", "mean", "std", "preprocess", "verdict", "metrics",
-              "trained_on", "train_command", "sha256")
+_KEY_ORDER = (
+    "name",
+    "version",
+    "task",
+    "arch",
+    "classes",
+    "mean",
+    "std",
+    "preprocess",
+    "verdict",
+    "metrics",
+    "trained_on",
+    "train_command",
+    "sha256",
+)
 
 
 def _ordered(manifest: Mapping[str, Any]) -> dict:
     out = {k: manifest[k] for k in _KEY_ORDER if k in manifest}
     out.update({k: v for k, v in manifest.items() if k not in out})
     return out
-
 
 
 def save_model(model, folder: str | os.PathLike, manifest: Mapping[str, Any] | None = None) -> Path:
@@ -243,7 +268,9 @@ def save_model(model, folder: str | os.PathLike, manifest: Mapping[str, Any] | N
             raise CheckpointError(f"manifest arch.{key}={arch[key]!r} contradicts the model ({val!r})")
         arch[key] = val
     if "input_size" not in arch:
-        arch["input_size"] = list(getattr(model, "pretrained_cfg", {}).get("input_size") or _task_cfg(task)["input_size"])
+        arch["input_size"] = list(
+            getattr(model, "pretrained_cfg", {}).get("input_size") or _task_cfg(task)["input_size"]
+        )
     manifest["task"] = task
     manifest["arch"] = arch
     manifest.setdefault("name", Path(folder).name)
@@ -251,7 +278,12 @@ def save_model(model, folder: str | os.PathLike, manifest: Mapping[str, Any] | N
     manifest = validate_manifest(manifest)
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "task": task, "variant": arch["variant"], "num_classes": str(arch["num_classes"])}
+    meta = {
+        "format": FORMAT,
+        "task": task,
+        "variant": arch["variant"],
+        "num_classes": str(arch["num_classes"]),
+    }
     data = st_save(state, metadata=meta)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -381,20 +413,32 @@ def _mismatch_message(manifest: dict, tensors: Mapping[str, Any], expected: dict
         facts.append(f"the tensors are a {guess['task']} model, not {manifest['task']}")
     if guess.get("variant") and guess["variant"] != arch["variant"]:
         facts.append(f"the backbone is variant {guess['variant']!r}, not {arch['variant']!r}")
-    if guess.get("num_classes") and guess["num_classes"] != arch["num_classes"] and \
-            (guess.get("task") in (None, manifest["task"])):
+    if (
+        guess.get("num_classes")
+        and guess["num_classes"] != arch["num_classes"]
+        and (guess.get("task") in (None, manifest["task"]))
+    ):
         facts.append(f"the head has {guess['num_classes']} classes, not {arch['num_classes']}")
     if bool(guess.get("layer_scale")) != bool(arch.get("layer_scale")) and guess:
-        facts.append("layer scale is " + ("present in the weights but off in the manifest"
-                                          if guess.get("layer_scale") else
-                                          "absent from the weights but on in the manifest"))
+        facts.append(
+            "layer scale is "
+            + (
+                "present in the weights but off in the manifest"
+                if guess.get("layer_scale")
+                else "absent from the weights but on in the manifest"
+            )
+        )
     if facts:
         parts.append("It looks like " + "; ".join(facts) + ".")
-    for label, items in (("wrong shape", wrong), ("missing from the file", missing),
-                         ("unexpected in the file", unexpected)):
+    for label, items in (
+        ("wrong shape", wrong),
+        ("missing from the file", missing),
+        ("unexpected in the file", unexpected),
+    ):
         if items:
             shown = ", ".join(
-                f"{k} (file {got[k]} vs model {expected[k]})" if label == "wrong shape" else k for k in items[:4]
+                f"{k} (file {got[k]} vs model {expected[k]})" if label == "wrong shape" else k
+                for k in items[:4]
             )
             more = f" and {len(items) - 4} more" if len(items) > 4 else ""
             parts.append(f"{len(items)} tensor(s) {label}: {shown}{more}.")
@@ -446,8 +490,12 @@ def load_model(folder: str | os.PathLike, device="cpu", *, verify: bool = True):
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:  # pragma: no cover - shapes were checked above
         raise CheckpointError(f"{folder}: {exc}") from None
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": tuple(arch["input_size"]),
-                            "mean": tuple(manifest["mean"]), "std": tuple(manifest["std"])}
+    model.pretrained_cfg = {
+        **getattr(model, "pretrained_cfg", {}),
+        "input_size": tuple(arch["input_size"]),
+        "mean": tuple(manifest["mean"]),
+        "std": tuple(manifest["std"]),
+    }
     model.eval()
     return model.to(torch.device(device)), manifest
 

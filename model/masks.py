@@ -267,9 +267,7 @@ def mask_to_polygons(mask, include_holes: bool = False, connectivity: int = 8) -
                     nd = choices.pop()
                 else:  # saddle: 8-conn takes the anticlockwise turn (away from the pixel), 4-conn the other
                     want_neg = connectivity == 8
-                    nd = next(
-                        e for e in choices if ((d[0] * e[1] - d[1] * e[0]) < 0) == want_neg
-                    )
+                    nd = next(e for e in choices if ((d[0] * e[1] - d[1] * e[0]) < 0) == want_neg)
                     choices.remove(nd)
                 if nd != d:
                     pts.append(v)
@@ -318,7 +316,11 @@ def component_stats(labels: np.ndarray, n: int, weights: np.ndarray | None = Non
     lab = np.asarray(labels).ravel()
     w = labels.shape[1]
     if n == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 4), np.int64), (np.zeros(0) if weights is not None else None)
+        return (
+            np.zeros(0, np.int64),
+            np.zeros((0, 4), np.int64),
+            (np.zeros(0) if weights is not None else None),
+        )
     areas = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
     sums = None
     if weights is not None:
@@ -330,7 +332,12 @@ def component_stats(labels: np.ndarray, n: int, weights: np.ndarray | None = Non
     ys, xs = nz // w, nz % w
     starts = np.searchsorted(lv, np.arange(1, n + 1))
     boxes = np.stack(
-        [np.minimum.reduceat(xs, starts), np.minimum.reduceat(ys, starts),
-         np.maximum.reduceat(xs, starts) + 1, np.maximum.reduceat(ys, starts) + 1], axis=1
+        [
+            np.minimum.reduceat(xs, starts),
+            np.minimum.reduceat(ys, starts),
+            np.maximum.reduceat(xs, starts) + 1,
+            np.maximum.reduceat(ys, starts) + 1,
+        ],
+        axis=1,
     ).astype(np.int64)
     return areas, boxes, sums

@@ -73,7 +73,9 @@ def verdict_for(rule: Mapping[str, Any], defects: Iterable[Mapping[str, Any]]) -
 class Predictor:
     """Runs one model. ``Predictor(model, manifest, device)`` or ``Predictor.from_folder(path, device)``."""
 
-    def __init__(self, model: torch.nn.Module, manifest: Mapping[str, Any], device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: torch.nn.Module, manifest: Mapping[str, Any], device: str | torch.device = "cpu"
+    ):
         m = validate_manifest(manifest, require_sha=False)
         task = getattr(model, "task", m["task"])
         if task != m["task"]:
@@ -109,8 +111,10 @@ class Predictor:
         return cls(model, manifest, device=device)
 
     def __repr__(self) -> str:
-        return (f"Predictor(name={self.name!r}, task={self.task}, variant={self.manifest['arch']['variant']}, "
-                f"classes={len(self.classes)}, input_size={self.input_size}, device={self.device})")
+        return (
+            f"Predictor(name={self.name!r}, task={self.task}, variant={self.manifest['arch']['variant']}, "
+            f"classes={len(self.classes)}, input_size={self.input_size}, device={self.device})"
+        )
 
     # ------------------------------------------------------------------------------------------------
     # preprocess
@@ -131,8 +135,10 @@ class Predictor:
         for i, a in enumerate(arrays):
             a = a.array if isinstance(a, Sample) else np.asarray(a)
             if a.shape != want or a.dtype != np.uint8:
-                raise ValueError(f"array {i} has shape {a.shape} dtype {a.dtype}; expected uint8 {want} "
-                                 f"(use Predictor.preprocess)")
+                raise ValueError(
+                    f"array {i} has shape {a.shape} dtype {a.dtype}; expected uint8 {want} "
+                    f"(use Predictor.preprocess)"
+                )
             items.append(a)
         batch = torch.from_numpy(np.stack(items))
         if self.device.type == "cuda":
@@ -162,8 +168,15 @@ class Predictor:
     # ------------------------------------------------------------------------------------------------
     # postprocess
 
-    def postprocess(self, raw: Mapping[str, Any], meta: Mapping[str, Any], conf: float = 0.25, iou: float = 0.7,
-                    max_det: int = 300, top_k: int = 5) -> dict[str, Any]:
+    def postprocess(
+        self,
+        raw: Mapping[str, Any],
+        meta: Mapping[str, Any],
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+        top_k: int = 5,
+    ) -> dict[str, Any]:
         """Raw output of one sample + its meta → ``{"verdict", "defects"[, "top_k"]}`` (plain Python;
         segment masks are bool numpy arrays of the original size)."""
         if self.task == "classify":
@@ -198,17 +211,24 @@ class Predictor:
         scores = torch.as_tensor(raw["scores"]).float()
         rule_score = float(self.verdict_rule["min_score"])
         thr = min(conf, rule_score)
-        det = postprocess_detections(boxes[None], scores[None], conf=_below(thr), iou=iou,
-                                     max_det=boxes.shape[0])[0]
+        det = postprocess_detections(
+            boxes[None], scores[None], conf=_below(thr), iou=iou, max_det=boxes.shape[0]
+        )[0]
         b = T.boxes_to_original(det["boxes"].numpy(), meta)
         areas = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         cands = []
-        for (x1, y1, x2, y2), area, s, c in zip(b.tolist(), areas.tolist(), det["scores"].tolist(),
-                                                det["labels"].tolist(), strict=True):
+        for (x1, y1, x2, y2), area, s, c in zip(
+            b.tolist(), areas.tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
+        ):
             if area <= 0:  # entirely in the letterbox padding
                 continue
-            cands.append({**self._entry(int(c), s), "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
-                          "area": float(area)})
+            cands.append(
+                {
+                    **self._entry(int(c), s),
+                    "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
+                    "area": float(area),
+                }
+            )
         verdict = verdict_for(self.verdict_rule, cands)
         defects = [d for d in cands if d["score"] >= conf][: max(0, max_det)]
         return {"verdict": verdict, "defects": defects}
@@ -232,16 +252,29 @@ class Predictor:
         for score, area, cid, k, (x1, y1, x2, y2), comp in keep:
             mask = np.zeros((h, w), dtype=bool)
             mask[y1:y2, x1:x2] = comp[y1:y2, x1:x2] == k
-            defects.append({**self._entry(cid, score),
-                            "box": {"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)},
-                            "area": float(area), "mask": mask})
+            defects.append(
+                {
+                    **self._entry(cid, score),
+                    "box": {"x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2)},
+                    "area": float(area),
+                    "mask": mask,
+                }
+            )
         return {"verdict": verdict, "defects": defects}
 
     # ------------------------------------------------------------------------------------------------
     # convenience
 
-    def predict(self, images, *, batch_size: int = 16, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                top_k: int = 5) -> list[dict[str, Any]]:
+    def predict(
+        self,
+        images,
+        *,
+        batch_size: int = 16,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+        top_k: int = 5,
+    ) -> list[dict[str, Any]]:
         """preprocess → infer (in batches of ``batch_size``) → postprocess. A single image is accepted too
         (the result is still a list). Each result also carries ``image {width, height}``."""
         if not isinstance(images, (list, tuple)):
@@ -249,7 +282,7 @@ class Predictor:
         samples = [self.preprocess(im) for im in images]
         results: list[dict[str, Any]] = []
         for start in range(0, len(samples), max(1, int(batch_size))):
-            chunk = samples[start:start + max(1, int(batch_size))]
+            chunk = samples[start : start + max(1, int(batch_size))]
             raws = self.infer([s.array for s in chunk])
             for s, r in zip(chunk, raws, strict=True):
                 out = self.postprocess(r, s.meta, conf=conf, iou=iou, max_det=max_det, top_k=top_k)

@@ -200,8 +200,9 @@ class Detector(TaskModel):
         self.reg_max = int(reg_max)
         self.strides = (8, 16, 32)
         self.neck = DetectNeck(self.channels)
-        self.head = DetectHead(self.num_classes, tuple(self.neck.out_channels), reg_max=self.reg_max,
-                               strides=self.strides)
+        self.head = DetectHead(
+            self.num_classes, tuple(self.neck.out_channels), reg_max=self.reg_max, strides=self.strides
+        )
 
     def arch(self) -> dict:
         return {**super().arch(), "reg_max": self.reg_max}
@@ -244,8 +245,13 @@ register_task(
     TaskSpec(
         cls=Classifier,
         num_classes=10,
-        pretrained_cfg={"input_size": (224, 224), "mean": (0.5, 0.5, 0.5), "std": (0.18, 0.18, 0.18),
-                        "resize": "letterbox", "pad_value": 114},
+        pretrained_cfg={
+            "input_size": (224, 224),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.18, 0.18, 0.18),
+            "resize": "letterbox",
+            "pad_value": 114,
+        },
     ),
 )
 register_task(
@@ -253,8 +259,13 @@ register_task(
     TaskSpec(
         cls=Segmenter,
         num_classes=2,
-        pretrained_cfg={"input_size": (512, 512), "mean": (0.59243,) * 3, "std": (0.14354,) * 3,
-                        "resize": "letterbox", "pad_value": 114},
+        pretrained_cfg={
+            "input_size": (512, 512),
+            "mean": (0.59243,) * 3,
+            "std": (0.14354,) * 3,
+            "resize": "letterbox",
+            "pad_value": 114,
+        },
     ),
 )
 register_task(
@@ -262,8 +273,13 @@ register_task(
     TaskSpec(
         cls=Detector,
         num_classes=5,
-        pretrained_cfg={"input_size": (512, 512), "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
-                        "resize": "letterbox", "pad_value": 114},
+        pretrained_cfg={
+            "input_size": (512, 512),
+            "mean": (0.0, 0.0, 0.0),
+            "std": (1.0, 1.0, 1.0),
+            "resize": "letterbox",
+            "pad_value": 114,
+        },
     ),
 )
 
@@ -286,8 +302,12 @@ def task_defaults(task: str, variant: str = "tiny") -> dict:
     """Defaults of a task: num_classes, layer_scale, drop_path and the pretrained_cfg (a copy)."""
     spec = _spec(task)
     ls, dp = _regularisation(task, canonical_variant(variant))
-    return {"num_classes": spec.num_classes, "layer_scale": ls, "drop_path": dp,
-            "pretrained_cfg": dict(spec.pretrained_cfg)}
+    return {
+        "num_classes": spec.num_classes,
+        "layer_scale": ls,
+        "drop_path": dp,
+        "pretrained_cfg": dict(spec.pretrained_cfg),
+    }
 
 
 def build_model(

@@ -87,8 +87,11 @@ def to_rgb_uint8(image) -> np.ndarray:
             arr = np.asarray(img)
             if mode == "I":
                 arr = arr.astype(np.int64)
-                arr = np.clip(arr, 0, 65535).astype(np.uint16) if arr.max(initial=0) > 255 else \
-                    np.clip(arr, 0, 255).astype(np.uint8)
+                arr = (
+                    np.clip(arr, 0, 65535).astype(np.uint16)
+                    if arr.max(initial=0) > 255
+                    else np.clip(arr, 0, 255).astype(np.uint8)
+                )
             elif mode.startswith("I;16"):
                 arr = arr.astype(np.uint16)
             return _array_to_rgb(arr)
@@ -133,7 +136,12 @@ def prepare(image, input_size, mode: str = "letterbox", pad_value: int = 114) ->
         from model.data.augment import letterbox
 
         out, scale, (pad_x, pad_y) = letterbox(rgb, (ih, iw), pad_value=int(pad_value))
-        meta = {"scale_x": float(scale), "scale_y": float(scale), "pad_x": float(pad_x), "pad_y": float(pad_y)}
+        meta = {
+            "scale_x": float(scale),
+            "scale_y": float(scale),
+            "pad_x": float(pad_x),
+            "pad_y": float(pad_y),
+        }
     else:
         raise ValueError(f"unknown preprocessing mode {mode!r} (resize | letterbox)")
     out = np.asarray(out)

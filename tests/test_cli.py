@@ -31,7 +31,9 @@ def _cli() -> list[str]:
 
 def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "S2AMNET_WEIGHTS_DIR": str(ROOT / "weights")}
-    proc = subprocess.run([*_cli(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*_cli(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -75,6 +77,12 @@ def test_info_json_with_flops_for_one_variant():
 @pytest.mark.parametrize("bad", ["huge"])
 def test_info_unknown_variant_is_an_error(bad):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([*_cli(), "info", "--variant", bad, "--no-flops"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*_cli(), "info", "--variant", bad, "--no-flops"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "unknown variant" in proc.stderr

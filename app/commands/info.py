@@ -143,11 +143,19 @@ def weights_table(weights_dir: str) -> list[dict[str, Any]]:
         except CheckpointError as exc:
             out.append({"folder": str(folder), "error": str(exc)})
             continue
-        out.append({
-            "folder": str(folder), "name": m["name"], "version": m["version"], "task": m["task"],
-            "variant": m["arch"]["variant"], "num_classes": m["arch"]["num_classes"],
-            "input_size": m["arch"]["input_size"], "classes": m["classes"], "metrics": m.get("metrics") or {},
-        })
+        out.append(
+            {
+                "folder": str(folder),
+                "name": m["name"],
+                "version": m["version"],
+                "task": m["task"],
+                "variant": m["arch"]["variant"],
+                "num_classes": m["arch"]["num_classes"],
+                "input_size": m["arch"]["input_size"],
+                "classes": m["classes"],
+                "metrics": m.get("metrics") or {},
+            }
+        )
     return out
 
 
@@ -163,10 +171,14 @@ def _print_text(rows: list[dict], weights: list[dict], weights_dir: str, flops: 
     import torch
 
     print(f"S2-AMNet (SSAMNet backbone) model family — torch {torch.__version__}")
-    print("parameters / GFLOPs (2×MAC, torch FlopCounterMode, a complex MAC = 4 real MACs; FFT, grid_sample and "
-          "element-wise ops not counted) at the standard configurations:")
-    head = (f"{'variant':<8} {'widths':<16} {'classify nc=10 @224':>22} {'segment nc=2 @512':>22} "
-            f"{'detect nc=6 @512':>22} {'detect nc=5 (DESIGN ref)':>25}")
+    print(
+        "parameters / GFLOPs (2×MAC, torch FlopCounterMode, a complex MAC = 4 real MACs; FFT, grid_sample "
+        "and element-wise ops not counted) at the standard configurations:"
+    )
+    head = (
+        f"{'variant':<8} {'widths':<16} {'classify nc=10 @224':>22} {'segment nc=2 @512':>22} "
+        f"{'detect nc=6 @512':>22} {'detect nc=5 (DESIGN ref)':>25}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -176,8 +188,10 @@ def _print_text(rows: list[dict], weights: list[dict], weights_dir: str, flops: 
             g = f" / {_fmt_g(e.get('gflops'))} GF" if flops else ""
             return f"{_fmt_int(e['params'])}{g}"
 
-        print(f"{r['variant']:<8} {','.join(map(str, r['widths'])):<16} {cell(c):>22} {cell(s):>22} "
-              f"{cell(d):>22} {_fmt_int(d.get('params_nc5')):>25}")
+        print(
+            f"{r['variant']:<8} {','.join(map(str, r['widths'])):<16} {cell(c):>22} {cell(s):>22} "
+            f"{cell(d):>22} {_fmt_int(d.get('params_nc5')):>25}"
+        )
     print("depths (2, 4, 4, 2) in every variant; layer scale / drop path per task as DESIGN-model §5 D5.")
     print()
     if weights:
@@ -186,11 +200,16 @@ def _print_text(rows: list[dict], weights: list[dict], weights_dir: str, flops: 
             if "error" in w:
                 print(f"  {w['folder']}: INVALID — {w['error']}")
                 continue
-            metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in w["metrics"].items() if not isinstance(v, (dict, list)))
-            print(f"  {w['name']:<20} v{w['version']:<8} {w['task']:<9} {w['variant']:<6} "
-                  f"{w['num_classes']:>3} classes  input {w['input_size'][0]}×{w['input_size'][1]}"
-                  + (f"  {metrics}" if metrics else ""))
+            metrics = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in w["metrics"].items()
+                if not isinstance(v, (dict, list))
+            )
+            print(
+                f"  {w['name']:<20} v{w['version']:<8} {w['task']:<9} {w['variant']:<6} "
+                f"{w['num_classes']:>3} classes  input {w['input_size'][0]}×{w['input_size'][1]}"
+                + (f"  {metrics}" if metrics else "")
+            )
     else:
         print(f"no models in {weights_dir}/ (train one with `s2amnet train`)")
 
@@ -206,8 +225,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import torch
 
-        print(json.dumps({"torch": torch.__version__, "flops_counter": "torch.utils.flop_counter (2×MAC)",
-                          "variants": rows, "weights_dir": args.weights_dir, "weights": weights}))
+        print(
+            json.dumps(
+                {
+                    "torch": torch.__version__,
+                    "flops_counter": "torch.utils.flop_counter (2×MAC)",
+                    "variants": rows,
+                    "weights_dir": args.weights_dir,
+                    "weights": weights,
+                }
+            )
+        )
     else:
         _print_text(rows, weights, args.weights_dir, flops)
     return 0
@@ -222,9 +250,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "then the models found in the weights folder.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--weights-dir", default=os.environ.get("S2AMNET_WEIGHTS_DIR", "weights"),
-                   help="folder of model folders (default: S2AMNET_WEIGHTS_DIR or weights)")
-    p.add_argument("--variant", action="append", metavar="NAME",
-                   help="only this variant (repeatable; aliases t/s/b/l); default: all")
-    p.add_argument("--no-flops", action="store_true", help="skip the GFLOPs count (faster: no forward passes)")
+    p.add_argument(
+        "--weights-dir",
+        default=os.environ.get("S2AMNET_WEIGHTS_DIR", "weights"),
+        help="folder of model folders (default: S2AMNET_WEIGHTS_DIR or weights)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME",
+        help="only this variant (repeatable; aliases t/s/b/l); default: all",
+    )
+    p.add_argument(
+        "--no-flops", action="store_true", help="skip the GFLOPs count (faster: no forward passes)"
+    )
     p.set_defaults(func=run)

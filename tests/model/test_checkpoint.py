@@ -20,7 +20,10 @@ from model.checkpoint import (
 )
 
 MANIFESTS = {
-    "classify": {"classes": ["ok", "scratch", "dent"], "verdict": {"type": "classify", "pass_labels": ["ok"]}},
+    "classify": {
+        "classes": ["ok", "scratch", "dent"],
+        "verdict": {"type": "classify", "pass_labels": ["ok"]},
+    },
     "segment": {"classes": ["background", "crack"]},
     "detect": {"classes": ["a", "b", "c"]},
 }
@@ -66,7 +69,7 @@ def test_file_is_safetensors_not_pickle(tmp_path):
     _, folder = _save("detect", tmp_path)
     data = (folder / WEIGHTS_FILE).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     assert header["__metadata__"]["task"] == "detect"
     assert header["__metadata__"]["variant"] == "tiny"
     assert not data.startswith(b"\x80") and b"PK\x03\x04" not in data[:8]  # no pickle / torch zip
@@ -185,7 +188,12 @@ def test_backbone_transfer_classify_to_segment_and_detect(tmp_path):
     folder = save_model(cls, tmp_path / "cls", {})
     seg = build_model("segment", "tiny", 2).eval()
     info = load_backbone_from(seg, folder)
-    assert info["ignored"] == ["head.classifier.bias", "head.classifier.weight", "head.norm.bias", "head.norm.weight"]
+    assert info["ignored"] == [
+        "head.classifier.bias",
+        "head.classifier.weight",
+        "head.norm.bias",
+        "head.norm.weight",
+    ]
     for k, v in cls.backbone.state_dict().items():
         assert torch.equal(seg.backbone.state_dict()[k], v)
     det = build_model("detect", "tiny", 3)

@@ -22,8 +22,13 @@ CLASSES = {
 
 
 def _manifest(task, size=(64, 64), **kw):
-    man = {"name": f"t-{task}", "version": "3", "task": task, "classes": CLASSES[task],
-           "arch": {"variant": "tiny", "num_classes": len(CLASSES[task]), "input_size": list(size)}}
+    man = {
+        "name": f"t-{task}",
+        "version": "3",
+        "task": task,
+        "classes": CLASSES[task],
+        "arch": {"variant": "tiny", "num_classes": len(CLASSES[task]), "input_size": list(size)},
+    }
     if task == "classify":
         man["verdict"] = {"type": "classify", "pass_labels": ["ok"], "min_score": 0.5}
     man.update(kw)
@@ -165,9 +170,13 @@ def test_detect_boxes_map_back_exactly(predictors):
     img = np.zeros((120, 100, 3), np.uint8)  # portrait: scale 64/120, pad_x = (96 - 53) // 2
     s = p.preprocess(img)
     m = s.meta
-    orig = np.array([[10.0, 20.0, 50.0, 90.0],  # inside
-                     [80.0, 100.0, 130.0, 140.0],  # crosses the right/bottom edge → clipped
-                     [20.0, 30.0, 40.0, 60.0]])  # duplicate of class b, overlapping the first? no: other class
+    orig = np.array(
+        [
+            [10.0, 20.0, 50.0, 90.0],  # inside
+            [80.0, 100.0, 130.0, 140.0],  # crosses the right/bottom edge → clipped
+            [20.0, 30.0, 40.0, 60.0],
+        ]
+    )  # duplicate of class b, overlapping the first? no: other class
     inp = orig.copy()
     inp[:, [0, 2]] = inp[:, [0, 2]] * m["scale_x"] + m["pad_x"]
     inp[:, [1, 3]] = inp[:, [1, 3]] * m["scale_y"] + m["pad_y"]
@@ -191,8 +200,12 @@ def test_detect_end_to_end_with_patched_decode(monkeypatch, predictors):
     img = np.zeros((30, 200, 3), np.uint8)  # very wide: scale 0.48, pad_y = (64 - 14) // 2 = 25
     meta = p.preprocess(img).meta
     x1, y1, x2, y2 = 50.0, 5.0, 150.0, 25.0
-    box_in = [x1 * meta["scale_x"] + meta["pad_x"], y1 * meta["scale_y"] + meta["pad_y"],
-              x2 * meta["scale_x"] + meta["pad_x"], y2 * meta["scale_y"] + meta["pad_y"]]
+    box_in = [
+        x1 * meta["scale_x"] + meta["pad_x"],
+        y1 * meta["scale_y"] + meta["pad_y"],
+        x2 * meta["scale_x"] + meta["pad_x"],
+        y2 * meta["scale_y"] + meta["pad_y"],
+    ]
 
     def fake_decode(raw):
         b = raw[0].shape[0]
@@ -258,15 +271,21 @@ def test_logits_resampling_equals_torch_interpolate():
 
 def test_segment_components_and_max_det():
     torch.manual_seed(0)
-    p = Predictor(build_model("segment", "tiny", 3), _manifest("segment", (64, 64), preprocess={"resize": "resize"}))
+    p = Predictor(
+        build_model("segment", "tiny", 3), _manifest("segment", (64, 64), preprocess={"resize": "resize"})
+    )
     meta = p.preprocess(np.zeros((64, 64, 3), np.uint8)).meta  # identity geometry
     logits = torch.zeros(3, 64, 64)
     logits[0] = 5
     for i, (y, x) in enumerate([(5, 5), (5, 40), (40, 5), (40, 40)]):
-        logits[1 + i % 2, y:y + 10, x:x + 10 + i] = 10  # two blobs per class, different areas
+        logits[1 + i % 2, y : y + 10, x : x + 10 + i] = 10  # two blobs per class, different areas
     out = p.postprocess({"logits": logits}, meta, conf=0.25)
     assert sorted((d["label"], d["area"]) for d in out["defects"]) == [
-        ("crack", 100.0), ("crack", 120.0), ("spot", 110.0), ("spot", 130.0)]
+        ("crack", 100.0),
+        ("crack", 120.0),
+        ("spot", 110.0),
+        ("spot", 130.0),
+    ]
     assert len(p.postprocess({"logits": logits}, meta, max_det=2)["defects"]) == 2
 
 
@@ -281,19 +300,24 @@ def test_classify_verdict_rule():
     assert res["verdict"] == "pass" and res["defects"] == []
     assert [t["label"] for t in res["top_k"]] == ["ok", "scratch"]
     res = p.postprocess({"probs": torch.tensor([0.1, 0.3, 0.6])}, {})
-    assert res["verdict"] == "fail" and res["defects"] == [{"label": "dent", "class_id": 2, "score": pytest.approx(0.6)}]
+    assert res["verdict"] == "fail" and res["defects"] == [
+        {"label": "dent", "class_id": 2, "score": pytest.approx(0.6)}
+    ]
     # top label passes (0.45) but the defect mass is 0.55 ≥ 0.5: fail, defect = most probable defect class
     res = p.postprocess({"probs": torch.tensor([0.45, 0.3, 0.25])}, {})
     assert res["verdict"] == "fail" and res["defects"][0]["label"] == "scratch"
-    strict = Predictor(model, _manifest("classify", verdict={"type": "classify", "pass_labels": ["ok"],
-                                                              "min_score": 0.2}))
+    strict = Predictor(
+        model, _manifest("classify", verdict={"type": "classify", "pass_labels": ["ok"], "min_score": 0.2})
+    )
     assert strict.postprocess({"probs": torch.tensor([0.75, 0.2, 0.05])}, {})["verdict"] == "fail"
 
 
 def test_any_defect_rule_min_score_min_area_and_conf_independence(predictors):
     model = predictors["detect"].model
-    p = Predictor(model, _manifest("detect", (64, 96), verdict={"type": "any_defect", "min_score": 0.6,
-                                                                  "min_area": 100}))
+    p = Predictor(
+        model,
+        _manifest("detect", (64, 96), verdict={"type": "any_defect", "min_score": 0.6, "min_area": 100}),
+    )
     meta = p.preprocess(np.zeros((64, 96, 3), np.uint8)).meta
     boxes = torch.tensor([[0.0, 0, 5, 5], [20, 20, 40, 40]])  # areas 25 and 400
     scores = torch.tensor([[0.9, 0, 0], [0.55, 0, 0]])

@@ -39,8 +39,9 @@ def test_param_counts_match_design(task, variant):
     m = build_model(task, variant, NC[task])
     assert _nparams(m) == REFERENCE[task][variant]
     assert m.task == task and m.variant == variant and m.num_classes == NC[task]
-    assert hasattr(m, "backbone") and all(k.startswith(("backbone.", "head.", "decoder.", "neck."))
-                                          for k in m.state_dict())
+    assert hasattr(m, "backbone") and all(
+        k.startswith(("backbone.", "head.", "decoder.", "neck.")) for k in m.state_dict()
+    )
 
 
 def test_layer_scale_and_drop_path_defaults_per_task():
