@@ -93,9 +93,9 @@ class Predictor:
         self.resize_mode: str = m["preprocess"]["resize"]
         self.pad_value: int = int(m["preprocess"]["pad_value"])
         self.device = torch.device(device)
+        # NB: switches the given module to eval mode and moves it to `device` (in place, like nn.Module.to);
+        # requires_grad is untouched (infer uses inference_mode): an EMA copy can be wrapped in training.
         self.model = model.eval().to(self.device)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         std = torch.tensor(m["std"], dtype=torch.float32)
         mean = torch.tensor(m["mean"], dtype=torch.float32)
         # x = (u8 / 255 − mean) / std  =  u8 · scale + shift
