@@ -345,10 +345,11 @@ def test_adscd_constant_input():
 
 def test_adscd_trace_is_batch_agnostic_d2():
     m = ADSCDConv(8).eval()
-    tr = torch.jit.trace(m, torch.randn(2, 8, 6, 6))
+    tr = torch.jit.trace(m, torch.randn(2, 8, 6, 6), check_trace=False)
     for shape in [(3, 8, 6, 6), (1, 8, 5, 7)]:
         x = torch.randn(*shape)
-        assert torch.allclose(tr(x), m(x), atol=1e-6)
+        with torch.jit.optimized_execution(False):
+            assert torch.allclose(tr(x), m(x), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
