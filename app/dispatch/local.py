@@ -8,7 +8,9 @@
   jobs are queued for it or `max_delay_ms` have passed since its first job was queued, and runs
   `app.inference.run_batch` (which drops expired jobs without computing them).
 - Results go back to the asyncio futures with `loop.call_soon_threadsafe`. `submit` waits at most until
-  the job's deadline (then `DeadlineExceeded`, 504); a job whose request went away is skipped.
+  the job's deadline (then `DeadlineExceeded`, 504); a job whose deadline passed or whose request went
+  away leaves its queue at once (counted in `s2amnet_jobs_expired_total` when expired) and is never
+  computed; one already taken into a batch is dropped by `run_batch` unless its forward has started.
 - `stop()` refuses new work, lets the thread finish what is queued (up to `drain_timeout`), then fails
   whatever is left with `Unavailable`.
 """
@@ -31,7 +33,7 @@ from app.inference import raise_for_result, run_batch
 log = logging.getLogger("s2amnet.dispatch")
 
 
-@dataclass
+@dataclass(eq=False)  # identity: deque.remove must never compare the numpy arrays of two jobs
 class _Pending:
     job: Job
     future: asyncio.Future
@@ -149,15 +151,31 @@ class LocalDispatcher(Dispatcher):
         try:
             result = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, timeout))
         except TimeoutError:
-            # Leave it queued but certainly expired: run_batch drops it uncomputed and counts it.
-            job.deadline = min(job.deadline, time.time())
+            self._withdraw(pending, expired=True)
             raise DeadlineExceeded(
                 f"no result within the request deadline ({max(0.0, job.deadline - job.enqueued_at):.3f} s)"
             ) from None
         except asyncio.CancelledError:  # the request went away
-            pending.cancelled = True
+            self._withdraw(pending, expired=False)
             raise
         return raise_for_result(result)
+
+    def _withdraw(self, pending: _Pending, expired: bool) -> None:
+        """Take a job whose request gave up out of its queue (freeing its slot), never computing it. If the
+        inference thread already holds it, mark it expired so run_batch drops it unless it is running."""
+        job = pending.job
+        pending.cancelled = True
+        with self._cond:
+            q = self._queues[job.model]
+            try:
+                q.remove(pending)
+            except ValueError:  # already taken by the inference thread
+                if expired:
+                    job.deadline = min(job.deadline, time.time())
+                return
+            metrics.QUEUE_DEPTH.labels(model=job.model).set(len(q))
+        if expired:
+            metrics.JOBS_EXPIRED.labels(model=job.model).inc()
 
     def ready(self) -> bool:
         return self._ready and self._thread is not None and self._thread.is_alive()

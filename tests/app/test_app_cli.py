@@ -34,8 +34,17 @@ def image_files(tmp_path):
 
 def test_predict_local_one_image(capsys, weights_dir, image_files):
     code, out, _ = run_cli(
-        capsys, "predict", image_files[0], "--task", "segment", "--weights-dir", str(weights_dir),
-        "--conf", "0", "--part-id", "P-1",
+        capsys,
+        "predict",
+        image_files[0],
+        "--task",
+        "segment",
+        "--weights-dir",
+        str(weights_dir),
+        "--conf",
+        "0",
+        "--part-id",
+        "P-1",
     )
     assert code == 0
     result = InspectionResult.model_validate_json(out)
@@ -45,8 +54,19 @@ def test_predict_local_one_image(capsys, weights_dir, image_files):
 
 
 def test_predict_local_several_images_gives_a_list(capsys, weights_dir, image_files):
-    code, out, _ = run_cli(capsys, "predict", *image_files, "--task", "classify",
-                           "--weights-dir", str(weights_dir), "--top-k", "3", "--indent", "0")
+    code, out, _ = run_cli(
+        capsys,
+        "predict",
+        *image_files,
+        "--task",
+        "classify",
+        "--weights-dir",
+        str(weights_dir),
+        "--top-k",
+        "3",
+        "--indent",
+        "0",
+    )
     assert code == 0 and len(out.strip().splitlines()) == 1
     results = json.loads(out)
     assert [r["image"] for r in results] == [{"width": 80, "height": 60}, {"width": 50, "height": 90}]
@@ -55,11 +75,33 @@ def test_predict_local_several_images_gives_a_list(capsys, weights_dir, image_fi
 
 def test_predict_remote_equals_local(capsys, server: Server, weights_dir, image_files, monkeypatch):
     monkeypatch.setenv("S2AMNET_API_KEY", API_KEY)
-    code, remote_out, err = run_cli(capsys, "predict", *image_files, "--task", "detect", "--url", server.url,
-                                    "--conf", "0.0", "--station-id", "ST-2")
+    code, remote_out, err = run_cli(
+        capsys,
+        "predict",
+        *image_files,
+        "--task",
+        "detect",
+        "--url",
+        server.url,
+        "--conf",
+        "0.0",
+        "--station-id",
+        "ST-2",
+    )
     assert code == 0, err
-    code, local_out, _ = run_cli(capsys, "predict", *image_files, "--task", "detect",
-                                 "--weights-dir", str(weights_dir), "--conf", "0.0", "--station-id", "ST-2")
+    code, local_out, _ = run_cli(
+        capsys,
+        "predict",
+        *image_files,
+        "--task",
+        "detect",
+        "--weights-dir",
+        str(weights_dir),
+        "--conf",
+        "0.0",
+        "--station-id",
+        "ST-2",
+    )
     remote, local = json.loads(remote_out), json.loads(local_out)
     assert len(remote) == len(local) == 2
     for r, loc in zip(remote, local, strict=True):
@@ -70,15 +112,19 @@ def test_predict_remote_equals_local(capsys, server: Server, weights_dir, image_
 def test_predict_errors(capsys, weights_dir, tmp_path, server: Server):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    code, out, err = run_cli(capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir))
+    code, out, err = run_cli(
+        capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir)
+    )
     assert code == 1 and out == "" and json.loads(err)["status"] == 415
-    code, _, err = run_cli(capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir),
-                           "--model", "nope")
+    code, _, err = run_cli(
+        capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir), "--model", "nope"
+    )
     assert code == 1 and json.loads(err)["status"] == 404
     code, _, err = run_cli(capsys, "predict", str(text), "--task", "detect", "--url", server.url)
     assert code == 1 and json.loads(err)["status"] == 401  # no key
-    code, _, err = run_cli(capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir),
-                           "--conf", "3")
+    code, _, err = run_cli(
+        capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir), "--conf", "3"
+    )
     assert code == 1 and json.loads(err)["status"] == 422
 
 
@@ -89,8 +135,13 @@ def test_client_against_the_server(server: Server, tmp_path):
     with S2AMNetClient(server.url, api_key=API_KEY) as client:
         assert client.ready()
         assert {m.name for m in client.models()} == {"cls", "det", "seg"}
-        inputs = [str(path), path.read_bytes(), Image.fromarray(pattern(70, 50)), pattern(70, 50),
-                  open(path, "rb")]
+        inputs = [
+            str(path),
+            path.read_bytes(),
+            Image.fromarray(pattern(70, 50)),
+            pattern(70, 50),
+            open(path, "rb"),
+        ]
         for image in inputs:
             r = client.detect(image, conf=0.0, max_det=3, part_id="P-9")
             assert isinstance(r, InspectionResult)
@@ -120,17 +171,30 @@ def test_client_against_the_server(server: Server, tmp_path):
 def test_client_retries_503_with_the_same_idempotency_key():
     seen: list[httpx.Request] = []
     body = {
-        "result_id": "3f0b6c6e-5a8f-4b35-9d0e-7f0a0a0a0a0a", "request_id": "r", "task": "detect",
-        "model": {"name": "det", "version": "1"}, "image": {"width": 2, "height": 2}, "verdict": "pass",
-        "defects": [], "timing_ms": {"queue": 0, "inference": 1, "total": 2},
+        "result_id": "3f0b6c6e-5a8f-4b35-9d0e-7f0a0a0a0a0a",
+        "request_id": "r",
+        "task": "detect",
+        "model": {"name": "det", "version": "1"},
+        "image": {"width": 2, "height": 2},
+        "verdict": "pass",
+        "defects": [],
+        "timing_ms": {"queue": 0, "inference": 1, "total": 2},
     }
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         if len(seen) < 3:
-            return httpx.Response(503, headers={"Retry-After": "0"},
-                                  json={"type": "x", "title": "Overloaded", "status": 503, "detail": "full",
-                                        "code": "queue_full"})
+            return httpx.Response(
+                503,
+                headers={"Retry-After": "0"},
+                json={
+                    "type": "x",
+                    "title": "Overloaded",
+                    "status": 503,
+                    "detail": "full",
+                    "code": "queue_full",
+                },
+            )
         return httpx.Response(200, json=body)
 
     with S2AMNetClient("http://mes", transport=httpx.MockTransport(handler), retries=2) as client:

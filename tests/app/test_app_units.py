@@ -1,0 +1,367 @@
+"""In-process tests of the parts behind the routes: run_batch, LocalDispatcher, settings, metrics,
+idempotency store. Real tiny models, no mocks of the model."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from apitest_helpers import metric, pattern
+
+from app import metrics
+from app.dispatch.base import DeadlineExceeded, Job, JobFailed, QueueFull, Unavailable, UnknownModel
+from app.dispatch.local import LocalDispatcher
+from app.idempotency import InMemoryIdempotencyStore, fingerprint
+from app.inference import raise_for_result, run_batch
+from app.settings import Settings, settings_from_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Recording:
+    """Wraps a real Predictor: records the thread and batch size of every infer call; can be held."""
+
+    def __init__(self, predictor):
+        self.p = predictor
+        self.calls: list[tuple[str, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def __getattr__(self, name):
+        return getattr(self.p, name)
+
+    def infer(self, arrays):
+        self.calls.append((threading.current_thread().name, len(arrays)))
+        self.gate.wait(30)
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.p.infer(arrays)
+
+
+@pytest.fixture(scope="module")
+def det(weights_dir):
+    from model.predictor import Predictor
+
+    return Predictor.from_folder(weights_dir / "det")
+
+
+def job(predictor, seed: int = 0, deadline_in: float = 30.0, **options) -> Job:
+    s = predictor.preprocess(pattern(60 + seed, 40, seed))
+    opts = {"conf": 0.0, "iou": 0.7, "max_det": 5, "top_k": 5, "mask_format": "rle", **options}
+    return Job(
+        model=predictor.name, array=s.array, meta=s.meta, options=opts, deadline=time.time() + deadline_in
+    )
+
+
+def registry_text() -> str:
+    return metrics.render()[0].decode()
+
+
+# ------------------------------------------------------------------------------------------- run_batch
+def test_run_batch_drops_expired_jobs_without_computing_them(det):
+    rec = Recording(det)
+    jobs = [job(det, 0), job(det, 1, deadline_in=-1), job(det, 2)]
+    before = registry_text()
+    results = run_batch(rec, jobs)
+    assert rec.calls == [(threading.current_thread().name, 2)]  # one forward, the two live jobs only
+    assert results[1]["error"] == "expired"
+    for i in (0, 2):
+        assert results[i]["image"] == {"width": 60 + i, "height": 40} and results[i]["task"] == "detect"
+        assert set(results[i]["timing_ms"]) == {"queue", "inference"}
+    after = registry_text()
+    assert (
+        metric(after, "s2amnet_jobs_expired_total", model="det")
+        - metric(before, "s2amnet_jobs_expired_total", model="det")
+        == 1
+    )
+    assert (
+        metric(after, "s2amnet_batch_size_sum", model="det")
+        - metric(before, "s2amnet_batch_size_sum", model="det")
+        == 2
+    )
+    assert (
+        metric(after, "s2amnet_images_total", model="det", task="detect")
+        - metric(before, "s2amnet_images_total", model="det", task="detect")
+        == 2
+    )
+    with pytest.raises(DeadlineExceeded):
+        raise_for_result(results[1])
+    assert raise_for_result(results[0]) is results[0]
+
+
+def test_run_batch_results_equal_one_by_one(det):
+    jobs = [job(det, i) for i in range(3)]
+    together = run_batch(det, jobs)
+    alone = [run_batch(det, [j])[0] for j in jobs]
+    for a, b in zip(together, alone, strict=True):
+        assert a["defects"] == b["defects"] and a["verdict"] == b["verdict"]
+
+
+def test_run_batch_all_expired_and_failures(det):
+    rec = Recording(det)
+    assert [r["error"] for r in run_batch(rec, [job(det, deadline_in=-1)] * 2)] == ["expired"] * 2
+    assert rec.calls == []
+    rec.fail = True
+    results = run_batch(rec, [job(det), job(det, 1)])
+    assert [r["error"] for r in results] == ["failed", "failed"] and "boom" in results[0]["detail"]
+    with pytest.raises(JobFailed):
+        raise_for_result(results[0])
+
+
+# ------------------------------------------------------------------------------------------- dispatcher
+def dispatcher_settings(**kw) -> Settings:
+    base = {"max_batch_size": 4, "max_delay_ms": 100, "max_queue": 8, "warmup": True}
+    base.update(kw)
+    return Settings(**base)
+
+
+def test_dispatcher_batches_on_one_long_lived_thread(det):
+    rec = Recording(det)
+
+    async def go():
+        d = LocalDispatcher({"det": rec}, dispatcher_settings())
+        await d.start()
+        assert d.ready()
+        jobs = [job(det, i) for i in range(6)]
+        results = await asyncio.gather(*(d.submit(j) for j in jobs))
+        await d.stop()
+        assert not d.ready()
+        return jobs, results
+
+    jobs, results = asyncio.run(go())
+    threads = {name for name, _ in rec.calls}
+    assert threads == {"s2amnet-inference"}  # the warm-up too: one torch thread team, one thread
+    sizes = [n for _, n in rec.calls[1:]]  # after the warm-up
+    assert sum(sizes) == 6 and max(sizes) == 4 and len(sizes) < 6
+    expected = [run_batch(det, [j])[0] for j in jobs]
+    assert [r["image"] for r in results] == [e["image"] for e in expected]
+    assert [r["defects"] for r in results] == [e["defects"] for e in expected]
+
+
+def test_dispatcher_queue_full_deadline_and_unknown_model(det):
+    rec = Recording(det)
+
+    async def go():
+        d = LocalDispatcher({"det": rec}, dispatcher_settings(max_queue=2, max_batch_size=1, max_delay_ms=0))
+        await d.start()
+        rec.gate.clear()  # hold the next forward
+        first = asyncio.create_task(d.submit(job(det, 0)))
+        while len(rec.calls) < 2:  # warm-up + first
+            await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(d.submit(job(det, i))) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        assert d.queue_depth("det") == 2
+        with pytest.raises(QueueFull) as info:
+            await d.submit(job(det, 3))
+        assert info.value.retry_after == 1
+        with pytest.raises(UnknownModel):
+            await d.submit(
+                Job(model="nope", array=np.zeros(1), meta={}, options={}, deadline=time.time() + 1)
+            )
+        late = job(det, 4, deadline_in=0.2)
+        queued[1].cancel()  # a request that went away: never computed
+        await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded):
+            await d.submit(late)  # the queue has room again: it waits, then its deadline passes
+        rec.gate.set()
+        done = await asyncio.gather(first, queued[0])
+        await d.stop()
+        return done
+
+    done = asyncio.run(go())
+    assert all("defects" in r for r in done)
+    sizes = [n for _, n in rec.calls[1:]]
+    assert sizes == [1, 1]  # first + queued[0]; the cancelled and the expired jobs were never computed
+
+
+def test_dispatcher_stop_drains_queued_work_then_refuses(det):
+    rec = Recording(det)
+
+    async def go():
+        d = LocalDispatcher({"det": rec}, dispatcher_settings(max_batch_size=1, max_delay_ms=0))
+        await d.start()
+        rec.gate.clear()
+        tasks = [asyncio.create_task(d.submit(job(det, i))) for i in range(3)]
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(d.stop(drain_timeout=30))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Unavailable):
+            await d.submit(job(det, 9))
+        rec.gate.set()
+        await stopping
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(go())
+    assert len(results) == 3 and all("defects" in r for r in results)
+
+
+def test_dispatcher_stop_after_drain_timeout_fails_the_rest(det):
+    rec = Recording(det)
+
+    async def go():
+        d = LocalDispatcher({"det": rec}, dispatcher_settings(max_batch_size=1, max_delay_ms=0))
+        await d.start()
+        rec.gate.clear()
+        tasks = [asyncio.create_task(d.submit(job(det, i))) for i in range(3)]
+        await asyncio.sleep(0.1)
+        await d.stop(drain_timeout=0.2)
+        rec.gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(go())
+    assert "defects" in results[0]  # the batch in hand finishes
+    assert all(isinstance(r, Unavailable) for r in results[1:])
+
+
+# ------------------------------------------------------------------------------------------- settings
+def test_settings_env_csv_and_cli_override(monkeypatch):
+    monkeypatch.setenv("S2AMNET_MODELS", "a, b,,c")
+    monkeypatch.setenv("S2AMNET_API_KEYS", "k1,k2")
+    monkeypatch.setenv("S2AMNET_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("S2AMNET_PORT", "9000")
+    s = Settings()
+    assert s.models == ["a", "b", "c"] and s.api_keys == ["k1", "k2"] and s.max_batch_size == 32
+    assert s.max_body_bytes == 20 * 1024 * 1024 and s.max_pixels == 40_000_000 and s.max_images == 16
+
+    class Args:
+        port = 8123
+        models = "x"
+        max_batch_size = None
+
+    s = settings_from_args(Args())
+    assert (s.port, s.models, s.max_batch_size) == (8123, ["x"], 32)  # flag > env > default
+    monkeypatch.setenv("S2AMNET_MAX_QUEUE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_settings_defaults_match_the_design():
+    s = Settings(_env_file=None)
+    assert (
+        s.host,
+        s.port,
+        str(s.weights_dir),
+        s.models,
+        s.max_batch_size,
+        s.max_delay_ms,
+        s.max_queue,
+        s.request_timeout_s,
+        s.redis_url,
+        s.api_keys,
+        s.max_body_mb,
+        s.max_pixels,
+        s.max_images,
+        s.metrics_port,
+    ) == ("0.0.0.0", 8000, "weights", [], 16, 5.0, 256, 10.0, None, [], 20.0, 40_000_000, 16, 9100)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_every_metric_of_the_interface_is_defined_once():
+    spec = (ROOT / "docs" / "INTERFACES.md").read_text()
+    section = spec.split("## app/metrics.py", 1)[1].split("\n", 1)[1].split("\n## ", 1)[0]
+    section = re.sub(r"\(buckets[^)]*\)", "", section)
+    section = re.sub(r"\{[^}]*\}", lambda m: m.group(0).replace(",", ";"), section)
+    listed = []
+    for item in section.replace("\n", " ").split(","):
+        m = re.fullmatch(r"\s*([a-z_]+)(?:\{([a-z_;]*)\})?\s*\.?\s*", item)
+        assert m, item
+        listed.append((m.group(1), [x for x in (m.group(2) or "").split(";") if x]))
+    assert len(listed) == 19 and ("inflight_requests", []) in listed
+    from prometheus_client.metrics import MetricWrapperBase
+
+    defined = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    by_name = {m._name: m for m in defined}
+    assert len(by_name) == len(defined) == 19  # each defined once, nothing else
+    for name, labels in listed:
+        full = "s2amnet_" + name
+        m = by_name.get(full[: -len("_total")] if full.endswith("_total") else full)
+        assert m is not None, f"{full} is not defined"
+        assert list(m._labelnames) == labels, (full, m._labelnames)
+        if full.endswith("_total"):
+            assert m._type == "counter", full
+        elif name.endswith("_seconds") and "timestamp" not in name and "load" not in name:
+            assert m._type == "histogram", full
+    assert metrics.BATCH_SIZE._upper_bounds[:-1] == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_multiprocess_mode_merges_processes(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "from app import metrics\n"
+        "metrics.REQUESTS.labels(endpoint='/detect', status='200').inc()\n"
+        "metrics.BATCH_SIZE.labels(model='m').observe(4)\n"
+        "metrics.QUEUE_DEPTH.labels(model='m').set(3)\n"
+    )
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    pids = []
+    for _ in range(2):  # two processes
+        proc = subprocess.run(
+            [sys.executable, "-c", code + "import os; print(os.getpid())"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        pids.append(int(proc.stdout))
+
+    def render(dead=()) -> str:
+        mark = "".join(f"metrics.mark_process_dead({pid})\n" for pid in dead)
+        return subprocess.run(
+            [sys.executable, "-c", f"from app import metrics\n{mark}print(metrics.render()[0].decode())"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    out = render()
+    assert metric(out, "s2amnet_requests_total", endpoint="/detect", status="200") == 2
+    assert metric(out, "s2amnet_batch_size_count", model="m") == 2
+    assert metric(out, "s2amnet_queue_depth", model="m") == 6  # livesum over the two processes
+    out = render(dead=pids)  # what a supervisor does when its children exit
+    assert metric(out, "s2amnet_queue_depth", model="m") == 0
+    assert metric(out, "s2amnet_requests_total", endpoint="/detect", status="200") == 2  # counters stay
+
+
+# ------------------------------------------------------------------------------------------- idempotency
+def test_in_memory_idempotency_store_ttl_bound_and_lock():
+    async def go():
+        store = InMemoryIdempotencyStore(max_entries=3)
+        await store.put("a", {"v": 1}, ttl_s=0.05)
+        assert (await store.get("a")) == {"v": 1}
+        await asyncio.sleep(0.08)
+        assert await store.get("a") is None
+        for k in "bcde":
+            await store.put(k, {"v": k}, ttl_s=60)
+        assert len(store) == 3 and await store.get("b") is None and await store.get("e") == {"v": "e"}
+
+        order = []
+
+        async def worker(i):
+            async with store.lock("same"):
+                order.append(("in", i))
+                await asyncio.sleep(0.01)
+                order.append(("out", i))
+
+        await asyncio.gather(*(worker(i) for i in range(3)))
+        assert all(order[j][0] == "in" and order[j + 1][0] == "out" for j in range(0, 6, 2))
+        assert store._locks == {}
+
+    asyncio.run(go())
+
+
+def test_fingerprint_ignores_the_multipart_boundary():
+    a = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=AAA", b"--AAA\r\nx\r\n--AAA--")
+    b = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=BBB", b"--BBB\r\nx\r\n--BBB--")
+    c = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=BBB", b"--BBB\r\ny\r\n--BBB--")
+    assert a == b != c
