@@ -8,6 +8,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+from apiserver import API_KEY, OTHER_API_KEY, TEST_MODELS
 from apitest_helpers import (
     assert_problem,
     encode,
@@ -19,7 +20,6 @@ from apitest_helpers import (
     png_bomb_header,
     real_png_bomb,
 )
-from conftest import API_KEY, OTHER_API_KEY, TEST_MODELS
 from PIL import Image
 from pycocotools import mask as coco_mask
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from apiserver import API_KEY, MODES, Server, start_server, wait_until_ready
 from apitest_helpers import assert_problem, histogram_buckets, metric, png
-from conftest import API_KEY, MODES, Server, start_server, wait_until_ready
 
 
 def files(data: bytes):

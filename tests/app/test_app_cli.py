@@ -7,8 +7,8 @@ import json
 import httpx
 import numpy as np
 import pytest
+from apiserver import API_KEY, Server
 from apitest_helpers import jpeg, pattern, png
-from conftest import API_KEY, Server
 from PIL import Image
 
 from app.cli import main

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from conftest import API_KEY, Server
+from apiserver import API_KEY, Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode

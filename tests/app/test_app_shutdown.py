@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
+from apiserver import MODES, start_server
 from apitest_helpers import assert_problem, metric, png
-from conftest import MODES, start_server
 
 DELAY = 2.0
 
