@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--init-backbone", help="weights folder whose backbone initialises this model "
+                                           "(e.g. a segmenter trained on the same images)")
+    p.add_argument("--no-aux-mask", action="store_true",
+                   help="classify: do not train the auxiliary mask head even when masks exist")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -48,7 +52,8 @@ def run(args) -> int:
                       imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       crop=args.crop, out=args.out, name=args.name, resume=args.resume, export=args.export,
                       workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
-                      max_train_batches=args.max_train_batches, max_val_images=args.max_val_images,
+                      max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
+                      aux_mask=not args.no_aux_mask, max_val_images=args.max_val_images,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     result = train(cfg, progress=not args.quiet)
     print(json.dumps(result))

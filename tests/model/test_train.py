@@ -113,3 +113,33 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path):
     data = make_classify(tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="resume"):
         train(TrainConfig(task="classify", data=str(data), out=str(tmp_path / "none"), resume=True))
+
+
+def make_magnetic_tile(root: Path) -> Path:
+    """A miniature of the magnetic-tile layout: MT_<Class>/Imgs/<stem>.jpg + <stem>.png mask."""
+    rng = np.random.default_rng(3)
+    stems = _stems(24)
+    for i, stem in enumerate(stems):
+        cls = ["MT_Blowhole", "MT_Free"][i % 2]
+        d = root / cls / "Imgs"
+        d.mkdir(parents=True, exist_ok=True)
+        img, mask, _ = _square(rng, cls != "MT_Free")
+        Image.fromarray(img).save(d / f"{stem}.jpg", quality=95)
+        Image.fromarray(mask).save(d / f"{stem}.png")
+    return root
+
+
+def test_classify_with_mask_head_and_backbone_init(tmp_path):
+    """Magnetic-tile-like data carries masks: the classifier trains an auxiliary mask head (its loss is
+    logged) that is not exported, and --init-backbone copies a segmenter's backbone in."""
+    data = make_magnetic_tile(tmp_path / "mt")
+    seg = train(TrainConfig(task="segment", data=str(data), epochs=1, imgsz=64, crop=48, batch=4,
+                            out=str(tmp_path / "seg"), workers=0, max_train_batches=1), progress=False)
+    out = tmp_path / "cls"
+    train(TrainConfig(task="classify", data=str(data), epochs=1, imgsz=64, batch=4, out=str(out),
+                      workers=0, max_train_batches=2, init_backbone=seg["best_dir"]), progress=False)
+    row = next(csv.DictReader(open(out / "log.csv")))
+    assert float(row["loss_mask"]) > 0 and float(row["loss_cls"]) > 0
+    pred = Predictor.from_folder(out / "best")
+    assert pred.classes[-1] == "MT_Free"
+    assert not any(k.startswith("aux") for k in pred.model.state_dict())
