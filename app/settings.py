@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; unset = cuda if available.")
     warmup: bool = Field(True, description="Run one forward per model before reporting ready.")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads of the inference thread; unset = torch default."
+        None, ge=1, description="torch intra-op threads (process-wide); unset = torch default."
     )
 
     # --- batching / queueing
