@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.blocks import ADSCDConv, AFMM, ConvStem, LayerNormCF, MPBlock, SSAMBlock
+from model.blocks import AFMM, ADSCDConv, ConvStem, LayerNormCF, MPBlock, SSAMBlock
 from model.wavelet import HaarDown
 
 __all__ = ["VARIANTS", "TASK_SETTINGS", "resolve_variant", "task_settings", "SSAMNet", "init_weights"]
@@ -25,14 +25,10 @@ DEPTHS = (2, 4, 4, 2)
 
 # Classification-copy settings (§1.2): layer-scale init (None = off) and drop-path rate.
 VARIANTS: dict[str, dict] = {
-    "tiny": {"widths": (32, 64, 128, 256), "depths": DEPTHS, "expansion": 4, "layer_scale": None,
-             "drop_path": 0.0},
-    "small": {"widths": (48, 96, 192, 384), "depths": DEPTHS, "expansion": 4, "layer_scale": None,
-              "drop_path": 0.0},
-    "base": {"widths": (64, 128, 256, 512), "depths": DEPTHS, "expansion": 4, "layer_scale": 1e-5,
-             "drop_path": 0.0},
-    "large": {"widths": (96, 192, 384, 768), "depths": DEPTHS, "expansion": 4, "layer_scale": 1e-5,
-              "drop_path": 0.1},
+    "tiny": {"widths": (32, 64, 128, 256), "depths": DEPTHS, "expansion": 4, "layer_scale": None, "drop_path": 0.0},
+    "small": {"widths": (48, 96, 192, 384), "depths": DEPTHS, "expansion": 4, "layer_scale": None, "drop_path": 0.0},
+    "base": {"widths": (64, 128, 256, 512), "depths": DEPTHS, "expansion": 4, "layer_scale": 1e-5, "drop_path": 0.0},
+    "large": {"widths": (96, 192, 384, 768), "depths": DEPTHS, "expansion": 4, "layer_scale": 1e-5, "drop_path": 0.1},
 }
 
 # (layer_scale, drop_path) used by each task copy of the reference (§5 D5).
@@ -44,7 +40,10 @@ TASK_SETTINGS: dict[str, dict[str, tuple]] = {
 
 _ALIASES = {
     **{k: k for k in VARIANTS},
-    "t": "tiny", "s": "small", "b": "base", "l": "large",
+    "t": "tiny",
+    "s": "small",
+    "b": "base",
+    "l": "large",
 }
 
 
@@ -55,7 +54,7 @@ def resolve_variant(name: str) -> str:
     key = name.strip().lower()
     for prefix in ("ssamnet_", "ssamnet-", "ssam_", "ssam-"):
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     if key not in _ALIASES:
         raise ValueError(f"unknown SSAMNet variant {name!r}; expected one of {sorted(VARIANTS)} or t/s/b/l")
     return _ALIASES[key]
@@ -110,8 +109,9 @@ class SSAMNet(nn.Module):
     forward(x) -> [x1 (C0, /4), x2 (C1, /8), x3 (C2, /16), x4 (C3, /32)]; odd sizes round up.
     """
 
-    def __init__(self, variant: str = "tiny", layer_scale: float | None = None, drop_path: float = 0.0,
-                 in_chans: int = 3):
+    def __init__(
+        self, variant: str = "tiny", layer_scale: float | None = None, drop_path: float = 0.0, in_chans: int = 3
+    ):
         super().__init__()
         self.variant = resolve_variant(variant)
         cfg = VARIANTS[self.variant]
@@ -124,7 +124,7 @@ class SSAMNet(nn.Module):
         n = sum(depths)
         rates = torch.linspace(0, self.drop_path, n).tolist() if n > 1 else [self.drop_path] * n
         stages, k = [], 0
-        for i, (c, depth) in enumerate(zip(widths, depths)):
+        for i, (c, depth) in enumerate(zip(widths, depths, strict=True)):
             down = nn.Identity() if i == 0 else HaarDown(widths[i - 1], c)
             blocks = []
             for _ in range(depth):

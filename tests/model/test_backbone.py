@@ -94,9 +94,19 @@ def test_variant_table_and_aliases():
     assert (VARIANTS["base"]["layer_scale"], VARIANTS["base"]["drop_path"]) == (1e-5, 0.0)
     assert (VARIANTS["large"]["layer_scale"], VARIANTS["large"]["drop_path"]) == (1e-5, 0.1)
     assert VARIANTS["tiny"]["layer_scale"] is None and VARIANTS["small"]["layer_scale"] is None
-    for alias, name in [("t", "tiny"), ("T", "tiny"), ("tiny", "tiny"), ("Tiny", "tiny"), ("s", "small"),
-                        ("S", "small"), ("b", "base"), ("B", "base"), ("l", "large"), ("L", "large"),
-                        ("large", "large")]:
+    for alias, name in [
+        ("t", "tiny"),
+        ("T", "tiny"),
+        ("tiny", "tiny"),
+        ("Tiny", "tiny"),
+        ("s", "small"),
+        ("S", "small"),
+        ("b", "base"),
+        ("B", "base"),
+        ("l", "large"),
+        ("L", "large"),
+        ("large", "large"),
+    ]:
         assert resolve_variant(alias) == name
     with pytest.raises(ValueError):
         resolve_variant("xl")
@@ -169,9 +179,11 @@ def test_init():
 
 @pytest.mark.parametrize(
     "size,expect",
-    [(224, [(32, 56, 56), (64, 28, 28), (128, 14, 14), (256, 7, 7)]),
-     (225, [(32, 57, 57), (64, 29, 29), (128, 15, 15), (256, 8, 8)]),
-     (100, [(32, 25, 25), (64, 13, 13), (128, 7, 7), (256, 4, 4)])],
+    [
+        (224, [(32, 56, 56), (64, 28, 28), (128, 14, 14), (256, 7, 7)]),
+        (225, [(32, 57, 57), (64, 29, 29), (128, 15, 15), (256, 8, 8)]),
+        (100, [(32, 25, 25), (64, 13, 13), (128, 7, 7), (256, 4, 4)]),
+    ],
 )
 def test_stage_shapes(tiny_eval, size, expect):
     with torch.no_grad():
@@ -210,7 +222,7 @@ def test_trace_batch_and_size_dynamic_d2(tiny_eval):
             ref = tiny_eval(x)
             out = tr(x)
         assert len(out) == 4
-        for a, b in zip(out, ref):
+        for a, b in zip(out, ref, strict=True):
             assert a.shape == b.shape
             assert torch.allclose(a, b, atol=1e-4)
 
@@ -228,14 +240,14 @@ def test_dtypes_d3(tiny_eval):
     with torch.no_grad():
         pure = m16(x.to(torch.bfloat16))
     assert all(o.dtype == torch.bfloat16 for o in pure)
-    for r, a, p in zip(ref, auto, pure):
+    for r, a, p in zip(ref, auto, pure, strict=True):
         scale = r.abs().max().item()
         assert torch.isfinite(p.float()).all()
         assert (a.float() - r).abs().max().item() < 0.1 * scale
         assert (p.float() - r).abs().max().item() < 0.2 * scale
     with torch.no_grad():
         half = m16.to(torch.float16)(x.to(torch.float16))
-    for r, h in zip(ref, half):
+    for r, h in zip(ref, half, strict=True):
         assert h.dtype == torch.float16
         assert (h.float() - r).abs().max().item() < 0.05 * r.abs().max().item()
 
@@ -247,7 +259,7 @@ def test_batch_independence_eval(tiny_eval):
         batch = tiny_eval(x)
         for i in range(3):
             alone = tiny_eval(x[i : i + 1])
-            for a, b in zip(alone, batch):
+            for a, b in zip(alone, batch, strict=True):
                 assert torch.allclose(a[0], b[i], atol=1e-5)
 
 
@@ -274,7 +286,7 @@ def test_fuse_for_inference(tiny_eval):
     with torch.no_grad():
         ref = tiny_eval(x)
         out = fused(x)
-    for a, b in zip(out, ref):
+    for a, b in zip(out, ref, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     with pytest.raises(RuntimeError):
         fused.train()

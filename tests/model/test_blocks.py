@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from model.blocks import (
-    ADSCDConv,
     AFMM,
+    SAMM,
+    ADSCDConv,
     ConvStem,
     DAConv,
     DropPath,
@@ -20,7 +21,6 @@ from model.blocks import (
     MPBlock,
     MPConv,
     PConv,
-    SAMM,
     SSAMBlock,
     cumulative_offsets,
 )
@@ -150,7 +150,7 @@ def pconv_literal(m, x):
     """The spec formulation: four asymmetric zero paddings, each conv unit applied twice."""
     units = [m.conv_h, m.conv_h, m.conv_v, m.conv_v]
     pads = [(3, 0, 1, 0), (0, 3, 0, 1), (0, 1, 3, 0), (1, 0, 0, 3)]
-    y = torch.cat([u(F.pad(x, p)) for u, p in zip(units, pads)], 1)
+    y = torch.cat([u(F.pad(x, p)) for u, p in zip(units, pads, strict=True)], 1)
     return m.proj(m.cat(y))
 
 
@@ -169,7 +169,7 @@ def test_pconv_matches_literal_padding(train, hw):
     assert out.shape == (2, d, *hw)
     assert torch.allclose(out, ref, atol=1e-5)
     # training BatchNorm: each unit is used twice -> running stats updated twice, like the reference
-    for a, b in zip(m.buffers(), ref_m.buffers()):
+    for a, b in zip(m.buffers(), ref_m.buffers(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
     if train:
         assert not torch.allclose(m.conv_h.bn.running_mean, torch.zeros(d // 4))
