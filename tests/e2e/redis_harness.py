@@ -269,7 +269,7 @@ def redis_stack(tmp: Path, weights_dir: Path, *, workers: int = 2, models: str =
     try:
         for _ in range(workers):
             procs.append(start_worker(server.url, weights_dir, log_dir, visibility_s=visibility_s,
-                                      max_deliveries=max_deliveries, **env, **(worker_env or {})))
+                                      max_deliveries=max_deliveries, **{**env, **(worker_env or {})}))
         api = start_api(server.url, weights_dir, log_dir, wait=False, **env)
         stack = Stack(server, api, procs, log_dir)
         with server.client() as r:
