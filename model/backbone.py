@@ -122,7 +122,8 @@ class SSAMNet(nn.Module):
 
         self.stem = ConvStem(in_chans, widths[0])
         n = sum(depths)
-        rates = torch.linspace(0, self.drop_path, n).tolist() if n > 1 else [self.drop_path] * n
+        # plain floats, not torch.linspace: building on the meta device (s2amnet info) must work
+        rates = [self.drop_path * i / (n - 1) for i in range(n)] if n > 1 else [self.drop_path] * n
         stages, k = [], 0
         for i, (c, depth) in enumerate(zip(widths, depths, strict=True)):
             down = nn.Identity() if i == 0 else HaarDown(widths[i - 1], c)
