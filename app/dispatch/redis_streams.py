@@ -8,13 +8,17 @@ the waiting request by job id; a reply for an unknown job id (a duplicate after 
 request that already timed out) is ignored.
 
 Bounded by construction:
-- the job stream holds only the backlog: workers ``XACK`` *and* ``XDEL`` a job once its reply is written,
-  so ``XLEN`` is exactly "waiting + in progress", and the admission script refuses new jobs (503 +
-  ``Retry-After``) when it reaches ``max_queue`` — the stream is never trimmed;
+- the job stream holds only live jobs: workers ``XACK`` *and* ``XDEL`` a job in the same ``MULTI`` as its
+  reply, so ``XLEN`` = jobs waiting + jobs taken by a worker. The backlog (jobs no worker has taken yet,
+  ``XLEN`` minus the group's pending count; the same figure as the group's ``lag``, which stays defined
+  because only delivered entries are ever deleted) is checked by the admission script, which refuses new
+  jobs (``QueueFull``: 503 + ``Retry-After``) at ``max_queue`` -- the stream is never trimmed;
 - reply streams are written with ``MAXLEN ~`` and an ``EXPIRE`` by the workers, their entries are
   deleted by the reading API instance, and the stream is deleted when the instance stops;
 - the dead-letter stream ``s2amnet:dead:<model>`` is capped with ``MAXLEN ~`` (it keeps the job's
-  fields and error, not the image bytes).
+  fields and error, not the image bytes);
+- a request whose deadline passes gets ``DeadlineExceeded`` (504) at its deadline; its job stays queued
+  and the worker that gets it acks it as expired without computing it (and counts it).
 
 While Redis is unreachable ``ready()`` is False and ``submit`` fails fast with ``Unavailable`` (503);
 the client library reconnects by itself on the next command once Redis is back.

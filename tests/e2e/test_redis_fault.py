@@ -95,6 +95,7 @@ def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e
         assert group_pending(r, "cls") == 0
         assert r.xlen(JOBS.format("cls")) == 0
         assert r.xlen("s2amnet:dead:cls") == 0
+        assert r.xinfo_groups(JOBS.format("cls"))[0]["lag"] == 0  # defined (KEDA scales on it) and 0
         # the survivor took the victim's jobs over (after the visibility timeout) and says so
         metrics = httpx.get(survivor.url, timeout=10).text
         redelivered = counter(metrics, "s2amnet_jobs_redelivered_total", model="cls")

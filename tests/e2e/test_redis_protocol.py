@@ -99,7 +99,7 @@ def test_backpressure_refuses_without_trimming(redis_server: RedisServer):
             r = redis_server.client()
             assert r.xlen(JOBS.format("m")) == 3  # refused, not trimmed
             # a worker takes one job: one place frees up
-            r.xreadgroup(GROUP, "someone", {JOBS.format("m"): ">"}, count=1)
+            taken = r.xreadgroup(GROUP, "someone", {JOBS.format("m"): ">"}, count=1)[0][1][0][0]
             extra = asyncio.create_task(d.submit(job("m", timeout=1)))
             await asyncio.sleep(0.3)
             assert r.xlen(JOBS.format("m")) == 4
@@ -107,6 +107,11 @@ def test_backpressure_refuses_without_trimming(redis_server: RedisServer):
             assert d.queue_depth("m") == 3
             with pytest.raises(QueueFull):
                 await d.submit(job("m"))
+            # done with it, the way workers finish a job (ack + delete): the group's lag (what a KEDA
+            # redis-streams scaler reads) stays defined and equals the backlog
+            r.xack(JOBS.format("m"), GROUP, taken)
+            r.xdel(JOBS.format("m"), taken)
+            assert r.xinfo_groups(JOBS.format("m"))[0]["lag"] == 3
             # nobody answers: every request ends at its deadline with 504, none hangs
             for t in [*waiting, extra]:
                 with pytest.raises(DeadlineExceeded):
