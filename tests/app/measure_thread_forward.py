@@ -70,7 +70,7 @@ def main() -> None:
             fn, box = item
             box.put(fn())
 
-    worker = threading.Thread(target=serve, daemon=True)
+    worker = threading.Thread(target=serve)
     worker.start()
 
     def on_worker(fn):
@@ -98,6 +98,7 @@ def main() -> None:
             stop.set()
             bg.result()
     jobs.put(None)
+    worker.join()
     results = {p: min(v) for p, v in samples.items()}
     medians = {p: statistics.median(v) for p, v in samples.items()}
     print(

@@ -25,6 +25,9 @@ from pycocotools import mask as coco_mask
 
 from model.masks import png_b64_to_mask
 
+# pycocotools (C extension) warns about numpy 2's copy keyword when decoding; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 RESULT_KEYS = {
     "result_id",
     "request_id",
