@@ -64,15 +64,21 @@ class Reference:
 
         self.predictor = Predictor.from_folder(Path(weights_dir) / model, device="cpu")
 
-    def answer(self, data: bytes, **options: Any) -> dict[str, Any]:
+    def answers(self, images: list[bytes], batch: int = 50) -> list[dict[str, Any]]:
+        """One answer per image (computed in batches: the predictor answers the same alone or batched)."""
         from app.codec import decode_image
         from app.dispatch.base import Job
         from app.inference import run_batch
 
-        sample = self.predictor.preprocess(decode_image(data, max_pixels=10**8))
-        job = Job(model=self.predictor.name, array=sample.array, meta=sample.meta, options=options,
-                  deadline=time.time() + 60)
-        return run_batch(self.predictor, [job])[0]
+        jobs = []
+        for data in images:
+            sample = self.predictor.preprocess(decode_image(data, max_pixels=10**8))
+            jobs.append(Job(model=self.predictor.name, array=sample.array, meta=sample.meta, options={},
+                            deadline=time.time() + 600))
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(jobs), batch):
+            out += run_batch(self.predictor, jobs[i:i + batch])
+        return out
 
 
 def assert_same_answer(got: dict[str, Any], want: dict[str, Any], tol: float = 1e-4) -> None:

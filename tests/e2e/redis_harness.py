@@ -239,14 +239,20 @@ class Stack:
     def r(self) -> redis.Redis:
         return self.redis.client()
 
-    def stop(self) -> None:
-        # API first (it drains), then the workers (finish their batch), then Redis.
-        for p in [self.api, *self.workers]:
+    def stop(self) -> dict[str, int | None]:
+        """SIGTERM (once) to the API and the live workers, wait for them, then stop Redis; exit codes."""
+        procs = [self.api, *self.workers]
+        for p in procs:
             p.send(signal.SIGTERM)
-        for p in [self.api, *self.workers]:
-            with contextlib.suppress(Exception):
-                p.stop(timeout=30)
+        codes: dict[str, int | None] = {}
+        for p in procs:
+            try:
+                codes[p.name] = p.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                codes[p.name] = p.popen.wait(10)
         self.redis.stop()
+        return codes
 
     def logs(self) -> str:
         parts = [f"--- {p.name} (rc={p.popen.poll()})\n{p.log()[-3000:]}" for p in [self.api, *self.workers]]

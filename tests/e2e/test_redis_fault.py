@@ -37,7 +37,7 @@ def counter(text: str, name: str, **labels: str) -> float:
 def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e_weights):
     bodies = [png_bytes(i, *size_for(i)) for i in range(N)]
     ref = Reference(e2e_weights, "cls")
-    want = [ref.answer(b) for b in bodies]
+    want = ref.answers(bodies)
 
     env = dict(S2AMNET_MAX_QUEUE="1000", S2AMNET_REQUEST_TIMEOUT_S="60", S2AMNET_MAX_BATCH_SIZE="8",
                S2AMNET_MAX_DELAY_MS="5")

@@ -90,6 +90,8 @@ def test_redis_stop_and_start_during_a_run(tmp_path, e2e_weights):
         assert max(took for _, took in background) < TIMEOUT_S + 2.0
         assert background[-1][0] == 200
         assert group_pending(stack.r(), "cls") == 0
+        # and they still shut down cleanly (SIGTERM: drain, finish the batch in hand, exit 0)
+        assert set(stack.stop().values()) == {0}, stack.logs()
         print(f"\nrestart test: readyz 503 {took_unready:.2f} s after the stop, 10/10 requests refused in "
               f"<= {max(t for _, t, _ in during) * 1000:.0f} ms, readyz 200 {took_ready:.2f} s after the "
               "start; "
