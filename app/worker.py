@@ -251,16 +251,18 @@ class Worker:
             self._r.set(worker_key(self.consumer), info, px=int(self.heartbeat_ttl_s * 1000))
             self._next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 3)
 
-    def _add(self, model: str, entry_id: bytes | str, fields: dict | None, deliveries: int) -> None:
+    def _add(self, model: str, entry_id: bytes | str, fields: dict | None, deliveries: int) -> bool:
+        """Put an entry in hand; False when it is already held (or has no fields)."""
         eid = _s(entry_id)
-        if fields is None or (model, eid) in self._held:  # deleted entry, or already in hand
-            return
+        if not fields or (model, eid) in self._held:
+            return False
         try:
             deliveries += int(_s(fields.get(b"attempts", b"0")))
         except ValueError:
             pass
         self._buffers[model].append(_Entry(model, eid, fields, deliveries))
         self._held.add((model, eid))
+        return True
 
     def _read(self, models: Sequence[str], count: int, block_ms: int | None, history: bool = False) -> None:
         streams = {job_stream(m): ("0" if history else ">") for m in models}
@@ -268,9 +270,15 @@ class Worker:
         by_stream = {job_stream(m): m for m in models}
         for stream, entries in res or []:
             model = by_stream[_s(stream)]
+            gone = []
             for entry_id, fields in entries:
+                if not fields:  # pending here but deleted from the stream: nothing to do but ack it
+                    gone.append(entry_id)
+                    continue
                 # history entries were delivered before; reading them again counts as a delivery
-                self._add(model, entry_id, fields or None, 2 if history else 1)
+                self._add(model, entry_id, fields, 2 if history else 1)
+            if gone:
+                self._r.xack(job_stream(model), GROUP, *gone)
 
     def _top_up(self, model: str) -> None:
         buf = self._buffers[model]
@@ -296,13 +304,15 @@ class Worker:
             for eid, _ in entries:
                 pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
             pend = pipe.execute()
+            taken = 0
             for (eid, fields), p in zip(entries, pend, strict=True):
                 deliveries = int(p[0]["times_delivered"]) if p else 2
-                self._add(m, eid, fields, deliveries)
-            self.stats["redelivered"] += len(entries)
-            metrics.JOBS_REDELIVERED.labels(model=m).inc(len(entries))
-            log.warning("worker %s took over %d job(s) of %s idle > %d ms", self.consumer, len(entries),
-                        m, self.visibility_ms)
+                taken += self._add(m, eid, fields, deliveries)  # not counted: jobs already in hand here
+            if taken:
+                self.stats["redelivered"] += taken
+                metrics.JOBS_REDELIVERED.labels(model=m).inc(taken)
+                log.warning("worker %s took over %d job(s) of %s idle > %d ms", self.consumer, taken, m,
+                            self.visibility_ms)
 
     def _janitor(self) -> None:
         """Remove consumers that hold nothing and have been silent for long (workers that exited
@@ -398,7 +408,8 @@ class Worker:
                 for e, reply in replies:
                     if e.reply_to:
                         pipe.xadd(e.reply_to, reply, maxlen=self.reply_maxlen, approximate=True)
-                        pipe.expire(e.reply_to, self.reply_ttl_s)
+                for reply_to in {e.reply_to for e, _ in replies if e.reply_to}:
+                    pipe.expire(reply_to, self.reply_ttl_s)
                 for e, reason in dead:
                     fields = {k: v for k, v in e.fields.items() if k != b"array"}
                     fields.update({b"model": model, b"error": reason, b"deliveries": str(e.deliveries),
