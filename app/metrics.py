@@ -199,3 +199,15 @@ def start_metrics_server(port: int, addr: str = "0.0.0.0"):
 
 def record_rejection(reason: str) -> None:
     REJECTED.labels(reason=reason).inc()
+
+
+def init_model_series(model: str, task: str) -> None:
+    """Create a model's labelled series at 0 where it is computed (embedded dispatcher, worker), so
+    rate()/increase() see its first event and panels show 0 instead of "No data" before anything happened."""
+    IMAGES.labels(model=model, task=task)
+    for verdict in ("pass", "fail"):
+        VERDICTS.labels(model=model, verdict=verdict)
+    for counter in (BATCHES, JOBS_EXPIRED, JOBS_REDELIVERED, JOBS_DEAD_LETTERED):
+        counter.labels(model=model)
+    for histogram in (QUEUE_WAIT, INFERENCE_DURATION, BATCH_SIZE):
+        histogram.labels(model=model)

@@ -90,8 +90,9 @@ class LocalDispatcher(Dispatcher):
         self._abort = False  # exit after the batch in hand
         self._ready = False
         self.warmup_seconds: dict[str, float] = {}
-        for name in self._predictors:
+        for name, predictor in self._predictors.items():
             metrics.QUEUE_DEPTH.labels(model=name).set(0)
+            metrics.init_model_series(name, predictor.task)
 
     # ------------------------------------------------------------------ Dispatcher interface
     async def start(self) -> None:
