@@ -316,7 +316,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     device = torch.device(cfg.device)
     recipe = RECIPES[cfg.task]
 
-    info = load_records(cfg.data, cfg.task)
+    info = _load_data(cfg.data, cfg.task)
+    data_name = "+".join(Path(d).name for d in cfg.data.split(","))
     classes = info.class_names(cfg.task)
     nc = len(classes)
     records = info.records_for(cfg.task)
@@ -375,7 +376,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "std": std,
         "preprocess": {"resize": "letterbox", "pad_value": 114},
         "verdict": _verdict_rule(cfg.task, info.pass_classes),
-        "trained_on": f"{info.format}: {Path(cfg.data).name}, {len(train_recs)} train images "
+        "trained_on": f"{info.format}: {data_name}, {len(train_recs)} train images "
                       f"(split sha1('val:'+stem) % 5 != 0)",
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
     }
@@ -427,7 +428,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             if score > best:
                 best, best_epoch, improved = score, epoch, True
                 manifest = {**manifest_base, "metrics": {
-                    "split": "val", "data": Path(cfg.data).name, "num_images": len(val_recs), "epoch": epoch,
+                    "split": "val", "data": data_name, "num_images": len(val_recs), "epoch": epoch,
                     **scal}}
                 save_model(ema_model, best_dir, manifest)
         history.append(row)
@@ -455,6 +456,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             shutil.copy2(f, export / f.name)
     return {"best": {recipe.metric: best}, "best_epoch": best_epoch, "out": str(out),
             "best_dir": str(best_dir), "export": str(export) if export else None}
+
+
+def _load_data(data: str, task: str):
+    """One dataset folder, or several separated by commas (same classes; records concatenated)."""
+    import dataclasses as dc
+
+    infos = [load_records(d.strip(), task) for d in data.split(",") if d.strip()]
+    first = infos[0]
+    for other in infos[1:]:
+        if other.class_names(task) != first.class_names(task):
+            raise ValueError(f"{other.root} has classes {other.class_names(task)}, "
+                             f"{first.root} has {first.class_names(task)}: cannot train on both")
+    if len(infos) == 1:
+        return first
+    return dc.replace(first, format="+".join(i.format for i in infos),
+                      records=[r for i in infos for r in i.records],
+                      pass_classes=sorted({c for i in infos for c in i.pass_classes}))
 
 
 def _backbone_channels(variant: str) -> tuple[int, ...]:

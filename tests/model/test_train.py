@@ -143,3 +143,17 @@ def test_classify_with_mask_head_and_backbone_init(tmp_path):
     pred = Predictor.from_folder(out / "best")
     assert pred.classes[-1] == "MT_Free"
     assert not any(k.startswith("aux") for k in pred.model.state_dict())
+
+
+def test_several_data_folders_with_the_same_classes_combine(tmp_path):
+    from model.train import _load_data
+
+    a, b = make_segment(tmp_path / "a"), make_segment(tmp_path / "b")
+    single = _load_data(str(a), "segment")
+    both = _load_data(f"{a},{b}", "segment")
+    assert len(both.records) == 2 * len(single.records)
+    assert both.class_names("segment") == single.class_names("segment")
+    # different class lists cannot be mixed
+    c, m = make_classify(tmp_path / "c"), make_magnetic_tile(tmp_path / "m")
+    with pytest.raises(ValueError, match="cannot train on both"):
+        _load_data(f"{c},{m}", "classify")
