@@ -346,7 +346,7 @@ class RedisDispatcher(Dispatcher):
                                   retry_after=self.retry_after_s) from None
             if entry_id is None:
                 raise QueueFull(
-                    f"model {job.model!r} has {self.max_queue} or more jobs waiting; retry later",
+                    f"queue of model {job.model!r} is full ({self.max_queue} jobs waiting for a worker)",
                     retry_after=self.retry_after_s,
                 )
             try:
