@@ -23,7 +23,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = Path(__file__).with_name("_launch.py")
 
-MODES = ["embedded"]
+MODES = ["embedded", "redis"]
+REDIS_WORKERS = 2  # worker processes behind a "redis"-mode server (start_server's redis_workers)
 API_KEY = "test-key-1"
 OTHER_API_KEY = "test-key-2"
 INPUT_SIZE = 64  # tiny models at 64x64 keep CPU cost low
@@ -135,6 +136,7 @@ def start_server(
     log_dir: Path | None = None,
     wait_ready: bool = True,
     ready_timeout: float = 120.0,
+    redis_workers: int = REDIS_WORKERS,
     **env: str,
 ) -> Server:
     """Start the API in `mode` on a free port with `S2AMNET_*` settings from `env`; wait until /readyz.
@@ -143,7 +145,10 @@ def start_server(
     port = free_port()
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     log_path = log_dir / f"s2amnet-serve-{mode}-{port}.log"
-    if mode == "embedded":
+    extra: list[subprocess.Popen] = []
+    if mode == "redis":  # redis-server + worker processes; the API itself is started as in "embedded"
+        extra, env = start_redis_backend(weights_dir, log_dir, redis_workers, env)
+    if mode in ("embedded", "redis"):
         cmd = [
             sys.executable,
             str(LAUNCH),
@@ -161,7 +166,7 @@ def start_server(
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=server_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    server = Server(mode, f"http://127.0.0.1:{port}", proc, log_path)
+    server = Server(mode, f"http://127.0.0.1:{port}", proc, log_path, extra)
     if wait_ready:
         wait_until_ready(server, ready_timeout)
     return server
@@ -187,3 +192,31 @@ def running_server(mode: str, weights_dir: Path, **env: str) -> Iterator[Server]
         yield server
     finally:
         server.stop()
+
+
+def start_redis_backend(weights_dir: Path, log_dir: Path, workers: int,
+                        env: dict[str, str]) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    """Mode "redis": a redis-server on a free port (AOF in a temp dir) and `workers` `s2amnet worker`
+    processes with the same settings, up (heartbeating) or exited; returns ([workers..., redis-server],
+    env + S2AMNET_REDIS_URL). API and workers share one PROMETHEUS_MULTIPROC_DIR, so the API's /metrics
+    shows the batch metrics that the workers record. Process helpers: tests/e2e/redis_harness.py."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+    from redis_harness import RedisServer, live_worker_pids, start_worker
+
+    redis_server = RedisServer(Path(tempfile.mkdtemp(prefix="s2amnet-redis-", dir=log_dir))).start()
+    env = {**env, "S2AMNET_REDIS_URL": redis_server.url}
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="s2amnet-prom-", dir=log_dir))
+    procs = [start_worker(redis_server.url, weights_dir, log_dir, **env).popen for _ in range(workers)]
+    deadline = time.monotonic() + 120
+    with redis_server.client() as r:
+        # a worker that exits (e.g. broken weights) is left for the test to see, like the API would be
+        while {p.pid for p in procs if p.poll() is None} - live_worker_pids(r):
+            if time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                redis_server.stop()
+                raise RuntimeError(f"redis-mode workers not up after 120 s (logs in {log_dir})")
+            time.sleep(0.1)
+    return [*procs, redis_server.proc], env
