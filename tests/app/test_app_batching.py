@@ -71,6 +71,7 @@ def slow_server(request, weights_dir, tmp_path_factory) -> Iterator[Server]:
         S2AMNET_MAX_DELAY_MS="0",
         S2AMNET_RETRY_AFTER_S="3",
         PROMETHEUS_MULTIPROC_DIR=str(mp_dir),
+        redis_workers=1,  # one inference engine, as in embedded mode: the queue semantics below need it
     )
     server.mp_dir = mp_dir
     try:
