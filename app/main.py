@@ -100,7 +100,7 @@ def default_models(predictors: dict[str, Any]) -> dict[str, str]:
 
 def create_dispatcher(predictors: dict[str, Any], settings: Settings) -> Dispatcher:
     if settings.redis_url:
-        from app.dispatch.redis_streams import RedisDispatcher  # Redis mode (its own issue)
+        from app.dispatch.redis_streams import RedisDispatcher
 
         return RedisDispatcher(predictors, settings)
     from app.dispatch.local import LocalDispatcher
@@ -110,10 +110,9 @@ def create_dispatcher(predictors: dict[str, Any], settings: Settings) -> Dispatc
 
 def create_idempotency_store(settings: Settings) -> IdempotencyStore:
     if settings.redis_url:
-        with contextlib.suppress(ImportError, AttributeError):
-            from app.dispatch.redis_streams import RedisIdempotencyStore  # type: ignore[attr-defined]
+        from app.idempotency_redis import RedisIdempotencyStore
 
-            return RedisIdempotencyStore(settings)
+        return RedisIdempotencyStore(settings)
     return InMemoryIdempotencyStore(settings.idempotency_max_entries)
 
 

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
 
     # --- worker
     metrics_port: int = Field(9100, ge=0, le=65535, description="Where a worker exports its metrics.")
+    visibility_timeout_s: float = Field(
+        30.0, gt=0, description="Redis mode: seconds a job may stay unacked before another worker takes it over."
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="Redis mode: deliveries (or failures) before a job goes to the dead-letter stream."
+    )
 
     @field_validator("models", "api_keys", mode="before")
     @classmethod

@@ -483,6 +483,8 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
 
     configure_torch_threads(getattr(settings, "torch_threads", None))
     predictors = load_predictors(settings)
+    for name, predictor in predictors.items():
+        metrics.init_model_series(name, predictor.task)
     if getattr(settings, "warmup", True):
         for name, predictor in predictors.items():
             log.info("warmed up %s in %.3f s", name, warm_up(predictor))

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,10 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port, 0 = off "
                    "(S2AMNET_METRICS_PORT, 9100)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (S2AMNET_TORCH_THREADS)")
-    p.add_argument("--visibility-timeout", type=float,
+    p.add_argument("--visibility-timeout", dest="visibility_timeout_s", type=float,
                    help="seconds a job may stay unacked before another worker takes it over "
                    "(S2AMNET_VISIBILITY_TIMEOUT_S, 30)")
-    p.add_argument("--max-deliveries", type=int,
+    p.add_argument("--max-deliveries", dest="max_deliveries", type=int,
                    help="deliveries (or failures) before a job goes to the dead-letter stream "
                    "(S2AMNET_MAX_DELIVERIES, 3)")
     p.add_argument("--name", help="consumer name in the group (default: host-pid-random); a restarted "
@@ -51,11 +45,8 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         raise SystemExit("s2amnet worker: no Redis URL (--redis-url or S2AMNET_REDIS_URL)")
-    visibility = args.visibility_timeout or getattr(settings, "visibility_timeout_s", None) \
-        or _env_float("S2AMNET_VISIBILITY_TIMEOUT_S", 30.0)
-    deliveries = args.max_deliveries or getattr(settings, "max_deliveries", None) \
-        or int(_env_float("S2AMNET_MAX_DELIVERIES", 3))
     from app.worker import serve_worker  # noqa: PLC0415 - torch import only when the command runs
 
-    return serve_worker(settings, visibility_timeout_s=float(visibility), max_deliveries=int(deliveries),
+    return serve_worker(settings, visibility_timeout_s=settings.visibility_timeout_s,
+                        max_deliveries=settings.max_deliveries,
                         consumer=args.name)

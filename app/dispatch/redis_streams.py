@@ -465,13 +465,3 @@ __all__ = [
     "reply_stream",
     "worker_key",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # app.main looks the Redis idempotency store up here; it lives in app/idempotency_redis.py
-    # (imported lazily: that module imports this one).
-    if name == "RedisIdempotencyStore":
-        from app.idempotency_redis import RedisIdempotencyStore  # noqa: PLC0415
-
-        return RedisIdempotencyStore
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
