@@ -302,7 +302,10 @@ def key_report(r: redis.Redis) -> dict:
     for key in r.scan_iter("*", count=1000):
         name = key.decode()
         kind = r.type(key).decode()
-        entry = {"type": kind, "ttl": r.ttl(key)}
+        ttl = r.ttl(key)
+        if kind == "none" or ttl == -2:  # expired between SCAN and now (TTL -2 = no such key)
+            continue
+        entry = {"type": kind, "ttl": ttl}
         if kind == "stream":
             entry["len"] = r.xlen(key)
         keys[name] = entry

@@ -68,7 +68,7 @@ def test_load_run_leaves_redis_bounded_and_api_rss_flat(tmp_path, e2e_weights):
 
         # -- Redis: only the job stream lives without a TTL, and it is empty; the reply stream is
         # consumed as it is read; idempotency results and worker heartbeats carry TTLs.
-        no_ttl = {k for k, v in after["keys"].items() if v["ttl"] < 0}
+        no_ttl = {k for k, v in after["keys"].items() if v["ttl"] == -1}
         assert no_ttl == {"s2amnet:jobs:cls"}, after["keys"]
         assert after["keys"]["s2amnet:jobs:cls"]["len"] == 0
         assert group_pending(r, "cls") == 0
