@@ -17,16 +17,6 @@ from model.boxes import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def test_box_iou_known_pairs():
     a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 4, 2]])
     b = torch.tensor([[1.0, 1, 3, 3], [0, 0, 2, 2], [2, 2, 4, 4], [0, 0, 1, 1]])

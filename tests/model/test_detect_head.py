@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from model.backbone import VARIANTS
 from model.boxes import dfl_decode
 from model.heads.detect import (
     C2PSA,
@@ -16,22 +17,8 @@ from model.heads.detect import (
     postprocess_detections,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-VARIANT_CHANNELS = {
-    "tiny": (32, 64, 128, 256),
-    "small": (48, 96, 192, 384),
-    "base": (64, 128, 256, 512),
-    "large": (96, 192, 384, 768),
-}
+# stage widths of each backbone variant (DESIGN-model §1.2)
+VARIANT_CHANNELS = {name: tuple(cfg["widths"]) for name, cfg in VARIANTS.items()}
 # neck + head at nc = 5 from DESIGN-model.md §3
 DESIGN_NECK_HEAD = {"tiny": 1_635_583, "small": 1_752_447, "base": 1_885_695, "large": 2_201_343}
 

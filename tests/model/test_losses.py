@@ -10,16 +10,6 @@ from model.boxes import bbox2dist, box_iou, make_anchors
 from model.heads.detect import DetectHead
 from model.losses import DetectionLoss, SegmentationLoss, TaskAlignedAssigner, dfl_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- assigner
 
 

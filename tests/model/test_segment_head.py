@@ -5,24 +5,11 @@ import math
 import pytest
 import torch
 
+from model.backbone import VARIANTS
 from model.heads.segment import MFLiteSegDecoder, MHSA2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight teammates' jobs for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-VARIANT_CHANNELS = {
-    "tiny": (32, 64, 128, 256),
-    "small": (48, 96, 192, 384),
-    "base": (64, 128, 256, 512),
-    "large": (96, 192, 384, 768),
-}
+# stage widths of each backbone variant (DESIGN-model §1.2)
+VARIANT_CHANNELS = {name: tuple(cfg["widths"]) for name, cfg in VARIANTS.items()}
 
 
 def formula(ch, nc):
