@@ -39,6 +39,7 @@ __all__ = [
     "load_backbone_from",
     "describe_state_dict",
     "sha256_file",
+    "record_metrics",
     "find_weights",
 ]
 
@@ -314,6 +315,21 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         return validate_manifest(raw)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def record_metrics(folder: str | os.PathLike, key: str, metrics: Mapping[str, Any]) -> dict:
+    """Store what `s2amnet eval` measured under ``manifest["metrics"]["eval"][key]`` (key = data:split).
+    The weights and their sha256 are untouched. Returns the updated manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    block = dict(manifest.get("metrics") or {})
+    evals = dict(block.get("eval") or {})
+    evals[key] = dict(metrics)
+    block["eval"] = evals
+    manifest["metrics"] = block
+    text = json.dumps(_ordered(manifest), indent=2) + "\n"
+    _atomic_write_bytes(folder / MANIFEST_FILE, text.encode("utf-8"))
+    return manifest
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:

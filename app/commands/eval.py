@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here")
+    p.add_argument("--record", action="store_true",
+                   help="store the metrics in the weights folder's manifest (metrics.eval['<data>:<split>'])")
     p.set_defaults(func=run)
 
 
@@ -50,6 +52,13 @@ def run(args) -> int:
         plot_eval(args.plot, predictor, records, metrics, preds)
     metrics = {"model": predictor.name, "task": predictor.task, "data": str(args.data), "split": args.split,
                **metrics}
+    if args.record:
+        from pathlib import Path
+
+        from model.checkpoint import record_metrics
+
+        key = f"{Path(args.data).resolve().name}:{args.split}"
+        record_metrics(args.weights, key, {k: v for k, v in metrics.items() if k not in ("model", "data")})
     if args.json:
         print(json.dumps(metrics))
     else:

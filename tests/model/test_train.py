@@ -101,9 +101,15 @@ def test_train_export_resume_eval(task, tmp_path, capsys):
 
     # eval CLI: last line is one JSON object with the task's metrics
     capsys.readouterr()
+    sha = manifest["sha256"]
     assert cli_main(["eval", "--weights", str(out / "best"), "--data", str(data), "--split", "val",
-                     "--json"]) == 0
+                     "--json", "--record"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # --record stores the measured metrics in the manifest; the weights stay as they were
+    recorded = json.loads((out / "best" / "manifest.json").read_text())
+    assert recorded["metrics"]["eval"]["data:val"][METRIC[task]] == metrics[METRIC[task]]
+    assert recorded["sha256"] == sha
+    Predictor.from_folder(out / "best")
     assert metrics["task"] == task and 0.0 <= metrics[METRIC[task]] <= 1.0
     assert metrics["num_images"] == sum(is_val_stem(p.stem) for p in data.rglob("*.png")
                                         if p.parent.name not in ("masks",))
