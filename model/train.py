@@ -26,6 +26,7 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from model.checkpoint import save_model
@@ -42,10 +43,10 @@ from model.data import (
     ClassifyDataset,
     DetectDataset,
     SegmentDataset,
-    balanced_sampler,
     collate,
     collate_detect,
     load_records,
+    sample_weights,
     split_records,
 )
 from model.evaluate import evaluate
@@ -316,7 +317,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     device = torch.device(cfg.device)
     recipe = RECIPES[cfg.task]
 
-    info = _load_data(cfg.data, cfg.task)
+    info, source = _load_data(cfg.data, cfg.task)
     data_name = "+".join(Path(d).name for d in cfg.data.split(","))
     classes = info.class_names(cfg.task)
     nc = len(classes)
@@ -336,8 +337,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         mean, std = state["mean"], state["std"]
     else:
         mean, std = _mean_std(task.train_ds)
-    sampler = (balanced_sampler(train_recs, cfg.task, power=recipe.balance_power)
-               if recipe.balance_power > 0 and cfg.task != "detect" else None)
+    sampler = _sampler(train_recs, cfg.task, recipe.balance_power, source)
     loader = DataLoader(task.train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.workers, collate_fn=task.collate, drop_last=len(train_recs) > cfg.batch,
                         persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
@@ -458,8 +458,27 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "best_dir": str(best_dir), "export": str(export) if export else None}
 
 
+def _sampler(records, task: str, power: float, source: dict[int, str] | None = None
+             ) -> WeightedRandomSampler | None:
+    """Class-balanced sampling (classify/segment, strength `power`), times dataset balance when the
+    records come from several folders: each folder then contributes equally per epoch, so a small
+    dataset (CrackForest beside DeepCrack) is not drowned by a large one."""
+    n = len(records)
+    w = np.ones(n)
+    if power > 0 and task != "detect":
+        w = sample_weights(records, task, power=power)
+    roots = [(source or {}).get(id(r), "") for r in records]
+    counts = Counter(roots)
+    if len(counts) > 1:
+        w = w * np.array([1.0 / counts[root] for root in roots])
+    if np.allclose(w, w[0]):
+        return None
+    return WeightedRandomSampler(torch.as_tensor(w / w.mean(), dtype=torch.double), n, replacement=True)
+
+
 def _load_data(data: str, task: str):
-    """One dataset folder, or several separated by commas (same classes; records concatenated)."""
+    """One dataset folder, or several separated by commas (same classes; records concatenated).
+    Returns the (merged) DatasetInfo and ``{id(record): folder}``."""
     import dataclasses as dc
 
     infos = [load_records(d.strip(), task) for d in data.split(",") if d.strip()]
@@ -468,11 +487,13 @@ def _load_data(data: str, task: str):
         if other.class_names(task) != first.class_names(task):
             raise ValueError(f"{other.root} has classes {other.class_names(task)}, "
                              f"{first.root} has {first.class_names(task)}: cannot train on both")
+    source = {id(r): str(i.root) for i in infos for r in i.records}
     if len(infos) == 1:
-        return first
-    return dc.replace(first, format="+".join(i.format for i in infos),
-                      records=[r for i in infos for r in i.records],
-                      pass_classes=sorted({c for i in infos for c in i.pass_classes}))
+        return first, source
+    merged = dc.replace(first, format="+".join(i.format for i in infos),
+                        records=[r for i in infos for r in i.records],
+                        pass_classes=sorted({c for i in infos for c in i.pass_classes}))
+    return merged, source
 
 
 def _backbone_channels(variant: str) -> tuple[int, ...]:

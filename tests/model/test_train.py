@@ -152,13 +152,20 @@ def test_classify_with_mask_head_and_backbone_init(tmp_path):
 
 
 def test_several_data_folders_with_the_same_classes_combine(tmp_path):
-    from model.train import _load_data
+    from model.train import _load_data, _sampler
 
     a, b = make_segment(tmp_path / "a"), make_segment(tmp_path / "b")
-    single = _load_data(str(a), "segment")
-    both = _load_data(f"{a},{b}", "segment")
+    single, _ = _load_data(str(a), "segment")
+    both, source = _load_data(f"{a},{b}", "segment")
     assert len(both.records) == 2 * len(single.records)
     assert both.class_names("segment") == single.class_names("segment")
+    # each folder weighs the same in sampling, however many images it has
+    small = [r for r in both.records if source[id(r)] == str(b)][:4]
+    recs = [r for r in both.records if source[id(r)] == str(a)] + small
+    w = _sampler(recs, "segment", 0.5, source).weights.numpy()
+    n_a = len(recs) - len(small)
+    assert np.isclose(w[:n_a].sum(), w[n_a:].sum())
+    assert _sampler(single.records, "segment", 0.5, {}) is None  # one folder, no labels: uniform
     # different class lists cannot be mixed
     c, m = make_classify(tmp_path / "c"), make_magnetic_tile(tmp_path / "m")
     with pytest.raises(ValueError, match="cannot train on both"):
