@@ -94,3 +94,15 @@ def assert_same_answer(got: dict[str, Any], want: dict[str, Any], tol: float = 1
             if "box" in b:
                 for c in ("x1", "y1", "x2", "y2"):
                     assert abs(a["box"][c] - b["box"][c]) <= 0.05, (a, b)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` in Prometheus text whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

@@ -9,8 +9,7 @@ import threading
 import time
 
 import httpx
-from e2e_helpers import Reference, assert_same_answer, png_bytes, size_for
-from prometheus_client.parser import text_string_to_metric_families
+from e2e_helpers import Reference, assert_same_answer, metric, png_bytes, size_for
 from redis_harness import GROUP, JOBS, group_pending, redis_stack
 
 N = 200
@@ -23,15 +22,6 @@ def consumer_of(r, pid: int) -> str:
         if info.get("pid") == pid:
             return info["consumer"]
     raise AssertionError(f"no heartbeat of worker pid {pid}")
-
-
-def counter(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e_weights):
@@ -98,7 +88,7 @@ def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e
         assert r.xinfo_groups(JOBS.format("cls"))[0]["lag"] == 0  # defined (KEDA scales on it) and 0
         # the survivor took the victim's jobs over (after the visibility timeout) and says so
         metrics = httpx.get(survivor.url, timeout=10).text
-        redelivered = counter(metrics, "s2amnet_jobs_redelivered_total", model="cls")
+        redelivered = metric(metrics, "s2amnet_jobs_redelivered_total", model="cls")
         assert redelivered >= killed["pending"], (redelivered, killed)
         assert survivor.alive() and stack.api.alive()
         print(f"\nfault test: {N} requests in {elapsed:.2f} s, worker SIGKILLed after {killed['done']} "

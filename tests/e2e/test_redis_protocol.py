@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from e2e_helpers import INPUT_SIZE, png_bytes
+from e2e_helpers import INPUT_SIZE, metric, png_bytes
 from prometheus_client.parser import text_string_to_metric_families
 from redis_harness import (
     GROUP,
@@ -35,15 +35,6 @@ from app.dispatch.redis_streams import RedisDispatcher, encode_job, encode_reply
 
 VISIBILITY_S = 1.5
 MAX_DELIVERIES = 3
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def good_array(seed: int = 0) -> np.ndarray:
