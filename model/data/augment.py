@@ -304,6 +304,18 @@ def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | Non
 # task pipelines
 
 
+def _flip_rotate_photometric(aug, img: np.ndarray, mask, rng: np.random.Generator):
+    """The tail shared by the classify and segment training pipelines: random h/v flips and rot90 (mask
+    transformed alike), then brightness/contrast/gamma on the image. `aug` carries the probabilities."""
+    if rng.random() < aug.hflip:
+        img, mask, _ = hflip(img, mask)
+    if rng.random() < aug.vflip:
+        img, mask, _ = vflip(img, mask)
+    if aug.rot90:
+        img, mask, _ = rot90(img, mask, k=int(rng.integers(4)))
+    return photometric(img, rng, aug.brightness, aug.contrast, aug.gamma), mask
+
+
 class ClassifyAugment:
     """Classification transform → uint8 image of ``imgsz``×``imgsz`` (and the mask, if one is given).
 
@@ -363,13 +375,7 @@ class ClassifyAugment:
                 img = img[y0:y1, x0:x1]
                 mask = mask[y0:y1, x0:x1] if mask is not None else None
         img, mask = self._fit(img, mask)
-        if rng.random() < self.hflip:
-            img, mask, _ = hflip(img, mask)
-        if rng.random() < self.vflip:
-            img, mask, _ = vflip(img, mask)
-        if self.rot90:
-            img, mask, _ = rot90(img, mask, k=int(rng.integers(4)))
-        img = photometric(img, rng, self.brightness, self.contrast, self.gamma)
+        img, mask = _flip_rotate_photometric(self, img, mask, rng)
         if self.randaugment:
             img = randaugment_lite(img, rng, self.randaugment, self.magnitude)
         return np.ascontiguousarray(img), (np.ascontiguousarray(mask) if mask is not None else None)
@@ -412,13 +418,7 @@ class SegmentAugment:
             x0, y0 = pos
         img = _crop_pad(img, x0, y0, c, c, self.pad_value)
         mask = _crop_pad(mask, x0, y0, c, c, IGNORE_INDEX)
-        if rng.random() < self.hflip:
-            img, mask, _ = hflip(img, mask)
-        if rng.random() < self.vflip:
-            img, mask, _ = vflip(img, mask)
-        if self.rot90:
-            img, mask, _ = rot90(img, mask, k=int(rng.integers(4)))
-        img = photometric(img, rng, self.brightness, self.contrast, self.gamma)
+        img, mask = _flip_rotate_photometric(self, img, mask, rng)
         return np.ascontiguousarray(img), np.ascontiguousarray(mask)
 
 
