@@ -40,15 +40,26 @@ def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e
         done = 0
         killed: dict = {}
 
+        def held_by_victim() -> int:
+            holding = {_s(c["name"]): int(c["pending"])
+                       for c in r.xpending(JOBS.format("cls"), GROUP)["consumers"]}
+            return holding.get(victim_name, 0)
+
         def killer() -> None:
+            # Freeze the victim (SIGSTOP) before counting what it holds, so that the count cannot go
+            # stale between reading it and the kill (a batch acked in between would leave nothing to
+            # redeliver); a command already on the wire gets 50 ms to land. Holding nothing: thaw, retry.
             end = time.monotonic() + 60
             while time.monotonic() < end:
-                holding = {_s(c["name"]): int(c["pending"])
-                           for c in r.xpending(JOBS.format("cls"), GROUP)["consumers"]}
-                if done >= 10 and holding.get(victim_name, 0) > 0:
-                    victim.send(signal.SIGKILL)
-                    killed.update(pending=holding[victim_name], done=done, at=time.monotonic())
-                    return
+                if done >= 10 and held_by_victim() > 0:
+                    victim.send(signal.SIGSTOP)
+                    time.sleep(0.05)
+                    held = held_by_victim()
+                    if held > 0:
+                        victim.send(signal.SIGKILL)
+                        killed.update(pending=held, done=done, at=time.monotonic())
+                        return
+                    victim.send(signal.SIGCONT)
                 time.sleep(0.002)
 
         async def run() -> list[httpx.Response]:
