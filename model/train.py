@@ -14,6 +14,8 @@ The output folder layout (``--out runs/NAME``)::
     runs/NAME/log.csv       one row per epoch
     runs/NAME/curves.png    training curves
     runs/NAME/best/         the best EMA weights (a weights folder ready for `weights/`)
+    runs/NAME/best-mask/    classify with masks only: the backbone + auxiliary mask decoder as a
+                            segment model, picked by its own validation mIoU (``--export-mask``)
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class TrainConfig:
     threads: int | None = None
     init_backbone: str | None = None  # weights folder whose backbone.* tensors initialise the model (D6)
     aux_mask: bool = True  # classify: auxiliary mask head when the records carry masks
+    export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
     command: str = ""
 
     def resolved(self) -> TrainConfig:
@@ -217,6 +220,7 @@ class _Task:
 
                 n_seg = info.num_classes("segment")
                 self.aux = MFLiteSegDecoder(_backbone_channels(cfg.variant), n_seg)
+                self.aux_nc = n_seg
                 self.aux_loss = SegmentationLoss(n_seg, dice_weight=1.0)
                 self.aux_weight = RECIPES[task].extra["aux_mask_weight"]
         elif task == "segment":
@@ -305,8 +309,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         saved = TrainConfig(**json.loads(state["config"]))
         # a resumed run keeps its data and architecture; only the length / output options may change
-        overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "threads", "max_train_batches",
-                                                  "max_val_images") if getattr(cfg, k) is not None}
+        overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
+                                                  "max_train_batches", "max_val_images") if getattr(cfg, k) is not None}
         cfg = dataclasses.replace(saved, **overrides, resume=True)
     cfg = cfg.resolved()
     if cfg.threads:
@@ -351,11 +355,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         print(f"initialised {len(loaded['loaded'])} backbone tensors from {cfg.init_backbone}")
     ema = _ema(model, cfg.ema_decay)
     trained = nn.ModuleList([model] + ([task.aux.to(device)] if task.aux is not None else []))
+    # classify with masks: the same backbone + the auxiliary decoder form a segment model; it gets its
+    # own EMA and validation, so one run also yields a segmenter (the backbone is shared, not copied)
+    mask_model = ema_mask = None
+    if task.aux is not None:
+        mask_model = build_model("segment", cfg.variant, task.aux_nc).to(device)
+        mask_model.backbone, mask_model.decoder = model.backbone, task.aux
+        ema_mask = _ema(mask_model, cfg.ema_decay)
     opt = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     total = cfg.epochs * iters_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(cfg.warmup_epochs * iters_per_epoch), cfg.lr_final))
     start_epoch, history, best, best_epoch = 1, [], -1.0, 0
+    best_mask = -1.0
     if state is not None:
         trained.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -364,7 +376,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         start_epoch = int(state["epoch"]) + 1
         history = json.loads(state["history"])
         best, best_epoch = float(state["best"]), int(state["best_epoch"])
+        best_mask = float(state.get("best_mask", -1.0))
         torch.set_rng_state(state["rng"])
+        if ema_mask is not None and "ema_mask" in state:
+            ema_mask.load_state_dict(state["ema_mask"])
 
     manifest_base = {
         "name": cfg.name,
@@ -404,6 +419,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             opt.step()
             sched.step()
             ema.update_parameters(model)
+            if ema_mask is not None:
+                ema_mask.update_parameters(mask_model)
             loss_sum += loss.item()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v
@@ -431,6 +448,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     "split": "val", "data": data_name, "num_images": len(val_recs), "epoch": epoch,
                     **scal}}
                 save_model(ema_model, best_dir, manifest)
+            if ema_mask is not None:
+                mask_score = _validate_mask(ema_mask.module, manifest_base, info, cfg, device, progress, row,
+                                            out / "best-mask", best_mask, epoch, data_name)
+                best_mask = max(best_mask, mask_score)
         history.append(row)
         _write_csv(out / "log.csv", history)
         try:
@@ -440,22 +461,60 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         tmp = last_path.with_suffix(".tmp")
         torch.save({"model": trained.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
+                    "best_mask": best_mask, **({"ema_mask": ema_mask.state_dict()} if ema_mask else {}),
                     "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
                     "mean": mean, "std": std, "rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, last_path)
         msg = " ".join(f"{k}={v}" for k, v in row.items())
         print(f"[{cfg.name}] {msg}{'  *best*' if improved else ''}", flush=True)
 
-    export = None
-    if cfg.export and best_dir.exists():
-        import shutil
+    export = _copy_folder(best_dir, cfg.export)
+    export_mask = _copy_folder(out / "best-mask", cfg.export_mask)
+    result = {"best": {recipe.metric: best}, "best_epoch": best_epoch, "out": str(out),
+              "best_dir": str(best_dir), "export": str(export) if export else None}
+    if ema_mask is not None:
+        result.update(best_mask={"miou": best_mask}, export_mask=str(export_mask) if export_mask else None)
+    return result
 
-        export = Path(cfg.export)
-        export.mkdir(parents=True, exist_ok=True)
-        for f in best_dir.iterdir():
-            shutil.copy2(f, export / f.name)
-    return {"best": {recipe.metric: best}, "best_epoch": best_epoch, "out": str(out),
-            "best_dir": str(best_dir), "export": str(export) if export else None}
+
+def _copy_folder(src: Path, dst: str | None) -> Path | None:
+    if not dst or not src.exists():
+        return None
+    import shutil
+
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def _validate_mask(seg_model: nn.Module, manifest_base: dict, info, cfg: TrainConfig, device, progress: bool,
+                   row: dict, best_dir: Path, best: float, epoch: int, data_name: str) -> float:
+    """Validate the EMA segment model formed by the classifier's backbone and its auxiliary mask decoder
+    on the segment records of the val split; save it to ``best_dir`` when its mIoU improved. Adds
+    ``val_mask_*`` columns to ``row`` and returns the score."""
+    t = time.time()
+    recs = split_records(info.records_for("segment"), "val")
+    if cfg.max_val_images:
+        recs = recs[: cfg.max_val_images]
+    classes = info.class_names("segment")
+    manifest = {**manifest_base, "task": "segment", "classes": classes,
+                "arch": {**manifest_base["arch"], "num_classes": len(classes)},
+                "verdict": _verdict_rule("segment", info.pass_classes),
+                "note": "backbone shared with the classifier of the same run, decoder trained as its "
+                        "auxiliary mask head"}
+    copy = _frozen_copy(seg_model)
+    metrics = evaluate(Predictor(copy, {**manifest, "metrics": {}}, device=device), recs,
+                       batch_size=max(8, cfg.batch), progress=progress)
+    scal = _scalar_metrics(metrics)
+    row.update({f"val_mask_{k}": v for k, v in scal.items()})
+    row["val_mask_s"] = round(time.time() - t, 1)
+    score = float(metrics["miou"])
+    if score > best:
+        save_model(copy, best_dir, {**manifest, "metrics": {
+            "split": "val", "data": data_name, "num_images": len(recs), "epoch": epoch, **scal}})
+    return score
 
 
 def _sampler(records, task: str, power: float, source: dict[int, str] | None = None

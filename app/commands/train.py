@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
                                            "(e.g. a segmenter trained on the same images)")
     p.add_argument("--no-aux-mask", action="store_true",
                    help="classify: do not train the auxiliary mask head even when masks exist")
+    p.add_argument("--export-mask", help="classify with masks: copy the segment model formed by the backbone "
+                                         "and the auxiliary mask head (best val mIoU) here at the end")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -54,7 +56,7 @@ def run(args) -> int:
                       crop=args.crop, out=args.out, name=args.name, resume=args.resume, export=args.export,
                       workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
-                      aux_mask=not args.no_aux_mask, max_val_images=args.max_val_images,
+                      aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     result = train(cfg, progress=not args.quiet)
     print(json.dumps(result))

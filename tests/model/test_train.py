@@ -4,6 +4,7 @@ train → per-epoch checkpoint + CSV + curves → best weights export → resume
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from app.cli import main as cli_main
 from model.data.readers import is_val_stem
 from model.predictor import Predictor
+from model.registry import build_model
 from model.train import TrainConfig, train
 
 
@@ -149,6 +151,38 @@ def test_classify_with_mask_head_and_backbone_init(tmp_path):
     pred = Predictor.from_folder(out / "best")
     assert pred.classes[-1] == "MT_Free"
     assert not any(k.startswith("aux") for k in pred.model.state_dict())
+
+
+def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path):
+    """One classify run on masked data yields two models: the classifier and, from the same backbone plus
+    the auxiliary decoder, a segmenter validated on its own (val_mask_* columns), exported by
+    --export-mask with a segment manifest; a resumed run keeps that model's EMA and best score."""
+    import torch
+
+    data = make_magnetic_tile(tmp_path / "mt")
+    out, cls_dst, seg_dst = tmp_path / "run", tmp_path / "w-cls", tmp_path / "w-seg"
+    cfg = TrainConfig(task="classify", data=str(data), epochs=1, imgsz=64, batch=4, out=str(out), workers=0,
+                      max_train_batches=2)
+    res = train(cfg, progress=False)
+    assert res["export_mask"] is None and (out / "best-mask" / "manifest.json").exists()
+    res = train(dataclasses.replace(cfg, epochs=2, resume=True, export=str(cls_dst), export_mask=str(seg_dst)),
+                progress=False)
+    assert res["export_mask"] == str(seg_dst)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert len(rows) == 2 and all(0 <= float(r["val_mask_miou"]) <= 1 for r in rows)
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["best_mask"] == max(float(r["val_mask_miou"]) for r in rows)
+
+    seg = Predictor.from_folder(seg_dst)
+    assert seg.task == "segment" and seg.classes[0] == "background" and "MT_Blowhole" in seg.classes
+    assert seg.manifest["metrics"]["split"] == "val" and "miou" in seg.manifest["metrics"]
+    cls = Predictor.from_folder(cls_dst)
+    assert cls.task == "classify"
+    # the segmenter's backbone is the run's (EMA) backbone, not a fresh one: it differs from a new init
+    fresh = build_model("segment", "tiny", 2).state_dict()
+    got = seg.model.state_dict()
+    assert any(not torch.equal(got[k].float(), fresh[k].float()) for k in fresh if k.startswith("backbone."))
+    assert "verdict" in seg.predict([np.full((80, 96, 3), 128, np.uint8)])[0]
 
 
 def test_several_data_folders_with_the_same_classes_combine(tmp_path):
