@@ -221,13 +221,20 @@ def test_seg_loss_modes_all_ignored_and_perfect(mode, dice):
 
 
 def test_seg_loss_dice_value_and_bad_labels():
-    # uniform probabilities on 2 classes, 4 valid pixels of class 0: Dice_0 = 1 - (2·2+1)/(2+4+1),
-    # Dice_1 = 1 - 1/(2+0+1)
+    # uniform probabilities on 2 classes, 4 valid pixels of class 0: Dice_0 = 1 - (2·2+1)/(2+4+1);
+    # class 1 is absent from the target and does not count
     crit = SegmentationLoss(2, dice_weight=1.0)
     logits = torch.zeros(1, 2, 1, 5)
     target = torch.tensor([[[0, 0, 0, 0, 255]]])
-    expected = math.log(2) + 0.5 * ((1 - 5 / 7) + (1 - 1 / 3))
+    expected = math.log(2) + (1 - 5 / 7)
     assert crit(logits, target).item() == pytest.approx(expected, abs=1e-6)
+    # 3 classes, 1 and 2 present, 3 valid pixels (summed probability 1 per class):
+    # Dice_1 = 1 - (2·1/3+1)/(1+1+1), Dice_2 = 1 - (2·2/3+1)/(1+2+1)
+    crit3 = SegmentationLoss(3, dice_weight=1.0)
+    logits3 = torch.zeros(1, 3, 1, 4)
+    target3 = torch.tensor([[[1, 2, 2, 255]]])
+    dice = ((1 - (2 / 3 + 1) / 3) + (1 - (4 / 3 + 1) / 4)) / 2
+    assert crit3(logits3, target3).item() == pytest.approx(math.log(3) + dice, abs=1e-6)
     with pytest.raises(ValueError, match="outside"):
         crit(logits, torch.tensor([[[0, 1, 2, 0, 0]]]))
 
