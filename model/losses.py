@@ -227,8 +227,8 @@ class SegmentationLoss(nn.Module):
     ``mode="ce"``: softmax cross-entropy averaged over valid pixels. ``mode="bce"``: the reference's
     one-hot BCE-with-logits over all channels, averaged over valid pixels × channels.
     ``dice_weight > 0`` adds ``dice_weight ×`` soft multi-class Dice loss (softmax probabilities, valid
-    pixels only, mean over the classes present in the batch's target). ``logits`` B×C×H×W, ``target`` B×H×W integer class map
-    (values in [0, C) or ``ignore_index``). An all-ignored batch gives a zero loss (not NaN).
+    pixels only, mean over the classes present in the batch's target). ``logits`` B×C×H×W, ``target``
+    B×H×W integer class map (values in [0, C) or ``ignore_index``). An all-ignored batch gives a zero loss (not NaN).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, dice_weight: float = 0.0,

@@ -151,6 +151,14 @@ def test_classify_with_mask_head_and_backbone_init(tmp_path):
     pred = Predictor.from_folder(out / "best")
     assert pred.classes[-1] == "MT_Free"
     assert not any(k.startswith("aux") for k in pred.model.state_dict())
+    # the segmenter has the same classes as the mask head, so its decoder initialised the head too: two
+    # warm-up steps later the run's mask model is still next to it, far from a fresh decoder
+    src = Predictor.from_folder(seg["best_dir"]).model.decoder.state_dict()
+    got = Predictor.from_folder(out / "best-mask").model.decoder.state_dict()
+    fresh = build_model("segment", "tiny", len(pred.classes)).decoder.state_dict()
+    dist = sum(float((got[k].float() - src[k].float()).abs().sum()) for k in src)
+    dist_fresh = sum(float((fresh[k].float() - src[k].float()).abs().sum()) for k in src)
+    assert dist < 0.1 * dist_fresh, (dist, dist_fresh)
 
 
 def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path):
