@@ -306,6 +306,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out or Path("runs") / (cfg.name or f"{Path(cfg.data).name}-{cfg.task}"))
     last_path = out / "last.pt"
     state = None
+    resumed_with: list[str] = []  # the commands that resumed this run, recorded in the manifest
     if cfg.resume:
         if not last_path.exists():
             raise FileNotFoundError(f"--resume: no {last_path} to resume from")
@@ -314,6 +315,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         # a resumed run keeps its data and architecture; only the length / output options may change
         overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
                                                   "max_train_batches", "max_val_images") if getattr(cfg, k) is not None}
+        resumed_with = json.loads(state.get("resumed_with", "[]")) + ([cfg.command] if cfg.command else [])
         cfg = dataclasses.replace(saved, **overrides, resume=True)
     cfg = cfg.resolved()
     if cfg.threads:
@@ -399,6 +401,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "trained_on": f"{info.format}: {data_name}, {len(train_recs)} train images "
                       f"(split sha1('val:'+stem) % 5 != 0)",
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
+        **({"resumed_with": resumed_with} if resumed_with else {}),
     }
     best_dir = out / "best"
     amp_dtype = torch.bfloat16
@@ -468,6 +471,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
                     "best_mask": best_mask, **({"ema_mask": ema_mask.state_dict()} if ema_mask else {}),
                     "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
+                    "resumed_with": json.dumps(resumed_with),
                     "mean": mean, "std": std, "rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, last_path)
         msg = " ".join(f"{k}={v}" for k, v in row.items())

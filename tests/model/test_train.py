@@ -97,9 +97,17 @@ def test_train_export_resume_eval(task, tmp_path, capsys):
 
     # resume: one more epoch continues the same log
     train(TrainConfig(task=task, data=str(data), out=str(out), epochs=2, resume=True, workers=0,
-                      max_train_batches=2), progress=False)
+                      max_train_batches=2, command="test --resume"), progress=False)
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    # the manifest keeps the original command and says how the run was resumed
+    import torch
+
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert json.loads(state["resumed_with"]) == ["test --resume"]
+    manifest2 = json.loads((out / "best" / "manifest.json").read_text())
+    if manifest2["metrics"]["epoch"] == 2:
+        assert manifest2["train_command"] == "test" and manifest2["resumed_with"] == ["test --resume"]
 
     # eval CLI: last line is one JSON object with the task's metrics
     capsys.readouterr()
