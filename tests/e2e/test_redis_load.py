@@ -20,6 +20,7 @@ WARMUP = 200
 CONCURRENCY = 64
 IDEMPOTENT_EVERY = 4  # every 4th request carries an Idempotency-Key (stored in Redis with a TTL)
 IDEMPOTENCY_TTL_S = 4.0
+TRANSPORT_RETRIES: list[int] = []  # requests whose connection dropped and were sent again
 
 
 async def _blast(url: str, start: int, count: int, bodies: list[bytes]) -> list[int]:
@@ -30,9 +31,15 @@ async def _blast(url: str, start: int, count: int, bodies: list[bytes]) -> list[
 
         async def one(i: int) -> None:
             headers = {"Idempotency-Key": f"load-{i}"} if i % IDEMPOTENT_EVERY == 0 else {}
+            files = [("file", ("x.png", bodies[i % len(bodies)], "image/png"))]
             async with sem:
-                resp = await c.post("/classify", files=[("file", ("x.png", bodies[i % len(bodies)],
-                                                                  "image/png"))], headers=headers)
+                try:
+                    resp = await c.post("/classify", files=files, headers=headers)
+                except httpx.TransportError:
+                    # a connection dropped under 64-way load on a 2-core CI box (seen once in CI as a
+                    # ReadError): retried once, like a client would, and counted (see the assertion)
+                    TRANSPORT_RETRIES.append(i)
+                    resp = await c.post("/classify", files=files, headers=headers)
             statuses.append(resp.status_code)
 
         await asyncio.gather(*(one(i) for i in range(start, start + count)))
@@ -64,6 +71,7 @@ def test_load_run_leaves_redis_bounded_and_api_rss_flat(tmp_path, e2e_weights):
             samples.append(key_report(r))
         elapsed = time.monotonic() - t0
         assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+        assert len(TRANSPORT_RETRIES) <= N // 100, TRANSPORT_RETRIES  # rare, never systematic
         after = key_report(r)
 
         # -- Redis: only the job stream lives without a TTL, and it is empty; the reply stream is
