@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from promtext import metric  # noqa: F401  (re-exported: the API tests import it from here)
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -71,14 +72,6 @@ def real_png_bomb(side: int = 6000) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels` (0 when there are none)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def histogram_buckets(text: str, name: str, **labels: str) -> dict[float, float]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from promtext import metric  # noqa: F401  (re-exported: the e2e tests import it from here)
 
 INPUT_SIZE = 32  # the smallest input the model family supports: cheapest forwards
 
@@ -96,13 +97,3 @@ def assert_same_answer(got: dict[str, Any], want: dict[str, Any], tol: float = 1
                     assert abs(a["box"][c] - b["box"][c]) <= 0.05, (a, b)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` in Prometheus text whose labels include `labels` (0 if none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
