@@ -117,10 +117,12 @@ class TrainConfig:
     ema_decay: float = 0.999
     lr_final: float = 0.01  # final LR as a fraction of lr
     val_every: int = 1
+    time_limit: float | None = None  # minutes for this invocation: --epochs shrinks to what fits
     max_train_batches: int | None = None  # smoke tests: cap batches per epoch
     max_val_images: int | None = None
     threads: int | None = None
     init_backbone: str | None = None  # weights folder whose backbone.* tensors initialise the model (D6)
+    init_weights: str | None = None  # weights folder of the same task/variant/classes to continue from
     aux_mask: bool = True  # classify: auxiliary mask head when the records carry masks
     export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
     command: str = ""
@@ -153,11 +155,15 @@ def _ema(model: nn.Module, decay: float) -> AveragedModel:
     """EMA of weights and buffers; the decay ramps up over the first ~2000 updates (early weights are
     poor, so they should not dominate the average)."""
 
-    def avg_fn(avg: torch.Tensor, cur: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def multi_avg_fn(avg: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+        # called once per (device, dtype) group: one host sync for n, then one fused update
+        if not avg[0].is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked): follow
+            torch._foreach_copy_(avg, cur)
+            return
         d = decay * (1.0 - math.exp(-float(n) / 2000.0))
-        return avg * d + cur * (1.0 - d)
+        torch._foreach_lerp_(avg, cur, 1.0 - d)  # avg·d + cur·(1 − d)
 
-    return AveragedModel(model, avg_fn=avg_fn, use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -314,9 +320,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         saved = TrainConfig(**json.loads(state["config"]))
         # a resumed run keeps its data and architecture; only the length / output options may change
         overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
-                                                  "max_train_batches", "max_val_images") if getattr(cfg, k) is not None}
+                                                  "max_train_batches", "max_val_images", "time_limit")
+                     if getattr(cfg, k) is not None}
         resumed_with = json.loads(state.get("resumed_with", "[]")) + ([cfg.command] if cfg.command else [])
-        cfg = dataclasses.replace(saved, **overrides, resume=True)
+        # the machine may differ from the one that started the run: device / mixed precision / validation
+        # cadence are taken from this invocation
+        cfg = dataclasses.replace(saved, **overrides, resume=True, device=cfg.device, amp=cfg.amp,
+                                  val_every=cfg.val_every)
     cfg = cfg.resolved()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -324,6 +334,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes in training and validation
     recipe = RECIPES[cfg.task]
 
     info, source = _load_data(cfg.data, cfg.task)
@@ -358,6 +370,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
         loaded = load_backbone_from(model, cfg.init_backbone)
         print(f"initialised {len(loaded['loaded'])} backbone tensors from {cfg.init_backbone}")
+    if cfg.init_weights and state is None:
+        _init_weights(model, cfg, classes)
     ema = _ema(model, cfg.ema_decay)
     trained = nn.ModuleList([model] + ([task.aux.to(device)] if task.aux is not None else []))
     # classify with masks: the same backbone + the auxiliary decoder form a segment model; it gets its
@@ -369,7 +383,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.init_backbone and state is None:
             _init_aux_decoder(task.aux, cfg.init_backbone, info.class_names("segment"))
         ema_mask = _ema(mask_model, cfg.ema_decay)
-    opt = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")  # one kernel per step: small models are launch-bound
     total = cfg.epochs * iters_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(total, int(cfg.warmup_epochs * iters_per_epoch), cfg.lr_final))
@@ -405,7 +420,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     }
     best_dir = out / "best"
     amp_dtype = torch.bfloat16
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
+    t_start, epoch, requested = time.time(), start_epoch - 1, cfg.epochs
+    while epoch < cfg.epochs:
+        epoch += 1
         trained.train()
         t0 = time.time()
         loss_sum, parts_sum, n = 0.0, {}, 0
@@ -436,6 +454,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
             bar.update(1)
         bar.close()
+        if cfg.time_limit:
+            _fit_time_limit(cfg, epoch, start_epoch, requested, t_start, t0, history, sched, iters_per_epoch,
+                            warmup_iters)
         row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
                                "train_loss": round(loss_sum / max(n, 1), 5),
                                **{f"loss_{k}": round(v / max(n, 1), 5) for k, v in parts_sum.items()},
@@ -448,7 +469,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             metrics = evaluate(predictor, val_recs, batch_size=max(8, cfg.batch), progress=progress)
             scal = _scalar_metrics(metrics)
             row.update({f"val_{k}": v for k, v in scal.items()})
-            row["val_s"] = round(time.time() - t1, 1)
             score = float(metrics[recipe.metric])
             if score > best:
                 best, best_epoch, improved = score, epoch, True
@@ -460,6 +480,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 mask_score = _validate_mask(ema_mask.module, manifest_base, info, cfg, device, progress, row,
                                             out / "best-mask", best_mask, epoch, data_name)
                 best_mask = max(best_mask, mask_score)
+            row["val_s"] = round(time.time() - t1, 1)  # both validations
         history.append(row)
         _write_csv(out / "log.csv", history)
         try:
@@ -474,6 +495,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     "resumed_with": json.dumps(resumed_with),
                     "mean": mean, "std": std, "rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, last_path)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))  # epochs may shrink
         msg = " ".join(f"{k}={v}" for k, v in row.items())
         print(f"[{cfg.name}] {msg}{'  *best*' if improved else ''}", flush=True)
 
@@ -484,6 +506,49 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if ema_mask is not None:
         result.update(best_mask={"miou": best_mask}, export_mask=str(export_mask) if export_mask else None)
     return result
+
+
+def _fit_time_limit(cfg: TrainConfig, epoch: int, start_epoch: int, requested: int, t_start: float,
+                    t_epoch: float, history: list[dict], sched, iters_per_epoch: int, warmup_iters: int) -> None:
+    """--time-limit: after the training part of `epoch`, fit cfg.epochs to the time budget.
+
+    During the first two epochs of this invocation the cosine schedule is fitted to the epochs that the
+    budget holds (never more than the requested --epochs); later only a stop is decided: when one more
+    epoch would overrun, this one becomes the last (validated and exported like any last epoch)."""
+    budget = cfg.time_limit * 60.0
+    now = time.time()
+    elapsed, train_s = now - t_start, now - t_epoch
+    vals = [float(r["val_s"]) for r in history if r["epoch"] >= start_epoch and "val_s" in r]
+    val_s = vals[-1] if vals else 0.5 * train_s  # before the first validation: a guess
+    per_epoch = train_s + val_s / max(1, cfg.val_every)
+    if epoch - start_epoch < 2:
+        fit = epoch + int(max(0.0, budget - elapsed - val_s) // max(per_epoch, 1e-6))
+        new = max(epoch, min(requested, fit))
+        if new != cfg.epochs:
+            print(f"[{cfg.name}] --time-limit {cfg.time_limit:g} min: {new} epochs (asked {requested}; "
+                  f"{per_epoch:.1f} s per epoch)", flush=True)
+            cfg.epochs = new
+            f = _lr_lambda(cfg.epochs * iters_per_epoch, warmup_iters, cfg.lr_final)
+            sched.lr_lambdas = [f] * len(sched.lr_lambdas)
+            for g, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+                g["lr"] = base * f(sched.last_epoch)
+    elif epoch < cfg.epochs and elapsed + val_s + per_epoch > budget:
+        print(f"[{cfg.name}] --time-limit {cfg.time_limit:g} min: stopping after epoch {epoch}", flush=True)
+        cfg.epochs = epoch
+
+
+def _init_weights(model: nn.Module, cfg: TrainConfig, classes: list[str]) -> None:
+    """--init-weights: start from a shipped model of the same task, variant and classes (all tensors; a
+    new optimiser, schedule and EMA). The manifest's train_command then records where it came from."""
+    from model.checkpoint import CheckpointError, load_model
+
+    src, m = load_model(cfg.init_weights)
+    want = {"task": cfg.task, "variant": cfg.variant, "classes": list(classes)}
+    got = {"task": m.get("task"), "variant": m["arch"].get("variant"), "classes": list(m.get("classes", []))}
+    if got != want:
+        raise CheckpointError(f"--init-weights {cfg.init_weights}: it is {got}, this run needs {want}")
+    model.load_state_dict(src.state_dict())
+    print(f"initialised all {len(src.state_dict())} tensors from {cfg.init_weights}")
 
 
 def _init_aux_decoder(aux: nn.Module, folder: str, seg_classes: list[str]) -> None:

@@ -28,10 +28,16 @@ def add_parser(sub) -> None:
     p.add_argument("--export", help="copy the best weights folder here at the end (e.g. weights/NAME)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda | cuda:N")
+    p.add_argument("--time-limit", type=float, metavar="MIN",
+                   help="minutes for this invocation: the epochs (at most --epochs) are fitted to it after the "
+                        "first epochs, and the run stops before it would overrun")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the last)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--init-backbone", help="weights folder whose backbone initialises this model "
                                            "(e.g. a segmenter trained on the same images)")
+    p.add_argument("--init-weights", help="weights folder of the same task, variant and classes to continue "
+                                          "training from (new schedule; e.g. the shipped model)")
     p.add_argument("--no-aux-mask", action="store_true",
                    help="classify: do not train the auxiliary mask head even when masks exist")
     p.add_argument("--export-mask", help="classify with masks: copy the segment model formed by the backbone "
@@ -55,7 +61,9 @@ def run(args) -> int:
                       imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       crop=args.crop, out=args.out, name=args.name, resume=args.resume, export=args.export,
                       workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
+                      time_limit=args.time_limit, val_every=args.val_every,
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
+                      init_weights=args.init_weights,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     result = train(cfg, progress=not args.quiet)

@@ -16,7 +16,9 @@ from app.cli import main as cli_main
 from model.data.readers import is_val_stem
 from model.predictor import Predictor
 from model.registry import build_model
-from model.train import TrainConfig, train
+from model.train import RECIPES, TrainConfig, train
+
+RECIPE_LR = RECIPES["classify"].lr
 
 
 def _stems(n: int) -> list[str]:
@@ -131,6 +133,27 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path):
         train(TrainConfig(task="classify", data=str(data), out=str(tmp_path / "none"), resume=True))
 
 
+def test_time_limit_shrinks_the_epochs_and_still_exports(tmp_path):
+    """--time-limit: a budget that one epoch already exceeds ends the run after that epoch, validated and
+    exported; the schedule was fitted to one epoch (the LR reached its final value), and the config of
+    the run records the epochs it really had. Resuming with a new budget continues from there."""
+    data = make_classify(tmp_path / "data")
+    out = tmp_path / "run"
+    base = dict(task="classify", data=str(data), out=str(out), imgsz=32, batch=4, workers=0,
+                max_train_batches=2, warmup_epochs=0)
+    res = train(TrainConfig(**base, epochs=5, time_limit=1e-4), progress=False)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1]
+    assert "val_top1" in rows[0] and res["best_epoch"] == 1
+    assert float(rows[0]["lr"]) == pytest.approx(RECIPE_LR * 0.01, rel=1e-3)  # cosine ran to its end
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    # resumed with a generous budget: runs to the asked --epochs, on the device this invocation names
+    res = train(TrainConfig(**{**base, "epochs": 2, "time_limit": 60.0, "resume": True, "device": "cpu"}),
+                progress=False)
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
 def make_magnetic_tile(root: Path) -> Path:
     """A miniature of the magnetic-tile layout: MT_<Class>/Imgs/<stem>.jpg + <stem>.png mask."""
     rng = np.random.default_rng(3)
@@ -220,3 +243,49 @@ def test_several_data_folders_with_the_same_classes_combine(tmp_path):
     c, m = make_classify(tmp_path / "c"), make_magnetic_tile(tmp_path / "m")
     with pytest.raises(ValueError, match="cannot train on both"):
         _load_data(f"{c},{m}", "classify")
+
+
+def test_ema_follows_the_ramped_decay_and_copies_integer_buffers():
+    """The EMA's fused update equals avg·d + cur·(1 − d) with d = decay·(1 − exp(−n/2000)); BatchNorm's
+    integer step counter follows the model."""
+    import math
+
+    import torch
+
+    from model.train import _ema
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = _ema(net, 0.999)
+    ema.update_parameters(net)  # first update copies
+    before = ema.module[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net[1].num_batches_tracked += 7
+    ema.update_parameters(net)  # n = 1
+    d = 0.999 * (1 - math.exp(-1 / 2000))
+    assert torch.allclose(ema.module[0].weight, before * d + net[0].weight.detach() * (1 - d), atol=1e-7)
+    assert int(ema.module[1].num_batches_tracked) == 7
+
+
+def test_init_weights_continues_from_a_weights_folder_of_the_same_model(tmp_path):
+    from model.checkpoint import CheckpointError, load_model
+
+    data = make_classify(tmp_path / "data")
+    base = dict(task="classify", data=str(data), imgsz=32, batch=4, workers=0, max_train_batches=1, epochs=1)
+    train(TrainConfig(**base, out=str(tmp_path / "a")), progress=False)
+    src, _ = load_model(tmp_path / "a" / "best")
+    # zero optimiser steps: the model equals its source (the EMA's first update copies it)
+    train(TrainConfig(**{**base, "max_train_batches": 0}, out=str(tmp_path / "b"),
+                      init_weights=str(tmp_path / "a" / "best")), progress=False)
+    got, _ = load_model(tmp_path / "b" / "best")
+    for k, v in src.state_dict().items():
+        assert torch_equal(got.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="needs"):
+        train(TrainConfig(**{**base, "variant": "small"}, out=str(tmp_path / "c"),
+                          init_weights=str(tmp_path / "a" / "best")), progress=False)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
