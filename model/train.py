@@ -417,6 +417,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                       f"(split sha1('val:'+stem) % 5 != 0)",
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
         **({"resumed_with": resumed_with} if resumed_with else {}),
+        **({"initialised_from": lineage} if (lineage := _lineage(cfg)) else {}),
     }
     best_dir = out / "best"
     amp_dtype = torch.bfloat16
@@ -535,6 +536,20 @@ def _fit_time_limit(cfg: TrainConfig, epoch: int, start_epoch: int, requested: i
     elif epoch < cfg.epochs and elapsed + val_s + per_epoch > budget:
         print(f"[{cfg.name}] --time-limit {cfg.time_limit:g} min: stopping after epoch {epoch}", flush=True)
         cfg.epochs = epoch
+
+
+def _lineage(cfg: TrainConfig) -> list[dict]:
+    """The weights folders a run started from (--init-backbone / --init-weights), with their name,
+    version and sha256, so that a shipped model's whole history can be followed."""
+    from model.checkpoint import read_manifest
+
+    out = []
+    for how, folder in (("init_backbone", cfg.init_backbone), ("init_weights", cfg.init_weights)):
+        if folder:
+            m = read_manifest(folder)
+            out.append({"how": how, "folder": folder, "name": m.get("name"), "version": m.get("version"),
+                        "sha256": m.get("sha256")})
+    return out
 
 
 def _init_weights(model: nn.Module, cfg: TrainConfig, classes: list[str]) -> None:

@@ -277,7 +277,11 @@ def test_init_weights_continues_from_a_weights_folder_of_the_same_model(tmp_path
     # zero optimiser steps: the model equals its source (the EMA's first update copies it)
     train(TrainConfig(**{**base, "max_train_batches": 0}, out=str(tmp_path / "b"),
                       init_weights=str(tmp_path / "a" / "best")), progress=False)
-    got, _ = load_model(tmp_path / "b" / "best")
+    got, manifest = load_model(tmp_path / "b" / "best")
+    src_manifest = json.loads((tmp_path / "a" / "best" / "manifest.json").read_text())
+    assert manifest["initialised_from"] == [{"how": "init_weights", "folder": str(tmp_path / "a" / "best"),
+                                             "name": src_manifest["name"], "version": src_manifest["version"],
+                                             "sha256": src_manifest["sha256"]}]
     for k, v in src.state_dict().items():
         assert torch_equal(got.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="needs"):
