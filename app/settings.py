@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="Default deadline of a request; the X-Request-Timeout header lowers it."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 answers.")
+    keep_alive_s: int = Field(
+        75, ge=1, le=3600,
+        description="Idle seconds before the server closes a keep-alive connection. Longer than client "
+        "pools keep idle connections (httpx 5 s), so a client never reuses a connection the server is "
+        "closing at that moment (uvicorn's own default, 5 s, races httpx's).",
+    )
 
     # --- redis mode (another implementation of the dispatcher)
     redis_url: str | None = Field(None, description="Set: Redis Streams mode; unset: embedded batching.")

@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_keep_alive=settings.keep_alive_s,
         lifespan="on",
     )
     server = DrainingServer.create(config, app, settings)
@@ -161,5 +162,6 @@ def _run_multiprocess(args: argparse.Namespace, settings: Any) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        timeout_keep_alive=settings.keep_alive_s,
     )
     return 0

@@ -582,3 +582,28 @@ def test_metrics_count_requests_defects_and_verdicts(client: httpx.Client, serve
         )
     assert metric(after, "s2amnet_model_info", model="det", task="detect", version="1", variant="tiny") == 1
     assert metric(after, "s2amnet_queue_depth", model="det") == 0
+
+
+def test_an_idle_keep_alive_connection_is_still_open_after_six_seconds(server):
+    """A client pool (httpx keeps idle connections 5 s, urllib3 indefinitely) reuses a connection after
+    an idle pause: the server must not have closed it (uvicorn's default closes after 5 s, which races
+    httpx's expiry and shows up as dropped requests under load)."""
+    import http.client
+    import time
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request("GET", "/livez")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and first.getheader("connection", "").lower() != "close"
+        sock = conn.sock
+        time.sleep(6.0)
+        conn.request("GET", "/livez")  # http.client does not reconnect on its own: same socket
+        again = conn.getresponse()
+        again.read()
+        assert again.status == 200 and conn.sock is sock
+    finally:
+        conn.close()

@@ -37,7 +37,10 @@ async def _blast(url: str, start: int, count: int, bodies: list[bytes]) -> list[
                     resp = await c.post("/classify", files=files, headers=headers)
                 except httpx.TransportError:
                     # a connection dropped under 64-way load on a 2-core CI box (seen once in CI as a
-                    # ReadError): retried once, like a client would, and counted (see the assertion)
+                    # ReadError; likely cause, since fixed: uvicorn closed idle keep-alive connections
+                    # after 5 s, the same time httpx keeps them, so a reuse could meet the close — the
+                    # server now keeps them S2AMNET_KEEP_ALIVE_S = 75 s): retried once, like a client
+                    # would, and counted (see the assertion)
                     TRANSPORT_RETRIES.append(i)
                     resp = await c.post("/classify", files=files, headers=headers)
             statuses.append(resp.status_code)
