@@ -451,6 +451,21 @@ def test_health_metrics_docs_are_open(anon: httpx.Client):
     assert anon.get("/openapi.json").status_code == 200
 
 
+def test_docs_page_needs_no_internet(anon: httpx.Client):
+    """Factory networks are often offline: every script and style of /docs comes from this server."""
+    import re
+
+    page = anon.get("/docs")
+    assert page.status_code == 200
+    refs = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', page.text)
+    refs += re.findall(r"url: ?['\"]([^'\"]+)['\"]", page.text)
+    assert refs and all(not r.startswith(("http:", "https:", "//")) for r in refs), refs
+    for ref in {r for r in refs if r.endswith((".js", ".css"))}:
+        asset = anon.get(ref)
+        assert asset.status_code == 200 and len(asset.content) > 10_000, ref
+    assert any(r.endswith("swagger-ui-bundle.js") for r in refs)
+
+
 # --------------------------------------------------------------------------------------- idempotency
 def test_idempotency_key_replays_without_computing(client: httpx.Client, server):
     key = uuid.uuid4().hex
