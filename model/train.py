@@ -403,6 +403,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if ema_mask is not None and "ema_mask" in state:
             ema_mask.load_state_dict(state["ema_mask"])
 
+    # read at the start: on resume the folders may since hold other weights (e.g. --export to the source)
+    lineage = json.loads(state["lineage"]) if state is not None and "lineage" in state else _lineage(cfg)
     manifest_base = {
         "name": cfg.name,
         "version": "1.0.0",
@@ -417,7 +419,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                       f"(split sha1('val:'+stem) % 5 != 0)",
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
         **({"resumed_with": resumed_with} if resumed_with else {}),
-        **({"initialised_from": lineage} if (lineage := _lineage(cfg)) else {}),
+        **({"initialised_from": lineage} if lineage else {}),
     }
     best_dir = out / "best"
     amp_dtype = torch.bfloat16
@@ -493,7 +495,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
                     "best_mask": best_mask, **({"ema_mask": ema_mask.state_dict()} if ema_mask else {}),
                     "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
-                    "resumed_with": json.dumps(resumed_with),
+                    "resumed_with": json.dumps(resumed_with), "lineage": json.dumps(lineage),
                     "mean": mean, "std": std, "rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, last_path)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))  # epochs may shrink
@@ -511,31 +513,33 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
 def _fit_time_limit(cfg: TrainConfig, epoch: int, start_epoch: int, requested: int, t_start: float,
                     t_epoch: float, history: list[dict], sched, iters_per_epoch: int, warmup_iters: int) -> None:
-    """--time-limit: after the training part of `epoch`, fit cfg.epochs to the time budget.
+    """--time-limit: after the training part of `epoch`, fit cfg.epochs (and the cosine schedule) to the
+    time budget, so that the run ends annealed rather than cut off.
 
-    During the first two epochs of this invocation the cosine schedule is fitted to the epochs that the
-    budget holds (never more than the requested --epochs); later only a stop is decided: when one more
-    epoch would overrun, this one becomes the last (validated and exported like any last epoch)."""
+    The epoch time is estimated from this invocation's recent epochs (training + validation). During
+    the first two epochs the horizon may grow or shrink (never beyond the requested --epochs); after
+    that it only shrinks — down to this epoch, which then is the last (validated and exported)."""
     budget = cfg.time_limit * 60.0
     now = time.time()
-    elapsed, train_s = now - t_start, now - t_epoch
-    vals = [float(r["val_s"]) for r in history if r["epoch"] >= start_epoch and "val_s" in r]
-    val_s = vals[-1] if vals else 0.5 * train_s  # before the first validation: a guess
-    per_epoch = train_s + val_s / max(1, cfg.val_every)
-    if epoch - start_epoch < 2:
-        fit = epoch + int(max(0.0, budget - elapsed - val_s) // max(per_epoch, 1e-6))
-        new = max(epoch, min(requested, fit))
-        if new != cfg.epochs:
-            print(f"[{cfg.name}] --time-limit {cfg.time_limit:g} min: {new} epochs (asked {requested}; "
-                  f"{per_epoch:.1f} s per epoch)", flush=True)
-            cfg.epochs = new
-            f = _lr_lambda(cfg.epochs * iters_per_epoch, warmup_iters, cfg.lr_final)
-            sched.lr_lambdas = [f] * len(sched.lr_lambdas)
-            for g, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
-                g["lr"] = base * f(sched.last_epoch)
-    elif epoch < cfg.epochs and elapsed + val_s + per_epoch > budget:
-        print(f"[{cfg.name}] --time-limit {cfg.time_limit:g} min: stopping after epoch {epoch}", flush=True)
-        cfg.epochs = epoch
+    elapsed = now - t_start
+    mine = [r for r in history if r["epoch"] >= start_epoch]
+    trains = [float(r["train_s"]) for r in mine[1:]][-3:] + [now - t_epoch]  # the first carries warm-up
+    vals = [float(r["val_s"]) for r in mine if "val_s" in r][-3:]
+    val_s = sum(vals) / len(vals) if vals else 0.5 * trains[-1]  # before the first validation: a guess
+    per_epoch = sum(trains) / len(trains) + val_s / max(1, cfg.val_every)
+    fit = epoch + int(max(0.0, budget - elapsed - val_s) // max(per_epoch, 1e-6))
+    new = max(epoch, min(requested, fit))
+    if epoch - start_epoch >= 2:
+        new = min(new, cfg.epochs)
+    if new == cfg.epochs:
+        return
+    print(f"[{cfg.name}] --time-limit {cfg.time_limit:g} min: {new} epochs (asked {requested}; "
+          f"{per_epoch:.1f} s per epoch)", flush=True)
+    cfg.epochs = new
+    f = _lr_lambda(cfg.epochs * iters_per_epoch, warmup_iters, cfg.lr_final)
+    sched.lr_lambdas = [f] * len(sched.lr_lambdas)
+    for g, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
+        g["lr"] = base * f(sched.last_epoch)
 
 
 def _lineage(cfg: TrainConfig) -> list[dict]:

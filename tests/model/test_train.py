@@ -293,3 +293,35 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_time_limit_refits_the_schedule_so_the_run_ends_annealed():
+    """After the first epochs the horizon only shrinks, to what the measured epoch time leaves; the LR
+    is re-set on the new cosine at once (so the last epoch runs at the final LR, not cut off mid-way)."""
+    import time
+
+    import torch
+
+    from model.train import _fit_time_limit, _lr_lambda
+
+    cfg = TrainConfig(task="classify", data="x", epochs=50, time_limit=10.0, val_every=1).resolved()
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    iters = 10
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50 * iters, 0, cfg.lr_final))
+    for _ in range(5 * iters):
+        opt.step()
+        sched.step()
+    history = [{"epoch": e, "train_s": 20.0, "val_s": 10.0} for e in range(1, 5)]
+    now = time.time()
+    # epoch 5 trained in 20 s; 150 s of the 600 s budget used: (600 - 150 - 10) // 30 = 14 more epochs
+    _fit_time_limit(cfg, 5, 1, 50, now - 150.0, now - 20.0, history, sched, iters, 0)
+    assert cfg.epochs == 5 + 14
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * _lr_lambda(19 * iters, 0, cfg.lr_final)(5 * iters))
+    # later, slower epochs: the horizon shrinks again; it never grows back after the first two epochs
+    history.append({"epoch": 5, "train_s": 20.0, "val_s": 10.0})
+    _fit_time_limit(cfg, 6, 1, 50, now - 580.0, now - 20.0, history, sched, iters, 0)
+    assert cfg.epochs == 6  # nothing fits: this epoch is the last
+    cfg2 = dataclasses.replace(cfg, epochs=8)
+    _fit_time_limit(cfg2, 6, 1, 50, now - 10.0, now - 1.0, history, sched, iters, 0)
+    assert cfg2.epochs == 8
