@@ -5,7 +5,9 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
 
 - batch: ``XREADGROUP COUNT max_batch BLOCK`` over all its streams; once a job is in hand the batch of
   its model is topped up until it is full or ``max_delay_ms`` has passed since that first job;
-- expired jobs (deadline passed) are acked and answered ``expired`` without computing;
+- expired jobs (deadline passed) are acked and answered ``expired`` without computing; expiry is judged
+  on Redis's clock (the entry ID's milliseconds + the job's ``ttl_ms`` against ``TIME``), so a worker
+  whose clock differs from the API host's neither drops live jobs nor computes dead ones;
 - the batch goes through ``app.inference.run_batch`` (the pipeline shared with the embedded dispatcher);
   when a batch fails, its jobs are retried one by one so that one bad job does not fail the others;
 - replies are written (``XADD`` to the asking API instance's reply stream, ``MAXLEN ~`` + ``EXPIRE``)
@@ -33,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -93,6 +95,32 @@ class _Entry:
             return float(_s(self.fields[b"deadline"]))
         except (KeyError, ValueError):
             return None
+
+    def expired(self, redis_now_ms: int | None) -> bool:
+        """On Redis's clock when the job carries ``ttl_ms`` (time left when it was queued; the entry ID
+        holds Redis's milliseconds at XADD); else by the API host's absolute ``deadline``."""
+        ttl = self.fields.get(b"ttl_ms")
+        if ttl is not None and redis_now_ms is not None:
+            try:
+                return redis_now_ms >= int(self.entry_id.split("-", 1)[0]) + int(_s(ttl))
+            except ValueError:
+                pass
+        deadline = self.deadline
+        return deadline is not None and deadline <= time.time()
+
+    def on_local_clock(self, job: Job, redis_now_ms: int | None) -> Job:
+        """The job with its deadline and queueing time moved onto this host's clock (run_batch and the
+        queue-wait metric use it), measured from Redis's clock where the job carries ``ttl_ms``."""
+        ttl = self.fields.get(b"ttl_ms")
+        if ttl is None or redis_now_ms is None:
+            return job
+        try:
+            queued_ms = int(self.entry_id.split("-", 1)[0])
+            left_ms = queued_ms + int(_s(ttl)) - redis_now_ms
+        except ValueError:
+            return job
+        now = time.time()
+        return replace(job, deadline=now + left_ms / 1000.0, enqueued_at=now - (redis_now_ms - queued_ms) / 1000.0)
 
 
 def _default_run_batch() -> RunBatch:
@@ -326,15 +354,21 @@ class Worker:
 
     # -- one batch ---------------------------------------------------------------------------------
 
+    def _redis_now_ms(self) -> int | None:
+        try:
+            sec, usec = self._r.time()
+            return int(sec) * 1000 + int(usec) // 1000
+        except Exception:  # noqa: BLE001 - Redis away: judge by the deadline field instead
+            return None
+
     def _process(self, model: str, batch: list[_Entry]) -> None:
-        now = time.time()
+        redis_now_ms = self._redis_now_ms()
         replies: list[tuple[_Entry, dict]] = []
         dead: list[tuple[_Entry, str]] = []
         requeue: list[_Entry] = []
         live: list[tuple[_Entry, Job]] = []
         for e in batch:
-            deadline = e.deadline
-            if deadline is not None and deadline <= now:
+            if e.expired(redis_now_ms):
                 detail = "the job expired before a worker ran it"
                 replies.append((e, encode_reply(e.job_id, EXPIRED, detail=detail)))
                 metrics.JOBS_EXPIRED.labels(model=model).inc()
@@ -343,7 +377,7 @@ class Worker:
                 dead.append((e, f"delivered {e.deliveries} times without an answer (workers died on it?)"))
             else:
                 try:
-                    live.append((e, decode_job(model, e.fields)))
+                    live.append((e, e.on_local_clock(decode_job(model, e.fields), redis_now_ms)))
                 except Exception as exc:  # noqa: BLE001 - a malformed job never succeeds
                     dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
 

@@ -110,6 +110,8 @@ def encode_job(job: Job, reply_to: str) -> dict[str, bytes | str]:
         "job_id": job.job_id,
         "reply_to": reply_to,
         "deadline": repr(float(job.deadline)),
+        # time left, judged by workers on Redis's clock from the entry ID (immune to host clock skew)
+        "ttl_ms": str(int((float(job.deadline) - time.time()) * 1000)),
         "enqueued_at": repr(float(job.enqueued_at)),
         "options": json.dumps(job.options, separators=(",", ":")),
         "meta": json.dumps(job.meta, separators=(",", ":")),

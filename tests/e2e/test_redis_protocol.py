@@ -201,6 +201,23 @@ def test_expired_job_is_acked_answered_and_not_computed(stack: Stack):
     assert group_pending(r, "cls") == 0 and r.xlen(JOBS.format("cls")) == 0
 
 
+def test_expiry_is_judged_on_redis_clock_not_the_hosts(stack: Stack):
+    """The API host's clock is an hour behind the worker's (its absolute deadline has long passed for
+    the worker) but the job still has 10 s to live by Redis's clock: it is computed. And a job queued
+    with no time left expires even though the API host's deadline lies an hour ahead."""
+    r = stack.r()
+    live, dead = job("cls"), job("cls")
+    f_live = encode_job(live, "s2amnet:replies:test-skew")
+    f_live["deadline"] = repr(time.time() - 3600.0)
+    f_dead = encode_job(dead, "s2amnet:replies:test-skew")
+    f_dead.update(deadline=repr(time.time() + 3600.0), ttl_ms="0")
+    r.xadd(JOBS.format("cls"), f_live)
+    r.xadd(JOBS.format("cls"), f_dead)
+    replies = {x["job_id"]: x for x in read_replies(r, "s2amnet:replies:test-skew", 2)}
+    assert replies[live.job_id]["status"] == "ok", replies[live.job_id]
+    assert replies[dead.job_id]["status"] == "expired"
+
+
 def test_failing_job_is_dead_lettered_after_n_tries_others_in_its_batch_succeed(stack: Stack):
     """A job whose forward fails is retried (alone, so the good jobs of its batch are answered), then
     moved to the dead-letter stream after MAX_DELIVERIES tries; its client gets a clear error at once."""
