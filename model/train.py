@@ -467,18 +467,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         improved = False
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             t1 = time.time()
-            ema_model = _frozen_copy(ema.module)
-            predictor = Predictor(ema_model, {**manifest_base, "metrics": {}}, device=device)
-            metrics = evaluate(predictor, val_recs, batch_size=max(8, cfg.batch), progress=progress)
-            scal = _scalar_metrics(metrics)
-            row.update({f"val_{k}": v for k, v in scal.items()})
-            score = float(metrics[recipe.metric])
+            score = _validate(ema.module, manifest_base, val_recs, recipe.metric, "val_", row, best_dir, best,
+                              epoch, data_name, cfg, device, progress)
             if score > best:
                 best, best_epoch, improved = score, epoch, True
-                manifest = {**manifest_base, "metrics": {
-                    "split": "val", "data": data_name, "num_images": len(val_recs), "epoch": epoch,
-                    **scal}}
-                save_model(ema_model, best_dir, manifest)
             if ema_mask is not None:
                 mask_score = _validate_mask(ema_mask.module, manifest_base, info, cfg, device, progress, row,
                                             out / "best-mask", best_mask, epoch, data_name)
@@ -617,13 +609,23 @@ def _validate_mask(seg_model: nn.Module, manifest_base: dict, info, cfg: TrainCo
                 "verdict": _verdict_rule("segment", info.pass_classes),
                 "note": "backbone shared with the classifier of the same run, decoder trained as its "
                         "auxiliary mask head"}
-    copy = _frozen_copy(seg_model)
+    score = _validate(seg_model, manifest, recs, "miou", "val_mask_", row, best_dir, best, epoch, data_name,
+                      cfg, device, progress)
+    row["val_mask_s"] = round(time.time() - t, 1)
+    return score
+
+
+def _validate(model: nn.Module, manifest: dict, recs, metric: str, prefix: str, row: dict, best_dir: Path,
+              best: float, epoch: int, data_name: str, cfg: TrainConfig, device, progress: bool) -> float:
+    """Evaluate a frozen copy of the (EMA) `model` through the Predictor on `recs`; add its scalar metrics
+    to `row` as ``<prefix><name>``; save it with its val metrics to `best_dir` when `metric` beat `best`.
+    Returns the score."""
+    copy = _frozen_copy(model)
     metrics = evaluate(Predictor(copy, {**manifest, "metrics": {}}, device=device), recs,
                        batch_size=max(8, cfg.batch), progress=progress)
     scal = _scalar_metrics(metrics)
-    row.update({f"val_mask_{k}": v for k, v in scal.items()})
-    row["val_mask_s"] = round(time.time() - t, 1)
-    score = float(metrics["miou"])
+    row.update({f"{prefix}{k}": v for k, v in scal.items()})
+    score = float(metrics[metric])
     if score > best:
         save_model(copy, best_dir, {**manifest, "metrics": {
             "split": "val", "data": data_name, "num_images": len(recs), "epoch": epoch, **scal}})
