@@ -281,7 +281,7 @@ def _plot(path: Path, history: list[dict], metric: str, title: str) -> None:
     ax[0].legend()
     ax[0].set_yscale("log")
     for k in sorted({k for h in history for k in h if k.startswith("val_")}):
-        if k in ("val_num_images",):
+        if k.endswith("_s") or "num_" in k:  # seconds and counts are not scores
             continue
         pts = [(h["epoch"], h[k]) for h in history if h.get(k) not in (None, "")]
         if pts:
@@ -289,7 +289,8 @@ def _plot(path: Path, history: list[dict], metric: str, title: str) -> None:
     ax[1].set_xlabel("epoch")
     ax[1].set_ylim(0, 1)
     ax[1].grid(alpha=0.3)
-    ax[1].legend()
+    if ax[1].lines:
+        ax[1].legend(fontsize=8)
     ax[2].plot(ep, [h["lr"] for h in history])
     ax[2].set_xlabel("epoch")
     ax[2].set_ylabel("learning rate")
