@@ -605,7 +605,9 @@ def _validate_mask(seg_model: nn.Module, manifest_base: dict, info, cfg: TrainCo
     if cfg.max_val_images:
         recs = recs[: cfg.max_val_images]
     classes = info.class_names("segment")
-    manifest = {**manifest_base, "task": "segment", "classes": classes,
+    # its own name (the service keys models by name): the export folder's, else <run name>-mask
+    name = Path(cfg.export_mask).name if cfg.export_mask else f"{cfg.name}-mask"
+    manifest = {**manifest_base, "name": name, "task": "segment", "classes": classes,
                 "arch": {**manifest_base["arch"], "num_classes": len(classes)},
                 "verdict": _verdict_rule("segment", info.pass_classes),
                 "note": "backbone shared with the classifier of the same run, decoder trained as its "

@@ -217,6 +217,7 @@ def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path)
     assert seg.manifest["metrics"]["split"] == "val" and "miou" in seg.manifest["metrics"]
     cls = Predictor.from_folder(cls_dst)
     assert cls.task == "classify"
+    assert seg.name != cls.name and seg.name in (seg_dst.name, f"{cls.name}-mask")  # both can be served
     # the segmenter's backbone is the run's (EMA) backbone, not a fresh one: it differs from a new init
     fresh = build_model("segment", "tiny", 2).state_dict()
     got = seg.model.state_dict()
