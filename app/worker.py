@@ -96,31 +96,36 @@ class _Entry:
         except (KeyError, ValueError):
             return None
 
-    def expired(self, redis_now_ms: int | None) -> bool:
-        """On Redis's clock when the job carries ``ttl_ms`` (time left when it was queued; the entry ID
-        holds Redis's milliseconds at XADD); else by the API host's absolute ``deadline``."""
+    def _on_redis_clock(self, redis_now_ms: int | None) -> tuple[int, int] | None:
+        """(ms since it was queued, ms left) on Redis's clock — the entry ID holds Redis's milliseconds at
+        XADD, ``ttl_ms`` the time left then; None for a job without ``ttl_ms`` or when Redis's time is
+        unknown."""
         ttl = self.fields.get(b"ttl_ms")
-        if ttl is not None and redis_now_ms is not None:
-            try:
-                return redis_now_ms >= int(self.entry_id.split("-", 1)[0]) + int(_s(ttl))
-            except ValueError:
-                pass
+        if ttl is None or redis_now_ms is None:
+            return None
+        try:
+            queued_ms = int(self.entry_id.split("-", 1)[0])
+            return redis_now_ms - queued_ms, queued_ms + int(_s(ttl)) - redis_now_ms
+        except ValueError:
+            return None
+
+    def expired(self, redis_now_ms: int | None) -> bool:
+        """On Redis's clock where the job carries ``ttl_ms``; else by the API host's absolute ``deadline``."""
+        times = self._on_redis_clock(redis_now_ms)
+        if times is not None:
+            return times[1] <= 0
         deadline = self.deadline
         return deadline is not None and deadline <= time.time()
 
     def on_local_clock(self, job: Job, redis_now_ms: int | None) -> Job:
         """The job with its deadline and queueing time moved onto this host's clock (run_batch and the
-        queue-wait metric use it), measured from Redis's clock where the job carries ``ttl_ms``."""
-        ttl = self.fields.get(b"ttl_ms")
-        if ttl is None or redis_now_ms is None:
+        queue-wait metric use it), measured on Redis's clock where the job carries ``ttl_ms``."""
+        times = self._on_redis_clock(redis_now_ms)
+        if times is None:
             return job
-        try:
-            queued_ms = int(self.entry_id.split("-", 1)[0])
-            left_ms = queued_ms + int(_s(ttl)) - redis_now_ms
-        except ValueError:
-            return job
+        age_ms, left_ms = times
         now = time.time()
-        return replace(job, deadline=now + left_ms / 1000.0, enqueued_at=now - (redis_now_ms - queued_ms) / 1000.0)
+        return replace(job, deadline=now + left_ms / 1000.0, enqueued_at=now - age_ms / 1000.0)
 
 
 def _default_run_batch() -> RunBatch:

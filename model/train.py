@@ -386,9 +386,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         ema_mask = _ema(mask_model, cfg.ema_decay)
     opt = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda")  # one kernel per step: small models are launch-bound
-    total = cfg.epochs * iters_per_epoch
+    warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(total, int(cfg.warmup_epochs * iters_per_epoch), cfg.lr_final))
+        opt, _lr_lambda(cfg.epochs * iters_per_epoch, warmup_iters, cfg.lr_final))
     start_epoch, history, best, best_epoch = 1, [], -1.0, 0
     best_mask = -1.0
     if state is not None:
@@ -424,7 +424,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     }
     best_dir = out / "best"
     amp_dtype = torch.bfloat16
-    warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
     t_start, epoch, requested = time.time(), start_epoch - 1, cfg.epochs
     while epoch < cfg.epochs:
         epoch += 1

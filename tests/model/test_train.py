@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from app.cli import main as cli_main
@@ -103,8 +104,6 @@ def test_train_export_resume_eval(task, tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     # the manifest keeps the original command and says how the run was resumed
-    import torch
-
     state = torch.load(out / "last.pt", weights_only=True)
     assert json.loads(state["resumed_with"]) == ["test --resume"]
     manifest2 = json.loads((out / "best" / "manifest.json").read_text())
@@ -196,8 +195,6 @@ def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path)
     """One classify run on masked data yields two models: the classifier and, from the same backbone plus
     the auxiliary decoder, a segmenter validated on its own (val_mask_* columns), exported by
     --export-mask with a segment manifest; a resumed run keeps that model's EMA and best score."""
-    import torch
-
     data = make_magnetic_tile(tmp_path / "mt")
     out, cls_dst, seg_dst = tmp_path / "run", tmp_path / "w-cls", tmp_path / "w-seg"
     cfg = TrainConfig(task="classify", data=str(data), epochs=1, imgsz=64, batch=4, out=str(out), workers=0,
@@ -251,8 +248,6 @@ def test_ema_follows_the_ramped_decay_and_copies_integer_buffers():
     integer step counter follows the model."""
     import math
 
-    import torch
-
     from model.train import _ema
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
@@ -284,24 +279,16 @@ def test_init_weights_continues_from_a_weights_folder_of_the_same_model(tmp_path
                                              "name": src_manifest["name"], "version": src_manifest["version"],
                                              "sha256": src_manifest["sha256"]}]
     for k, v in src.state_dict().items():
-        assert torch_equal(got.state_dict()[k], v), k
+        assert torch.equal(got.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="needs"):
         train(TrainConfig(**{**base, "variant": "small"}, out=str(tmp_path / "c"),
                           init_weights=str(tmp_path / "a" / "best")), progress=False)
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
 
 
 def test_time_limit_refits_the_schedule_so_the_run_ends_annealed():
     """After the first epochs the horizon only shrinks, to what the measured epoch time leaves; the LR
     is re-set on the new cosine at once (so the last epoch runs at the final LR, not cut off mid-way)."""
     import time
-
-    import torch
 
     from model.train import _fit_time_limit, _lr_lambda
 
