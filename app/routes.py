@@ -292,6 +292,7 @@ async def models(request: Request, _key: Annotated[str | None, Depends(require_a
                 variant=arch.get("variant"),
                 classes=list(p.classes),
                 input_size=[int(v) for v in p.input_size],
+                tta=list(p.tta),
                 default=state.defaults.get(p.task) == name,
                 verdict=manifest.get("verdict"),
                 metrics=manifest.get("metrics"),

@@ -143,6 +143,8 @@ class ModelInfo(BaseModel):
     variant: str | None = None
     classes: list[str]
     input_size: list[int] = Field(..., description="[height, width]")
+    tta: list[str] = Field(default_factory=list, description="Flipped views averaged into every prediction "
+                                                            "(test-time augmentation; each costs one more forward).")
     default: bool = Field(..., description="Used when a request names no model.")
     verdict: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None

@@ -46,6 +46,8 @@ __all__ = [
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT = "s2amnet/1"
+# test-time augmentation: extra views the Predictor averages with the plain image (input dims flipped)
+TTA_VIEWS = {"hflip": (3,), "vflip": (2,)}
 
 
 class CheckpointError(RuntimeError):
@@ -193,6 +195,15 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
         raise CheckpointError(f"verdict min_score must be within [0, 1], got {verdict['min_score']}")
     m["verdict"] = verdict
 
+    tta = m.get("tta") or []
+    if not isinstance(tta, (list, tuple)) or any(v not in TTA_VIEWS for v in tta) or len(set(tta)) != len(tta):
+        raise CheckpointError(f"manifest tta must be a list of distinct views from {sorted(TTA_VIEWS)}, "
+                              f"got {m.get('tta')!r}")
+    if tta and task == "detect" and any(int(s) % 32 for s in m["arch"]["input_size"]):
+        raise CheckpointError(f"manifest tta for a detector needs an input size that is a multiple of 32 "
+                              f"(the largest stride), got {m['arch']['input_size']}")
+    m["tta"] = list(tta)
+
     m.setdefault("name", "model")
     m.setdefault("version", "0")
     m["version"] = str(m["version"])
@@ -229,6 +240,7 @@ _KEY_ORDER = (
     "mean",
     "std",
     "preprocess",
+    "tta",
     "verdict",
     "metrics",
     "trained_on",

@@ -46,7 +46,7 @@ import torch
 
 from model import masks as mask_ops
 from model import transforms as T
-from model.checkpoint import CheckpointError, load_model, validate_manifest
+from model.checkpoint import TTA_VIEWS, CheckpointError, load_model, validate_manifest
 
 __all__ = ["Sample", "Predictor", "verdict_for"]
 
@@ -92,6 +92,7 @@ class Predictor:
         self.verdict_rule: dict = dict(m["verdict"])
         self.resize_mode: str = m["preprocess"]["resize"]
         self.pad_value: int = int(m["preprocess"]["pad_value"])
+        self.tta: list[str] = list(m["tta"])
         self.device = torch.device(device)
         # NB: switches the given module to eval mode and moves it to `device` (in place, like nn.Module.to);
         # requires_grad is untouched (infer uses inference_mode): an EMA copy can be wrapped in training.
@@ -150,20 +151,42 @@ class Predictor:
     def infer(self, arrays: Sequence[np.ndarray | Sample]) -> list[dict[str, torch.Tensor]]:
         """One batched forward. Returns per sample a dict of CPU float32 tensors:
         classify ``{"probs": nc}``, segment ``{"logits": nc×H×W}``, detect ``{"boxes": N×4 (input
-        pixels), "scores": N×nc}``."""
+        pixels), "scores": N×nc}``.
+
+        With the manifest's ``tta`` views (e.g. ``["hflip"]``) each image is also run flipped, in the same
+        forward (batch ×(1 + views)), and the outputs are averaged in the plain image's frame: class
+        probabilities; per-pixel probabilities (returned as log-probabilities, so softmax gives their mean);
+        per-anchor boxes and scores (the flipped head maps are mirrored back anchor by anchor, before NMS).
+        """
         x = self._stack(arrays)
+        b = x.shape[0]
+        dims = [TTA_VIEWS[v] for v in self.tta]
         with torch.inference_mode():
             x = x.float().mul_(self._scale).add_(self._shift)
+            if dims:
+                x = torch.cat([x] + [x.flip(d) for d in dims])
+            y = self.model(x)
             if self.task == "classify":
-                out = {"probs": torch.softmax(self.model(x).float(), dim=1)}
+                probs = torch.softmax(y.float(), dim=1)
+                out = {"probs": probs.view(-1, b, *probs.shape[1:]).mean(0)}
             elif self.task == "segment":
-                out = {"logits": self.model(x).float()}
+                if dims:
+                    p = torch.softmax(y.float(), dim=1).split(b)
+                    p = torch.stack([p[0]] + [q.flip(d) for q, d in zip(p[1:], dims, strict=True)]).mean(0)
+                    out = {"logits": p.clamp_min(1e-12).log()}
+                else:
+                    out = {"logits": y.float()}
             else:
-                boxes, scores = self.model.decode(self.model(x))
-                out = {"boxes": boxes.float(), "scores": scores.float()}
+                if dims:
+                    views = [list(t) for t in zip(*(r.split(b) for r in y), strict=True)]
+                    views = [views[0]] + [self.model.flip_raw(v, d) for v, d in zip(views[1:], dims, strict=True)]
+                    y = [torch.cat(level) for level in zip(*views, strict=True)]
+                boxes, scores = self.model.decode(y)
+                out = {"boxes": boxes.float().view(-1, b, *boxes.shape[1:]).mean(0),
+                       "scores": scores.float().view(-1, b, *scores.shape[1:]).mean(0)}
             cpu = {k: v.to("cpu") for k, v in out.items()}
         # clone per sample: a sample's raw must not keep the whole batch alive
-        return [{k: v[i].clone() for k, v in cpu.items()} for i in range(x.shape[0])]
+        return [{k: v[i].clone() for k, v in cpu.items()} for i in range(b)]
 
     # ------------------------------------------------------------------------------------------------
     # postprocess

@@ -215,6 +215,10 @@ class Detector(TaskModel):
     def decode(self, raw: list[Tensor]) -> tuple[Tensor, Tensor]:
         return self.head.decode(raw)
 
+    def flip_raw(self, raw: list[Tensor], dims) -> list[Tensor]:
+        """Raw outputs of a flipped input, mirrored back (see `heads.detect.flip_raw`)."""
+        return self.head.flip_raw(raw, dims)
+
 
 # ----------------------------------------------------------------------------------------------------
 # the registry

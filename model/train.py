@@ -125,6 +125,7 @@ class TrainConfig:
     init_weights: str | None = None  # weights folder of the same task/variant/classes to continue from
     aux_mask: bool = True  # classify: auxiliary mask head when the records carry masks
     export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
+    close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     command: str = ""
 
     def resolved(self) -> TrainConfig:
@@ -308,6 +309,19 @@ def _scalar_metrics(metrics: dict) -> dict:
 # the loop
 
 
+def _close_mosaic(ds, cfg: TrainConfig, epoch: int) -> bool:
+    """Detection: turn mosaic off for the last ``cfg.close_mosaic`` epochs (the validation and service
+    images are whole images, not 4-image collages). True when it was switched off now."""
+    aug = getattr(ds, "augment", None)
+    if not cfg.close_mosaic or aug is None or not getattr(aug, "mosaic", 0):
+        return False
+    if epoch <= cfg.epochs - cfg.close_mosaic:
+        return False
+    aug.mosaic = 0.0
+    print(f"epoch {epoch}: mosaic off for the last {cfg.epochs - epoch + 1} epoch(s)")
+    return True
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) and return ``{"best": {...metrics}, "best_epoch": n, "export": path}``."""
     out = Path(cfg.out or Path("runs") / (cfg.name or f"{Path(cfg.data).name}-{cfg.task}"))
@@ -321,6 +335,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         saved = TrainConfig(**json.loads(state["config"]))
         # a resumed run keeps its data and architecture; only the length / output options may change
         overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
+                                                  "close_mosaic",
                                                   "max_train_batches", "max_val_images", "time_limit")
                      if getattr(cfg, k) is not None}
         resumed_with = json.loads(state.get("resumed_with", "[]")) + ([cfg.command] if cfg.command else [])
@@ -360,9 +375,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     else:
         mean, std = _mean_std(task.train_ds)
     sampler = _sampler(train_recs, cfg.task, recipe.balance_power, source)
-    loader = DataLoader(task.train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.workers, collate_fn=task.collate, drop_last=len(train_recs) > cfg.batch,
-                        persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+
+    def make_loader() -> DataLoader:
+        return DataLoader(task.train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
+                          num_workers=cfg.workers, collate_fn=task.collate, drop_last=len(train_recs) > cfg.batch,
+                          persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
+
+    loader = make_loader()
     iters_per_epoch = len(loader) if cfg.max_train_batches is None else min(len(loader), cfg.max_train_batches)
 
     model = build_model(cfg.task, cfg.variant, nc).to(device)
@@ -427,6 +446,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     t_start, epoch, requested = time.time(), start_epoch - 1, cfg.epochs
     while epoch < cfg.epochs:
         epoch += 1
+        if _close_mosaic(task.train_ds, cfg, epoch):
+            loader = make_loader()  # persistent workers hold their own copy of the dataset
         trained.train()
         t0 = time.time()
         loss_sum, parts_sum, n = 0.0, {}, 0

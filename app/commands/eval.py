@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="all", choices=["all", "val", "train"],
                    help="all images (default) or the validation part of the training split")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
+    p.add_argument("--tta", metavar="VIEWS",
+                   help="test-time augmentation for this evaluation instead of the manifest's: comma-separated "
+                        "views (hflip, vflip) or 'none'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here")
@@ -26,14 +29,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from model.checkpoint import CheckpointError
+    from model.checkpoint import CheckpointError, load_model
     from model.data import load_records, split_records
     from model.evaluate import evaluate
     from model.predictor import Predictor
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        predictor = Predictor.from_folder(args.weights, device=device)
+        model, manifest = load_model(args.weights, device=device)
+        if args.tta is not None:
+            manifest["tta"] = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
+        predictor = Predictor(model, manifest, device=device)
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -51,7 +57,7 @@ def run(args) -> int:
 
         plot_eval(args.plot, predictor, records, metrics, preds)
     metrics = {"model": predictor.name, "task": predictor.task, "data": str(args.data), "split": args.split,
-               **metrics}
+               "tta": predictor.tta, **metrics}
     if args.record:
         from pathlib import Path
 

@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up length (fractions allowed)")
     p.add_argument("--crop", type=int, help="segment: training crop size")
     p.add_argument("--out", default="", help="run folder (default runs/<data>-<task>)")
     p.add_argument("--name", default="", help="model name written to the manifest")
@@ -42,6 +43,8 @@ def add_parser(sub) -> None:
                    help="classify: do not train the auxiliary mask head even when masks exist")
     p.add_argument("--export-mask", help="classify with masks: copy the segment model formed by the backbone "
                                          "and the auxiliary mask head (best val mIoU) here at the end")
+    p.add_argument("--close-mosaic", type=int, metavar="N",
+                   help="detect: train the last N epochs without mosaic (on whole images, as served)")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -59,11 +62,12 @@ def run(args) -> int:
 
     cfg = TrainConfig(task=args.task, data=args.data, variant=args.variant, epochs=args.epochs,
                       imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_epochs=args.warmup_epochs,
                       crop=args.crop, out=args.out, name=args.name, resume=args.resume, export=args.export,
                       workers=args.workers, threads=args.threads, device=args.device, seed=args.seed,
                       time_limit=args.time_limit, val_every=args.val_every,
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
-                      init_weights=args.init_weights,
+                      init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     result = train(cfg, progress=not args.quiet)

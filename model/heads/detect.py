@@ -43,6 +43,7 @@ __all__ = [
     "DFLIntegral",
     "DetectHead",
     "decode_raw",
+    "flip_raw",
     "postprocess_detections",
 ]
 
@@ -285,6 +286,9 @@ class DetectHead(nn.Module):
     def decode(self, raw: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         return decode_raw(raw, self.strides, self.reg_max, dfl=self.dfl)
 
+    def flip_raw(self, raw: Sequence[Tensor], dims: Sequence[int]) -> list[Tensor]:
+        return flip_raw(raw, dims, self.reg_max)
+
 
 def decode_raw(
     raw: Sequence[Tensor], strides: Sequence[int], reg_max: int = 16, dfl: nn.Module | None = None
@@ -299,6 +303,24 @@ def decode_raw(
     dist = dfl(box_logits) if dfl is not None else dfl_decode(box_logits, reg_max)
     boxes = dist2bbox(dist.float(), anchors) * stride_t
     return boxes, cls_logits.sigmoid()
+
+
+def flip_raw(raw: Sequence[Tensor], dims: Sequence[int], reg_max: int = 16) -> list[Tensor]:
+    """Raw head outputs of a flipped image → the outputs in the unflipped image's frame (and back: it is
+    its own inverse). ``dims``: 3 = horizontal, 2 = vertical flip of the B×C×H×W input. Each level's map is
+    flipped the same way and the DFL distance groups (left, top, right, bottom) swap left↔right and/or
+    top↔bottom. Exact when the input side is a multiple of the largest stride (anchor centres mirror).
+    """
+    out = []
+    for r in raw:
+        r = r.flip(tuple(dims))
+        left, top, right, bottom, cls = r.split([reg_max] * 4 + [r.shape[1] - 4 * reg_max], 1)
+        if 3 in dims:
+            left, right = right, left
+        if 2 in dims:
+            top, bottom = bottom, top
+        out.append(torch.cat([left, top, right, bottom, cls], 1))
+    return out
 
 
 @torch.no_grad()

@@ -541,6 +541,7 @@ def test_models(client: httpx.Client):
             "1",
         )
         assert m["verdict"]["type"] == verdict["type"]
+        assert m["tta"] == []
 
 
 def test_openapi_documents_the_contract(client: httpx.Client):

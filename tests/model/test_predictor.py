@@ -339,3 +339,96 @@ def test_from_folder(tmp_path, predictors):
     a = p.predict(img, conf=0.001)[0]
     b = predictors["detect"].predict(img, conf=0.001)[0]
     assert a == b
+
+
+# ----------------------------------------------------------------------------------------------------
+# test-time augmentation (manifest "tta")
+
+
+def _asymmetric_detector(size):
+    """A fresh head's outputs are nearly constant: give its last layers real weights."""
+    torch.manual_seed(1)
+    model = build_model("detect", "tiny", len(CLASSES["detect"]))
+    with torch.no_grad():
+        for seq in (*model.head.box, *model.head.cls):
+            seq[-1].weight.normal_(0.0, 3.0)
+            seq[-1].bias.zero_()
+    return Predictor(model, _manifest("detect", size))
+
+
+def _mirror_anchor_order(size, axis=1, strides=(8, 16, 32)):
+    """Index that maps each anchor to the anchor at the mirrored position (axis 1: left↔right, 0: up↔down)."""
+    out, off = [], 0
+    for s in strides:
+        h, w = size[0] // s, size[1] // s
+        grid = np.flip(np.arange(h * w).reshape(h, w), axis)
+        out.append(off + grid.reshape(-1))
+        off += h * w
+    return torch.from_numpy(np.concatenate(out))
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_hflip_tta_makes_outputs_mirror_exactly(task, predictors):
+    """With hflip TTA an image and its mirror give mirrored outputs (plain inference does not: the
+    network is not symmetric) — the averaged views are mapped back into the right frame."""
+    base = predictors[task]
+    if task == "detect":
+        base = _asymmetric_detector(base.input_size)
+    x = np.random.default_rng(3).integers(0, 256, (3, *base.input_size), dtype=np.uint8)
+    xf = np.ascontiguousarray(x[:, :, ::-1])
+
+    def mirrored_gap(p):
+        a, b = p.infer([x, xf])
+        if task == "classify":
+            return ((a["probs"] - b["probs"]).abs().max().item(),)
+        if task == "segment":
+            return ((a["logits"] - b["logits"].flip(-1)).abs().max().item(),)
+        perm = _mirror_anchor_order(p.input_size)
+        w = p.input_size[1]
+        bb = b["boxes"][perm]
+        bb = torch.stack([w - bb[:, 2], bb[:, 1], w - bb[:, 0], bb[:, 3]], 1)
+        return (a["scores"] - b["scores"][perm]).abs().max().item(), (a["boxes"] - bb).abs().max().item()
+
+    plain = mirrored_gap(base)
+    tta = mirrored_gap(Predictor(base.model, _manifest(task, base.input_size, tta=["hflip"])))
+    for p_gap, t_gap in zip(plain, tta, strict=True):  # classify: probs; segment: logits; detect: scores, boxes
+        assert p_gap > 1e-5 and t_gap < p_gap / 100
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_tta_output_is_the_mean_of_the_views(task, predictors):
+    """TTA = the mean of the plain output and the mirrored-back output of the flipped image."""
+    p = _asymmetric_detector(predictors[task].input_size) if task == "detect" else predictors[task]
+    t = Predictor(p.model, _manifest(task, p.input_size, tta=["vflip"]))
+    x = np.random.default_rng(4).integers(0, 256, (3, *p.input_size), dtype=np.uint8)
+    xf = np.ascontiguousarray(x[:, ::-1])
+    plain, flipped, tta = p.infer([x])[0], p.infer([xf])[0], t.infer([x])[0]
+    if task == "classify":
+        want = (plain["probs"] + flipped["probs"]) / 2
+        torch.testing.assert_close(tta["probs"], want, atol=1e-5, rtol=1e-4)
+    elif task == "segment":
+        want = (torch.softmax(plain["logits"], 0) + torch.softmax(flipped["logits"], 0).flip(-2)) / 2
+        torch.testing.assert_close(torch.softmax(tta["logits"], 0), want, atol=1e-5, rtol=1e-4)
+    else:
+        perm, h = _mirror_anchor_order(p.input_size, axis=0), p.input_size[0]
+        fb = flipped["boxes"][perm]
+        fb = torch.stack([fb[:, 0], h - fb[:, 3], fb[:, 2], h - fb[:, 1]], 1)
+        torch.testing.assert_close(tta["boxes"], (plain["boxes"] + fb) / 2, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(tta["scores"], (plain["scores"] + flipped["scores"][perm]) / 2,
+                                   atol=1e-6, rtol=1e-4)
+        assert not torch.allclose(tta["boxes"], plain["boxes"], atol=1e-3)
+
+
+def test_tta_in_manifest_is_validated_and_saved(tmp_path, predictors):
+    from model.checkpoint import CheckpointError
+
+    m = predictors["classify"].model
+    for bad in (["rot90"], "hflip", ["hflip", "hflip"]):
+        with pytest.raises(CheckpointError, match="tta"):
+            Predictor(m, _manifest("classify", tta=bad))
+    with pytest.raises(CheckpointError, match="multiple of 32"):
+        Predictor(predictors["detect"].model, _manifest("detect", (60, 96), tta=["hflip"]))
+    folder = save_model(m, tmp_path / "c", _manifest("classify", tta=["hflip", "vflip"]))
+    assert json.loads((folder / "manifest.json").read_text())["tta"] == ["hflip", "vflip"]
+    assert Predictor.from_folder(folder).tta == ["hflip", "vflip"]
+    assert predictors["classify"].tta == []

@@ -125,6 +125,14 @@ def test_train_export_resume_eval(task, tmp_path, capsys):
     assert metrics["num_images"] == sum(is_val_stem(p.stem) for p in data.rglob("*.png")
                                         if p.parent.name not in ("masks",))
 
+    # --tta: the same evaluation with flipped views averaged in (the manifest has none)
+    assert metrics["tta"] == []
+    args = ["eval", "--weights", str(out / "best"), "--data", str(data), "--split", "val", "--json"]
+    assert cli_main([*args, "--tta", "hflip"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tta"] == ["hflip"]
+    assert cli_main([*args, "--tta", "rot90"]) == 2
+    assert "tta" in capsys.readouterr().err
+
 
 def test_resume_without_checkpoint_fails_clearly(tmp_path):
     data = make_classify(tmp_path / "data")
@@ -313,3 +321,25 @@ def test_time_limit_refits_the_schedule_so_the_run_ends_annealed():
     cfg2 = dataclasses.replace(cfg, epochs=8)
     _fit_time_limit(cfg2, 6, 1, 50, now - 10.0, now - 1.0, history, sched, iters, 0)
     assert cfg2.epochs == 8
+
+
+def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypatch, capsys):
+    import model.data.augment as augment
+
+    data = make_detect(tmp_path / "data")
+    calls = []
+    real = augment.mosaic4
+    monkeypatch.setattr(augment, "mosaic4", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = dict(task="detect", data=str(data), imgsz=64, batch=4, workers=0, max_train_batches=2, epochs=3)
+    train(TrainConfig(**base, out=str(tmp_path / "a")), progress=False)
+    per_epoch, rest = divmod(len(calls), 3)
+    assert per_epoch >= 2 * 4 and rest == 0  # recipe: every training image is a mosaic
+    calls.clear()
+    capsys.readouterr()
+    train(TrainConfig(**base, out=str(tmp_path / "b"), close_mosaic=2), progress=False)
+    assert len(calls) == per_epoch  # only the first epoch
+    assert "epoch 2: mosaic off for the last 2 epoch(s)" in capsys.readouterr().out
+    # on resume the switch is made again (a fresh dataset starts with mosaic on)
+    calls.clear()
+    train(TrainConfig(**{**base, "epochs": 4}, out=str(tmp_path / "b"), resume=True), progress=False)
+    assert len(calls) == 0
