@@ -135,6 +135,8 @@ def test_readiness_while_starting(slow_server: Server):
     assert "ready" in body["detail"]
     assert int(ready.headers["retry-after"]) == 3
     early = httpx.post(slow_server.url + "/detect", files=files(png()))
+    if early.status_code == 200 and httpx.get(slow_server.url + "/readyz").status_code == 200:
+        pytest.skip("the start-up ended between the two checks (a loaded machine: the window is ~2 s)")
     assert_problem(early, 503, "unavailable")
     assert early.headers["retry-after"] == "3"
     wait_until_ready(slow_server)
