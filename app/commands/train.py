@@ -60,6 +60,10 @@ def argparse_hidden():
 def run(args) -> int:
     from model.train import TrainConfig, train
 
+    if args.close_mosaic is not None and (args.task != "detect" or args.close_mosaic < 0):
+        print("error: --close-mosaic N needs --task detect and N >= 0 (mosaic is a detection augmentation)",
+              file=sys.stderr)
+        return 2
     cfg = TrainConfig(task=args.task, data=args.data, variant=args.variant, epochs=args.epochs,
                       imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs,

@@ -343,3 +343,7 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     calls.clear()
     train(TrainConfig(**{**base, "epochs": 4}, out=str(tmp_path / "b"), resume=True), progress=False)
     assert len(calls) == 0
+    # the CLI refuses it where it means nothing
+    for task, n in (("classify", "2"), ("detect", "-1")):
+        assert cli_main(["train", "--task", task, "--data", str(data), "--close-mosaic", n]) == 2
+    assert "--close-mosaic" in capsys.readouterr().err
