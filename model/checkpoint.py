@@ -98,7 +98,7 @@ def _task_cfg(task: str) -> dict:
 
 def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) -> dict:
     """Check a manifest and return a normalised copy with defaults filled in (CheckpointError if bad)."""
-    from model.registry import TASKS, canonical_variant
+    from model.registry import MIN_INPUT_SIZE, TASKS, canonical_variant
 
     if not isinstance(manifest, Mapping):
         raise CheckpointError(f"manifest must be a JSON object, got {type(manifest).__name__}")
@@ -124,9 +124,9 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
     if (
         not isinstance(size, (list, tuple))
         or len(size) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size)
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= MIN_INPUT_SIZE for v in size)
     ):
-        raise CheckpointError(f"manifest arch.input_size must be [H, W] integers >= 32, got {size!r}")
+        raise CheckpointError(f"manifest arch.input_size must be [H, W] integers >= {MIN_INPUT_SIZE}, got {size!r}")
     arch["input_size"] = [int(size[0]), int(size[1])]
     arch.setdefault("in_chans", 3)
     m["arch"] = arch
@@ -199,9 +199,10 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
     if not isinstance(tta, (list, tuple)) or any(v not in TTA_VIEWS for v in tta) or len(set(tta)) != len(tta):
         raise CheckpointError(f"manifest tta must be a list of distinct views from {sorted(TTA_VIEWS)}, "
                               f"got {m.get('tta')!r}")
-    if tta and task == "detect" and any(int(s) % 32 for s in m["arch"]["input_size"]):
-        raise CheckpointError(f"manifest tta for a detector needs an input size that is a multiple of 32 "
-                              f"(the largest stride), got {m['arch']['input_size']}")
+    # MIN_INPUT_SIZE is the network's total stride: mirrored anchors line up only on whole stride cells
+    if tta and task == "detect" and any(int(s) % MIN_INPUT_SIZE for s in m["arch"]["input_size"]):
+        raise CheckpointError(f"manifest tta for a detector needs an input size that is a multiple of "
+                              f"{MIN_INPUT_SIZE} (the largest stride), got {m['arch']['input_size']}")
     m["tta"] = list(tta)
 
     m.setdefault("name", "model")
