@@ -43,6 +43,7 @@ from tqdm import tqdm
 from model.checkpoint import save_model
 from model.data import (
     ClassifyDataset,
+    DatasetFormatError,
     DetectDataset,
     SegmentDataset,
     collate,
@@ -54,7 +55,7 @@ from model.data import (
 from model.evaluate import evaluate
 from model.losses import DetectionLoss, SegmentationLoss
 from model.predictor import Predictor
-from model.registry import build_model
+from model.registry import MIN_INPUT_SIZE, build_model
 
 __all__ = ["TrainConfig", "RECIPES", "train"]
 
@@ -94,6 +95,10 @@ RECIPES: dict[str, TaskRecipe] = {
 }
 
 
+class TrainConfigError(ValueError):
+    """A training option out of range or meaningless for the task; the message names the CLI flag."""
+
+
 @dataclass
 class TrainConfig:
     task: str
@@ -127,6 +132,53 @@ class TrainConfig:
     export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     command: str = ""
+
+    def validate(self) -> TrainConfig:
+        """Check a resolved config (see `resolved`); raises `TrainConfigError` naming the CLI flag.
+        `train()` calls it, so library callers get the same errors as `s2amnet train`."""
+        from model.backbone import resolve_variant
+
+        def bad(flag: str, why: str) -> None:
+            raise TrainConfigError(f"{flag} {why}")
+
+        if self.task not in RECIPES:
+            bad("--task", f"must be one of {sorted(RECIPES)}, got {self.task!r}")
+        try:
+            resolve_variant(self.variant)
+        except (TypeError, ValueError) as exc:
+            raise TrainConfigError(f"--variant: {exc}") from None
+        for flag, value in (("--epochs", self.epochs), ("--batch", self.batch), ("--val-every", self.val_every),
+                            ("--max-val-images", self.max_val_images), ("--threads", self.threads)):
+            if value is not None and value < 1:
+                bad(flag, f"must be >= 1, got {value}")
+        if self.max_train_batches is not None and self.max_train_batches < 0:  # 0: no steps (tests)
+            bad("--max-train-batches", f"must be >= 0, got {self.max_train_batches}")
+        if self.imgsz < MIN_INPUT_SIZE:
+            bad("--imgsz", f"must be >= {MIN_INPUT_SIZE} (the network's total stride), got {self.imgsz}")
+        if self.crop is not None:
+            if self.task != "segment":
+                bad("--crop", "is the training crop of --task segment")
+            if self.crop < MIN_INPUT_SIZE:
+                bad("--crop", f"must be >= {MIN_INPUT_SIZE}, got {self.crop}")
+        if not self.lr > 0:
+            bad("--lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            bad("--weight-decay", f"must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            bad("--warmup-epochs", f"must be >= 0, got {self.warmup_epochs}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            bad("--time-limit", f"must be > 0 minutes, got {self.time_limit}")
+        if self.workers is not None and self.workers < 0:
+            bad("--workers", f"must be >= 0, got {self.workers}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            bad("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.lr_final <= 1.0:
+            bad("lr_final", f"must be in [0, 1] (a fraction of --lr), got {self.lr_final}")
+        if self.close_mosaic is not None and (self.task != "detect" or self.close_mosaic < 0):
+            bad("--close-mosaic", "N needs --task detect and N >= 0 (mosaic is a detection augmentation)")
+        if self.export_mask and (self.task != "classify" or not self.aux_mask):
+            bad("--export-mask", "needs --task classify with the auxiliary mask head (no --no-aux-mask)")
+        return self
 
     def resolved(self) -> TrainConfig:
         """Fill every None from the task recipe."""
@@ -343,7 +395,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         # cadence are taken from this invocation
         cfg = dataclasses.replace(saved, **overrides, resume=True, device=cfg.device, amp=cfg.amp,
                                   val_every=cfg.val_every)
-    cfg = cfg.resolved()
+    cfg = cfg.resolved().validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -364,7 +416,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.max_val_images:
         val_recs = val_recs[: cfg.max_val_images]
     if not train_recs or not val_recs:
-        raise ValueError(f"{cfg.data}: need labelled images in both the train and the val split "
+        raise DatasetFormatError(f"{cfg.data}: need labelled images in both the train and the val split "
                          f"(got {len(train_recs)} / {len(val_recs)})")
     task = _Task(cfg, info, train_recs, nc)
     task.train_ds.preload(progress=progress)
@@ -682,7 +734,7 @@ def _load_data(data: str, task: str):
     first = infos[0]
     for other in infos[1:]:
         if other.class_names(task) != first.class_names(task):
-            raise ValueError(f"{other.root} has classes {other.class_names(task)}, "
+            raise DatasetFormatError(f"{other.root} has classes {other.class_names(task)}, "
                              f"{first.root} has {first.class_names(task)}: cannot train on both")
     source = {id(r): str(i.root) for i in infos for r in i.records}
     if len(infos) == 1:

@@ -30,7 +30,7 @@ def run(args) -> int:
     import torch
 
     from model.checkpoint import CheckpointError, load_model
-    from model.data import load_records, split_records
+    from model.data import DatasetFormatError, load_records, split_records
     from model.evaluate import evaluate
     from model.predictor import Predictor
 
@@ -43,12 +43,20 @@ def run(args) -> int:
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    info = load_records(args.data, predictor.task)
+    try:
+        info = load_records(args.data, predictor.task)
+    except DatasetFormatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if info.class_names(predictor.task) != predictor.classes:
         print(f"error: the dataset's classes {info.class_names(predictor.task)} differ from the model's "
               f"{predictor.classes}", file=sys.stderr)
         return 2
     records = split_records(info.records_for(predictor.task), args.split)
+    if not records:
+        print(f"error: {args.data} has no labelled images for {predictor.task} in split {args.split!r}",
+              file=sys.stderr)
+        return 2
     metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json,
                        keep_predictions=bool(args.plot))
     preds = metrics.pop("predictions", None)

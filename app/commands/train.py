@@ -58,12 +58,10 @@ def argparse_hidden():
 
 
 def run(args) -> int:
-    from model.train import TrainConfig, train
+    from model.checkpoint import CheckpointError
+    from model.data import DatasetFormatError
+    from model.train import TrainConfig, TrainConfigError, train
 
-    if args.close_mosaic is not None and (args.task != "detect" or args.close_mosaic < 0):
-        print("error: --close-mosaic N needs --task detect and N >= 0 (mosaic is a detection augmentation)",
-              file=sys.stderr)
-        return 2
     cfg = TrainConfig(task=args.task, data=args.data, variant=args.variant, epochs=args.epochs,
                       imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_epochs=args.warmup_epochs,
@@ -74,6 +72,11 @@ def run(args) -> int:
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
-    result = train(cfg, progress=not args.quiet)
+    try:
+        result = train(cfg, progress=not args.quiet)
+    # bad options, data folder, --init-* weights or --resume state: a message, not a traceback
+    except (TrainConfigError, DatasetFormatError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0

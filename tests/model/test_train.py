@@ -80,8 +80,8 @@ METRIC = {"classify": "top1", "segment": "miou", "detect": "map50"}
 def test_train_export_resume_eval(task, tmp_path, capsys):
     data = MAKERS[task](tmp_path / "data")
     out = tmp_path / "run"
-    cfg = TrainConfig(task=task, data=str(data), epochs=1, imgsz=64, crop=48, batch=4, out=str(out),
-                      name=f"syn-{task}", workers=0, max_train_batches=2, command="test")
+    cfg = TrainConfig(task=task, data=str(data), epochs=1, imgsz=64, crop=48 if task == "segment" else None,
+                      batch=4, out=str(out), name=f"syn-{task}", workers=0, max_train_batches=2, command="test")
     result = train(cfg, progress=False)
     assert result["best_epoch"] == 1
     rows = list(csv.DictReader(open(out / "log.csv")))
@@ -347,3 +347,68 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     for task, n in (("classify", "2"), ("detect", "-1")):
         assert cli_main(["train", "--task", task, "--data", str(data), "--close-mosaic", n]) == 2
     assert "--close-mosaic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("overrides", "flag"), [
+    ({"epochs": 0}, "--epochs"),
+    ({"batch": 0}, "--batch"),
+    ({"imgsz": 16}, "--imgsz"),
+    ({"lr": 0.0}, "--lr"),
+    ({"weight_decay": -0.1}, "--weight-decay"),
+    ({"warmup_epochs": -1.0}, "--warmup-epochs"),
+    ({"val_every": 0}, "--val-every"),
+    ({"time_limit": 0.0}, "--time-limit"),
+    ({"workers": -1}, "--workers"),
+    ({"variant": "huge"}, "--variant"),
+    ({"crop": 64}, "--crop"),  # segment only
+    ({"close_mosaic": 2}, "--close-mosaic"),  # detect only
+    ({"export_mask": "x", "aux_mask": False}, "--export-mask"),
+    ({"ema_decay": 1.0}, "ema_decay"),
+])
+def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tmp_path):
+    """A library caller gets the errors the CLI gives: nothing is read or written, no silent no-op."""
+    from model.train import TrainConfigError
+
+    data = make_classify(tmp_path / "data")
+    out = tmp_path / "run"
+    with pytest.raises(TrainConfigError, match=f"^{flag}"):
+        train(TrainConfig(**{"task": "classify", "data": str(data), "out": str(out), "workers": 0, **overrides}),
+              progress=False)
+    assert not out.exists()
+    # the same options are accepted where they mean something
+    TrainConfig(task="segment", data=str(data), crop=64).resolved().validate()
+    TrainConfig(task="detect", data=str(data), close_mosaic=0).resolved().validate()
+
+
+def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path, capsys):
+    data = make_classify(tmp_path / "data")
+    cases = [
+        (["train", "--task", "classify", "--data", str(tmp_path / "missing")], "data folder not found"),
+        (["train", "--task", "classify", "--data", str(data), "--epochs", "0"], "--epochs must be >= 1"),
+        (["train", "--task", "classify", "--data", str(data), "--imgsz", "8"], "--imgsz must be >= 32"),
+        (["train", "--task", "classify", "--data", str(data), "--out", str(tmp_path / "r"), "--resume"],
+         "no " + str(tmp_path / "r" / "last.pt")),
+        (["train", "--task", "classify", "--data", str(data), "--out", str(tmp_path / "i"), "--quiet",
+          "--init-weights", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)
+
+    out = tmp_path / "ok"
+    train(TrainConfig(task="classify", data=str(data), out=str(out), imgsz=64, batch=4, epochs=1, workers=0,
+                      max_train_batches=1), progress=False)
+    other = make_classify(tmp_path / "other")
+    (other / "bad").rename(other / "worse")
+    for argv, message in (
+        (["eval", "--weights", str(out / "best"), "--data", str(tmp_path / "missing")], "data folder not found"),
+        (["eval", "--weights", str(out / "best"), "--data", str(make_segment(tmp_path / "seg"))],
+         "supports segment, not 'classify'"),
+        (["eval", "--weights", str(out / "best"), "--data", str(other)], "differ from the model's"),
+    ):
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (argv, err)
