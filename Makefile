@@ -40,8 +40,9 @@ test: install-dev system-deps
 lint: install-dev
 	$(BIN)/ruff check app model tests
 
-bench: install
-	$(BIN)/s2amnet bench
+# Times the shipped models and the service (ratios in one run); writes BENCHMARKS.md and its plot.
+bench: install-dev
+	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --out BENCHMARKS.md --plot docs/bench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

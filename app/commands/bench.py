@@ -1,0 +1,372 @@
+"""`s2amnet bench`: speed (and peak memory) of the shipped models and of the service, as ratios measured in
+the same run (these machines are noisy: absolute milliseconds move between runs, ratios much less).
+
+Two parts:
+
+* model — `Predictor.infer` (the forward the service runs, TTA as in each manifest) on random images at the
+  model's input size, per batch size: ms per image, images/s and the batching gain (images/s at batch B ÷
+  images/s at batch 1). On CUDA also the peak GPU memory per batch.
+* service (`--http`, on by default) — `s2amnet serve` started as a real process (embedded batching) with one
+  model; the same requests (one PNG each) sent one at a time and then `--concurrency` at a time: latency
+  p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s sequential) and the overhead of
+  the whole HTTP path over the bare forward (sequential p50 ÷ the batch-1 forward time).
+
+`--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the models and the service (ratios measured in one run)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--weights", nargs="+", help="weights folders (default: every model folder in ./weights)")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--iters", type=int, default=10, help="timed forwards per batch size (median; default 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads, here and in the service")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                   help="also benchmark the HTTP service (default on; --no-http skips it)")
+    p.add_argument("--http-model", help="weights folder the service part uses (default: the first --weights)")
+    p.add_argument("--requests", type=int, default=48, help="requests per service round (default 48)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round")
+    p.add_argument("--out", help="write the results as Markdown here (e.g. BENCHMARKS.md)")
+    p.add_argument("--plot", help="write a PNG of the results here")
+    p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
+    p.set_defaults(func=run)
+
+
+class BenchError(ValueError):
+    """Bad options or weights: reported as `error: ...`, exit 2."""
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BenchError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise BenchError(f"--batch-sizes must be integers >= 1, got {text!r}")
+    return sorted(set(sizes) | {1})  # batch 1 is what every gain is measured against
+
+
+def _weights(args) -> list[Path]:
+    if args.weights:
+        folders = [Path(w) for w in args.weights]
+    else:
+        root = Path("weights")
+        folders = sorted(p for p in root.iterdir() if (p / "manifest.json").exists()) if root.is_dir() else []
+        if not folders:
+            raise BenchError("no --weights given and no model folders in ./weights")
+    for f in folders:
+        if not (f / "manifest.json").is_file():
+            raise BenchError(f"{f} is not a weights folder (no manifest.json)")
+    return folders
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ------------------------------------------------------------------------------------------------ model part
+def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from model.predictor import Predictor
+
+    predictor = Predictor.from_folder(folder, device=device)
+    h, w = predictor.input_size
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in batch_sizes:
+        arrays = [rng.integers(0, 256, (3, h, w), dtype=np.uint8) for _ in range(b)]
+        predictor.infer(arrays)  # warm-up (allocator, cudnn autotune)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            predictor.infer(arrays)  # returns CPU tensors: the GPU work is finished
+            times.append(time.perf_counter() - t0)
+        ms = statistics.median(times) / b * 1000.0
+        row = {"batch": b, "ms_per_image": round(ms, 3), "images_per_s": round(1000.0 / ms, 1)}
+        if device.startswith("cuda"):
+            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        rows.append(row)
+    base = rows[0]["images_per_s"]  # batch 1 (always measured)
+    for r in rows:
+        r["gain_vs_batch1"] = round(r["images_per_s"] / base, 2)
+    return {"model": predictor.name, "folder": str(folder), "task": predictor.task,
+            "version": str(predictor.version), "input_size": [h, w], "tta": list(predictor.tta), "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------- service part
+_ENDPOINT = {"classify": "/classify", "detect": "/detect", "segment": "/segment"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(h: int, w: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@contextlib.contextmanager
+def _service(folder: Path, device: str, threads: int | None, log_path: Path):
+    """`s2amnet serve` (embedded batching) with the one model of `folder`, on a free local port."""
+    import httpx
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--weights-dir", str(folder.resolve().parent), "--models", folder.name, "--device", device,
+           "--log-level", "warning"]
+    if threads:
+        cmd += ["--torch-threads", str(threads)]
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service was not ready after 180 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _round(url: str, path: str, body: bytes, n: int, concurrency: int, bar) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one() -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(path, files={"file": ("bench.png", body, "image/png")})
+                latencies.append(time.perf_counter() - t0)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                bar.update(1)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
+    return {"concurrency": concurrency, "requests": n, "ok": statuses.get(200, 0),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "p50_ms": round(statistics.median(latencies) * 1000, 2), "p95_ms": round(q[18] * 1000, 2),
+            "requests_per_s": round(n / wall, 2)}
+
+
+def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: float, args, device: str,
+                  progress: bool) -> dict[str, Any]:
+    import tempfile
+
+    body = _png(*input_size)
+    path = _ENDPOINT[task]
+    log_path = Path(tempfile.gettempdir()) / f"s2amnet-bench-{os.getpid()}.log"
+    rounds = []
+    with _service(folder, device, args.threads, log_path) as url:
+        bar = tqdm(total=2 * args.requests + 2, desc="service", unit="req", disable=not progress, leave=False)
+        asyncio.run(_round(url, path, body, 2, 1, bar))  # warm-up: connections, first batch
+        for c in (1, args.concurrency):
+            rounds.append(asyncio.run(_round(url, path, body, args.requests, c, bar)))
+        bar.close()
+    seq, conc = rounds
+    return {"model": folder.name, "endpoint": path, "image": f"{input_size[1]}x{input_size[0]} PNG",
+            "rounds": rounds,
+            "batching_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
+            "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2)}
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads":
+            torch.get_num_threads(), "device": device, "python": platform.python_version()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = ["# Benchmarks", "",
+             f"`{result['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(result['time']))}: "
+             f"{m['cpu']} ({m['cores']} cores), torch {m['torch']} with {m['torch_threads']} thread(s), "
+             f"device {m.get('gpu', m['device'])}.", "",
+             "Every figure that compares is a ratio of two numbers measured in this same run; absolute "
+             "times move between runs on a shared machine.", "",
+             "## Models: `Predictor.infer` on random images at the model's input size", "",
+             "| model | task | input | TTA | batch | ms / image | images / s | gain vs batch 1 |"
+             + (" peak GPU MiB |" if m["device"].startswith("cuda") else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if m["device"].startswith("cuda") else "")]
+    for r in result["models"]:
+        for row in r["rows"]:
+            gain = row["gain_vs_batch1"]
+            lines.append(f"| {r['model']} {r['version']} | {r['task']} | {r['input_size'][1]}x{r['input_size'][0]} "
+                         f"| {'+'.join(r['tta']) or 'none'} | {row['batch']} | {row['ms_per_image']:.1f} "
+                         f"| {row['images_per_s']:.1f} | {gain:.2f}× |"
+                         + (f" {row['peak_gpu_mib']} |" if "peak_gpu_mib" in row else ""))
+    lines += ["", f"Peak RSS of the benchmark process: {result['peak_rss_mib']:.0f} MiB (all models loaded one "
+              "after another).", ""]
+    s = result.get("service")
+    if s:
+        lines += [f"## Service: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "
+                  f"{s['image']} per request, model {s['model']}", "",
+                  "| requests in flight | requests | 200 OK | p50 ms | p95 ms | requests / s |",
+                  "|---|---|---|---|---|---|"]
+        for r in s["rounds"]:
+            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['p50_ms']:.1f} | "
+                         f"{r['p95_ms']:.1f} | {r['requests_per_s']:.1f} |")
+        lines += ["", f"- Dynamic batching gain (req/s at {s['rounds'][1]['concurrency']} in flight ÷ req/s one "
+                  f"at a time): **{s['batching_gain']:.2f}×**.",
+                  f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
+                  f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON).", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 2 if result.get("service") else 1
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), squeeze=False)
+    ax = axes[0][0]
+    models = result["models"]
+    sizes = sorted({row["batch"] for r in models for row in r["rows"]})
+    width = 0.8 / max(1, len(sizes))
+    for j, b in enumerate(sizes):
+        vals = [next((row["ms_per_image"] for row in r["rows"] if row["batch"] == b), 0.0) for r in models]
+        ax.bar([i + j * width for i in range(len(models))], vals, width, label=f"batch {b}")
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(models))],
+                  [r["model"] for r in models], rotation=15)
+    ax.set_ylabel("ms per image (lower is better)")
+    ax.set_title(f"Predictor.infer, {result['machine'].get('gpu', result['machine']['device'])}")
+    ax.legend()
+    if n == 2:
+        s = result["service"]
+        ax = axes[0][1]
+        labels = [f"{r['concurrency']} in flight" for r in s["rounds"]]
+        ax.bar(labels, [r["requests_per_s"] for r in s["rounds"]], color=["#999", "#2a7"])
+        ax.set_ylabel("requests / s (higher is better)")
+        ax.set_title(f"service, {s['model']}: batching gain {s['batching_gain']:.2f}×")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    import torch
+
+    try:
+        sizes = _batch_sizes(args.batch_sizes)
+        folders = _weights(args)
+        http_folder = Path(args.http_model) if args.http_model else folders[0]
+        if args.http and not (http_folder / "manifest.json").is_file():
+            raise BenchError(f"--http-model {http_folder} is not a weights folder (no manifest.json)")
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise BenchError("--plot needs matplotlib: pip install 's2amnet[train]'") from None
+        for flag, v in (("--iters", args.iters), ("--requests", args.requests), ("--concurrency", args.concurrency),
+                        ("--threads", args.threads)):
+            if v is not None and v < 1:
+                raise BenchError(f"{flag} must be >= 1, got {v}")
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = not args.json
+    from model.checkpoint import CheckpointError
+
+    models = []
+    try:
+        for folder in tqdm(folders, desc="models", unit="model", disable=not progress, leave=False):
+            models.append(bench_model(folder, sizes, args.iters, device))
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
+                              "machine": _machine(device), "models": models,
+                              "peak_rss_mib": round(_peak_rss_mib(), 1)}
+    if args.http:
+        ref = next((m for m in models if Path(m["folder"]) == http_folder), None) \
+            or bench_model(http_folder, [1], args.iters, device)
+        forward_ms = ref["rows"][0]["ms_per_image"]  # batch 1
+        result["service"] = bench_service(http_folder, ref["task"], ref["input_size"], forward_ms, args, device,
+                                          progress)
+    md = to_markdown(result)
+    if args.out:
+        Path(args.out).write_text(md + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    print(md)
+    if args.json:
+        print(json.dumps(result))
+    return 0

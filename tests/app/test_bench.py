@@ -1,0 +1,71 @@
+"""`s2amnet bench` as a user runs it: a real process that times the models and a real `s2amnet serve`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from apiserver import ROOT, make_weights, server_env
+
+from app.cli import main
+
+
+def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path):
+    weights = make_weights(tmp_path / "weights", names=["cls", "det"])
+    out, png = tmp_path / "BENCHMARKS.md", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), str(weights / "det"),
+         "--batch-sizes", "2", "--iters", "2", "--requests", "6", "--concurrency", "3", "--threads", "1",
+         "--device", "cpu", "--out", str(out), "--plot", str(png), "--json"],
+        cwd=ROOT, env=server_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert [m["model"] for m in result["models"]] == ["cls", "det"]
+    for m in result["models"]:
+        assert [r["batch"] for r in m["rows"]] == [1, 2]  # batch 1 is always measured: gains are against it
+        assert m["rows"][0]["gain_vs_batch1"] == 1.0
+        for r in m["rows"]:
+            assert r["ms_per_image"] > 0
+            assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"], rel=0.01)
+        assert m["rows"][1]["gain_vs_batch1"] == pytest.approx(
+            m["rows"][1]["images_per_s"] / m["rows"][0]["images_per_s"], abs=0.01)
+
+    service = result["service"]  # the first --weights folder, through real HTTP
+    assert service["model"] == "cls" and service["endpoint"] == "/classify"
+    assert [r["concurrency"] for r in service["rounds"]] == [1, 3]
+    for r in service["rounds"]:
+        assert r["requests"] == r["ok"] == 6 and r["statuses"] == {"200": 6}
+        assert 0 < r["p50_ms"] <= r["p95_ms"]
+    seq, conc = service["rounds"]
+    assert service["batching_gain"] == pytest.approx(conc["requests_per_s"] / seq["requests_per_s"], abs=0.01)
+    assert service["http_overhead_vs_forward"] == pytest.approx(
+        seq["p50_ms"] / result["models"][0]["rows"][0]["ms_per_image"], rel=0.02)
+
+    md = out.read_text()
+    assert md.startswith("# Benchmarks") and "| cls 1 | classify | 64x64 | none | 2 |" in md
+    assert "## Service" in md and "Dynamic batching gain" in md
+    assert md.strip() in proc.stdout  # the same report is printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--weights", "/nonexistent/model"], "not a weights folder"),
+    (["--batch-sizes", "0"], "--batch-sizes must be integers >= 1"),
+    (["--batch-sizes", "one"], "comma-separated integers"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--requests", "0"], "--requests must be >= 1"),
+    (["--http-model", "/nonexistent/model"], "--http-model"),
+])
+def test_bench_rejects_bad_options_with_a_message(args, message, tmp_path, capsys):
+    weights = make_weights(tmp_path / "weights", names=["cls"])
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["bench", *(["--weights", str(weights / "cls")] if "--weights" not in args else []), *args,
+            "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert not out.exists()  # refused before any work
