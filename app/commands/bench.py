@@ -4,12 +4,12 @@ the same run (these machines are noisy: absolute milliseconds move between runs,
 Two parts:
 
 * model — `Predictor.infer` (the forward the service runs, TTA as in each manifest) on random images at the
-  model's input size, per batch size: ms per image, images/s and the batching gain (images/s at batch B ÷
-  images/s at batch 1). On CUDA also the peak GPU memory per batch.
+  model's input size, per batch size (timed in interleaved rounds; medians): ms per image, images/s and
+  the batching gain (images/s at batch B ÷ images/s at batch 1). On CUDA also the peak GPU memory per batch.
 * service (`--http`, on by default) — `s2amnet serve` started as a real process (embedded batching) with one
-  model; the same requests (one PNG each) sent one at a time and then `--concurrency` at a time: latency
-  p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s sequential) and the overhead of
-  the whole HTTP path over the bare forward (sequential p50 ÷ the batch-1 forward time).
+  model; the same requests (one PNG each) sent one at a time and `--concurrency` at a time (in alternating
+  slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s sequential) and
+  the overhead of the whole HTTP path over the bare forward (sequential p50 ÷ the batch-1 forward time).
 
 `--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
 """
@@ -100,22 +100,30 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
     predictor = Predictor.from_folder(folder, device=device)
     h, w = predictor.input_size
     rng = np.random.default_rng(0)
-    rows = []
-    for b in batch_sizes:
-        arrays = [rng.integers(0, 256, (3, h, w), dtype=np.uint8) for _ in range(b)]
+    inputs = {b: [rng.integers(0, 256, (3, h, w), dtype=np.uint8) for _ in range(b)] for b in batch_sizes}
+    for arrays in inputs.values():
         predictor.infer(arrays)  # warm-up (allocator, cudnn autotune)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(iters):
+    cuda = device.startswith("cuda")
+    times: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    peak: dict[int, float] = {}
+    # interleaved: every round times each batch size once, so a slow spell of a shared machine hits all
+    # of them alike and the ratios between them hold better than the absolute times
+    for _ in range(iters):
+        for b, arrays in inputs.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             predictor.infer(arrays)  # returns CPU tensors: the GPU work is finished
-            times.append(time.perf_counter() - t0)
-        ms = statistics.median(times) / b * 1000.0
+            times[b].append(time.perf_counter() - t0)
+            if cuda:
+                peak[b] = max(peak.get(b, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+    rows = []
+    for b in batch_sizes:
+        ms = statistics.median(times[b]) / b * 1000.0
         row = {"batch": b, "ms_per_image": round(ms, 3), "images_per_s": round(1000.0 / ms, 1)}
-        if device.startswith("cuda"):
-            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if cuda:
+            row["peak_gpu_mib"] = round(peak[b], 1)
         rows.append(row)
     base = rows[0]["images_per_s"]  # batch 1 (always measured)
     for r in rows:
@@ -183,7 +191,8 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path):
             proc.wait()
 
 
-async def _round(url: str, path: str, body: bytes, n: int, concurrency: int, bar) -> dict[str, Any]:
+async def _round(url: str, path: str, body: bytes, n: int, concurrency: int, bar) -> tuple[list[float], dict, float]:
+    """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s)."""
     import httpx
 
     latencies: list[float] = []
@@ -203,30 +212,43 @@ async def _round(url: str, path: str, body: bytes, n: int, concurrency: int, bar
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
         wall = time.perf_counter() - t0
+    return latencies, statuses, wall
+
+
+def _summary(concurrency: int, latencies: list[float], statuses: dict[int, int], wall: float) -> dict[str, Any]:
     q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
-    return {"concurrency": concurrency, "requests": n, "ok": statuses.get(200, 0),
+    return {"concurrency": concurrency, "requests": len(latencies), "ok": statuses.get(200, 0),
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "p50_ms": round(statistics.median(latencies) * 1000, 2), "p95_ms": round(q[18] * 1000, 2),
-            "requests_per_s": round(n / wall, 2)}
+            "requests_per_s": round(len(latencies) / wall, 2)}
 
 
 def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: float, args, device: str,
                   progress: bool) -> dict[str, Any]:
+    """One at a time and `--concurrency` at a time, alternating in up to three slices of `--requests`
+    each, so that both see the same spells of a shared machine."""
     import tempfile
 
     body = _png(*input_size)
     path = _ENDPOINT[task]
     log_path = Path(tempfile.gettempdir()) / f"s2amnet-bench-{os.getpid()}.log"
-    rounds = []
+    levels = (1, args.concurrency)
+    slices = [len(part) for part in (range(args.requests)[i::3] for i in range(3)) if len(part)]
+    acc = {c: ([], {}, 0.0) for c in levels}
     with _service(folder, device, args.threads, log_path) as url:
         bar = tqdm(total=2 * args.requests + 2, desc="service", unit="req", disable=not progress, leave=False)
         asyncio.run(_round(url, path, body, 2, 1, bar))  # warm-up: connections, first batch
-        for c in (1, args.concurrency):
-            rounds.append(asyncio.run(_round(url, path, body, args.requests, c, bar)))
+        for n in slices:
+            for c in levels:
+                lat, st, wall = asyncio.run(_round(url, path, body, n, c, bar))
+                lat0, st0, wall0 = acc[c]
+                for k, v in st.items():
+                    st0[k] = st0.get(k, 0) + v
+                acc[c] = (lat0 + lat, st0, wall0 + wall)
         bar.close()
-    seq, conc = rounds
+    seq, conc = (_summary(c, *acc[c]) for c in levels)
     return {"model": folder.name, "endpoint": path, "image": f"{input_size[1]}x{input_size[0]} PNG",
-            "rounds": rounds,
+            "rounds": [seq, conc],
             "batching_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2)}
 
