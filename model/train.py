@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ from model.losses import DetectionLoss, SegmentationLoss
 from model.predictor import Predictor
 from model.registry import MIN_INPUT_SIZE, build_model
 
-__all__ = ["TrainConfig", "RECIPES", "train"]
+__all__ = ["TrainConfig", "TrainConfigError", "RECIPES", "train"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class TrainConfig:
         `train()` calls it, so library callers get the same errors as `s2amnet train`."""
         from model.backbone import resolve_variant
 
-        def bad(flag: str, why: str) -> None:
+        def bad(flag: str, why: str) -> NoReturn:
             raise TrainConfigError(f"{flag} {why}")
 
         if self.task not in RECIPES:
@@ -182,6 +182,8 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill every None from the task recipe."""
+        if self.task not in RECIPES:
+            raise TrainConfigError(f"--task must be one of {sorted(RECIPES)}, got {self.task!r}")
         r = RECIPES[self.task]
         c = dataclasses.replace(self)
         for k in ("epochs", "imgsz", "batch", "lr", "weight_decay", "warmup_epochs", "crop"):
@@ -417,7 +419,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         val_recs = val_recs[: cfg.max_val_images]
     if not train_recs or not val_recs:
         raise DatasetFormatError(f"{cfg.data}: need labelled images in both the train and the val split "
-                         f"(got {len(train_recs)} / {len(val_recs)})")
+                                 f"(got {len(train_recs)} / {len(val_recs)})")
     task = _Task(cfg, info, train_recs, nc)
     task.train_ds.preload(progress=progress)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -735,7 +737,7 @@ def _load_data(data: str, task: str):
     for other in infos[1:]:
         if other.class_names(task) != first.class_names(task):
             raise DatasetFormatError(f"{other.root} has classes {other.class_names(task)}, "
-                             f"{first.root} has {first.class_names(task)}: cannot train on both")
+                                     f"{first.root} has {first.class_names(task)}: cannot train on both")
     source = {id(r): str(i.root) for i in infos for r in i.records}
     if len(infos) == 1:
         return first, source

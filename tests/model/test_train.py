@@ -364,6 +364,7 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     ({"close_mosaic": 2}, "--close-mosaic"),  # detect only
     ({"export_mask": "x", "aux_mask": False}, "--export-mask"),
     ({"ema_decay": 1.0}, "ema_decay"),
+    ({"task": "count"}, "--task"),
 ])
 def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tmp_path):
     """A library caller gets the errors the CLI gives: nothing is read or written, no silent no-op."""
