@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
                    help="also benchmark the HTTP service (default on; --no-http skips it)")
     p.add_argument("--http-model", help="weights folder the service part uses (default: the first --weights)")
-    p.add_argument("--requests", type=int, default=48, help="requests per service round (default 48)")
+    p.add_argument("--requests", type=int, default=48, help="requests at each concurrency level (default 48)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round")
     p.add_argument("--out", help="write the results as Markdown here (e.g. BENCHMARKS.md)")
     p.add_argument("--plot", help="write a PNG of the results here")
@@ -358,10 +358,12 @@ def run(args) -> int:
                         ("--threads", args.threads)):
             if v is not None and v < 1:
                 raise BenchError(f"{flag} must be >= 1, got {v}")
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: no CUDA device here")
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.json
@@ -371,6 +373,9 @@ def run(args) -> int:
     try:
         for folder in tqdm(folders, desc="models", unit="model", disable=not progress, leave=False):
             models.append(bench_model(folder, sizes, args.iters, device))
+        ref = next((m for m in models if Path(m["folder"]) == http_folder), None)
+        if args.http and ref is None:
+            ref = bench_model(http_folder, [1], args.iters, device)
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -378,11 +383,13 @@ def run(args) -> int:
                               "machine": _machine(device), "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if args.http:
-        ref = next((m for m in models if Path(m["folder"]) == http_folder), None) \
-            or bench_model(http_folder, [1], args.iters, device)
         forward_ms = ref["rows"][0]["ms_per_image"]  # batch 1
-        result["service"] = bench_service(http_folder, ref["task"], ref["input_size"], forward_ms, args, device,
-                                          progress)
+        try:
+            result["service"] = bench_service(http_folder, ref["task"], ref["input_size"], forward_ms, args,
+                                              device, progress)
+        except RuntimeError as exc:  # the service did not start: its log tail is in the message
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     md = to_markdown(result)
     if args.out:
         Path(args.out).write_text(md + "\n")
