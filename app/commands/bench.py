@@ -7,9 +7,11 @@ Two parts:
   model's input size, per batch size (timed in interleaved rounds; medians): ms per image, images/s and
   the batching gain (images/s at batch B ÷ images/s at batch 1). On CUDA also the peak GPU memory per batch.
 * service (`--http`, on by default) — `s2amnet serve` started as a real process (embedded batching) with one
-  model; the same requests (one PNG each) sent one at a time and `--concurrency` at a time (in alternating
-  slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s sequential) and
-  the overhead of the whole HTTP path over the bare forward (sequential p50 ÷ the batch-1 forward time).
+  model, and a second one with `--max-batch-size 1`; the same requests (one PNG each) sent one at a time
+  and `--concurrency` at a time to the first, `--concurrency` at a time to the second (in alternating
+  slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s concurrent
+  without batching), the concurrency gain (÷ req/s one at a time) and the overhead of the whole HTTP path
+  over the bare forward (p50 one at a time ÷ the batch-1 forward time).
 
 `--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
 """
@@ -153,7 +155,7 @@ def _png(h: int, w: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _service(folder: Path, device: str, threads: int | None, log_path: Path):
+def _service(folder: Path, device: str, threads: int | None, log_path: Path, extra: tuple[str, ...] = ()):
     """`s2amnet serve` (embedded batching) with the one model of `folder`, on a free local port."""
     import httpx
 
@@ -162,7 +164,7 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path):
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--weights-dir", str(folder.resolve().parent), "--models", folder.name, "--device", device,
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     if threads:
         cmd += ["--torch-threads", str(threads)]
     root = Path(__file__).resolve().parents[2]
@@ -225,31 +227,42 @@ def _summary(concurrency: int, latencies: list[float], statuses: dict[int, int],
 
 def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: float, args, device: str,
                   progress: bool) -> dict[str, Any]:
-    """One at a time and `--concurrency` at a time, alternating in up to three slices of `--requests`
-    each, so that both see the same spells of a shared machine."""
+    """Three rounds of `--requests` each: one at a time and `--concurrency` at a time against the service
+    as configured, and `--concurrency` at a time against a second instance with `--max-batch-size 1` (the
+    same service without dynamic batching: the baseline of the batching gain). The rounds alternate in
+    three slices, so that all see the same spells of a shared machine."""
     import tempfile
 
     body = _png(*input_size)
     path = _ENDPOINT[task]
-    log_path = Path(tempfile.gettempdir()) / f"s2amnet-bench-{os.getpid()}.log"
-    levels = (1, args.concurrency)
+    tmp = Path(tempfile.gettempdir())
+    c = args.concurrency
+    rounds = [("batched", 1), ("batched", c), ("unbatched", c)]
     slices = [len(part) for part in (range(args.requests)[i::3] for i in range(3)) if len(part)]
-    acc = {c: ([], {}, 0.0) for c in levels}
-    with _service(folder, device, args.threads, log_path) as url:
-        bar = tqdm(total=2 * args.requests + 2, desc="service", unit="req", disable=not progress, leave=False)
-        asyncio.run(_round(url, path, body, 2, 1, bar))  # warm-up: connections, first batch
+    acc: dict[tuple[str, int], tuple[list[float], dict[int, int], float]] = {k: ([], {}, 0.0) for k in rounds}
+    with contextlib.ExitStack() as stack:
+        urls = {"batched": stack.enter_context(_service(folder, device, args.threads,
+                                                        tmp / f"s2amnet-bench-{os.getpid()}.log")),
+                "unbatched": stack.enter_context(_service(folder, device, args.threads,
+                                                          tmp / f"s2amnet-bench-{os.getpid()}-b1.log",
+                                                          ("--max-batch-size", "1")))}
+        bar = tqdm(total=3 * args.requests + 4, desc="service", unit="req", disable=not progress, leave=False)
+        for url in urls.values():
+            asyncio.run(_round(url, path, body, 2, 1, bar))  # warm-up: connections, first batch
         for n in slices:
-            for c in levels:
-                lat, st, wall = asyncio.run(_round(url, path, body, n, c, bar))
-                lat0, st0, wall0 = acc[c]
+            for key in rounds:
+                lat, st, wall = asyncio.run(_round(urls[key[0]], path, body, n, key[1], bar))
+                lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
-                acc[c] = (lat0 + lat, st0, wall0 + wall)
+                acc[key] = (lat0 + lat, st0, wall0 + wall)
         bar.close()
-    seq, conc = (_summary(c, *acc[c]) for c in levels)
+    seq, conc, unbatched = ({**_summary(key[1], *acc[key]), "max_batch_size": "1" if key[0] == "unbatched"
+                             else "default"} for key in rounds)
     return {"model": folder.name, "endpoint": path, "image": f"{input_size[1]}x{input_size[0]} PNG",
-            "rounds": [seq, conc],
-            "batching_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
+            "rounds": [seq, conc, unbatched],
+            "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
+            "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2)}
 
 
@@ -295,13 +308,16 @@ def to_markdown(result: dict[str, Any]) -> str:
     if s:
         lines += [f"## Service: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "
                   f"{s['image']} per request, model {s['model']}", "",
-                  "| requests in flight | requests | 200 OK | p50 ms | p95 ms | requests / s |",
-                  "|---|---|---|---|---|---|"]
+                  "| requests in flight | max batch | requests | 200 OK | p50 ms | p95 ms | requests / s |",
+                  "|---|---|---|---|---|---|---|"]
         for r in s["rounds"]:
-            lines.append(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['p50_ms']:.1f} | "
-                         f"{r['p95_ms']:.1f} | {r['requests_per_s']:.1f} |")
-        lines += ["", f"- Dynamic batching gain (req/s at {s['rounds'][1]['concurrency']} in flight ÷ req/s one "
-                  f"at a time): **{s['batching_gain']:.2f}×**.",
+            lines.append(f"| {r['concurrency']} | {r['max_batch_size']} | {r['requests']} | {r['ok']} | "
+                         f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['requests_per_s']:.1f} |")
+        c = s["rounds"][1]["concurrency"]
+        lines += ["", f"- Dynamic batching gain (req/s at {c} in flight ÷ req/s at {c} in flight with "
+                  f"`--max-batch-size 1`): **{s['batching_gain']:.2f}×**.",
+                  f"- Concurrency gain (req/s at {c} in flight ÷ req/s one at a time): "
+                  f"**{s['concurrency_gain']:.2f}×**.",
                   f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
                   f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON).", ""]
     return "\n".join(lines)
@@ -330,8 +346,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     if n == 2:
         s = result["service"]
         ax = axes[0][1]
-        labels = [f"{r['concurrency']} in flight" for r in s["rounds"]]
-        ax.bar(labels, [r["requests_per_s"] for r in s["rounds"]], color=["#999", "#2a7"])
+        labels = [f"{r['concurrency']} in flight" + (", max batch 1" if r["max_batch_size"] == "1" else "")
+                  for r in s["rounds"]]
+        ax.bar(labels, [r["requests_per_s"] for r in s["rounds"]], color=["#999", "#2a7", "#c84"])
         ax.set_ylabel("requests / s (higher is better)")
         ax.set_title(f"service, {s['model']}: batching gain {s['batching_gain']:.2f}×")
     fig.tight_layout()

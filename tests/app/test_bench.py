@@ -36,18 +36,22 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
 
     service = result["service"]  # the first --weights folder, through real HTTP
     assert service["model"] == "cls" and service["endpoint"] == "/classify"
-    assert [r["concurrency"] for r in service["rounds"]] == [1, 3]
+    # one at a time, 3 in flight, and 3 in flight against a second server without batching
+    assert [(r["concurrency"], r["max_batch_size"]) for r in service["rounds"]] == [(1, "default"),
+                                                                                   (3, "default"), (3, "1")]
     for r in service["rounds"]:
         assert r["requests"] == r["ok"] == 6 and r["statuses"] == {"200": 6}
         assert 0 < r["p50_ms"] <= r["p95_ms"]
-    seq, conc = service["rounds"]
-    assert service["batching_gain"] == pytest.approx(conc["requests_per_s"] / seq["requests_per_s"], abs=0.01)
+    seq, conc, unbatched = service["rounds"]
+    assert service["batching_gain"] == pytest.approx(conc["requests_per_s"] / unbatched["requests_per_s"],
+                                                     abs=0.01)
+    assert service["concurrency_gain"] == pytest.approx(conc["requests_per_s"] / seq["requests_per_s"], abs=0.01)
     assert service["http_overhead_vs_forward"] == pytest.approx(
         seq["p50_ms"] / result["models"][0]["rows"][0]["ms_per_image"], rel=0.02)
 
     md = out.read_text()
     assert md.startswith("# Benchmarks") and "| cls 1 | classify | 64x64 | none | 2 |" in md
-    assert "## Service" in md and "Dynamic batching gain" in md
+    assert "## Service" in md and "Dynamic batching gain" in md and "| 3 | 1 | 6 | 6 |" in md
     assert md.strip() in proc.stdout  # the same report is printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
