@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import platform
@@ -135,23 +134,10 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
 
 
 # ---------------------------------------------------------------------------------------------- service part
-_ENDPOINT = {"classify": "/classify", "detect": "/detect", "segment": "/segment"}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _png(h: int, w: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    img = np.random.default_rng(1).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @contextlib.contextmanager
@@ -193,7 +179,8 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path, ext
             proc.wait()
 
 
-async def _round(url: str, path: str, body: bytes, n: int, concurrency: int, bar) -> tuple[list[float], dict, float]:
+async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
+                 bar) -> tuple[list[float], dict, float]:
     """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s)."""
     import httpx
 
@@ -206,7 +193,7 @@ async def _round(url: str, path: str, body: bytes, n: int, concurrency: int, bar
         async def one() -> None:
             async with sem:
                 t0 = time.perf_counter()
-                r = await client.post(path, files={"file": ("bench.png", body, "image/png")})
+                r = await client.post(path, files={"file": part})
                 latencies.append(time.perf_counter() - t0)
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                 bar.update(1)
@@ -233,8 +220,12 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
     three slices, so that all see the same spells of a shared machine."""
     import tempfile
 
-    body = _png(*input_size)
-    path = _ENDPOINT[task]
+    import numpy as np
+
+    from app.client import _image_bytes  # the client's lossless PNG encoding of an array
+
+    part = _image_bytes(np.random.default_rng(1).integers(0, 256, (*input_size, 3), dtype=np.uint8))
+    path = f"/{task}"
     tmp = Path(tempfile.gettempdir())
     c = args.concurrency
     rounds = [("batched", 1), ("batched", c), ("unbatched", c)]
@@ -248,10 +239,10 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
                                                           ("--max-batch-size", "1")))}
         bar = tqdm(total=3 * args.requests + 4, desc="service", unit="req", disable=not progress, leave=False)
         for url in urls.values():
-            asyncio.run(_round(url, path, body, 2, 1, bar))  # warm-up: connections, first batch
+            asyncio.run(_round(url, path, part, 2, 1, bar))  # warm-up: connections, first batch
         for n in slices:
             for key in rounds:
-                lat, st, wall = asyncio.run(_round(urls[key[0]], path, body, n, key[1], bar))
+                lat, st, wall = asyncio.run(_round(urls[key[0]], path, part, n, key[1], bar))
                 lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
