@@ -40,12 +40,8 @@ def run(args) -> int:
         if args.tta is not None:
             manifest["tta"] = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
         predictor = Predictor(model, manifest, device=device)
-    except (CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         info = load_records(args.data, predictor.task)
-    except DatasetFormatError as exc:
+    except (CheckpointError, FileNotFoundError, DatasetFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if info.class_names(predictor.task) != predictor.classes:
