@@ -131,6 +131,7 @@ class TrainConfig:
     aux_mask: bool = True  # classify: auxiliary mask head when the records carry masks
     export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
+    copy_paste: float = 0.0  # classify with masks: probability of pasting a defect onto a defect-free image
     command: str = ""
 
     def validate(self) -> TrainConfig:
@@ -174,6 +175,9 @@ class TrainConfig:
             bad("lr_final", f"must be in [0, 1] (a fraction of --lr), got {self.lr_final}")
         if self.close_mosaic is not None and (self.task != "detect" or self.close_mosaic < 0):
             bad("--close-mosaic", "N needs --task detect and N >= 0 (mosaic is a detection augmentation)")
+        if self.copy_paste and (self.task != "classify" or not self.aux_mask or not 0 < self.copy_paste <= 1):
+            bad("--copy-paste", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1, "
+                f"got {self.copy_paste}")
         if self.export_mask and (self.task != "classify" or not self.aux_mask):
             bad("--export-mask", "needs --task classify with the auxiliary mask head (no --no-aux-mask)")
         return self
@@ -273,7 +277,11 @@ class _Task:
         self.aux: nn.Module | None = None
         if task == "classify":
             use_masks = cfg.aux_mask and all(r.has_mask for r in train_recs) and "segment" in info.tasks
-            self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks)
+            if cfg.copy_paste and not use_masks:
+                raise TrainConfigError("--copy-paste needs a data folder whose images all have defect masks "
+                                       "(magnetic-tile layout)")
+            self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
+                                            paste=cfg.copy_paste)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:

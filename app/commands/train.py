@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                                          "and the auxiliary mask head (best val mIoU) here at the end")
     p.add_argument("--close-mosaic", type=int, metavar="N",
                    help="detect: train the last N epochs without mosaic (on whole images, as served)")
+    p.add_argument("--copy-paste", type=float, default=0.0, metavar="P",
+                   help="classify with masks: with probability P a defect image is trained as its defect "
+                        "pasted onto a random defect-free image (more surroundings for rare classes)")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,6 +74,7 @@ def run(args) -> int:
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
+                      copy_paste=args.copy_paste,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:
         result = train(cfg, progress=not args.quiet)

@@ -40,6 +40,7 @@ __all__ = [
     "hsv_augment",
     "randaugment_lite",
     "random_crop_box",
+    "paste_defect",
     "mosaic4",
     "ClassifyAugment",
     "SegmentAugment",
@@ -298,6 +299,55 @@ def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | Non
     x0 = int(np.clip(cx - rng.integers(0, cw), min(0, w - cw), max(0, w - cw)))
     y0 = int(np.clip(cy - rng.integers(0, ch), min(0, h - ch), max(0, h - ch)))
     return x0, y0
+
+
+def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
+                 margin: int = 6, feather: float = 2.0):
+    """Copy-paste for mask-supervised classification: the defect of ``src`` (mask > 0, ignore excluded) with
+    a ``margin`` of its surroundings, randomly h/v-flipped, blended into ``dst`` at a random position.
+
+    The pasted pixels are shifted so that the mean of the patch's non-defect part matches the part of
+    ``dst`` they cover (tiles differ in brightness), and blended through the defect mask dilated by
+    ``margin`` and blurred by ``feather`` (no rectangular seam to learn as a cue). Returns ``(img, mask)`` at
+    ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None when ``src`` has no defect
+    pixels or its defect region does not fit into ``dst``.
+    """
+    fg = (src_mask > 0) & (src_mask != IGNORE_INDEX)
+    ys, xs = np.nonzero(fg)
+    if len(ys) == 0:
+        return None
+    h, w = src_mask.shape
+    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
+    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
+    dh, dw = dst_img.shape[:2]
+    ph, pw = y1 - y0, x1 - x0
+    if ph > dh or pw > dw:
+        return None
+    patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
+    for axis in (0, 1):
+        if rng.random() < 0.5:
+            patch, pmask, pfg = np.flip(patch, axis), np.flip(pmask, axis), np.flip(pfg, axis)
+    ty, tx = int(rng.integers(0, dh - ph + 1)), int(rng.integers(0, dw - pw + 1))
+    region = dst_img[ty:ty + ph, tx:tx + pw].astype(np.float32)
+    patch = patch.astype(np.float32)
+    if patch.ndim != region.ndim:  # grayscale source onto a colour tile or the reverse
+        patch = np.repeat(patch[..., None], region.shape[2], 2) if region.ndim == 3 else patch.mean(2)
+    alpha_img = Image.fromarray(pfg.astype(np.uint8) * 255)
+    if margin > 0:
+        alpha_img = alpha_img.filter(ImageFilter.MaxFilter(2 * (margin // 2) + 1))
+    if feather > 0:
+        alpha_img = alpha_img.filter(ImageFilter.GaussianBlur(feather))
+    alpha = np.maximum(np.asarray(alpha_img, np.float32) / 255.0, pfg)  # the defect itself stays opaque
+    ring = ~pfg
+    if ring.any():
+        patch = patch + (region[ring].mean(0) - patch[ring].mean(0))
+    if region.ndim == 3:
+        alpha = alpha[..., None]
+    out = dst_img.copy()
+    out[ty:ty + ph, tx:tx + pw] = np.clip(region * (1 - alpha) + patch * alpha, 0, 255).astype(np.uint8)
+    mask = np.zeros((dh, dw), np.uint8)
+    mask[ty:ty + ph, tx:tx + pw][pfg] = pmask[pfg]
+    return out, mask
 
 
 # ----------------------------------------------------------------------------------------------------

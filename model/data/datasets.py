@@ -36,6 +36,7 @@ from .augment import (
     DetectAugment,
     SegmentAugment,
     letterbox_geometry,
+    paste_defect,
 )
 from .readers import Record
 
@@ -167,13 +168,17 @@ class _Base(Dataset):
 class ClassifyDataset(_Base):
     """Image-level classification. ``with_mask=True`` also returns the segment mask (magnetic-tile),
     transformed like the image (for a mask-supervised classifier). In training, masks (when the records
-    have them) steer the random crop so that it keeps the defect. Extra kwargs go to `ClassifyAugment`."""
+    have them) steer the random crop so that it keeps the defect. ``paste`` (training with masks): the
+    probability that a defect image is replaced by its defect pasted onto a random defect-free image of the
+    set (`paste_defect`; same label, the pasted mask) — new surroundings for classes with few images.
+    Extra kwargs go to `ClassifyAugment`."""
 
     task = "classify"
 
     def __init__(self, records: Sequence[Record], imgsz: int = 224, train: bool = False,
                  augment: ClassifyAugment | None = None, cache: bool = True, with_mask: bool = False,
-                 grayscale: bool = False, cache_max_side: int | None = None, **aug_kwargs):
+                 grayscale: bool = False, cache_max_side: int | None = None, paste: float = 0.0,
+                 **aug_kwargs):
         super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
         if any(r.label is None for r in self.records):
             raise ValueError("ClassifyDataset needs records with a classify label")
@@ -182,9 +187,30 @@ class ClassifyDataset(_Base):
         self._have_masks = all(r.has_mask for r in self.records)
         if with_mask and not self._have_masks:
             raise ValueError("with_mask=True needs records with masks")
+        if not 0.0 <= paste <= 1.0:
+            raise ValueError(f"paste must be a probability in [0, 1], got {paste}")
+        if paste and not (train and self._have_masks):
+            raise ValueError("paste needs a training set whose records have masks")
+        self.paste = float(paste)
+        self._free: list[int] | None = None  # indices of the images without defect pixels (lazily)
 
     def _uses_mask(self) -> bool:
-        return self.with_mask or (self.train and self._have_masks and self.augment.min_defect_keep > 0)
+        return self.with_mask or self.paste > 0 or (self.train and self._have_masks
+                                                    and self.augment.min_defect_keep > 0)
+
+    def _has_defect(self, i: int) -> bool:
+        m = self.load_mask(i)
+        return bool(((m > 0) & (m != IGNORE_INDEX)).any())
+
+    def _pasted(self, i: int, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        """`paste_defect` of image i onto a random defect-free image, or None (no defect-free image, or
+        the defect does not fit)."""
+        if self._free is None:
+            self._free = [j for j in range(len(self)) if not self._has_defect(j)]
+        if not self._free:
+            return None
+        j = self._free[int(rng.integers(len(self._free)))]
+        return paste_defect(img, mask, self.load_image(j), rng)
 
     @property
     def labels(self) -> np.ndarray:
@@ -193,7 +219,12 @@ class ClassifyDataset(_Base):
     def __getitem__(self, i: int) -> dict:
         img = self.load_image(i)
         mask = self.load_mask(i) if self._uses_mask() else None
-        out_img, out_mask = self.augment(img, self._rng(), mask)
+        rng = self._rng()
+        if self.paste and rng.random() < self.paste and self._has_defect(i):
+            pasted = self._pasted(i, img, mask, rng)
+            if pasted is not None:
+                img, mask = pasted
+        out_img, out_mask = self.augment(img, rng, mask)
         label = torch.tensor(self.records[i].label, dtype=torch.int64)
         item = {"image": to_chw_tensor(out_img), "label": label,
                 "index": torch.tensor(i, dtype=torch.int64)}

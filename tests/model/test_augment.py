@@ -16,6 +16,7 @@ from model.data.augment import (
     letterbox,
     letterbox_boxes,
     mosaic4,
+    paste_defect,
     photometric,
     randaugment_lite,
     rot90,
@@ -187,3 +188,29 @@ def test_classify_augment_keeps_defect():
     o, _ = ClassifyAugment(imgsz=48, train=False, resize_mode="stretch")(np.zeros((10, 30, 3), np.uint8),
                                                                            np.random.default_rng(0))
     assert o.shape == (48, 48, 3)
+
+
+def test_paste_defect_moves_the_defect_and_its_mask_onto_the_other_image():
+    src = np.full((40, 50), 200, np.uint8)  # a bright tile with a dark 4x6 defect
+    src_mask = np.zeros((40, 50), np.uint8)
+    src[10:14, 20:26] = 20
+    src_mask[10:14, 20:26] = 3
+    dst = np.full((60, 70), 80, np.uint8)  # a darker defect-free tile
+    for seed in range(10):
+        img, mask = paste_defect(src, src_mask, dst, np.random.default_rng(seed), margin=4, feather=1.0)
+        assert img.shape == dst.shape and mask.shape == dst.shape and img.dtype == np.uint8
+        assert set(np.unique(mask)) == {0, 3} and (mask == 3).sum() == 24  # one 4x6 defect, class kept
+        ys, xs = np.nonzero(mask == 3)
+        assert ys.max() - ys.min() == 3 and xs.max() - xs.min() == 5
+        # brightness matched: the defect is 180 darker than its tile, so 80 - 180 clips to 0 here
+        assert (img[mask == 3] == 0).all()
+        far = np.ones_like(mask, bool)
+        far[max(ys.min() - 5, 0):ys.max() + 6, max(xs.min() - 5, 0):xs.max() + 6] = False
+        assert (img[far] == 80).all()  # nothing outside the pasted region changes
+        assert not (img[mask == 0] < 60).any()  # no seam: the margin blends into the tile's level
+    # colour destination, grayscale source
+    img, mask = paste_defect(src, src_mask, np.full((30, 30, 3), 90, np.uint8), np.random.default_rng(0))
+    assert img.shape == (30, 30, 3) and (mask == 3).sum() == 24
+    # no defect, or a defect region larger than the destination: None
+    assert paste_defect(src, np.zeros_like(src_mask), dst, np.random.default_rng(0)) is None
+    assert paste_defect(src, src_mask, np.zeros((8, 8), np.uint8), np.random.default_rng(0)) is None

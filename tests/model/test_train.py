@@ -230,6 +230,44 @@ def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path)
     assert "verdict" in seg.predict([np.full((80, 96, 3), 128, np.uint8)])[0]
 
 
+def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, capsys):
+    """--copy-paste P: the classify training set hands out defect images rebuilt on a defect-free image of
+    the set (same label, the pasted mask); data without masks is refused with a message."""
+    from model.data.datasets import ClassifyDataset
+    from model.data.readers import load_records
+
+    data = make_magnetic_tile(tmp_path / "mt")
+    recs = load_records(data, "classify").records
+    ds = ClassifyDataset(recs, imgsz=64, train=True, with_mask=True, paste=1.0)
+    free = [i for i, r in enumerate(recs) if not ds._has_defect(i)]
+    assert free and len(free) < len(recs)
+    calls = []
+    import model.data.datasets as datasets
+
+    real = datasets.paste_defect
+    datasets.paste_defect = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
+    try:
+        items = [ds[i] for i in range(len(recs))]
+    finally:
+        datasets.paste_defect = real
+    assert len(calls) == len(recs) - len(free)  # every defect image, never a defect-free one
+    assert all(any(c is ds.load_image(j) for j in free) for c in calls)  # pasted onto defect-free tiles
+    for i, it in enumerate(items):
+        assert int(it["label"]) == recs[i].label
+        assert bool((it["mask"] == 1).any()) == (i not in free)  # the defect (and its class) survives
+    with pytest.raises(ValueError, match="paste"):
+        ClassifyDataset(recs, imgsz=64, train=False, paste=0.5)
+
+    out = tmp_path / "run"
+    res = train(TrainConfig(task="classify", data=str(data), epochs=1, imgsz=64, batch=4, out=str(out),
+                            workers=0, max_train_batches=2, copy_paste=0.5), progress=False)
+    assert Path(res["best_dir"]).exists()
+    plain = make_classify(tmp_path / "plain")
+    assert cli_main(["train", "--task", "classify", "--data", str(plain), "--copy-paste", "0.5", "--quiet",
+                     "--out", str(tmp_path / "p")]) == 2
+    assert "--copy-paste needs a data folder" in capsys.readouterr().err
+
+
 def test_several_data_folders_with_the_same_classes_combine(tmp_path):
     from model.train import _load_data, _sampler
 
@@ -363,6 +401,8 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     ({"crop": 64}, "--crop"),  # segment only
     ({"close_mosaic": 2}, "--close-mosaic"),  # detect only
     ({"export_mask": "x", "aux_mask": False}, "--export-mask"),
+    ({"copy_paste": 1.5}, "--copy-paste"),
+    ({"copy_paste": 0.5, "aux_mask": False}, "--copy-paste"),
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"task": "count"}, "--task"),
 ])
