@@ -1,14 +1,24 @@
 #!/bin/bash
-# A prepared GPU call (device tool, session 6): four magnetic-tile classify (+ aux mask head) runs side by
-# side on one GPU, each continuing from the shipped pair, with the best folders and logs snapshot into
+# A prepared GPU call (device tool, sessions 6 and 7): up to four magnetic-tile classify (+ aux mask head)
+# runs side by side on one GPU, each continuing from INIT, with the best folders and logs snapshot into
 # $OUT every 30 s so that a call cut off at its limit still returns the best weights.
-# Carry .whl (PyWavelets + pycocotools wheels for the machine's Python) and .dev/gpu (this script's data:
-# `cp -r ../shared/data/magnetic-tile .dev/gpu/`), then: `OUT=$OUT TL=7.5 KILL=540 bash scripts/gpu_parallel_runs.sh`.
+# RUNS: "NAME:extra train args;NAME:...". The default is session 7's: four runs from the shipped
+# mt-classify 0.4.0 (run H of session 6) and H's own mask head (runs/gH-export/mt-segment, carried).
+# Session 6's first call was RUNS="A:--imgsz 320 --lr 5e-4 --seed 42;B:--imgsz 320 --lr 1e-3 --seed 1;
+# C:--imgsz 384 --lr 5e-4 --seed 2;D:--imgsz 320 --lr 2e-4 --seed 3" with INIT="--init-backbone
+# weights/mt-segment --init-weights weights/mt-classify" (the 0.3.0 pair).
+# Carry .whl (PyWavelets + pycocotools wheels for the machine's Python), .dev/gpu/magnetic-tile (a copy of
+# ../shared/data/magnetic-tile) and the INIT folders that are not committed, then:
+# `OUT=$OUT TL=8.5 KILL=580 bash scripts/gpu_parallel_runs.sh`.
 # Local dry run: `DEV=cpu TL=0.5 SMOKE="--max-train-batches 2 --max-val-images 8" bash scripts/gpu_parallel_runs.sh`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-TL=${TL:-7.5}; KILL=${KILL:-540}; DEV=${DEV:-cuda}; SMOKE=${SMOKE:-}
+TL=${TL:-8.5}; KILL=${KILL:-580}; DEV=${DEV:-cuda}; SMOKE=${SMOKE:-}
+INIT=${INIT:---init-backbone runs/gH-export/mt-segment --init-weights weights/mt-classify}
+RUNS=${RUNS:-P:--imgsz 448 --lr 3e-4 --seed 11;Q:--imgsz 448 --lr 3e-4 --copy-paste 0.3 --seed 12;\
+R:--imgsz 512 --lr 3e-4 --copy-paste 0.3 --seed 13;S:--imgsz 384 --lr 3e-4 --copy-paste 0.5 --seed 14}
+IFS=';' read -ra SPECS <<< "$RUNS"; NAMES=""; for spec in "${SPECS[@]}"; do NAMES="$NAMES ${spec%%:*}"; done
 if [ -d .whl ] && ! python3 -c "import pywt, pycocotools" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -17,8 +27,7 @@ D=../shared/data; mkdir -p $D 2>/dev/null || D=/tmp/data
 (nvidia-smi; python3 -c "import torch,pywt;print(torch.__version__, torch.cuda.is_available())") > "$OUT/env.txt" 2>&1
 export PYTHONUNBUFFERED=1
 common="--task classify --data $D/magnetic-tile --name mt-classify --batch 16 --warmup-epochs 1 --epochs 80
- --val-every 2 --init-backbone weights/mt-segment --init-weights weights/mt-classify --workers 3 --threads 2
- --device $DEV --quiet --time-limit $TL $SMOKE"
+ --val-every 2 $INIT --workers 3 --threads 2 --device $DEV --quiet --time-limit $TL $SMOKE"
 run() {  # name, extra args
   local n=$1; shift
   timeout -s INT $KILL python3 -m app.cli train $common "$@" --out runs/g$n \
@@ -26,21 +35,21 @@ run() {  # name, extra args
   echo "job $n rc=$?" >> runs/g$n.log
 }
 snap() {
-  for n in A B C D; do
+  for n in $NAMES; do
     [ -d runs/g$n ] || continue
     tar czf "$OUT/.g$n.tgz" --exclude='last.pt' --exclude='*.tmp' runs/g$n runs/g$n.log $(ls -d runs/g$n-export 2>/dev/null) 2>/dev/null \
       && mv "$OUT/.g$n.tgz" "$OUT/g$n.tgz"
   done
 }
 mkdir -p runs
-run A --imgsz 320 --lr 5e-4 --seed 42 &
-run B --imgsz 320 --lr 1e-3 --seed 1 &
-run C --imgsz 384 --lr 5e-4 --seed 2 &
-run D --imgsz 320 --lr 2e-4 --seed 3 &
+for spec in "${SPECS[@]}"; do
+  # shellcheck disable=SC2086  # the extra args are meant to split
+  run ${spec%%:*} ${spec#*:} &
+done
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 20 > "$OUT/smi.csv" 2>&1) &
 SMI=$!
-while [ -n "$(jobs -r -p | grep -v "^$SMI$")" ]; do sleep 30; snap; grep -h "best\|epochs" runs/g?.log | tail -n 4; done
-wait %1 %2 %3 %4
+while [ -n "$(jobs -r -p | grep -v "^$SMI$")" ]; do sleep 30; snap; for n in $NAMES; do grep -h "best\|epochs" runs/g$n.log 2>/dev/null | tail -n 1; done; done
+wait $(jobs -p | grep -v "^$SMI$")
 kill $SMI 2>/dev/null
 snap
-tail -n 3 runs/g?.log
+for n in $NAMES; do tail -n 3 runs/g$n.log; done
