@@ -2,20 +2,22 @@
 # A prepared GPU call (device tool, sessions 6 and 7): up to four magnetic-tile classify (+ aux mask head)
 # runs side by side on one GPU, each continuing from INIT, with the best folders and logs snapshot into
 # $OUT every 30 s so that a call cut off at its limit still returns the best weights.
-# RUNS: "NAME:extra train args;NAME:...". The default is session 7's: four runs from the shipped
-# mt-classify 0.4.0 (run H of session 6) and H's own mask head (runs/gH-export/mt-segment, carried).
-# Session 6's first call was RUNS="A:--imgsz 320 --lr 5e-4 --seed 42;B:--imgsz 320 --lr 1e-3 --seed 1;
-# C:--imgsz 384 --lr 5e-4 --seed 2;D:--imgsz 320 --lr 2e-4 --seed 3" with INIT="--init-backbone
-# weights/mt-segment --init-weights weights/mt-classify" (the 0.3.0 pair).
-# Carry .whl (PyWavelets + pycocotools wheels for the machine's Python), .dev/gpu/magnetic-tile (a copy of
-# ../shared/data/magnetic-tile) and the INIT folders that are not committed, then:
-# `OUT=$OUT TL=8.5 KILL=580 bash scripts/gpu_parallel_runs.sh`.
+# RUNS: "NAME:extra train args;NAME:...". INIT: the weights every run starts from. The defaults are
+# session 7's call (runs P-S, docs/TRAINING.md), which started from the committed pair of that day
+# (mt-classify 0.4.0, mt-segment 0.4.0); session 6's first call was RUNS="A:--imgsz 320 --lr 5e-4 --seed 42;
+# B:--imgsz 320 --lr 1e-3 --seed 1;C:--imgsz 384 --lr 5e-4 --seed 2;D:--imgsz 320 --lr 2e-4 --seed 3" from
+# the 0.3.0 pair. Start from committed folders: a call carries at most 64 MiB, and the repo (19.5 MB),
+# magnetic-tile (38.6 MB) and the wheels (4.9 MB) leave about 3 MB.
+# Carry .whl (PyWavelets + pycocotools wheels for the machine's Python) and .dev/gpu/magnetic-tile (a copy
+# of ../shared/data/magnetic-tile), then: `OUT=$OUT TL=8 KILL=530 bash scripts/gpu_parallel_runs.sh` with
+# the call's timeout_s at 600 (installing the wheels, copying and caching the data take a minute or so before
+# the runs' clocks start; session 7's TL=8.2 KILL=555 ran into the call's limit during the last snapshot).
 # Local dry run: `DEV=cpu TL=0.5 SMOKE="--max-train-batches 2 --max-val-images 8" bash scripts/gpu_parallel_runs.sh`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-TL=${TL:-8.5}; KILL=${KILL:-580}; DEV=${DEV:-cuda}; SMOKE=${SMOKE:-}
-INIT=${INIT:---init-backbone runs/gH-export/mt-segment --init-weights weights/mt-classify}
+TL=${TL:-8}; KILL=${KILL:-530}; DEV=${DEV:-cuda}; SMOKE=${SMOKE:-}
+INIT=${INIT:---init-backbone weights/mt-segment --init-weights weights/mt-classify}
 RUNS=${RUNS:-P:--imgsz 448 --lr 3e-4 --seed 11;Q:--imgsz 448 --lr 3e-4 --copy-paste 0.3 --seed 12;\
 R:--imgsz 512 --lr 3e-4 --copy-paste 0.3 --seed 13;S:--imgsz 384 --lr 3e-4 --copy-paste 0.5 --seed 14}
 IFS=';' read -ra SPECS <<< "$RUNS"; NAMES=""; for spec in "${SPECS[@]}"; do NAMES="$NAMES ${spec%%:*}"; done

@@ -230,7 +230,7 @@ def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path)
     assert "verdict" in seg.predict([np.full((80, 96, 3), 128, np.uint8)])[0]
 
 
-def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, capsys):
+def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, capsys, monkeypatch):
     """--copy-paste P: the classify training set hands out defect images rebuilt on a defect-free image of
     the set (same label, the pasted mask); data without masks is refused with a message."""
     from model.data.datasets import ClassifyDataset
@@ -241,15 +241,13 @@ def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, caps
     ds = ClassifyDataset(recs, imgsz=64, train=True, with_mask=True, paste=1.0)
     free = [i for i, r in enumerate(recs) if not ds._has_defect(i)]
     assert free and len(free) < len(recs)
-    calls = []
     import model.data.datasets as datasets
 
+    calls = []
     real = datasets.paste_defect
-    datasets.paste_defect = lambda *a, **k: calls.append(a[2]) or real(*a, **k)
-    try:
-        items = [ds[i] for i in range(len(recs))]
-    finally:
-        datasets.paste_defect = real
+    monkeypatch.setattr(datasets, "paste_defect", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    items = [ds[i] for i in range(len(recs))]
+    monkeypatch.undo()
     assert len(calls) == len(recs) - len(free)  # every defect image, never a defect-free one
     assert all(any(c is ds.load_image(j) for j in free) for c in calls)  # pasted onto defect-free tiles
     for i, it in enumerate(items):
