@@ -33,7 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    result = args.func(args)
+    from pydantic import ValidationError
+
+    try:
+        result = args.func(args)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # a bad S2AMNET_* variable or serve/worker flag: say which and why, not a traceback
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        print(f"error: invalid setting: {problems}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -2,11 +2,13 @@
 
 Every field reads the environment variable `S2AMNET_<FIELD>` (case-insensitive); command-line flags of
 `s2amnet serve` / `s2amnet worker` override them by passing init arguments (init > environment > default).
-List settings (`models`, `api_keys`) are comma-separated in the environment.
+List settings (`models`, `api_keys`) are comma-separated in the environment; `model_max_batch_size` is
+``name=N,name=N``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,6 +45,11 @@ class Settings(BaseSettings):
 
     # --- batching / queueing
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
+    model_max_batch_size: Annotated[dict[str, Annotated[int, Field(ge=1)]], NoDecode] = Field(
+        default_factory=dict,
+        description="Per-model caps below max_batch_size, 'name=N,name=N' (e.g. 'crack-segment=1': on a CPU "
+        "a 512 px segmenter answers more images per second one at a time).",
+    )
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
     )
@@ -98,6 +105,32 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("model_max_batch_size", mode="before")
+    @classmethod
+    def _caps(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, str):
+            return value
+        caps: dict[str, str] = {}
+        for item in _split_csv(value):
+            name, sep, n = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"expected name=N, got {item!r}")
+            caps[name.strip()] = n.strip()
+        return caps
+
+    def batch_sizes(self, models: Iterable[str], strict: bool = True) -> dict[str, int]:
+        """Most images per forward for each of ``models``: ``max_batch_size``, lowered where
+        ``model_max_batch_size`` caps the model. ``strict``: a cap naming none of ``models`` is a
+        RuntimeError (a typo would otherwise change nothing, silently)."""
+        models = list(models)
+        unknown = sorted(set(self.model_max_batch_size) - set(models))
+        if unknown and strict:
+            raise RuntimeError(f"S2AMNET_MODEL_MAX_BATCH_SIZE names {', '.join(unknown)}, which is not a loaded "
+                               f"model (loaded: {', '.join(sorted(models)) or 'none'})")
+        return {m: min(self.max_batch_size, self.model_max_batch_size.get(m, self.max_batch_size)) for m in models}
 
     @property
     def max_body_bytes(self) -> int:

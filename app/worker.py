@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -144,6 +144,7 @@ class Worker:
         *,
         consumer: str | None = None,
         max_batch_size: int = 16,
+        batch_sizes: Mapping[str, int] | None = None,
         max_delay_ms: float = 5.0,
         visibility_timeout_s: float = 30.0,
         max_deliveries: int = 3,
@@ -161,6 +162,10 @@ class Worker:
         self.models = list(self.predictors)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.max_batch_size = max(1, int(max_batch_size))
+        # most jobs per forward for each model: max_batch_size unless batch_sizes caps the model
+        caps = batch_sizes or {}
+        self.batch_sizes = {m: max(1, min(self.max_batch_size, int(caps.get(m, self.max_batch_size))))
+                            for m in self.models}
         self.max_delay_s = max(0.0, float(max_delay_ms) / 1000.0)
         self.visibility_ms = max(1, int(visibility_timeout_s * 1000))
         self.max_deliveries = max(1, int(max_deliveries))
@@ -206,8 +211,9 @@ class Worker:
         return self._stop.is_set()
 
     def run(self) -> None:
-        log.info("worker %s serving %s (max_batch=%d, max_delay=%.1f ms, visibility=%d ms)",
-                 self.consumer, ",".join(self.models), self.max_batch_size, self.max_delay_s * 1000,
+        log.info("worker %s serving %s (max_batch=%s, max_delay=%.1f ms, visibility=%d ms)",
+                 self.consumer, ",".join(self.models),
+                 ",".join(f"{m}={n}" for m, n in self.batch_sizes.items()), self.max_delay_s * 1000,
                  self.visibility_ms)
         metrics.WORKER_UP.labels(worker=self.consumer).set(1)
         backoff = 0.05
@@ -252,7 +258,7 @@ class Worker:
                 return
         model = min((m for m in self.models if self._buffers[m]), key=lambda m: self._buffers[m][0].arrived)
         self._top_up(model)
-        batch = self._buffers[model][: self.max_batch_size]
+        batch = self._buffers[model][: self.batch_sizes[model]]
         self._process(model, batch)
 
     def _ensure_groups(self) -> None:
@@ -315,11 +321,12 @@ class Worker:
 
     def _top_up(self, model: str) -> None:
         buf = self._buffers[model]
-        while len(buf) < self.max_batch_size and not self._stop.is_set():
+        cap = self.batch_sizes[model]
+        while len(buf) < cap and not self._stop.is_set():
             left = buf[0].arrived + self.max_delay_s - time.monotonic()
             if left <= 0:
                 break
-            self._read([model], self.max_batch_size - len(buf), max(1, int(left * 1000)))
+            self._read([model], cap - len(buf), max(1, int(left * 1000)))
 
     def _claim(self) -> None:
         """Take over jobs idle longer than the visibility timeout in any consumer's pending list."""
@@ -489,7 +496,7 @@ class Worker:
         for m in self.models:
             while self._buffers[m] and time.monotonic() < end:
                 try:
-                    self._process(m, self._buffers[m][: self.max_batch_size])
+                    self._process(m, self._buffers[m][: self.batch_sizes[m]])
                 except CONNECTION_ERRORS:
                     return  # they stay pending in Redis: another worker takes them over
                 except RedisError:
@@ -530,8 +537,12 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
     if settings.metrics_port:
         metrics.start_metrics_server(int(settings.metrics_port))
         log.info("worker metrics on :%d/metrics", settings.metrics_port)
+    unknown = sorted(set(settings.model_max_batch_size) - set(predictors))
+    if unknown:  # workers may each serve a part of the models; the same settings may name the others
+        log.warning("S2AMNET_MODEL_MAX_BATCH_SIZE names %s, not served by this worker", ", ".join(unknown))
     worker = Worker(settings.redis_url, predictors, consumer=consumer,
-                    max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_delay_ms,
+                    max_batch_size=settings.max_batch_size,
+                    batch_sizes=settings.batch_sizes(predictors, strict=False), max_delay_ms=settings.max_delay_ms,
                     visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries)
     worker.install_signal_handlers()
     if stop_early.is_set():

@@ -86,3 +86,18 @@ def test_info_unknown_variant_is_an_error(bad):
         timeout=120,
     )
     assert proc.returncode == 2 and "unknown variant" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["serve", "--max-queue", "0"], {}, "max_queue: Input should be greater than or equal to 1"),
+    (["serve"], {"S2AMNET_MODEL_MAX_BATCH_SIZE": "crack-segment"}, "expected name=N, got 'crack-segment'"),
+    (["worker", "--redis-url", "redis://127.0.0.1:1", "--model-max-batch-size", "det=0"], {},
+     "model_max_batch_size.det: Input should be greater than or equal to 1"),
+])
+def test_bad_settings_are_a_message_and_exit_2(args, env, message):
+    """A bad S2AMNET_* variable or serve/worker flag: one line naming the setting, no traceback, exit 2."""
+    proc = subprocess.run([*_cli(), *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: invalid setting: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -173,8 +173,9 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
         )
     results = []
     request_id = uuid.uuid4().hex
-    for b in range(0, len(jobs), settings.max_batch_size):
-        for out in run_batch(predictor, jobs[b : b + settings.max_batch_size]):
+    step = settings.batch_sizes([predictor.name], strict=False)[predictor.name]
+    for b in range(0, len(jobs), step):
+        for out in run_batch(predictor, jobs[b : b + step]):
             results.append(raise_for_result(out))
     from app.inference import assemble_result
 

@@ -20,6 +20,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "in the weights dir)")
     p.add_argument("--weights-dir", help="folder of model folders (default: S2AMNET_WEIGHTS_DIR, weights)")
     p.add_argument("--max-batch-size", type=int, help="most jobs per forward (S2AMNET_MAX_BATCH_SIZE, 16)")
+    p.add_argument("--model-max-batch-size", help="per-model caps below --max-batch-size, name=N,name=N "
+                   "(S2AMNET_MODEL_MAX_BATCH_SIZE)")
     p.add_argument("--max-delay-ms", type=float,
                    help="longest wait for a batch to fill once a job is in hand (S2AMNET_MAX_DELAY_MS, 5)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port, 0 = off "

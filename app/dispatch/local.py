@@ -75,7 +75,7 @@ def warm_up(predictor: Any) -> float:
 class LocalDispatcher(Dispatcher):
     def __init__(self, predictors: Mapping[str, Any], settings: Any):
         self._predictors = dict(predictors)
-        self._max_batch = int(settings.max_batch_size)
+        self._max_batch = settings.batch_sizes(self._predictors)  # per model
         self._max_delay = float(settings.max_delay_ms) / 1000.0
         self._max_queue = int(settings.max_queue)
         self._retry_after = float(getattr(settings, "retry_after_s", 1))
@@ -241,13 +241,14 @@ class LocalDispatcher(Dispatcher):
                     continue
                 q = self._queues[name]
                 first = q[0].put_at
-                while len(q) < self._max_batch and not self._closing and not self._abort:
+                cap = self._max_batch[name]
+                while len(q) < cap and not self._closing and not self._abort:
                     remaining = first + self._max_delay - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
                 batch: list[_Pending] = []
-                while q and len(batch) < self._max_batch:
+                while q and len(batch) < cap:
                     p = q.popleft()
                     if not p.cancelled:
                         batch.append(p)

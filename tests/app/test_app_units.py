@@ -7,6 +7,7 @@ import asyncio
 import re
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,36 @@ def test_dispatcher_batches_on_one_long_lived_thread(det):
     assert [r["defects"] for r in results] == [e["defects"] for e in expected]
 
 
+def test_dispatcher_caps_the_batch_of_one_model_only(det):
+    """S2AMNET_MODEL_MAX_BATCH_SIZE: a per-model cap below max_batch_size; the other model still batches,
+    and a cap naming a model that is not served stops the start-up (a typo would change nothing)."""
+    slow, fast = Recording(det), Recording(det)
+
+    async def go():
+        d = LocalDispatcher({"seg": slow, "det": fast}, dispatcher_settings(model_max_batch_size="seg=2"))
+        await d.start()
+        slow.gate.clear()
+        fast.gate.clear()  # hold the forwards until every job is queued
+        tasks = [asyncio.create_task(d.submit(job(det, i))) for i in range(6)]
+        tasks += [asyncio.create_task(d.submit(replace(job(det, i), model="seg", job_id=f"seg-{i}")))
+                  for i in range(6)]
+        await asyncio.sleep(0.3)
+        slow.gate.set()
+        fast.gate.set()
+        results = await asyncio.gather(*tasks)
+        await d.stop()
+        return results
+
+    results = asyncio.run(go())
+    assert len(results) == 12 and all("defects" in r for r in results)
+    seg_sizes = [n for _, n in slow.calls[1:]]  # after the warm-up
+    det_sizes = [n for _, n in fast.calls[1:]]
+    assert sum(seg_sizes) == 6 and max(seg_sizes) == 2
+    assert sum(det_sizes) == 6 and max(det_sizes) == 4  # max_batch_size of the other model
+    with pytest.raises(RuntimeError, match="names sge, which is not a loaded model"):
+        LocalDispatcher({"seg": slow}, dispatcher_settings(model_max_batch_size="sge=2"))
+
+
 def test_dispatcher_queue_full_deadline_and_unknown_model(det):
     rec = Recording(det)
 
@@ -239,6 +270,23 @@ def test_settings_env_csv_and_cli_override(monkeypatch):
     monkeypatch.setenv("S2AMNET_MAX_QUEUE", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_settings_per_model_batch_caps(monkeypatch):
+    monkeypatch.setenv("S2AMNET_MODEL_MAX_BATCH_SIZE", "crack-segment=1, mt-segment = 4")
+    s = Settings(max_batch_size=8)
+    assert s.model_max_batch_size == {"crack-segment": 1, "mt-segment": 4}
+    assert s.batch_sizes(["crack-segment", "mt-segment", "neu-det-detect"]) == {
+        "crack-segment": 1, "mt-segment": 4, "neu-det-detect": 8}
+    assert Settings(max_batch_size=2).batch_sizes(["mt-segment"], strict=False) == {"mt-segment": 2}  # never above
+    with pytest.raises(RuntimeError, match="crack-segment"):
+        s.batch_sizes(["mt-segment"])
+    for bad in ("crack-segment", "crack-segment=0", "=3", "a=x"):
+        monkeypatch.setenv("S2AMNET_MODEL_MAX_BATCH_SIZE", bad)
+        with pytest.raises(ValueError):
+            Settings()
+    monkeypatch.delenv("S2AMNET_MODEL_MAX_BATCH_SIZE")
+    assert Settings().model_max_batch_size == {}
 
 
 def test_settings_defaults_match_the_design():

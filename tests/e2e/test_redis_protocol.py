@@ -342,6 +342,31 @@ def test_sigterm_finishes_the_batch_in_hand_then_exits(stack: Stack, e2e_weights
         w.stop(signal.SIGKILL, 10)
 
 
+def test_worker_caps_the_batch_of_a_model(stack: Stack, e2e_weights: Path):
+    """S2AMNET_MODEL_MAX_BATCH_SIZE=det=2 on a det worker with slow forwards: 5 requests in flight are
+    answered in batches of at most 2 (without the cap the same worker batches 3 at once: test above)."""
+    w = start_worker(stack.redis.url, e2e_weights, stack.log_dir, S2AMNET_MODELS="det",
+                     S2AMNET_TEST_INFER_DELAY_S="0.5", S2AMNET_MAX_DELAY_MS="300",
+                     S2AMNET_MODEL_MAX_BATCH_SIZE="det=2")
+    try:
+        wait_workers(stack.r(), [w])
+
+        async def go():
+            async with httpx.AsyncClient(base_url=stack.api.url, timeout=60) as c:
+                return await asyncio.gather(*(c.post("/detect", files=[("file", ("a.png", png_bytes(i), "image/png"))])
+                                              for i in range(5)))
+
+        assert [x.status_code for x in asyncio.run(go())] == [200] * 5
+        text = httpx.get(w.url, timeout=10).text
+        batches = metric(text, "s2amnet_batch_size_count", model="det")
+        assert metric(text, "s2amnet_batch_size_sum", model="det") == 5 and batches >= 3
+        assert metric(text, "s2amnet_batch_size_bucket", model="det", le="2.0") == batches  # none above 2
+        assert metric(text, "s2amnet_batch_size_bucket", model="det", le="1.0") < batches  # but batched
+        assert "max_batch=det=2" in w.log()
+    finally:
+        w.stop(signal.SIGTERM, 20)
+
+
 def test_redis_coming_back_empty_recreates_the_group(stack: Stack):
     """Redis restarted without its data (FLUSHALL here): the worker recreates its consumer group and
     requests are answered again, without restarting anything."""
