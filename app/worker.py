@@ -3,8 +3,10 @@
 One process per GPU (or CPU box). For every model it serves, the worker is a consumer of the group
 ``workers`` on ``s2amnet:jobs:<model>``:
 
-- batch: ``XREADGROUP COUNT max_batch BLOCK`` over all its streams; once a job is in hand the batch of
-  its model is topped up until it is full or ``max_delay_ms`` has passed since that first job;
+- batch: ``XREADGROUP COUNT n BLOCK`` over all its streams (n: the smallest batch size of its models, so
+  that a capped model's jobs are not taken in hand far ahead of their forward); once a job is in hand
+  the batch of its model is topped up until it is full (``max_batch_size``, or the model's cap in
+  ``model_max_batch_size``) or ``max_delay_ms`` has passed since that first job;
 - expired jobs (deadline passed) are acked and answered ``expired`` without computing; expiry is judged
   on Redis's clock (the entry ID's milliseconds + the job's ``ttl_ms`` against ``TIME``), so a worker
   whose clock differs from the API host's neither drops live jobs nor computes dead ones;
@@ -253,7 +255,7 @@ class Worker:
             self._janitor()
             self._next_janitor = now + self.janitor_interval_s
         if not any(self._buffers.values()):
-            self._read(self.models, self.max_batch_size, self.block_ms)
+            self._read(self.models, min(self.batch_sizes.values()), self.block_ms)
             if not any(self._buffers.values()):
                 return
         model = min((m for m in self.models if self._buffers[m]), key=lambda m: self._buffers[m][0].arrived)
