@@ -104,12 +104,17 @@ BATCH_SIZE = Histogram(
     buckets=BATCH_SIZE_BUCKETS,
 )
 BATCHES = Counter("batches", "Forward passes run.", ["model"], namespace=PREFIX)
+# How the API processes' values combine depends on what they measure. Embedded mode: each process
+# batches its own queue, so the service's backlog is the sum. Redis mode: every process reads the same
+# stream backlog, so a sum would count it once per process; the max is the backlog. (Several processes
+# exist only under `s2amnet serve --workers N`, which exports the settings as S2AMNET_* variables
+# before the processes import this module.)
 QUEUE_DEPTH = Gauge(
     "queue_depth",
     "Jobs waiting for a batch.",
     ["model"],
     namespace=PREFIX,
-    multiprocess_mode="livesum",
+    multiprocess_mode="livemax" if os.environ.get("S2AMNET_REDIS_URL") else "livesum",
 )
 JOBS_REDELIVERED = Counter(
     "jobs_redelivered",

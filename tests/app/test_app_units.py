@@ -381,6 +381,23 @@ def test_multiprocess_mode_merges_processes(tmp_path):
     assert metric(out, "s2amnet_requests_total", endpoint="/detect", status="200") == 2  # counters stay
 
 
+def test_multiprocess_queue_depth_is_the_max_in_redis_mode(tmp_path):
+    """Redis mode: every API process polls the same stream backlog, so two processes that each see
+    3 waiting jobs mean 3 jobs (max), not 6 (the embedded mode's sum, tested above)."""
+    import subprocess
+    import sys
+
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "S2AMNET_REDIS_URL": "redis://127.0.0.1:1/0"}
+    for depth in (3, 2):  # two processes, polled a moment apart
+        subprocess.run([sys.executable, "-c", f"from app import metrics\n"
+                        f"metrics.QUEUE_DEPTH.labels(model='m').set({depth})\n"],
+                       env=env, cwd=ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", "from app import metrics\nprint(metrics.render()[0].decode())"],
+                         env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert metric(out, "s2amnet_queue_depth", model="m") == 3
+
+
 # ------------------------------------------------------------------------------------------- idempotency
 def test_in_memory_idempotency_store_ttl_bound_and_lock():
     async def go():

@@ -200,12 +200,13 @@ def wait_workers(r: redis.Redis, workers: list[Proc], timeout: float = 180.0) ->
 
 
 def start_api(redis_url: str, weights_dir: Path, log_dir: Path, *, wait: bool = True, timeout: float = 180.0,
-              **env: str) -> Proc:
-    """`s2amnet serve` in Redis mode on a free port; waits for /readyz (Redis reachable, models loaded)."""
+              args: tuple[str, ...] = (), **env: str) -> Proc:
+    """`s2amnet serve` in Redis mode on a free port (plus `args`); waits for /readyz (Redis reachable,
+    models loaded)."""
     port = free_port()
     log_path = Path(log_dir) / f"api-{port}.log"
     cmd = [sys.executable, str(LAUNCH), "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--weights-dir", str(weights_dir)]
+           "--weights-dir", str(weights_dir), *args]
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(cmd, cwd=ROOT, env=process_env(S2AMNET_REDIS_URL=redis_url, **env),
                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -6,6 +6,7 @@ idempotency store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import time
@@ -26,6 +27,7 @@ from redis_harness import (
     group_pending,
     live_worker_pids,
     redis_stack,
+    start_api,
     start_worker,
     wait_workers,
 )
@@ -380,6 +382,38 @@ def test_redis_coming_back_empty_recreates_the_group(stack: Stack):
     assert GROUP.encode() in [g["name"] for g in r.xinfo_groups(JOBS.format("cls"))]
     assert stack.workers[0].alive()
     wait_workers(r, stack.workers, timeout=5)  # heartbeat key written again
+
+
+# ------------------------------------------------------------------------------ several API processes
+def test_two_api_processes_report_the_backlog_once(redis_server: RedisServer, e2e_weights: Path, tmp_path: Path):
+    """`s2amnet serve --workers 2` in Redis mode: both API processes poll the same stream backlog and
+    /metrics merges their values; 3 waiting jobs must read 3 (a sum over processes would say 6)."""
+    import os
+
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    api = start_api(redis_server.url, e2e_weights, tmp_path, args=("--workers", "2"),
+                    S2AMNET_MODELS="cls", PROMETHEUS_MULTIPROC_DIR=str(prom))
+    try:
+        r = redis_server.client()
+        for i in range(3):  # no worker: the jobs stay in the stream
+            r.xadd(JOBS.format("cls"), encode_job(job("cls", good_array(i)), "nobody"))
+
+        def processes() -> set[str]:  # each API process writes its own value files
+            return {p.stem.rsplit("_", 1)[1] for p in prom.glob("gauge_*.db")}
+
+        end = time.monotonic() + 60
+        while len(processes()) < 2 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert len(processes()) >= 2, api.log()[-3000:]
+        time.sleep(1.5)  # three health polls (0.5 s) of each process
+        seen = [metric(httpx.get(api.url + "/metrics", timeout=5).text, "s2amnet_queue_depth", model="cls")
+                for _ in range(6)]
+        assert seen == [3] * 6
+    finally:
+        api.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(api.pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------ idempotency store
