@@ -15,7 +15,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,12 @@ DRAIN_CAP_BYTES = 64 * 1024 * 1024  # body bytes read and discarded after a 413,
 # ---------------------------------------------------------------------------------------------- models
 def discover_models(settings: Settings) -> list[tuple[str, Path]]:
     """(name, folder) of every model folder to load, in name order; raises on a missing wanted model."""
-    root = Path(settings.weights_dir)
+    return find_model_folders(Path(settings.weights_dir), settings.models)
+
+
+def find_model_folders(root: Path, wanted: Sequence[str] = ()) -> list[tuple[str, Path]]:
+    """(name, folder) of the model folders (those with a manifest.json) in ``root``, in name order, only
+    the ``wanted`` ones (by manifest name or folder name) if given; RuntimeError names what is missing."""
     if not root.is_dir():
         raise RuntimeError(f"weights folder {str(root)!r} does not exist")
     found: dict[str, Path] = {}
@@ -54,11 +59,11 @@ def discover_models(settings: Settings) -> list[tuple[str, Path]]:
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"{folder}/manifest.json is unreadable: {exc}") from exc
         found[str(name)] = folder
-    if settings.models:
-        missing = [m for m in settings.models if m not in found and m not in {f.name for f in found.values()}]
+    if wanted:
+        missing = [m for m in wanted if m not in found and m not in {f.name for f in found.values()}]
         if missing:
             raise RuntimeError(f"models {missing} not found in {str(root)!r} (found: {sorted(found)})")
-        found = {n: f for n, f in found.items() if n in settings.models or f.name in settings.models}
+        found = {n: f for n, f in found.items() if n in wanted or f.name in wanted}
     if not found:
         raise RuntimeError(f"no model folders (with manifest.json) in {str(root)!r}")
     return sorted(found.items())

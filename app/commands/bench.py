@@ -77,10 +77,12 @@ def _weights(args) -> list[Path]:
     if args.weights:
         folders = [Path(w) for w in args.weights]
     else:
-        root = Path("weights")
-        folders = sorted(p for p in root.iterdir() if (p / "manifest.json").exists()) if root.is_dir() else []
-        if not folders:
-            raise BenchError("no --weights given and no model folders in ./weights")
+        from app.main import find_model_folders
+
+        try:
+            folders = [folder for _, folder in find_model_folders(Path("weights"))]
+        except RuntimeError as exc:
+            raise BenchError(f"no --weights given and {exc}") from None
     for f in folders:
         if not (f / "manifest.json").is_file():
             raise BenchError(f"{f} is not a weights folder (no manifest.json)")

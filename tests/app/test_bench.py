@@ -73,3 +73,12 @@ def test_bench_rejects_bad_options_with_a_message(args, message, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert not out.exists()  # refused before any work
+
+
+def test_bench_without_weights_needs_a_weights_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ./weights here
+    assert main(["bench", "--out", str(tmp_path / "B.md")]) == 2
+    assert capsys.readouterr().err.startswith("error: no --weights given and weights folder 'weights' does not exist")
+    (tmp_path / "weights" / "notes").mkdir(parents=True)  # a folder without manifest.json is not a model
+    assert main(["bench", "--out", str(tmp_path / "B.md")]) == 2
+    assert "no model folders (with manifest.json)" in capsys.readouterr().err
