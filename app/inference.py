@@ -1,8 +1,14 @@
-"""The batch pipeline shared by the embedded dispatcher and the Redis worker.
+"""The batch pipeline shared by the embedded dispatcher and the Redis worker, in two stages:
 
-`run_batch(predictor, jobs)` drops expired jobs (never computing them), stacks the others into ONE
-`predictor.infer` call, postprocesses each with its own options, encodes masks in the requested format
-and returns one JSON-ready dict per job, in job order:
+- `run_forward(predictor, jobs)` drops expired jobs (never computing them) and stacks the others into ONE
+  `predictor.infer` call; per job it returns a `Staged` (the raw output) or an error result.
+- `finish(predictor, job, staged)` postprocesses one staged job with its own options and encodes masks in
+  the requested format (a job whose deadline passed during the forward is answered `expired` instead).
+  Postprocessing works at the original image size, so one large image can take seconds: the embedded
+  dispatcher runs it on the request's own thread, off the inference thread that batches every model.
+- `run_batch(predictor, jobs)` is both stages on one thread (the Redis worker, `s2amnet predict`).
+
+Each returns one JSON-ready dict per job, in job order:
 
 - success: `{"model": {name, version}, "task", "image": {width, height}, "verdict", "defects", ["top_k"],
   "timing_ms": {"queue", "inference"}}`
@@ -17,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -112,11 +119,20 @@ def _record_outcome(predictor: Any, result: dict[str, Any]) -> None:
         metrics.DEFECTS.labels(model=name, label=d["label"]).inc()
 
 
-def run_batch(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> list[dict[str, Any]]:
-    """Compute the live jobs of `jobs` in one forward pass; see the module docstring."""
+@dataclass
+class Staged:
+    """A job's raw model output between the two stages (`run_forward` -> `finish`)."""
+
+    raw: Any
+    start: float  # when its batch started (wall clock)
+    forward_s: float  # duration of its batch's forward pass
+
+
+def run_forward(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> list[Staged | dict[str, Any]]:
+    """Stage 1: one forward pass over the live jobs of `jobs`; see the module docstring."""
     name = str(predictor.name)
     start = time.time() if now is None else now
-    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    results: list[Staged | dict[str, Any] | None] = [None] * len(jobs)
     live: list[int] = []
     for i, job in enumerate(jobs):
         if job.expired(start):
@@ -140,32 +156,47 @@ def run_batch(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> 
         for i in live:
             results[i] = {"error": "failed", "detail": f"inference failed: {type(exc).__name__}: {exc}"}
         return results  # type: ignore[return-value]
-
-    done: list[int] = []
-    for i, raw in zip(live, raws, strict=True):
-        job = jobs[i]
-        opts = {k: job.options[k] for k in POSTPROCESS_OPTIONS if job.options.get(k) is not None}
-        try:
-            out = predictor.postprocess(raw, job.meta, **opts)
-            results[i] = format_result(predictor, job, out)
-            done.append(i)
-        except Exception as exc:
-            log.exception("postprocessing a %s result failed", name)
-            results[i] = {"error": "failed", "detail": f"postprocessing failed: {type(exc).__name__}: {exc}"}
-    elapsed = time.perf_counter() - t0
-
+    forward_s = time.perf_counter() - t0
     metrics.BATCH_SIZE.labels(model=name).observe(len(live))
     metrics.BATCHES.labels(model=name).inc()
-    metrics.INFERENCE_DURATION.labels(model=name).observe(elapsed)
-    for i in done:
-        res = results[i]
-        assert res is not None
-        res["timing_ms"] = {
-            "queue": round(max(0.0, start - jobs[i].enqueued_at) * 1000.0, 3),
-            "inference": round(elapsed * 1000.0, 3),
-        }
-        _record_outcome(predictor, res)
+    metrics.INFERENCE_DURATION.labels(model=name).observe(forward_s)
+    for i, raw in zip(live, raws, strict=True):
+        results[i] = Staged(raw, start, forward_s)
     return results  # type: ignore[return-value]
+
+
+def finish(predictor: Any, job: Job, staged: Staged) -> dict[str, Any]:
+    """Stage 2: postprocess and format one job (thread-safe: any thread may call it)."""
+    import torch  # noqa: PLC0415 - torch-heavy; loaded by the predictor already
+
+    name = str(predictor.name)
+    now = time.time()
+    if job.expired(now):
+        metrics.JOBS_EXPIRED.labels(model=name).inc()
+        return {"error": "expired", "detail": f"deadline passed {now - job.deadline:.3f} s before postprocessing"}
+    opts = {k: job.options[k] for k in POSTPROCESS_OPTIONS if job.options.get(k) is not None}
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            out = predictor.postprocess(staged.raw, job.meta, **opts)
+        result = format_result(predictor, job, out)
+    except Exception as exc:
+        log.exception("postprocessing a %s result failed", name)
+        return {"error": "failed", "detail": f"postprocessing failed: {type(exc).__name__}: {exc}"}
+    post_s = time.perf_counter() - t0
+    metrics.POSTPROCESS_DURATION.labels(model=name).observe(post_s)
+    result["timing_ms"] = {
+        "queue": round(max(0.0, staged.start - job.enqueued_at) * 1000.0, 3),
+        "inference": round((staged.forward_s + post_s) * 1000.0, 3),
+    }
+    _record_outcome(predictor, result)
+    return result
+
+
+def run_batch(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> list[dict[str, Any]]:
+    """Both stages on this thread: `run_forward`, then `finish` for each computed job, in job order."""
+    return [finish(predictor, job, r) if isinstance(r, Staged) else r
+            for job, r in zip(jobs, run_forward(predictor, jobs, now), strict=True)]
 
 
 def raise_for_result(result: dict[str, Any]) -> dict[str, Any]:

@@ -91,7 +91,14 @@ QUEUE_WAIT = Histogram(
 )
 INFERENCE_DURATION = Histogram(
     "inference_duration_seconds",
-    "Duration of one batch: forward pass plus postprocessing.",
+    "Duration of the forward pass of one batch.",
+    ["model"],
+    namespace=PREFIX,
+    buckets=LATENCY_BUCKETS,
+)
+POSTPROCESS_DURATION = Histogram(
+    "postprocess_duration_seconds",
+    "Postprocessing of one image's raw output at its original size (boxes, masks, verdict, JSON).",
     ["model"],
     namespace=PREFIX,
     buckets=LATENCY_BUCKETS,
@@ -214,5 +221,5 @@ def init_model_series(model: str, task: str) -> None:
         VERDICTS.labels(model=model, verdict=verdict)
     for counter in (BATCHES, JOBS_EXPIRED, JOBS_REDELIVERED, JOBS_DEAD_LETTERED):
         counter.labels(model=model)
-    for histogram in (QUEUE_WAIT, INFERENCE_DURATION, BATCH_SIZE):
+    for histogram in (QUEUE_WAIT, INFERENCE_DURATION, POSTPROCESS_DURATION, BATCH_SIZE):
         histogram.labels(model=model)

@@ -6,11 +6,14 @@
   thread, while a pool of threads each running torch would build competing OpenMP teams on the same
   cores. The thread picks the model whose oldest job has waited longest, waits until `max_batch_size`
   jobs are queued for it or `max_delay_ms` have passed since its first job was queued, and runs
-  `app.inference.run_batch` (which drops expired jobs without computing them).
-- Results go back to the asyncio futures with `loop.call_soon_threadsafe`. `submit` waits at most until
-  the job's deadline (then `DeadlineExceeded`, 504); a job whose deadline passed or whose request went
-  away leaves its queue at once (counted in `s2amnet_jobs_expired_total` when expired) and is never
-  computed; one already taken into a batch is dropped by `run_batch` unless its forward has started.
+  `app.inference.run_forward` (which drops expired jobs without computing them).
+- Raw outputs go back to the asyncio futures with `loop.call_soon_threadsafe`; each request then
+  postprocesses its own output (`app.inference.finish`) on a thread of the event loop's executor, so a
+  large image's full-size masks never hold up the forwards of other requests and models. `submit` waits
+  at most until the job's deadline (then `DeadlineExceeded`, 504); a job whose deadline passed or whose
+  request went away leaves its queue at once (counted in `s2amnet_jobs_expired_total` when expired) and
+  is never computed; one already taken into a batch is dropped by `run_forward` unless its forward has
+  started, and is not postprocessed once its deadline has passed.
 - `stop()` refuses new work, lets the thread finish what is queued (up to `drain_timeout`), then fails
   whatever is left with `Unavailable`.
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 from app import metrics
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
-from app.inference import raise_for_result, run_batch
+from app.inference import Staged, finish, raise_for_result, run_forward
 
 log = logging.getLogger("s2amnet.dispatch")
 
@@ -153,17 +156,26 @@ class LocalDispatcher(Dispatcher):
             result = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, timeout))
         except TimeoutError:
             self._withdraw(pending, expired=True)
-            raise DeadlineExceeded(
-                f"no result within the request deadline ({max(0.0, job.deadline - job.enqueued_at):.3f} s)"
-            ) from None
+            raise DeadlineExceeded(self._late(job, "before its batch was computed")) from None
         except asyncio.CancelledError:  # the request went away
             self._withdraw(pending, expired=False)
             raise
+        if isinstance(result, Staged):
+            # the thread is not stopped by a timeout; `finish` itself skips jobs already expired
+            post = asyncio.ensure_future(asyncio.to_thread(finish, self._predictors[job.model], job, result))
+            try:
+                result = await asyncio.wait_for(asyncio.shield(post), timeout=max(0.0, job.deadline - time.time()))
+            except TimeoutError:
+                raise DeadlineExceeded(self._late(job, "while its result was postprocessed")) from None
         return raise_for_result(result)
+
+    @staticmethod
+    def _late(job: Job, when: str) -> str:
+        return f"request deadline passed {when} ({time.time() - job.enqueued_at:.3f} s after it was queued)"
 
     def _withdraw(self, pending: _Pending, expired: bool) -> None:
         """Take a job whose request gave up out of its queue (freeing its slot), never computing it. If the
-        inference thread already holds it, mark it expired so run_batch drops it unless it is running."""
+        inference thread already holds it, mark it expired so run_forward drops it unless it is running."""
         job = pending.job
         pending.cancelled = True
         with self._cond:
@@ -263,7 +275,7 @@ class LocalDispatcher(Dispatcher):
                 return
             name, batch = nxt
             try:
-                results = run_batch(self._predictors[name], [p.job for p in batch])
+                results = run_forward(self._predictors[name], [p.job for p in batch])
             except BaseException as exc:  # noqa: BLE001 - never let the thread die
                 log.exception("batch of %s failed", name)
                 results = [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"}] * len(batch)

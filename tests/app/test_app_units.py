@@ -175,6 +175,52 @@ def test_dispatcher_caps_the_batch_of_one_model_only(det):
         LocalDispatcher({"seg": slow}, dispatcher_settings(model_max_batch_size="sge=2"))
 
 
+class SlowPostprocess(Recording):
+    """Its postprocess blocks (as a very large image's full-size masks would) until `release` is set."""
+
+    def __init__(self, predictor):
+        super().__init__(predictor)
+        self.release = threading.Event()
+        self.post_threads: list[str] = []
+
+    def postprocess(self, raw, meta, **kw):
+        self.post_threads.append(threading.current_thread().name)
+        if len(self.post_threads) > 1:  # not the warm-up
+            self.release.wait(30)
+        return self.p.postprocess(raw, meta, **kw)
+
+
+def test_a_slow_postprocess_does_not_hold_up_other_models(det):
+    """One request's postprocessing runs off the inference thread: while it is stuck, another model's
+    request is batched, computed and answered (on one shared inference thread it would wait, then 504)."""
+    big, other = SlowPostprocess(det), Recording(det)
+
+    async def go():
+        d = LocalDispatcher({"seg": big, "det": other}, dispatcher_settings(max_delay_ms=0))
+        await d.start()
+        stuck = asyncio.create_task(d.submit(replace(job(det, 0), model="seg", job_id="big")))
+        while len(big.post_threads) < 2:
+            await asyncio.sleep(0.01)
+        answered = await d.submit(job(det, 1, deadline_in=10.0))
+        assert not stuck.done()
+        big.release.set()
+        late = await stuck
+        # its deadline passed while it was postprocessed: 504, and the thread is not waited for
+        big.release.clear()
+        expiring = asyncio.create_task(d.submit(replace(job(det, 2, deadline_in=0.5), model="seg", job_id="b2")))
+        with pytest.raises(DeadlineExceeded, match="while its result was postprocessed"):
+            await expiring
+        big.release.set()
+        await d.stop()
+        return answered, late
+
+    answered, late = asyncio.run(go())
+    assert "defects" in answered and "defects" in late
+    assert big.post_threads[0] == "s2amnet-inference"  # the warm-up
+    assert "s2amnet-inference" not in big.post_threads[1:]
+    assert late["timing_ms"]["inference"] >= 0 and answered["timing_ms"]["queue"] >= 0
+
+
 def test_dispatcher_queue_full_deadline_and_unknown_model(det):
     rec = Recording(det)
 
@@ -320,12 +366,12 @@ def test_every_metric_of_the_interface_is_defined_once():
         m = re.fullmatch(r"\s*([a-z_]+)(?:\{([a-z_;]*)\})?\s*\.?\s*", item)
         assert m, item
         listed.append((m.group(1), [x for x in (m.group(2) or "").split(";") if x]))
-    assert len(listed) == 19 and ("inflight_requests", []) in listed
+    assert len(listed) == 20 and ("inflight_requests", []) in listed
     from prometheus_client.metrics import MetricWrapperBase
 
     defined = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
     by_name = {m._name: m for m in defined}
-    assert len(by_name) == len(defined) == 19  # each defined once, nothing else
+    assert len(by_name) == len(defined) == 20  # each defined once, nothing else
     for name, labels in listed:
         full = "s2amnet_" + name
         m = by_name.get(full[: -len("_total")] if full.endswith("_total") else full)
