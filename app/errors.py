@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app import metrics
 from app.dispatch.base import DispatchError
@@ -185,6 +186,14 @@ def install(app: FastAPI, retry_after: int = 1) -> None:
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
         return problem_response(request, exc.status_code, code, detail, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        # not a server error: nobody reads this answer; 499 (nginx's "client closed request") in the
+        # request metrics and the log, reason client_closed
+        log.info("client closed the connection on %s before its answer", request.url.path)
+        return problem_response(request, 499, "client_closed", "the client closed the connection",
+                                title="Client closed request")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -4,6 +4,7 @@ dispatcher, assemble the answer. No tensor is touched here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from typing import Annotated, Any
@@ -11,6 +12,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from app import metrics
 from app.codec import decode_image
@@ -131,6 +133,25 @@ async def _submit_all(dispatcher: Any, jobs: list[Job]) -> list[dict[str, Any]]:
     return [t.result() for t in tasks]
 
 
+async def _unless_client_gone(request: Request, work: Any, poll_s: float = 0.25) -> Any:
+    """Await `work` (a coroutine), cancelling it when the client disconnects: its jobs then leave their
+    queues without being computed (the server never cancels a handler by itself), and ClientDisconnect
+    ends the request (answered 499 in the logs and metrics; nobody is there to read it)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnect()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
 async def _compute(request: Request, task: str, body: bytes, deadline: float) -> Any:
     state = request.app.state
     settings = state.settings
@@ -180,7 +201,7 @@ async def inspect(
     try:
         body = await request.body()  # bounded by the body-limit middleware while it is read
         if not idempotency_key:
-            return JSONResponse(await _compute(request, task, body, deadline))
+            return JSONResponse(await _unless_client_gone(request, _compute(request, task, body, deadline)))
 
         if not _IDEMPOTENCY_KEY.match(idempotency_key):
             raise Problem(
@@ -209,7 +230,7 @@ async def inspect(
                     status_code=entry.get("status", 200),
                     headers={"Idempotent-Replayed": "true"},
                 )
-            answer = await _compute(request, task, body, deadline)
+            answer = await _unless_client_gone(request, _compute(request, task, body, deadline))
             await store.put(
                 key, {"fingerprint": fp, "status": 200, "body": answer}, settings.idempotency_ttl_s
             )

@@ -220,6 +220,62 @@ def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Ser
     wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
 
 
+def test_a_client_that_hangs_up_is_499_and_its_queued_job_is_not_computed(slow_server: Server):
+    """A client that gives up (its own timeout) while its job waits: logged and counted as 499
+    client_closed, never as a server error; in embedded mode its job leaves the queue uncomputed."""
+    wait_until_ready(slow_server)
+    url = slow_server.url + "/detect"
+    assert httpx.post(url, files=files(png(seed=9)), timeout=30).status_code == 200  # the engine is free
+    before = slow_server.metrics()
+    busy = Background(url, files=files(png(seed=7)))
+    wait_for(lambda: gauges(slow_server) == (1, 0), what="a forward in progress")
+    for _ in range(50):
+        try:
+            r = httpx.post(url, files=files(png(seed=8)), timeout=httpx.Timeout(10, read=0.3))
+        except httpx.ReadTimeout:  # what the test wants: the client gave up while its job waited
+            break
+        # Redis mode: the queue-depth gauge is polled, so the busy job may still wait for the worker
+        assert r.status_code == 503, r.text
+        time.sleep(0.05)
+    else:
+        pytest.fail("the second request was never queued")
+    assert busy.result().status_code == 200
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(slow_server.metrics(), name, **labels) - metric(before, name, **labels)
+
+    wait_for(lambda: delta("s2amnet_requests_total", endpoint="/detect", status="499") == 1,
+             what="the hang-up to be counted")
+    assert delta("s2amnet_rejected_total", reason="client_closed") == 1
+    assert delta("s2amnet_requests_total", endpoint="/detect", status="500") == 0
+    assert "unhandled error" not in slow_server.log()
+    if slow_server.mode == "embedded":  # Redis mode: a worker that takes the job still computes it
+        time.sleep(DELAY + 0.5)  # long enough for its forward, had it been kept
+        assert delta("s2amnet_images_total", model="det") == 1  # only the busy request's image
+        assert gauges(slow_server) == (0, 0)
+
+
+def test_a_client_that_hangs_up_during_its_upload_is_499(slow_server: Server):
+    import socket
+    from urllib.parse import urlsplit
+
+    wait_until_ready(slow_server)
+    before = slow_server.metrics()
+    host = urlsplit(slow_server.url)
+    with socket.create_connection((host.hostname, host.port), timeout=5) as sock:
+        sock.sendall(b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + png(seed=3)[:500])
+        time.sleep(0.3)  # the server is reading the body when the client goes
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(slow_server.metrics(), name, **labels) - metric(before, name, **labels)
+
+    wait_for(lambda: delta("s2amnet_requests_total", endpoint="/detect", status="499") == 1,
+             what="the hang-up to be counted")
+    assert delta("s2amnet_requests_total", endpoint="/detect", status="500") == 0
+    assert "unhandled error" not in slow_server.log() and "Exception in ASGI" not in slow_server.log()
+
+
 def test_metrics_in_multiprocess_mode(slow_server: Server):
     """PROMETHEUS_MULTIPROC_DIR set: values live in mmap files and /metrics merges them."""
     wait_until_ready(slow_server)
