@@ -43,6 +43,11 @@ _MAGIC = (
     b"\x00\x00\x00\x0cjP  ",  # JPEG 2000
 )
 
+# The only formats PIL may open: the documented ones (PIL's JPEG opener also takes the multi-picture
+# JPEGs some cameras write). Others (EPS, which PIL renders through Ghostscript, ICO, PSD, ...) are
+# refused before any of their parsers sees the bytes.
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")
+
 # PIL refuses images above 2*MAX_IMAGE_PIXELS on its own; our limit (checked first) is the real one.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -76,11 +81,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        arr = np.asarray(img)
-        if mode == "I":  # 32-bit container; PNG 16-bit grey arrives as I or I;16
-            arr = np.clip(arr, 0, 65535)
-        arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+        # the training/eval conversion (one rule): 16-bit data scaled from its full range; a 32-bit "I"
+        # container (PNG 16-bit grey may arrive so) from 0..65535, or from 0..255 when no value exceeds 255
+        from model.transforms import to_rgb_uint8
+
+        return Image.fromarray(to_rgb_uint8(img), "RGB")
     if mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         finite = np.isfinite(arr)
@@ -108,12 +113,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         if looks_like_image(data):
             raise bad_image(f"image {index}: corrupt image data") from None
         raise unsupported_media(
-            f"image {index}: not a supported image format (JPEG, PNG, BMP, TIFF, WEBP, GIF, PNM)"
+            f"image {index}: not a supported image format (JPEG, PNG, BMP, TIFF, WEBP, GIF, PNM, JPEG 2000)"
         ) from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is disabled
         raise too_large("too_many_pixels", f"image {index}: {exc}") from None

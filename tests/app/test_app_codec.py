@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import numpy as np
 import pytest
@@ -71,8 +72,20 @@ def test_every_mode_becomes_rgb(mode, fmt):
 def test_16_bit_grey_is_scaled_not_clipped():
     grey = np.linspace(0, 65535, 32 * 16).reshape(16, 32).astype(np.uint16)
     out = np.asarray(decode(encode(Image.fromarray(grey), "PNG")))
-    assert np.array_equal(out[..., 0], (grey >> 8).astype(np.uint8))
+    assert np.array_equal(out[..., 0], ((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
     assert out.min() == 0 and out.max() == 255  # a naive convert("RGB") saturates everything > 255
+
+
+def test_32_bit_integer_grey_keeps_8_bit_values():
+    """A 32-bit integer image (TIFF mode "I") holding 0..255 is 8-bit data: kept, not shifted to black;
+    the same rule as model.transforms.to_rgb_uint8 (training, eval, `s2amnet predict`)."""
+    from model.transforms import to_rgb_uint8
+
+    grey = pattern(32, 16)[..., 0]
+    img = Image.fromarray(grey.astype(np.int32))
+    assert img.mode == "I"
+    out = np.asarray(decode(encode(img, "TIFF")))
+    assert np.array_equal(out[..., 0], grey) and np.array_equal(out, to_rgb_uint8(img))
 
 
 def test_palette_with_transparency_and_rgba_keep_colours():
@@ -126,6 +139,24 @@ def test_real_bomb_over_the_limit_is_refused():
 def test_bad_bytes(data, status, code):
     p = problem_of(data)
     assert (p.status, p.code) == (status, code)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "EPS"])
+def test_undocumented_formats_are_415_without_their_parser(fmt, monkeypatch):
+    """Only the documented formats are opened: EPS would go through Ghostscript, ICO is not promised."""
+    if fmt == "ICO":
+        buf = io.BytesIO()
+        Image.fromarray(pattern(32, 32)).save(buf, "ICO")
+        data = buf.getvalue()
+    else:
+        data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\n%%EOF\n"
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "gs_windows_binary", None, raising=False)
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a), raising=False)
+    p = problem_of(data)
+    assert (p.status, p.code) == (415, "unsupported_media_type") and not calls
 
 
 def test_truncated_jpeg_and_png():
