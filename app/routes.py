@@ -323,13 +323,14 @@ async def models(request: Request, _key: Annotated[str | None, Depends(require_a
     return ModelsResponse(models=out)
 
 
-@router.get("/livez", response_model=Health, tags=["service"])
+@router.api_route("/livez", methods=["GET", "HEAD"], response_model=Health, tags=["service"])
 async def livez() -> Any:
-    """The process is up and its event loop answers."""
+    """The process is up and its event loop answers (GET or HEAD, for load balancers that probe so)."""
     return Health(status="alive")
 
 
-@router.get("/readyz", response_model=Health, tags=["service"], responses={503: ERROR_RESPONSES[503]})
+@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=Health, tags=["service"],
+                  responses={503: ERROR_RESPONSES[503]})
 async def readyz(request: Request) -> Any:
     """200 once every model is loaded and warmed up and the dispatcher is ready; 503 before that, while
     shutting down, or when the backend is unreachable."""

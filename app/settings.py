@@ -137,7 +137,15 @@ class Settings(BaseSettings):
         return int(self.max_body_mb * 1024 * 1024)
 
     def resolved_device(self) -> str:
+        """The torch device to load models on: `device` if set (RuntimeError if it names CUDA and torch
+        has no usable GPU), else cuda when torch sees a GPU, else cpu."""
         if self.device:
+            if self.device.startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise RuntimeError(f"device {self.device!r}: torch sees no CUDA GPU here "
+                                       f"(torch {torch.__version__}); use --device cpu")
             return self.device
         try:
             import torch

@@ -530,7 +530,11 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
     from app.main import load_predictors  # noqa: PLC0415
 
     configure_torch_threads(getattr(settings, "torch_threads", None))
-    predictors = load_predictors(settings)
+    try:
+        predictors = load_predictors(settings)
+    except (RuntimeError, OSError, ValueError) as exc:  # missing models, unusable device, bad weights
+        log.error("start-up failed: %s: %s", type(exc).__name__, exc)
+        return 1
     for name, predictor in predictors.items():
         metrics.init_model_series(name, predictor.task)
     if getattr(settings, "warmup", True):

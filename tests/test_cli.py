@@ -101,3 +101,25 @@ def test_bad_settings_are_a_message_and_exit_2(args, env, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: invalid setting: ") and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_predict_on_cuda_without_a_gpu_is_a_message(tmp_path):
+    """`--device cuda` where torch sees no GPU: a one-line JSON error naming the cause, no traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(img)
+    proc = subprocess.run([*_cli(), "predict", str(img), "--task", "detect", "--device", "cuda"], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "S2AMNET_WEIGHTS_DIR": str(ROOT / "weights")},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "torch sees no CUDA GPU" in json.loads(proc.stderr.strip().splitlines()[-1])["detail"]
+    worker = subprocess.run([*_cli(), "worker", "--redis-url", "redis://127.0.0.1:1", "--device", "cuda"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=120)
+    assert worker.returncode == 1 and "Traceback" not in worker.stderr, worker.stderr[-2000:]
+    assert "start-up failed: RuntimeError: device 'cuda': torch sees no CUDA GPU" in worker.stderr

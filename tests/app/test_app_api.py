@@ -449,6 +449,9 @@ def test_health_metrics_docs_are_open(anon: httpx.Client):
     assert anon.get("/metrics").status_code == 200
     assert "swagger" in anon.get("/docs").text.lower()
     assert anon.get("/openapi.json").status_code == 200
+    for path in ("/livez", "/readyz"):  # load balancers that probe with HEAD
+        head = anon.head(path)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
 
 
 def test_docs_page_needs_no_internet(anon: httpx.Client):
