@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from app import metrics
 from app.codec import decode_image
 from app.deps import parse_inspect_body, require_api_key
-from app.dispatch.base import Job, Unavailable
+from app.dispatch.base import DeadlineExceeded, Job, Unavailable
 from app.errors import Problem
 from app.idempotency import MAX_KEY_LENGTH, fingerprint, scoped_key
 from app.inference import assemble_result
@@ -215,7 +215,13 @@ async def inspect(
         fp = fingerprint(
             request.method, request.url.path, request.url.query, request.headers.get("content-type", ""), body
         )
-        async with store.lock(key):
+        async with contextlib.AsyncExitStack() as held:
+            try:  # an earlier request with this key may still run: wait for it, but not past our deadline
+                async with asyncio.timeout(max(0.0, deadline - time.time())):
+                    await held.enter_async_context(store.lock(key))
+            except TimeoutError:
+                raise DeadlineExceeded("the request deadline passed while an earlier request with the same "
+                                       "Idempotency-Key was still running") from None
             entry = await store.get(key)
             if entry is not None:
                 if entry["fingerprint"] != fp:

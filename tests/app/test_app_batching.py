@@ -220,6 +220,26 @@ def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Ser
     wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
 
 
+def test_deadline_holds_while_waiting_for_the_same_idempotency_key(slow_server: Server):
+    """A retry with the key of a request still running waits for it, but not past its own deadline."""
+    wait_until_ready(slow_server)
+    wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
+    url = slow_server.url + "/detect"
+    key = {"Idempotency-Key": f"lock-deadline-{slow_server.mode}"}
+    first = Background(url, files=files(png(seed=11)), headers=key)
+    wait_for(lambda: gauges(slow_server)[0] == 1, what="the first request in flight")
+    time.sleep(0.2)  # it takes the key's lock as soon as its small body is read
+    t0 = time.monotonic()
+    retry = httpx.post(url, files=files(png(seed=11)), headers={**key, "X-Request-Timeout": "0.3"}, timeout=30)
+    elapsed = time.monotonic() - t0
+    body = assert_problem(retry, 504, "timeout")
+    assert "Idempotency-Key" in body["detail"] and elapsed < DELAY, (body, elapsed)
+    assert first.result().status_code == 200
+    again = httpx.post(url, files=files(png(seed=11)), headers=key, timeout=30)  # now a replay
+    assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["result_id"] == first.result().json()["result_id"]
+
+
 def test_a_client_that_hangs_up_is_499_and_its_queued_job_is_not_computed(slow_server: Server):
     """A client that gives up (its own timeout) while its job waits: logged and counted as 499
     client_closed, never as a server error; in embedded mode its job leaves the queue uncomputed."""
