@@ -123,6 +123,14 @@ def create_idempotency_store(settings: Settings) -> IdempotencyStore:
 
 
 # ---------------------------------------------------------------------------------------------- middleware
+def _documented_path(scope: Scope) -> bool:
+    """Whether the request's path is one of the API's own (every route path is literal, no parameters)."""
+    try:
+        return scope.get("path") in scope["app"].openapi()["paths"]
+    except Exception:  # noqa: BLE001 - labels must never fail a request
+        return False
+
+
 class RequestContextMiddleware:
     """Request id (X-Request-ID in and out), start time, and the request count / latency metrics."""
 
@@ -144,8 +152,10 @@ class RequestContextMiddleware:
         observed = False
 
         def endpoint() -> str:
-            route = scope.get("route")
-            return getattr(route, "path", None) or "other"
+            path = getattr(scope.get("route"), "path", None)
+            if path is None and _documented_path(scope):  # answered before routing: e.g. an early 413
+                path = scope["path"]
+            return path or "other"
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, observed

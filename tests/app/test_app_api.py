@@ -373,12 +373,17 @@ def test_exif_rotation_results_refer_to_the_upright_image(client: httpx.Client):
 
 
 # --------------------------------------------------------------------------------------- limits
-def test_body_over_limit_by_content_length_413(client: httpx.Client):
+def test_body_over_limit_by_content_length_413(client: httpx.Client, server):
     big = b"\x89PNG\r\n\x1a\n" + b"\x00" * (1024 * 1024 + 10)
+    before = server.metrics()
     body = assert_problem(
         client.post("/detect", content=big, headers={"Content-Type": "image/png"}), 413, "body_too_large"
     )
     assert "limit" in body["detail"]
+    # refused before routing, still counted under its route (not "other")
+    labels = {"endpoint": "/detect", "status": "413"}
+    assert metric(server.metrics(), "s2amnet_requests_total", **labels) - metric(
+        before, "s2amnet_requests_total", **labels) == 1
 
 
 def test_body_over_limit_while_streaming_413(client: httpx.Client):
