@@ -420,8 +420,18 @@ def test_malformed_multipart_400(client: httpx.Client):
         content=b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc',
         headers={"Content-Type": "multipart/form-data; boundary=xyz"},
     )
-    assert resp.status_code in (400, 422), resp.text
-    assert_problem(resp, resp.status_code)
+    assert "no closing boundary" in assert_problem(resp, 400, "bad_request")["detail"]
+
+
+def test_truncated_multipart_upload_400_not_no_image(client: httpx.Client):
+    """An upload cut inside its file part: 400 malformed multipart (the parser alone saw an empty form)."""
+    head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    for body in (head + png(), head + png()[:50]):
+        resp = client.post("/detect", content=body, headers={"Content-Type": 'multipart/form-data; boundary="xyz"'})
+        assert "truncated" in assert_problem(resp, 400, "bad_request")["detail"]
+    whole = client.post("/detect", content=head + png() + b"\r\n--xyz--\r\n",
+                        headers={"Content-Type": 'multipart/form-data; boundary="xyz"'})
+    assert whole.status_code == 200, whole.text  # the same part, closed, is a normal request
 
 
 # --------------------------------------------------------------------------------------- auth
