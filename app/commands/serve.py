@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -93,9 +94,13 @@ class DrainingServer:
             def handle_exit(self, sig: int, frame: FrameType | None) -> None:
                 # Not recorded in _captured_signals: after a clean drain the process exits with 0.
                 if self._draining:
-                    log.warning("second signal %s: exiting now", signal.Signals(sig).name)
-                    self.should_exit = True
-                    self.force_exit = True
+                    log.warning("second signal %s: stopping now; requests still in flight get 503",
+                                signal.Signals(sig).name)
+                    self.exit_code = 1  # not a clean drain
+                    if self._loop is None or self._loop.is_closed():
+                        self.should_exit = self.force_exit = True
+                    else:
+                        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._abort()))
                     return
                 self._draining = True
                 app.state.draining = True  # /readyz -> 503, new inspection requests -> 503
@@ -104,6 +109,19 @@ class DrainingServer:
                     self.should_exit = True
                     return
                 self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+            async def _abort(self) -> None:
+                """Second signal: every request still waiting for its result is answered 503 (its
+                client may retry elsewhere), then the server stops without waiting any longer."""
+                dispatcher = app.state.dispatcher
+                if dispatcher is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(dispatcher.stop(drain_timeout=0), 5)
+                t0 = time.monotonic()
+                while app.state.inflight > 0 and time.monotonic() - t0 < 2:  # the 503s being written
+                    await asyncio.sleep(0.02)
+                self.should_exit = True
+                self.force_exit = app.state.inflight > 0  # else a normal stop (lifespan shutdown runs)
 
             async def _drain(self) -> None:
                 t0 = time.monotonic()

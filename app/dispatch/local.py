@@ -91,6 +91,7 @@ class LocalDispatcher(Dispatcher):
         self._accepting = False
         self._closing = False  # stop accepting, flush the queues, then exit
         self._abort = False  # exit after the batch in hand
+        self._in_hand: list[_Pending] = []  # the batch the inference thread is computing
         self._ready = False
         self.warmup_seconds: dict[str, float] = {}
         for name, predictor in self._predictors.items():
@@ -127,12 +128,15 @@ class LocalDispatcher(Dispatcher):
                 with self._cond:
                     self._abort = True
                     self._cond.notify_all()
-        # Whatever is still queued will not be computed.
+        # Whatever is still queued will not be computed; nor waited for, if still being computed.
         with self._cond:
             for name, q in self._queues.items():
                 while q:
                     _fail(q.popleft().future, Unavailable("service is shutting down", self._retry_after))
                 metrics.QUEUE_DEPTH.labels(model=name).set(0)
+            if self._abort:
+                for p in self._in_hand:
+                    _fail(p.future, Unavailable("service is shutting down", self._retry_after))
 
     async def submit(self, job: Job) -> dict[str, Any]:
         if job.model not in self._predictors:
@@ -274,6 +278,8 @@ class LocalDispatcher(Dispatcher):
             if nxt is None:
                 return
             name, batch = nxt
+            with self._cond:
+                self._in_hand = batch
             try:
                 results = run_forward(self._predictors[name], [p.job for p in batch])
             except BaseException as exc:  # noqa: BLE001 - never let the thread die
@@ -281,3 +287,5 @@ class LocalDispatcher(Dispatcher):
                 results = [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"}] * len(batch)
             for p, r in zip(batch, results, strict=True):
                 self._post(_resolve, p.future, r)
+            with self._cond:
+                self._in_hand = []

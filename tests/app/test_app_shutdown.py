@@ -74,3 +74,50 @@ def test_startup_failure_exits_non_zero(mode, tmp_path):
         assert "start-up failed" in server.log()
     finally:
         server.stop(signal.SIGKILL, timeout=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_second_sigterm_answers_503_and_exits_1(mode, weights_dir):
+    """The operator's "stop now": every request still waiting is answered 503 (never a 500 or a dropped
+    connection), and the exit status says the drain was cut short."""
+    server = start_server(
+        mode,
+        weights_dir,
+        S2AMNET_MODELS="det",
+        S2AMNET_TEST_INFER_DELAY_S=str(DELAY),
+        S2AMNET_MAX_BATCH_SIZE="1",
+        S2AMNET_DRAIN_TIMEOUT_S="30",
+        redis_workers=1,
+    )
+    try:
+        results: list = []
+
+        def post(seed: int) -> None:
+            try:
+                results.append(httpx.post(server.url + "/detect", files=files(png(seed=seed)), timeout=60))
+            except httpx.HTTPError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=post, args=(i,), daemon=True) for i in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while metric(server.metrics(), "s2amnet_inflight_requests") < 3:
+            assert time.monotonic() < deadline, "requests never got in flight"
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert server.proc.wait(timeout=30) == 1
+        statuses = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in results]
+        assert len(statuses) == 3 and set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) >= 2, statuses  # at most the one in its forward may still finish
+        for r in results:
+            if r.status_code == 503:
+                assert_problem(r, 503, "unavailable")
+        log = server.log()
+        assert "second signal SIGTERM" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        server.stop(signal.SIGKILL, timeout=5)
