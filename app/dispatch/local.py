@@ -15,7 +15,7 @@
   is never computed; one already taken into a batch is dropped by `run_forward` unless its forward has
   started, and is not postprocessed once its deadline has passed.
 - `stop()` refuses new work, lets the thread finish what is queued (up to `drain_timeout`), then fails
-  whatever is left with `Unavailable`.
+  whatever is left with `Unavailable`, the batch still in its forward included.
 """
 
 from __future__ import annotations
