@@ -17,6 +17,7 @@ import abc
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -42,19 +43,24 @@ class IdempotencyStore(abc.ABC):
 
 
 class InMemoryIdempotencyStore(IdempotencyStore):
-    """Process-local store with TTL expiry and a bound on the number of entries (oldest evicted)."""
+    """Process-local store with TTL expiry, bounded by the number of entries and by their size (oldest
+    evicted). Entries are kept as their JSON text: the size bound is the memory they take, and a 16-image
+    answer with masks costs its megabyte of JSON rather than several of Python objects."""
 
-    def __init__(self, max_entries: int = 10_000):
-        self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024):
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self.bytes = 0
 
     def _purge(self, now: float) -> None:
         while self._entries:
-            key, (expires, _) = next(iter(self._entries.items()))
-            if expires > now and len(self._entries) <= self._max_entries:
+            key, (expires, data) = next(iter(self._entries.items()))
+            if expires > now and len(self._entries) <= self._max_entries and self.bytes <= self._max_bytes:
                 break
             self._entries.popitem(last=False)
+            self.bytes -= len(data)
 
     async def get(self, key: str) -> dict[str, Any] | None:
         now = time.monotonic()
@@ -63,14 +69,19 @@ class InMemoryIdempotencyStore(IdempotencyStore):
             return None
         if item[0] <= now:
             del self._entries[key]
+            self.bytes -= len(item[1])
             return None
-        return item[1]
+        return json.loads(item[1])
 
     async def put(self, key: str, entry: dict[str, Any], ttl_s: float) -> None:
         now = time.monotonic()
-        self._entries.pop(key, None)
-        self._entries[key] = (now + ttl_s, entry)  # insertion order == expiry order (one TTL)
-        self._purge(now)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old[1])
+        data = json.dumps(entry, separators=(",", ":")).encode()
+        self._entries[key] = (now + ttl_s, data)  # insertion order == expiry order (one TTL)
+        self.bytes += len(data)
+        self._purge(now)  # an entry larger than the whole bound is not kept
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -119,7 +119,7 @@ def create_idempotency_store(settings: Settings) -> IdempotencyStore:
         from app.idempotency_redis import RedisIdempotencyStore
 
         return RedisIdempotencyStore(settings)
-    return InMemoryIdempotencyStore(settings.idempotency_max_entries)
+    return InMemoryIdempotencyStore(settings.idempotency_max_entries, int(settings.idempotency_max_mb * 1024 * 1024))
 
 
 # ---------------------------------------------------------------------------------------------- middleware

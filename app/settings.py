@@ -83,7 +83,10 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="How long a result is kept for a repeated Idempotency-Key."
     )
     idempotency_max_entries: int = Field(
-        10_000, ge=1, description="Bound of the in-memory idempotency store."
+        10_000, ge=1, description="Bound of the in-memory idempotency store (entries)."
+    )
+    idempotency_max_mb: float = Field(
+        256.0, gt=0, description="Bound of the in-memory idempotency store (MiB of stored answers, as JSON)."
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM: longest wait for in-flight requests before exiting."

@@ -473,6 +473,25 @@ def test_in_memory_idempotency_store_ttl_bound_and_lock():
     asyncio.run(go())
 
 
+def test_in_memory_idempotency_store_is_bounded_by_bytes():
+    """Big answers (16 images of masks) are evicted by size, oldest first, whatever the entry bound."""
+
+    async def go():
+        store = InMemoryIdempotencyStore(max_entries=10_000, max_bytes=10_000)
+        big = {"status": 200, "body": [{"mask": "x" * 3000}]}
+        for k in "abcd":
+            await store.put(k, big, ttl_s=60)
+        assert len(store) == 3 and store.bytes <= 10_000
+        assert await store.get("a") is None and await store.get("d") == big  # a JSON round trip
+        await store.put("huge", {"body": "y" * 20_000}, ttl_s=60)  # larger than the bound: not kept
+        assert await store.get("huge") is None and store.bytes <= 10_000
+        await store.put("d", {"v": 1}, ttl_s=60)
+        await store.put("d", {"v": 22}, ttl_s=60)  # replacing an entry frees its bytes
+        assert len(store) == 1 and store.bytes == len(b'{"v":22}')
+
+    asyncio.run(go())
+
+
 def test_fingerprint_ignores_the_multipart_boundary():
     a = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=AAA", b"--AAA\r\nx\r\n--AAA--")
     b = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=BBB", b"--BBB\r\nx\r\n--BBB--")
