@@ -8,7 +8,7 @@
   jobs are queued for it or `max_delay_ms` have passed since its first job was queued, and runs
   `app.inference.run_forward` (which drops expired jobs without computing them).
 - Raw outputs go back to the asyncio futures with `loop.call_soon_threadsafe`; each request then
-  postprocesses its own output (`app.inference.finish`) on a thread of the event loop's executor, so a
+  postprocesses its own output (`app.inference.finish`) on a small pool of threads (`decode_threads`), so a
   large image's full-size masks never hold up the forwards of other requests and models. `submit` waits
   at most until the job's deadline (then `DeadlineExceeded`, 504); a job whose deadline passed or whose
   request went away leaves its queue at once (counted in `s2amnet_jobs_expired_total` when expired) and
@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,10 @@ class LocalDispatcher(Dispatcher):
         self._queues: dict[str, deque[_Pending]] = {name: deque() for name in self._predictors}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        # postprocessing (full-size masks of large images can take seconds) on its own bounded pool, not
+        # the event loop's default executor, which /metrics and shutdown also use
+        self._post_pool = ThreadPoolExecutor(max_workers=int(getattr(settings, "decode_threads", 4)),
+                                             thread_name_prefix="s2amnet-post")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._closing = False  # stop accepting, flush the queues, then exit
@@ -137,6 +142,7 @@ class LocalDispatcher(Dispatcher):
             if self._abort:
                 for p in self._in_hand:
                     _fail(p.future, Unavailable("service is shutting down", self._retry_after))
+        self._post_pool.shutdown(wait=False)  # postprocessing still running finishes for its request
 
     async def submit(self, job: Job) -> dict[str, Any]:
         if job.model not in self._predictors:
@@ -166,7 +172,11 @@ class LocalDispatcher(Dispatcher):
             raise
         if isinstance(result, Staged):
             # the thread is not stopped by a timeout; `finish` itself skips jobs already expired
-            post = asyncio.ensure_future(asyncio.to_thread(finish, self._predictors[job.model], job, result))
+            try:
+                post = asyncio.get_running_loop().run_in_executor(
+                    self._post_pool, finish, self._predictors[job.model], job, result)
+            except RuntimeError:  # the pool was shut down: stop() ran meanwhile
+                raise Unavailable("service is shutting down", self._retry_after) from None
             try:
                 result = await asyncio.wait_for(asyncio.shield(post), timeout=max(0.0, job.deadline - time.time()))
             except TimeoutError:
