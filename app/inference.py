@@ -51,10 +51,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_mask(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
+def encode_mask(mask: np.ndarray, mask_format: str, box: Any = None, size: tuple[int, int] | None = None
+                ) -> dict[str, Any]:
+    """A defect mask -> its JSON encoding at the image's size. ``mask`` is full-size, or (with ``box`` =
+    (x1, y1) and ``size`` = (h, w)) the crop inside the defect's box, made full-size only here, one
+    defect at a time."""
     from model import masks as mask_ops
 
     mask = np.asarray(mask).astype(bool, copy=False)
+    if size is not None and mask.shape[:2] != tuple(size):
+        full = np.zeros(tuple(int(v) for v in size), dtype=bool)
+        x1, y1 = int(box[0]), int(box[1])
+        full[y1:y1 + mask.shape[0], x1:x1 + mask.shape[1]] = mask
+        mask = full
     h, w = (int(s) for s in mask.shape[:2])
     if mask_format == "polygon":
         polygons = mask_ops.mask_to_polygons(mask)
@@ -71,7 +80,7 @@ def encode_mask(mask: np.ndarray, mask_format: str) -> dict[str, Any]:
     return {"size": [int(v) for v in rle["size"]], "counts": counts}
 
 
-def _defect(defect: dict[str, Any], mask_format: str) -> dict[str, Any]:
+def _defect(defect: dict[str, Any], mask_format: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "label": str(defect["label"]),
         "class_id": int(defect["class_id"]),
@@ -88,7 +97,11 @@ def _defect(defect: dict[str, Any], mask_format: str) -> dict[str, Any]:
         out["area"] = round(float(defect["area"]), 2)
     mask = defect.get("mask")
     if mask is not None:
-        out["mask"] = mask if isinstance(mask, dict) else encode_mask(mask, mask_format)
+        if isinstance(mask, dict):
+            out["mask"] = mask
+        else:
+            corner = (out["box"]["x1"], out["box"]["y1"]) if "box" in out else None
+            out["mask"] = encode_mask(mask, mask_format, corner, size if corner is not None else None)
     return out
 
 
@@ -101,7 +114,8 @@ def format_result(predictor: Any, job: Job, out: dict[str, Any]) -> dict[str, An
         "task": str(predictor.task),
         "image": {"width": int(meta.get("orig_w", 0)), "height": int(meta.get("orig_h", 0))},
         "verdict": str(out["verdict"]),
-        "defects": [_defect(d, mask_format) for d in out.get("defects", [])],
+        "defects": [_defect(d, mask_format, (int(meta.get("orig_h", 0)), int(meta.get("orig_w", 0))))
+                    for d in out.get("defects", [])],
     }
     if predictor.task == "classify":
         result["top_k"] = [
@@ -177,6 +191,8 @@ def finish(predictor: Any, job: Job, staged: Staged) -> dict[str, Any]:
     opts = {k: job.options[k] for k in POSTPROCESS_OPTIONS if job.options.get(k) is not None}
     t0 = time.perf_counter()
     try:
+        if predictor.task == "segment":
+            opts["mask_crops"] = True  # full-size masks are made one at a time while encoding
         with torch.inference_mode():
             out = predictor.postprocess(staged.raw, job.meta, **opts)
         result = format_result(predictor, job, out)

@@ -199,14 +199,17 @@ class Predictor:
         iou: float = 0.7,
         max_det: int = 300,
         top_k: int = 5,
+        mask_crops: bool = False,
     ) -> dict[str, Any]:
         """Raw output of one sample + its meta → ``{"verdict", "defects"[, "top_k"]}`` (plain Python;
-        segment masks are bool numpy arrays of the original size)."""
+        segment masks are bool numpy arrays of the original size, or with ``mask_crops`` only the part
+        inside the defect's box, ``mask[y1:y2, x1:x2]``: a large image with many defects then holds one
+        box-sized array per defect instead of one full-size array each)."""
         if self.task == "classify":
             return self._post_classify(raw, int(top_k))
         if self.task == "detect":
             return self._post_detect(raw, meta, float(conf), float(iou), int(max_det))
-        return self._post_segment(raw, meta, float(conf), int(max_det))
+        return self._post_segment(raw, meta, float(conf), int(max_det), bool(mask_crops))
 
     def _entry(self, cid: int, score: float) -> dict[str, Any]:
         return {"label": self.classes[cid], "class_id": int(cid), "score": float(score)}
@@ -256,7 +259,7 @@ class Predictor:
         defects = [d for d in cands if d["score"] >= conf][: max(0, max_det)]
         return {"verdict": verdict, "defects": defects}
 
-    def _post_segment(self, raw, meta, conf: float, max_det: int) -> dict[str, Any]:
+    def _post_segment(self, raw, meta, conf: float, max_det: int, mask_crops: bool = False) -> dict[str, Any]:
         labels, probs = T.logits_to_original(raw["logits"], meta)
         h, w = labels.shape
         cands = []
@@ -273,8 +276,12 @@ class Predictor:
         keep = sorted((c for c in cands if c[0] >= conf), key=lambda c: (-c[0], -c[1]))[: max(0, max_det)]
         defects = []
         for score, area, cid, k, (x1, y1, x2, y2), comp in keep:
-            mask = np.zeros((h, w), dtype=bool)
-            mask[y1:y2, x1:x2] = comp[y1:y2, x1:x2] == k
+            crop = comp[y1:y2, x1:x2] == k
+            if mask_crops:
+                mask = crop
+            else:
+                mask = np.zeros((h, w), dtype=bool)
+                mask[y1:y2, x1:x2] = crop
             defects.append(
                 {
                     **self._entry(cid, score),

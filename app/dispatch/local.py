@@ -142,7 +142,6 @@ class LocalDispatcher(Dispatcher):
             if self._abort:
                 for p in self._in_hand:
                     _fail(p.future, Unavailable("service is shutting down", self._retry_after))
-        self._post_pool.shutdown(wait=False)  # postprocessing still running finishes for its request
 
     async def submit(self, job: Job) -> dict[str, Any]:
         if job.model not in self._predictors:
@@ -175,7 +174,7 @@ class LocalDispatcher(Dispatcher):
             try:
                 post = asyncio.get_running_loop().run_in_executor(
                     self._post_pool, finish, self._predictors[job.model], job, result)
-            except RuntimeError:  # the pool was shut down: stop() ran meanwhile
+            except RuntimeError:  # the pool is gone: the interpreter is shutting down
                 raise Unavailable("service is shutting down", self._retry_after) from None
             try:
                 result = await asyncio.wait_for(asyncio.shield(post), timeout=max(0.0, job.deadline - time.time()))

@@ -175,6 +175,16 @@ def test_dispatcher_caps_the_batch_of_one_model_only(det):
         LocalDispatcher({"seg": slow}, dispatcher_settings(model_max_batch_size="sge=2"))
 
 
+@pytest.mark.parametrize("fmt", ["rle", "polygon", "png"])
+def test_a_mask_cropped_to_its_box_encodes_like_the_full_mask(fmt):
+    from app.inference import encode_mask
+
+    full = np.zeros((40, 60), bool)
+    full[7:19, 30:52] = np.random.default_rng(0).random((12, 22)) > 0.4
+    full[7, 30] = full[18, 51] = True  # the box is tight
+    assert encode_mask(full[7:19, 30:52], fmt, (30.0, 7.0), (40, 60)) == encode_mask(full, fmt)
+
+
 class SlowPostprocess(Recording):
     """Its postprocess blocks (as a very large image's full-size masks would) until `release` is set."""
 

@@ -287,6 +287,13 @@ def test_segment_components_and_max_det():
         ("spot", 130.0),
     ]
     assert len(p.postprocess({"logits": logits}, meta, max_det=2)["defects"]) == 2
+    # mask_crops: each mask is its full-size mask cut to its box (the service encodes from it)
+    crops = p.postprocess({"logits": logits}, meta, conf=0.25, mask_crops=True)["defects"]
+    assert len(crops) == 4
+    for d, c in zip(out["defects"], crops, strict=True):
+        x1, y1, x2, y2 = (int(c["box"][k]) for k in ("x1", "y1", "x2", "y2"))
+        assert c["mask"].shape == (y2 - y1, x2 - x1) and d["mask"].shape == (64, 64)
+        assert np.array_equal(c["mask"], d["mask"][y1:y2, x1:x2]) and d["mask"].sum() == c["mask"].sum()
 
 
 # ----------------------------------------------------------------------------------------------------
