@@ -5,7 +5,7 @@
 - `finish(predictor, job, staged)` postprocesses one staged job with its own options and encodes masks in
   the requested format (a job whose deadline passed during the forward is answered `expired` instead).
   Postprocessing works at the original image size, so one large image can take seconds: the embedded
-  dispatcher runs it on the request's own thread, off the inference thread that batches every model.
+  dispatcher runs it on a small pool of threads, off the inference thread that batches every model.
 - `run_batch(predictor, jobs)` is both stages on one thread (the Redis worker, `s2amnet predict`).
 
 Each returns one JSON-ready dict per job, in job order:
@@ -59,7 +59,7 @@ def encode_mask(mask: np.ndarray, mask_format: str, box: Any = None, size: tuple
     from model import masks as mask_ops
 
     mask = np.asarray(mask).astype(bool, copy=False)
-    if size is not None and mask.shape[:2] != tuple(size):
+    if size is not None and all(size) and mask.shape[:2] != tuple(size):
         full = np.zeros(tuple(int(v) for v in size), dtype=bool)
         x1, y1 = int(box[0]), int(box[1])
         full[y1:y1 + mask.shape[0], x1:x1 + mask.shape[1]] = mask
