@@ -282,6 +282,9 @@ async def lifespan(app: FastAPI):
     state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
     if not settings.api_keys:
         log.warning("S2AMNET_API_KEYS is not set: the API is open to anyone who can reach it")
+    if settings.max_queue < settings.max_images:
+        log.warning("S2AMNET_MAX_QUEUE (%d) is below S2AMNET_MAX_IMAGES (%d): a request of more images than "
+                    "the queue holds may get 503 even on an idle service", settings.max_queue, settings.max_images)
     state.startup_task = asyncio.create_task(_startup(app), name="s2amnet-startup")
     try:
         yield

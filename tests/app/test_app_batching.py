@@ -306,3 +306,8 @@ def test_metrics_in_multiprocess_mode(slow_server: Server):
     text = slow_server.metrics()
     assert metric(text, "s2amnet_requests_total", endpoint="/readyz", status="200") >= 1
     assert metric(text, "s2amnet_model_info", model="det", task="detect", version="1", variant="tiny") == 1
+
+
+def test_a_queue_smaller_than_a_request_is_warned_about(slow_server: Server):
+    wait_until_ready(slow_server)  # S2AMNET_MAX_QUEUE=1 with the default 16 images per request
+    assert "S2AMNET_MAX_QUEUE (1) is below S2AMNET_MAX_IMAGES (16)" in slow_server.log()
