@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -90,23 +91,14 @@ def _check_count(n: int, max_images: int) -> None:
         raise too_large("too_many_images", f"{n} images in one request; the limit is {max_images}")
 
 
-def _param(content_type: str, name: str) -> str | None:
-    """A parameter of a Content-Type header value (quotes removed), or None."""
-    for part in content_type.split(";")[1:]:
-        key, sep, value = part.strip().partition("=")
-        if sep and key.strip().lower() == name:
-            return value.strip().strip('"') or None
-    return None
-
-
 async def parse_inspect_body(request: Request, body: bytes, max_images: int) -> ParsedRequest:
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
     query = dict(request.query_params)
 
     if media == "multipart/form-data":
-        boundary = _param(content_type, "boundary")
-        if boundary and body.rfind(b"--" + boundary.encode("latin-1", "replace") + b"--") < 0:
+        boundary = parse_options_header(content_type)[1].get(b"boundary")
+        if boundary and body.rfind(b"--" + boundary + b"--") < 0:
             # the parser takes what came before the cut as the whole form: say what happened instead
             raise Problem(400, "bad_request", "malformed multipart body: no closing boundary (truncated upload?)")
         try:

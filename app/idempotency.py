@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
+from python_multipart.multipart import parse_options_header
+
 MAX_KEY_LENGTH = 255
 
 
@@ -115,7 +117,7 @@ def fingerprint(method: str, path: str, query: str, content_type: str, body: byt
         h.update(b"\x00")
     if content_type.lower().startswith("multipart/"):
         # The multipart boundary is random per request: fingerprint the body without it.
-        boundary = content_type.partition("boundary=")[2].strip().strip('"').encode()
+        boundary = parse_options_header(content_type)[1].get(b"boundary")
         if boundary:
             body = body.replace(boundary, b"")
     h.update(body)

@@ -189,10 +189,10 @@ def finish(predictor: Any, job: Job, staged: Staged) -> dict[str, Any]:
         metrics.JOBS_EXPIRED.labels(model=name).inc()
         return {"error": "expired", "detail": f"deadline passed {now - job.deadline:.3f} s before postprocessing"}
     opts = {k: job.options[k] for k in POSTPROCESS_OPTIONS if job.options.get(k) is not None}
+    if predictor.task == "segment":
+        opts["mask_crops"] = True  # full-size masks are made one at a time while encoding
     t0 = time.perf_counter()
     try:
-        if predictor.task == "segment":
-            opts["mask_crops"] = True  # full-size masks are made one at a time while encoding
         with torch.inference_mode():
             out = predictor.postprocess(staged.raw, job.meta, **opts)
         result = format_result(predictor, job, out)

@@ -18,6 +18,13 @@ def files(data: bytes):
     return [("file", ("a.png", data, "image/png"))]
 
 
+def wait_inflight(server, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server.metrics(), "s2amnet_inflight_requests") < n:
+        assert time.monotonic() < deadline, f"{n} request(s) never got in flight"
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sigterm_drains_then_exits_0(mode, weights_dir):
     server = start_server(
@@ -36,10 +43,7 @@ def test_sigterm_drains_then_exits_0(mode, weights_dir):
             daemon=True,
         )
         inflight.start()
-        deadline = time.monotonic() + 20
-        while metric(server.metrics(), "s2amnet_inflight_requests") < 1:
-            assert time.monotonic() < deadline, "request never got in flight"
-            time.sleep(0.02)
+        wait_inflight(server, 1)
 
         server.proc.send_signal(signal.SIGTERM)
         # readiness goes false at once, while the request is still being computed
@@ -101,10 +105,7 @@ def test_a_second_sigterm_answers_503_and_exits_1(mode, weights_dir):
         threads = [threading.Thread(target=post, args=(i,), daemon=True) for i in range(3)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 20
-        while metric(server.metrics(), "s2amnet_inflight_requests") < 3:
-            assert time.monotonic() < deadline, "requests never got in flight"
-            time.sleep(0.02)
+        wait_inflight(server, 3)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         server.proc.send_signal(signal.SIGTERM)

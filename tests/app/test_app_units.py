@@ -507,3 +507,6 @@ def test_fingerprint_ignores_the_multipart_boundary():
     b = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=BBB", b"--BBB\r\nx\r\n--BBB--")
     c = fingerprint("POST", "/detect", "", "multipart/form-data; boundary=BBB", b"--BBB\r\ny\r\n--BBB--")
     assert a == b != c
+    d = fingerprint("POST", "/detect", "", 'multipart/form-data; boundary="CCC"; charset=utf-8',
+                    b"--CCC\r\nx\r\n--CCC--")  # quoted, with a parameter after it
+    assert d == a
