@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from model.checkpoint import save_model
 from model.data import (
+    IGNORE_INDEX,
     ClassifyDataset,
     DatasetFormatError,
     DetectDataset,
@@ -132,6 +133,7 @@ class TrainConfig:
     export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     copy_paste: float = 0.0  # classify with masks: probability of pasting a defect onto a defect-free image
+    fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     command: str = ""
 
     def validate(self) -> TrainConfig:
@@ -178,6 +180,8 @@ class TrainConfig:
         if self.copy_paste and (self.task != "classify" or not self.aux_mask or not 0 < self.copy_paste <= 1):
             bad("--copy-paste", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1, "
                 f"got {self.copy_paste}")
+        if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
+            bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.export_mask and (self.task != "classify" or not self.aux_mask):
             bad("--export-mask", "needs --task classify with the auxiliary mask head (no --no-aux-mask)")
         return self
@@ -434,7 +438,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         mean, std = state["mean"], state["std"]
     else:
         mean, std = _mean_std(task.train_ds)
-    sampler = _sampler(train_recs, cfg.task, recipe.balance_power, source)
+    fg = defect_fractions(task.train_ds) if cfg.fg_sampling else None
+    sampler = _sampler(train_recs, cfg.task, recipe.balance_power, source, fg=fg, fg_power=cfg.fg_sampling)
 
     def make_loader() -> DataLoader:
         return DataLoader(task.train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,
@@ -715,11 +720,29 @@ def _validate(model: nn.Module, manifest: dict, recs, metric: str, prefix: str, 
     return score
 
 
-def _sampler(records, task: str, power: float, source: dict[int, str] | None = None
-             ) -> WeightedRandomSampler | None:
+def defect_fractions(ds) -> np.ndarray:
+    """Per image of a (preloaded) dataset with masks: the fraction of its pixels labelled as a defect
+    (mask value > 0, the ignore value 255 not counted)."""
+    out = np.empty(len(ds))
+    for i in range(len(ds)):
+        m = ds.load_mask(i)
+        out[i] = float(np.count_nonzero((m > 0) & (m < IGNORE_INDEX))) / max(m.size, 1)
+    return out
+
+
+FG_FLOOR = 1e-4  # --fg-sampling: an image without defect pixels counts as this fraction
+
+
+def _sampler(records, task: str, power: float, source: dict[int, str] | None = None, *,
+             fg: np.ndarray | None = None, fg_power: float = 0.0) -> WeightedRandomSampler | None:
     """Class-balanced sampling (classify/segment, strength `power`), times dataset balance when the
     records come from several folders: each folder then contributes equally per epoch, so a small
-    dataset (CrackForest beside DeepCrack) is not drowned by a large one."""
+    dataset (CrackForest beside DeepCrack) is not drowned by a large one.
+
+    With `fg` (each record's defect-pixel fraction, `defect_fractions`) and ``fg_power > 0`` each
+    weight is also multiplied by ``max(fg, FG_FLOOR) ** fg_power``, normalised to mean 1 inside each
+    folder (the dataset balance is kept): the few images whose defects cover much of the image (e.g.
+    CrackForest's filled alligator-crack areas) are shown more often."""
     n = len(records)
     w = np.ones(n)
     if power > 0 and task != "detect":
@@ -728,6 +751,14 @@ def _sampler(records, task: str, power: float, source: dict[int, str] | None = N
     counts = Counter(roots)
     if len(counts) > 1:
         w = w * np.array([1.0 / counts[root] for root in roots])
+    if fg is not None and fg_power > 0:
+        if len(fg) != n:
+            raise ValueError(f"fg has {len(fg)} entries for {n} records")
+        g = np.maximum(np.asarray(fg, np.float64), FG_FLOOR) ** fg_power
+        for root in counts:
+            idx = np.array([i for i, x in enumerate(roots) if x == root])
+            g[idx] = g[idx] / g[idx].mean()
+        w = w * g
     if np.allclose(w, w[0]):
         return None
     return WeightedRandomSampler(torch.as_tensor(w / w.mean(), dtype=torch.double), n, replacement=True)

@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
     p.add_argument("--copy-paste", type=float, default=0.0, metavar="P",
                    help="classify with masks: with probability P a defect image is trained as its defect "
                         "pasted onto a random defect-free image (more surroundings for rare classes)")
+    p.add_argument("--fg-sampling", type=float, default=0.0, metavar="P",
+                   help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
+                        "(within each data folder; 0 = off): images whose defects cover much of the image "
+                        "are shown more often")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -74,7 +78,7 @@ def run(args) -> int:
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
-                      copy_paste=args.copy_paste,
+                      copy_paste=args.copy_paste, fg_sampling=args.fg_sampling,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:
         result = train(cfg, progress=not args.quiet)

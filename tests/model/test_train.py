@@ -287,6 +287,48 @@ def test_several_data_folders_with_the_same_classes_combine(tmp_path):
         _load_data(f"{c},{m}", "classify")
 
 
+def test_fg_sampling_weights_images_by_their_defect_fraction_inside_each_folder(tmp_path, capsys):
+    """--fg-sampling P: weight × max(fraction, floor) ** P, normalised inside each data folder, so the
+    folders keep equal shares; the fraction ignores the 255 (ignore) pixels; the CLI trains with it."""
+    from model.data import SegmentDataset
+    from model.train import FG_FLOOR, _load_data, _sampler, defect_fractions
+
+    a, b = make_segment(tmp_path / "a"), make_segment(tmp_path / "b")
+    both, source = _load_data(f"{a},{b}", "segment")
+    in_b = [r for r in both.records if source[id(r)] == str(b)]
+    recs = [r for r in both.records if source[id(r)] == str(a)] + in_b[:4]
+    n_a = len(recs) - 4
+    fg = np.array([0.0] + [0.01] * (n_a - 2) + [0.04] + [0.02, 0.02, 0.02, 0.08])
+    plain = _sampler(recs, "segment", 0.5, source).weights.numpy()
+    w = _sampler(recs, "segment", 0.5, source, fg=fg, fg_power=1.0).weights.numpy()
+    assert np.isclose(w[:n_a].sum(), w[n_a:].sum())  # the dataset balance is kept
+    assert np.isclose(w[n_a - 1] / w[1], 4.0) and np.isclose(w[-1] / w[n_a], 4.0)  # ∝ fraction inside a folder
+    assert np.isclose(w[0] / w[1], FG_FLOOR / 0.01)  # no defect pixels: the floor, not zero
+    w_sqrt = _sampler(recs, "segment", 0.5, source, fg=fg, fg_power=0.5).weights.numpy()
+    assert np.isclose(w_sqrt[n_a - 1] / w_sqrt[1], 2.0)
+    assert np.allclose(_sampler(recs, "segment", 0.5, source, fg=fg, fg_power=0.0).weights.numpy(), plain)
+    with pytest.raises(ValueError, match="entries"):
+        _sampler(recs, "segment", 0.5, source, fg=fg[:3], fg_power=1.0)
+
+    single, _ = _load_data(str(a), "segment")
+    ds = SegmentDataset(single.records[:3], imgsz=64).preload()
+    masks = [np.zeros((10, 10), np.uint8) for _ in range(3)]
+    masks[1][:2] = 1  # 20 % defect
+    masks[2][:5] = 255  # ignored pixels are not defects
+    masks[2][5] = 1
+    ds._masks = dict(enumerate(masks))
+    assert np.allclose(defect_fractions(ds), [0.0, 0.2, 0.1])
+
+    out = tmp_path / "run"
+    assert cli_main(["train", "--task", "segment", "--data", str(a), "--epochs", "1", "--imgsz", "64",
+                     "--batch", "4", "--workers", "0", "--fg-sampling", "1", "--max-train-batches", "1",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["fg_sampling"] == 1.0
+    assert cli_main(["train", "--task", "classify", "--data", str(a), "--fg-sampling", "1", "--quiet",
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "--fg-sampling P needs --task segment" in capsys.readouterr().err
+
+
 def test_ema_follows_the_ramped_decay_and_copies_integer_buffers():
     """The EMA's fused update equals avg·d + cur·(1 − d) with d = decay·(1 − exp(−n/2000)); BatchNorm's
     integer step counter follows the model."""
@@ -401,6 +443,9 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     ({"export_mask": "x", "aux_mask": False}, "--export-mask"),
     ({"copy_paste": 1.5}, "--copy-paste"),
     ({"copy_paste": 0.5, "aux_mask": False}, "--copy-paste"),
+    ({"fg_sampling": 1.0}, "--fg-sampling"),  # segment only
+    ({"task": "segment", "fg_sampling": -1.0}, "--fg-sampling"),
+    ({"task": "segment", "fg_sampling": 5.0}, "--fg-sampling"),
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"task": "count"}, "--task"),
 ])
@@ -417,6 +462,7 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     # the same options are accepted where they mean something
     TrainConfig(task="segment", data=str(data), crop=64).resolved().validate()
     TrainConfig(task="detect", data=str(data), close_mosaic=0).resolved().validate()
+    TrainConfig(task="segment", data=str(data), fg_sampling=1.0).resolved().validate()
 
 
 def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path, capsys):
