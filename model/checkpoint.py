@@ -17,6 +17,7 @@ num_classes, layer_scale, in_chans, reg_max (detect)}``, ``classes``, ``mean``, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -330,10 +331,45 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
+@contextlib.contextmanager
+def _manifest_locked(path: Path):
+    """Hold an exclusive lock on the manifest file for a read-modify-write (POSIX ``flock``; no lock file
+    is left behind). The manifest is replaced atomically on write, so a waiter whose lock is on the
+    replaced file (a different inode now) takes the lock again on the new one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    while True:
+        f = open(path, "rb")  # noqa: SIM115 - held for the whole block
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                break
+        except BaseException:
+            f.close()
+            raise
+        f.close()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def record_metrics(folder: str | os.PathLike, key: str, metrics: Mapping[str, Any]) -> dict:
     """Store what `s2amnet eval` measured under ``manifest["metrics"]["eval"][key]`` (key = data:split).
-    The weights and their sha256 are untouched. Returns the updated manifest."""
+    The weights and their sha256 are untouched. Returns the updated manifest. Safe to run from several
+    processes at once (e.g. one `s2amnet eval --record` per dataset): the update holds a lock."""
     folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return _record_metrics(folder, key, metrics)  # read_manifest says what is missing
+    with _manifest_locked(path):
+        return _record_metrics(folder, key, metrics)
+
+
+def _record_metrics(folder: Path, key: str, metrics: Mapping[str, Any]) -> dict:
     manifest = read_manifest(folder)
     block = dict(manifest.get("metrics") or {})
     evals = dict(block.get("eval") or {})

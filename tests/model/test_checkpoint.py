@@ -225,3 +225,30 @@ def test_backbone_transfer_layer_scale(tmp_path):
     with torch.no_grad():
         for a, b in zip(src.backbone(x), dst.backbone(x), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def _record_many(folder: str, worker: int, n: int) -> None:
+    from model.checkpoint import record_metrics
+
+    for i in range(n):
+        record_metrics(folder, f"w{worker}:{i}", {"miou": worker + i / 100})
+
+
+def test_concurrent_record_metrics_keep_every_entry(tmp_path):
+    """Several `s2amnet eval --record` processes on one weights folder (e.g. one per dataset, run side by
+    side): each read-modify-write of the manifest holds a lock, so no process's entry is lost."""
+    import multiprocessing as mp
+
+    folder = tmp_path / "w"
+    save_model(build_model("segment", "tiny", 2), folder, {"name": "w", "classes": ["background", "crack"]})
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_record_many, args=(str(folder), w, 15)) for w in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    evals = json.loads((folder / "manifest.json").read_text())["metrics"]["eval"]
+    assert sorted(evals) == sorted(f"w{w}:{i}" for w in range(6) for i in range(15))
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.safetensors"]  # no lock file
+    load_model(folder)  # the weights and their sha256 are untouched
