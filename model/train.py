@@ -42,13 +42,13 @@ from tqdm import tqdm
 
 from model.checkpoint import save_model
 from model.data import (
-    IGNORE_INDEX,
     ClassifyDataset,
     DatasetFormatError,
     DetectDataset,
     SegmentDataset,
     collate,
     collate_detect,
+    defect_pixels,
     load_records,
     sample_weights,
     split_records,
@@ -726,7 +726,7 @@ def defect_fractions(ds) -> np.ndarray:
     out = np.empty(len(ds))
     for i in range(len(ds)):
         m = ds.load_mask(i)
-        out[i] = float(np.count_nonzero((m > 0) & (m < IGNORE_INDEX))) / max(m.size, 1)
+        out[i] = float(np.count_nonzero(defect_pixels(m))) / max(m.size, 1)
     return out
 
 

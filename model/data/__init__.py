@@ -45,6 +45,7 @@ from .readers import (
     Record,
     dataset_dir,
     default_data_root,
+    defect_pixels,
     detect_format,
     is_val_stem,
     load_records,
@@ -57,6 +58,6 @@ __all__ = [
     "ClassifyDataset", "DetectDataset", "SegmentDataset", "balanced_sampler", "collate", "collate_classify",
     "collate_detect", "collate_segment", "decode_image", "sample_weights", "to_chw_tensor",
     "CRACK_CLASSES", "MT_CLASSIFY_CLASSES", "MT_DEFECT_CLASSES", "MT_PASS_CLASS", "MT_SEGMENT_CLASSES",
-    "NEU_CLASSES", "DatasetFormatError", "DatasetInfo", "Record", "dataset_dir", "default_data_root",
+    "NEU_CLASSES", "DatasetFormatError", "DatasetInfo", "Record", "dataset_dir", "default_data_root", "defect_pixels",
     "detect_format", "is_val_stem", "load_records", "split_records",
 ]

@@ -23,6 +23,8 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from .readers import IGNORE_INDEX, defect_pixels
+
 __all__ = [
     "IGNORE_INDEX",
     "PAD_VALUE",
@@ -47,7 +49,6 @@ __all__ = [
     "DetectAugment",
 ]
 
-IGNORE_INDEX = 255
 PAD_VALUE = 114
 
 
@@ -289,7 +290,7 @@ def random_crop_box(w: int, h: int, rng: np.random.Generator, scale=(0.6, 1.0),
 
 def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | None:
     """Top-left of a cw×ch window that contains a random foreground pixel, or None if no foreground."""
-    fg = (mask > 0) & (mask != IGNORE_INDEX)
+    fg = defect_pixels(mask)
     ys, xs = np.nonzero(fg)
     if len(ys) == 0:
         return None
@@ -312,7 +313,7 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None when ``src`` has no defect
     pixels or its defect region does not fit into ``dst``.
     """
-    fg = (src_mask > 0) & (src_mask != IGNORE_INDEX)
+    fg = defect_pixels(src_mask)
     ys, xs = np.nonzero(fg)
     if len(ys) == 0:
         return None
@@ -409,7 +410,7 @@ class ClassifyAugment:
             return self._fit(img, mask)
         h, w = img.shape[:2]
         if self.crop_prob and rng.random() < self.crop_prob:
-            fg_total = int(((mask > 0) & (mask != IGNORE_INDEX)).sum()) if mask is not None else 0
+            fg_total = int(defect_pixels(mask).sum()) if mask is not None else 0
             box = None
             for _ in range(10):
                 x0, y0, x1, y1 = random_crop_box(w, h, rng, self.crop_scale, self.crop_ratio)
@@ -417,7 +418,7 @@ class ClassifyAugment:
                     box = (x0, y0, x1, y1)
                     break
                 m = mask[y0:y1, x0:x1]
-                if ((m > 0) & (m != IGNORE_INDEX)).sum() >= self.min_defect_keep * fg_total:
+                if defect_pixels(m).sum() >= self.min_defect_keep * fg_total:
                     box = (x0, y0, x1, y1)
                     break
             if box is not None:

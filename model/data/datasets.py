@@ -38,7 +38,7 @@ from .augment import (
     letterbox_geometry,
     paste_defect,
 )
-from .readers import Record
+from .readers import Record, defect_pixels
 
 __all__ = [
     "IGNORE_INDEX",
@@ -200,7 +200,7 @@ class ClassifyDataset(_Base):
 
     def _has_defect(self, i: int) -> bool:
         m = self.load_mask(i)
-        return bool(((m > 0) & (m != IGNORE_INDEX)).any())
+        return bool(defect_pixels(m).any())
 
     def _pasted(self, i: int, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         """`paste_defect` of image i onto a random defect-free image, or None (no defect-free image, or

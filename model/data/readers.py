@@ -108,6 +108,11 @@ VAL_MODULUS = 5
 IGNORE_INDEX = 255
 
 
+def defect_pixels(mask: np.ndarray) -> np.ndarray:
+    """Bool H×W: the defect pixels of a label mask (value > 0; the ignore value 255 is not a defect)."""
+    return (mask > 0) & (mask != IGNORE_INDEX)
+
+
 class DatasetFormatError(ValueError):
     """The folder does not match any known layout, or does not support the requested task."""
 
@@ -436,7 +441,7 @@ def _boxes_from_mask(rec: Record) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
 
     m = rec.load_mask()
-    fg = (m > 0) & (m != IGNORE_INDEX)
+    fg = defect_pixels(m)
     if not fg.any():
         return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
     lab, n = ndimage.label(fg, structure=np.ones((3, 3), bool))
