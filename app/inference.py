@@ -51,17 +51,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_mask(mask: np.ndarray, mask_format: str, box: Any = None, size: tuple[int, int] | None = None
+def encode_mask(mask: np.ndarray, mask_format: str, corner: Any = None, size: tuple[int, int] | None = None
                 ) -> dict[str, Any]:
-    """A defect mask -> its JSON encoding at the image's size. ``mask`` is full-size, or (with ``box`` =
-    (x1, y1) and ``size`` = (h, w)) the crop inside the defect's box, made full-size only here, one
-    defect at a time."""
+    """A defect mask -> its JSON encoding at the image's size. ``mask`` is full-size, or (with ``corner`` =
+    (x1, y1) of the defect's box and ``size`` = (h, w)) the crop inside that box, made full-size only
+    here, one defect at a time."""
     from model import masks as mask_ops
 
     mask = np.asarray(mask).astype(bool, copy=False)
     if size is not None and all(size) and mask.shape[:2] != tuple(size):
         full = np.zeros(tuple(int(v) for v in size), dtype=bool)
-        x1, y1 = int(box[0]), int(box[1])
+        x1, y1 = int(corner[0]), int(corner[1])
         full[y1:y1 + mask.shape[0], x1:x1 + mask.shape[1]] = mask
         mask = full
     h, w = (int(s) for s in mask.shape[:2])
