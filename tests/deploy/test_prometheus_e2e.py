@@ -161,8 +161,9 @@ def traffic_wave(api: str, r: redis.Redis, i: int) -> None:
 
     model = "cls"
     expired = inject_job(r, model, f"s2amnet:replies:monitoring-expired-{i}", deadline=time.time() - 1)
-    crashed = inject_job(r, model, f"s2amnet:replies:monitoring-crash-{i}", deadline=time.time() + 30, crashed=True)
+    # answered first: the "crashed" consumer's read below must find no other undelivered job than its own
     assert wait_reply(r, expired)["status"] == "expired"
+    crashed = inject_job(r, model, f"s2amnet:replies:monitoring-crash-{i}", deadline=time.time() + 30, crashed=True)
     reply = wait_reply(r, crashed, timeout=VISIBILITY_S + 15)
     assert reply["status"] == "dead" and "delivered" in reply["detail"], reply
 
@@ -185,8 +186,9 @@ def inject_job(r: redis.Redis, model: str, reply_to: str, *, deadline: float, cr
     with r.pipeline(transaction=True) as pipe:  # atomic: the live worker cannot read it first
         pipe.xadd(stream, encode_job(job, reply_to))
         pipe.xreadgroup(GROUP, "crashed-worker", {stream: ">"}, count=1)
-        _, read = pipe.execute()
+        added, read = pipe.execute()
     entry_id = read[0][1][0][0]
+    assert entry_id == added, "the crashed consumer read another job than the one injected"
     r.xclaim(stream, GROUP, "crashed-worker", 0, [entry_id], idle=int(VISIBILITY_S * 10_000), retrycount=MAX_DELIVERIES)
     return reply_to
 

@@ -267,8 +267,9 @@ def test_job_delivered_too_often_is_dead_lettered_without_computing(stack: Stack
     with r.pipeline(transaction=True) as pipe:  # atomic: the live worker cannot take it first
         pipe.xadd(stream, encode_job(crasher, "s2amnet:replies:test-crash"))
         pipe.xreadgroup(GROUP, "crashed-worker", {stream: ">"}, count=1)
-        _, read = pipe.execute()
+        added, read = pipe.execute()
     entry_id = read[0][1][0][0]
+    assert entry_id == added, "the crashed consumer read another job than the one injected"
     # as if it had been delivered to (and killed) MAX_DELIVERIES workers already
     r.xclaim(stream, GROUP, "crashed-worker", 0, [entry_id], retrycount=MAX_DELIVERIES)
     replies = read_replies(r, "s2amnet:replies:test-crash", 1, timeout=VISIBILITY_S + 10)
