@@ -340,6 +340,10 @@ class RedisDispatcher(Dispatcher):
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # the request was cancelled, not Redis
                     raise asyncio.CancelledError from None
+                if isinstance(exc, TimeoutError) and remaining < self.command_timeout_s:
+                    # the request's own deadline was the shorter limit: a 504 for this request, not Redis
+                    # down for everyone (a job that did get queued is acked as expired by its worker)
+                    raise DeadlineExceeded("the request deadline passed while the job was being queued") from None
                 self._mark_down(exc)
                 raise Unavailable("the job queue (Redis) is unreachable",
                                   retry_after=self.retry_after_s) from None

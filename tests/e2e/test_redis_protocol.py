@@ -115,6 +115,32 @@ def test_backpressure_refuses_without_trimming(redis_server: RedisServer):
     asyncio.run(go())
 
 
+def test_a_deadline_shorter_than_queueing_is_a_504_not_redis_down(redis_server: RedisServer, monkeypatch):
+    """The enqueue command is bounded by the request's deadline; when that deadline is what runs out
+    (a tiny X-Request-Timeout, a slow Redis round trip), the request gets 504 and the service stays
+    ready: Redis was not unreachable."""
+
+    async def go():
+        d = RedisDispatcher(["m"], redis_url=redis_server.url)
+        await d.start()
+        try:
+            assert d.ready()
+            admit = d._admit
+
+            async def slow_admit(*args, **kwargs):
+                await asyncio.sleep(0.3)
+                return await admit(*args, **kwargs)
+
+            monkeypatch.setattr(d, "_admit", slow_admit)
+            with pytest.raises(DeadlineExceeded, match="while the job was being queued"):
+                await d.submit(job("m", timeout=0.05))
+            assert d.ready()
+        finally:
+            await d.stop(1)
+
+    asyncio.run(go())
+
+
 def test_duplicate_and_unknown_replies_are_harmless(redis_server: RedisServer):
     """A reply for a job already resolved (redelivery after a slow worker) or for an unknown job id is
     ignored; the request resolves once, with the first reply."""
