@@ -31,27 +31,54 @@ def _batches(records: Sequence[Record], size: int):
         yield records[start:start + size]
 
 
+def _meter(task: str, classes: list[str]) -> Any:
+    if task == "classify":
+        return ClassifyMetrics(len(classes), classes)
+    if task == "segment":
+        return SegmentMetrics(len(classes), class_names=classes)
+    return DetectMetrics(len(classes), class_names=classes, max_dets=EVAL_MAX_DET)
+
+
+class _Fanout:
+    """Feeds each update to the pooled meter and to the meter of the record's group."""
+
+    def __init__(self, pooled: Any, by_group: dict[str, Any]):
+        self.pooled, self.by_group, self.group = pooled, by_group, ""
+
+    def update(self, *args) -> None:
+        self.pooled.update(*args)
+        self.by_group[self.group].update(*args)
+
+
 def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int = 16,
-             progress: bool = True, keep_predictions: bool = False) -> dict[str, Any]:
+             progress: bool = True, keep_predictions: bool = False,
+             groups: Sequence[str] | None = None) -> dict[str, Any]:
     """Run `predictor` over `records` and return the task's metrics (plain JSON-able dict).
 
     With ``keep_predictions`` the per-image outputs are returned under ``"predictions"`` (for plots).
+    With ``groups`` (one name per record, e.g. the data folder it came from) the metrics of each group's
+    records are returned too, under ``"by_group": {name: metrics}`` (one inference pass for all).
     """
     task = predictor.task
     classes = predictor.classes
-    if task == "classify":
-        meter: Any = ClassifyMetrics(len(classes), classes)
-    elif task == "segment":
-        meter = SegmentMetrics(len(classes), class_names=classes)
-    else:
-        meter = DetectMetrics(len(classes), class_names=classes, max_dets=EVAL_MAX_DET)
+    meter: Any = _meter(task, classes)
+    group_of: list[str] = []
+    if groups is not None:
+        group_of = list(groups)
+        if len(group_of) != len(records):
+            raise ValueError(f"groups: {len(group_of)} names for {len(records)} records")
+        meter = _Fanout(meter, {g: _meter(task, classes) for g in dict.fromkeys(group_of)})
     kept: list[Any] = []
+    index = 0
     bar = tqdm(total=len(records), desc=f"eval {predictor.name}", unit="img", disable=not progress,
                leave=False)
     for chunk in _batches(list(records), batch_size):
         samples = [predictor.preprocess(r.load_image()) for r in chunk]
         raws = predictor.infer([s.array for s in samples])
         for rec, s, raw in zip(chunk, samples, raws, strict=True):
+            if group_of:
+                meter.group = group_of[index]
+            index += 1
             if task == "classify":
                 pred = int(np.argmax(np.asarray(raw["probs"])))
                 meter.update(np.array([pred]), np.array([rec.label]))
@@ -75,7 +102,12 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
                 kept.append(out)
         bar.update(len(chunk))
     bar.close()
-    metrics = meter.compute()
+    if group_of:
+        by_group = {g: {**m.compute(), "num_images": group_of.count(g)} for g, m in meter.by_group.items()}
+        metrics = meter.pooled.compute()
+        metrics["by_group"] = by_group
+    else:
+        metrics = meter.compute()
     metrics["num_images"] = len(records)
     if keep_predictions:
         metrics["predictions"] = kept

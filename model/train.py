@@ -100,6 +100,9 @@ class TrainConfigError(ValueError):
     """A training option out of range or meaningless for the task; the message names the CLI flag."""
 
 
+SELECT_RULES = ("pooled", "folders")  # --select: the val score that picks the best epoch
+
+
 @dataclass
 class TrainConfig:
     task: str
@@ -134,6 +137,7 @@ class TrainConfig:
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     copy_paste: float = 0.0  # classify with masks: probability of pasting a defect onto a defect-free image
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
+    select: str = "pooled"  # several data folders: best epoch by the pooled val metric or the mean of each folder's
     command: str = ""
 
     def validate(self) -> TrainConfig:
@@ -182,6 +186,10 @@ class TrainConfig:
                 f"got {self.copy_paste}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
+        if self.select not in SELECT_RULES:
+            bad("--select", f"must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
+        if self.select == "folders" and "," not in self.data:
+            bad("--select", "folders needs several comma-separated --data folders")
         if self.export_mask and (self.task != "classify" or not self.aux_mask):
             bad("--export-mask", "needs --task classify with the auxiliary mask head (no --no-aux-mask)")
         return self
@@ -430,6 +438,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if not train_recs or not val_recs:
         raise DatasetFormatError(f"{cfg.data}: need labelled images in both the train and the val split "
                                  f"(got {len(train_recs)} / {len(val_recs)})")
+    # --select folders: each val record's folder name, so validation also scores every folder on its own
+    val_groups = [Path(source[id(r)]).name for r in val_recs] if cfg.select == "folders" else None
     task = _Task(cfg, info, train_recs, nc)
     task.train_ds.preload(progress=progress)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -554,7 +564,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             t1 = time.time()
             score = _validate(ema.module, manifest_base, val_recs, recipe.metric, "val_", row, best_dir, best,
-                              epoch, data_name, cfg, device, progress)
+                              epoch, data_name, cfg, device, progress, groups=val_groups)
             if score > best:
                 best, best_epoch, improved = score, epoch, True
             if ema_mask is not None:
@@ -704,16 +714,24 @@ def _validate_mask(seg_model: nn.Module, manifest_base: dict, info, cfg: TrainCo
 
 
 def _validate(model: nn.Module, manifest: dict, recs, metric: str, prefix: str, row: dict, best_dir: Path,
-              best: float, epoch: int, data_name: str, cfg: TrainConfig, device, progress: bool) -> float:
+              best: float, epoch: int, data_name: str, cfg: TrainConfig, device, progress: bool,
+              groups: list[str] | None = None) -> float:
     """Evaluate a frozen copy of the (EMA) `model` through the Predictor on `recs`; add its scalar metrics
-    to `row` as ``<prefix><name>``; save it with its val metrics to `best_dir` when `metric` beat `best`.
-    Returns the score."""
+    to `row` as ``<prefix><name>``; save it with its val metrics to `best_dir` when the score beat `best`.
+    The score is `metric` over all of `recs`, or with `groups` (a data folder name per record,
+    ``--select folders``) the mean of each folder's `metric`, added to `row` as ``<prefix><folder>_<metric>``
+    and ``<prefix>select_<metric>``. Returns the score."""
     copy = _frozen_copy(model)
     metrics = evaluate(Predictor(copy, {**manifest, "metrics": {}}, device=device), recs,
-                       batch_size=max(8, cfg.batch), progress=progress)
+                       batch_size=max(8, cfg.batch), progress=progress, groups=groups)
     scal = _scalar_metrics(metrics)
-    row.update({f"{prefix}{k}": v for k, v in scal.items()})
     score = float(metrics[metric])
+    if groups is not None:
+        per = {g: float(m[metric]) for g, m in metrics["by_group"].items()}
+        score = float(np.mean(list(per.values())))
+        scal.update({f"{g}_{metric}": round(v, 5) for g, v in per.items()})
+        scal[f"select_{metric}"] = round(score, 5)
+    row.update({f"{prefix}{k}": v for k, v in scal.items()})
     if score > best:
         save_model(copy, best_dir, {**manifest, "metrics": {
             "split": "val", "data": data_name, "num_images": len(recs), "epoch": epoch, **scal}})

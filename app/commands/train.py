@@ -52,6 +52,10 @@ def add_parser(sub) -> None:
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
                         "(within each data folder; 0 = off): images whose defects cover much of the image "
                         "are shown more often")
+    p.add_argument("--select", choices=("pooled", "folders"), default="pooled",
+                   help="several --data folders: pick the best epoch by the val metric over all their val images "
+                        "(pooled) or by the mean of each folder's val metric (folders: each dataset counts "
+                        "equally, as in sampling; each folder's metric is logged)")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -78,7 +82,7 @@ def run(args) -> int:
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
-                      copy_paste=args.copy_paste, fg_sampling=args.fg_sampling,
+                      copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, select=args.select,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:
         result = train(cfg, progress=not args.quiet)

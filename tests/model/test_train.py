@@ -427,6 +427,53 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     assert "--close-mosaic" in capsys.readouterr().err
 
 
+def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(tmp_path, monkeypatch):
+    """--select folders: validation scores each data folder's val images on their own (one inference pass,
+    the same numbers as evaluating that folder alone), logs them, and the best epoch is the one with the
+    highest mean of the folders' metric — not the pooled metric, where the larger folder dominates."""
+    import model.train as train_mod
+    from model.evaluate import evaluate
+
+    a, b = make_segment(tmp_path / "a"), make_segment(tmp_path / "b")
+    both, source = train_mod._load_data(f"{a},{b}", "segment")
+    recs = both.records
+    groups = [Path(source[id(r)]).name for r in recs]
+    net = build_model("segment", "tiny", 2).eval()
+    manifest = {"name": "t", "task": "segment", "classes": ["background", "defect"], "mean": [0.5] * 3,
+                "std": [0.25] * 3, "arch": {"variant": "tiny", "input_size": [64, 64], "num_classes": 2}}
+    pred = Predictor(net, manifest, device="cpu")
+    m = evaluate(pred, recs, progress=False, groups=groups)
+    for g in ("a", "b"):
+        alone = evaluate(pred, [r for r, gg in zip(recs, groups) if gg == g], progress=False)
+        assert m["by_group"][g]["miou"] == pytest.approx(alone["miou"])
+        assert m["by_group"][g]["num_images"] == alone["num_images"] == len(recs) // 2
+    assert m["miou"] == pytest.approx(evaluate(pred, recs, progress=False)["miou"])  # pooled as before
+    with pytest.raises(ValueError, match="groups"):
+        evaluate(pred, recs, progress=False, groups=groups[:-1])
+
+    # the training loop: scripted val results where the pooled and the per-folder rules disagree
+    scripted = iter([  # epoch 1: pooled 0.8, folders (0.9 + 0.3) / 2 = 0.6; epoch 2: pooled 0.7, folders 0.75
+        {"miou": 0.8, "by_group": {"a": {"miou": 0.9}, "b": {"miou": 0.3}}},
+        {"miou": 0.7, "by_group": {"a": {"miou": 0.8}, "b": {"miou": 0.7}}}])
+    seen = []
+
+    def fake_evaluate(predictor, val, **kw):
+        seen.append(kw.get("groups"))
+        return next(scripted)
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_evaluate)
+    out = tmp_path / "run"
+    res = train(TrainConfig(task="segment", data=f"{a},{b}", epochs=2, imgsz=64, batch=4, workers=0,
+                            max_train_batches=1, select="folders", out=str(out)), progress=False)
+    assert res["best_epoch"] == 2 and res["best"]["miou"] == pytest.approx(0.75)
+    assert sorted(set(seen[0])) == ["a", "b"] and len(seen[0]) == sum(1 for r in recs if is_val_stem(r.stem))
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [float(r["val_select_miou"]) for r in rows] == [0.6, 0.75]
+    assert [float(r["val_b_miou"]) for r in rows] == [0.3, 0.7]
+    saved = json.loads((out / "best" / "manifest.json").read_text())["metrics"]
+    assert saved["epoch"] == 2 and saved["select_miou"] == 0.75 and saved["miou"] == 0.7
+
+
 @pytest.mark.parametrize(("overrides", "flag"), [
     ({"epochs": 0}, "--epochs"),
     ({"batch": 0}, "--batch"),
@@ -447,6 +494,8 @@ def test_close_mosaic_trains_the_last_epochs_on_whole_images(tmp_path, monkeypat
     ({"task": "segment", "fg_sampling": -1.0}, "--fg-sampling"),
     ({"task": "segment", "fg_sampling": 5.0}, "--fg-sampling"),
     ({"ema_decay": 1.0}, "ema_decay"),
+    ({"select": "best"}, "--select"),
+    ({"select": "folders"}, "--select"),  # one data folder: nothing to average over
     ({"task": "count"}, "--task"),
 ])
 def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tmp_path):
@@ -463,6 +512,7 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="segment", data=str(data), crop=64).resolved().validate()
     TrainConfig(task="detect", data=str(data), close_mosaic=0).resolved().validate()
     TrainConfig(task="segment", data=str(data), fg_sampling=1.0).resolved().validate()
+    TrainConfig(task="segment", data=f"{data},{data}", select="folders").resolved().validate()
 
 
 def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path, capsys):
