@@ -444,7 +444,7 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     pred = Predictor(net, manifest, device="cpu")
     m = evaluate(pred, recs, progress=False, groups=groups)
     for g in ("a", "b"):
-        alone = evaluate(pred, [r for r, gg in zip(recs, groups) if gg == g], progress=False)
+        alone = evaluate(pred, [r for r, gg in zip(recs, groups, strict=True) if gg == g], progress=False)
         assert m["by_group"][g]["miou"] == pytest.approx(alone["miou"])
         assert m["by_group"][g]["num_images"] == alone["num_images"] == len(recs) // 2
     assert m["miou"] == pytest.approx(evaluate(pred, recs, progress=False)["miou"])  # pooled as before
