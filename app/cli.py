@@ -27,13 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoValidationError(Exception):
+    """Stands in for pydantic's ValidationError where pydantic is not installed (never raised)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from pydantic import ValidationError
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # train / eval need only the model's dependencies (e.g. on a bare GPU machine)
+        ValidationError = _NoValidationError  # noqa: N806
 
     try:
         result = args.func(args)
