@@ -547,3 +547,27 @@ def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path,
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_train_and_eval_cli_run_without_the_service_dependencies(tmp_path):
+    """`s2amnet train` / `eval` (`python -m app.cli`) need only the model's dependencies: a GPU machine's
+    image has torch but not pydantic, FastAPI or redis-py (session 10's first device call failed on it)."""
+    import subprocess
+    import sys
+
+    data = make_segment(tmp_path / "data")
+    out = tmp_path / "run"
+    blocked = ["pydantic", "pydantic_settings", "fastapi", "starlette", "uvicorn", "redis", "multipart",
+               "python_multipart", "prometheus_client", "httpx"]
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None  # import of each raises ImportError\n"
+            "from app.cli import main\n"
+            f"rc = main(['train', '--task', 'segment', '--data', {str(data)!r}, '--epochs', '1', '--imgsz', '64',"
+            f" '--batch', '4', '--workers', '0', '--max-train-batches', '1', '--out', {str(out)!r}, '--quiet'])\n"
+            f"rc = rc or main(['eval', '--weights', {str(out / 'best')!r}, '--data', {str(data)!r}, '--json'])\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "best" / "model.safetensors").is_file()
+    evaluated = json.loads(proc.stdout.splitlines()[-1])  # eval --json: the last line
+    assert evaluated["task"] == "segment" and 0 <= evaluated["miou"] <= 1
