@@ -137,6 +137,7 @@ class TrainConfig:
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     copy_paste: float = 0.0  # classify with masks: probability of pasting a defect onto a defect-free image
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
+    rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     select: str = "pooled"  # several data folders: best epoch by the pooled val metric or the mean of each folder's
     command: str = ""
 
@@ -186,6 +187,8 @@ class TrainConfig:
                 f"got {self.copy_paste}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
+        if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
+            bad("--rotate", f"DEG needs --task segment and 0 <= DEG <= 180, got {self.rotate}")
         if self.select not in SELECT_RULES:
             bad("--select", f"must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
         if self.select == "folders" and "," not in self.data:
@@ -306,7 +309,7 @@ class _Task:
                 self.aux_weight = RECIPES[task].extra["aux_mask_weight"]
         elif task == "segment":
             self.train_ds = SegmentDataset(train_recs, imgsz=cfg.imgsz, crop=cfg.crop, train=True,
-                                           fg_crop=RECIPES[task].extra["fg_crop"])
+                                           fg_crop=RECIPES[task].extra["fg_crop"], rotate=cfg.rotate)
             self.collate = collate
             self.loss = SegmentationLoss(nc, dice_weight=RECIPES[task].extra["dice_weight"])
         else:

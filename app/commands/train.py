@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
                         "(within each data folder; 0 = off): images whose defects cover much of the image "
                         "are shown more often")
+    p.add_argument("--rotate", type=float, default=0.0, metavar="DEG",
+                   help="segment: rotate each training image by a random angle in [-DEG, DEG] degrees (the "
+                        "corners are ignored in the loss); besides the flips and 90-degree turns")
     p.add_argument("--select", choices=("pooled", "folders"), default="pooled",
                    help="several --data folders: pick the best epoch by the val metric over all their val images "
                         "(pooled) or by the mean of each folder's val metric (folders: each dataset counts "
@@ -82,7 +85,8 @@ def run(args) -> int:
                       max_train_batches=args.max_train_batches, init_backbone=args.init_backbone,
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
-                      copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, select=args.select,
+                      copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
+                      select=args.select,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:
         result = train(cfg, progress=not args.quiet)

@@ -36,6 +36,7 @@ __all__ = [
     "hflip",
     "vflip",
     "rot90",
+    "rotate",
     "clip_boxes",
     "filter_boxes",
     "photometric",
@@ -166,6 +167,17 @@ def rot90(img, mask=None, boxes=None, k: int = 1):
             x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
             boxes = np.stack([y1, w - x2, y2, w - x1], 1).astype(np.float32)
     return img, mask, boxes
+
+
+def rotate(img: np.ndarray, mask: np.ndarray | None, degrees: float, pad_value: int = PAD_VALUE,
+           mask_fill: int = 255):
+    """Rotate by ``degrees`` counter-clockwise about the centre, the canvas grown to hold the whole
+    image (bilinear; new corners ``pad_value``); the mask alike with nearest sampling, new corners
+    ``mask_fill`` (the ignore value). Returns ``(img, mask)``."""
+    img = np.asarray(_pil(img).rotate(degrees, Image.BILINEAR, expand=True, fillcolor=_fill(img, pad_value)))
+    if mask is not None:
+        mask = np.asarray(_pil(mask).rotate(degrees, Image.NEAREST, expand=True, fillcolor=int(mask_fill)))
+    return img, mask
 
 
 def clip_boxes(boxes: np.ndarray, w: float, h: float) -> np.ndarray:
@@ -436,7 +448,9 @@ class SegmentAugment:
     """Segmentation transform → (image crop×crop, mask crop×crop; 255 = ignore).
 
     The reference scale is the letterbox fit into ``imgsz`` (the inference size), so training sees objects
-    at the size the predictor shows them. train: random scale ``scale`` × fit, random crop of ``crop``
+    at the size the predictor shows them. train: random scale ``scale`` × fit; with ``rotate`` > 0 a
+    rotation by an angle drawn from [-rotate, rotate] degrees (new corners: pad value, mask ignored);
+    random crop of ``crop``
     (default imgsz; pads image with ``pad_value`` and mask with 255), with probability ``fg_crop`` the crop
     is centred on a random defect pixel; h/v flips, rot90, brightness/contrast/gamma.
     eval: letterbox to imgsz (mask padded with 255).
@@ -445,8 +459,8 @@ class SegmentAugment:
     def __init__(self, imgsz: int = 512, crop: int | None = None, train: bool = True, scale=(0.75, 1.5),
                  hflip: float = 0.5, vflip: float = 0.5, rot90: bool = True, fg_crop: float = 0.0,
                  brightness: float = 0.2, contrast: float = 0.2, gamma: float = 0.2,
-                 pad_value: int = PAD_VALUE):
-        self.imgsz, self.crop, self.train = int(imgsz), int(crop or imgsz), train
+                 pad_value: int = PAD_VALUE, rotate: float = 0.0):
+        self.imgsz, self.crop, self.train, self.rotate = int(imgsz), int(crop or imgsz), train, float(rotate)
         self.scale, self.hflip, self.vflip, self.rot90, self.fg_crop = scale, hflip, vflip, rot90, fg_crop
         self.brightness, self.contrast, self.gamma, self.pad_value = brightness, contrast, gamma, pad_value
 
@@ -460,6 +474,9 @@ class SegmentAugment:
         nw, nh = max(1, int(round(w * s))), max(1, int(round(h * s)))
         img = resize(img, (nw, nh))
         mask = resize(mask, (nw, nh), nearest=True)
+        if self.rotate:
+            img, mask = rotate(img, mask, float(rng.uniform(-self.rotate, self.rotate)), self.pad_value, IGNORE_INDEX)
+            nh, nw = mask.shape[:2]
         c = self.crop
         pos = _fg_window(mask, c, c, rng) if (self.fg_crop and rng.random() < self.fg_crop) else None
         if pos is None:

@@ -20,6 +20,7 @@ from model.data.augment import (
     photometric,
     randaugment_lite,
     rot90,
+    rotate,
     unletterbox_boxes,
     vflip,
 )
@@ -169,6 +170,33 @@ def test_segment_augment_consistent():
     assert seen_fg >= 8
     o, m = SegmentAugment(imgsz=96, train=False)(img, mask, np.random.default_rng(0))
     assert o.shape == (96, 96) and (m[:, :] == IGNORE_INDEX).sum() > 0 and m.max() == IGNORE_INDEX
+
+
+def test_rotate_turns_image_and_mask_together_and_ignores_the_new_corners():
+    img, mask = np.full((40, 80), 10, np.uint8), np.zeros((40, 80), np.uint8)
+    img[15:25, 10:70], mask[15:25, 10:70] = 200, 1  # a horizontal bar
+    o, m = rotate(img, mask, 90, pad_value=0)
+    assert o.shape == m.shape == (80, 40)  # the canvas grows to hold the turned image
+    assert np.array_equal(m, np.rot90(mask)) and np.array_equal(o, np.rot90(img))  # 90°: exact
+    o, m = rotate(img, mask, 30, pad_value=0)
+    assert o.shape == m.shape and o.shape[0] > 40 and o.shape[1] > 80
+    assert set(np.unique(m).tolist()) == {0, 1, IGNORE_INDEX}  # nearest: no new label values
+    assert (o[m == IGNORE_INDEX] == 0).mean() > 0.95  # the new corners: pad value, ignored in the mask
+    assert abs(int((m == 1).sum()) - 600) < 60  # the bar keeps its area
+    assert (o[m == 1] > 100).mean() > 0.9 and (o[m == 0] < 100).mean() > 0.9
+    rgb = np.repeat(img[..., None], 3, 2)
+    o3, m3 = rotate(rgb, mask, 30, pad_value=0)
+    assert o3.shape[:2] == m3.shape and np.array_equal(m3, m)
+    # the segment pipeline with rotate: still consistent crops, and angles other than multiples of 90°
+    aug = SegmentAugment(imgsz=96, crop=64, train=True, scale=(1.0, 1.0), brightness=0, contrast=0, gamma=0,
+                         pad_value=0, rotate=45, hflip=0, vflip=0, rot90=False)
+    shapes = set()
+    for seed in range(10):
+        o, m = aug(img, mask, np.random.default_rng(seed))
+        assert o.shape == m.shape == (64, 64)
+        assert (o[m == 1] > 100).mean() > 0.9
+        shapes.add(int((m == IGNORE_INDEX).sum()))
+    assert len(shapes) > 3  # the ignored corners differ from angle to angle
 
 
 def test_classify_augment_keeps_defect():
