@@ -442,7 +442,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         raise DatasetFormatError(f"{cfg.data}: need labelled images in both the train and the val split "
                                  f"(got {len(train_recs)} / {len(val_recs)})")
     # --select folders: each val record's folder name, so validation also scores every folder on its own
-    val_groups = [_folder_label(source[id(r)], source) for r in val_recs] if cfg.select == "folders" else None
+    labels = _folder_labels(source)
+    val_groups = [labels[source[id(r)]] for r in val_recs] if cfg.select == "folders" else None
     task = _Task(cfg, info, train_recs, nc)
     task.train_ds.preload(progress=progress)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -785,11 +786,12 @@ def _sampler(records, task: str, power: float, source: dict[int, str] | None = N
     return WeightedRandomSampler(torch.as_tensor(w / w.mean(), dtype=torch.double), n, replacement=True)
 
 
-def _folder_label(root: str, source: dict[int, str]) -> str:
-    """A data folder's name in logs (``val_<name>_miou``): its base name, or its path where two folders of
-    the run share a base name."""
-    name = Path(root).name
-    return name if sum(Path(r).name == name for r in set(source.values())) == 1 else root
+def _folder_labels(source: dict[int, str]) -> dict[str, str]:
+    """Each data folder's name in logs (``val_<name>_miou``): its base name, or its path where two folders
+    of the run share a base name."""
+    roots = set(source.values())
+    names = [Path(r).name for r in roots]
+    return {r: Path(r).name if names.count(Path(r).name) == 1 else r for r in roots}
 
 
 def _load_data(data: str, task: str):

@@ -170,7 +170,7 @@ def rot90(img, mask=None, boxes=None, k: int = 1):
 
 
 def rotate(img: np.ndarray, mask: np.ndarray | None, degrees: float, pad_value: int = PAD_VALUE,
-           mask_fill: int = 255):
+           mask_fill: int = IGNORE_INDEX):
     """Rotate by ``degrees`` counter-clockwise about the centre, the canvas grown to hold the whole
     image (bilinear; new corners ``pad_value``); the mask alike with nearest sampling, new corners
     ``mask_fill`` (the ignore value). Returns ``(img, mask)``."""
@@ -450,9 +450,8 @@ class SegmentAugment:
     The reference scale is the letterbox fit into ``imgsz`` (the inference size), so training sees objects
     at the size the predictor shows them. train: random scale ``scale`` × fit; with ``rotate`` > 0 a
     rotation by an angle drawn from [-rotate, rotate] degrees (new corners: pad value, mask ignored);
-    random crop of ``crop``
-    (default imgsz; pads image with ``pad_value`` and mask with 255), with probability ``fg_crop`` the crop
-    is centred on a random defect pixel; h/v flips, rot90, brightness/contrast/gamma.
+    random crop of ``crop`` (default imgsz; pads image with ``pad_value`` and mask with 255), with
+    probability ``fg_crop`` the crop is centred on a random defect pixel; h/v flips, rot90, brightness/contrast/gamma.
     eval: letterbox to imgsz (mask padded with 255).
     """
 

@@ -454,8 +454,8 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     # folders with the same base name are told apart by their paths
     twin = make_segment(tmp_path / "x" / "a")
     _, src = train_mod._load_data(f"{a},{twin}", "segment")
-    assert {train_mod._folder_label(r, src) for r in src.values()} == {str(a), str(twin)}
-    assert train_mod._folder_label(str(a), source) == "a"
+    assert train_mod._folder_labels(src) == {str(a): str(a), str(twin): str(twin)}
+    assert train_mod._folder_labels(source) == {str(a): "a", str(b): "b"}
 
     # the training loop: scripted val results where the pooled and the per-folder rules disagree
     scripted = iter([  # epoch 1: pooled 0.8, folders (0.9 + 0.3) / 2 = 0.6; epoch 2: pooled 0.7, folders 0.75
