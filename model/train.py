@@ -48,7 +48,7 @@ from model.data import (
     SegmentDataset,
     collate,
     collate_detect,
-    defect_pixels,
+    defect_fractions,
     load_records,
     sample_weights,
     split_records,
@@ -135,7 +135,8 @@ class TrainConfig:
     aux_mask: bool = True  # classify: auxiliary mask head when the records carry masks
     export_mask: str | None = None  # classify with aux mask head: copy best-mask/ here at the end
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
-    copy_paste: float = 0.0  # classify with masks: probability of pasting a defect onto a defect-free image
+    copy_paste: float = 0.0  # classify with masks: paste a defect onto a defect-free image; segment: a donor's
+    # defects into the image (probability)
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     select: str = "pooled"  # several data folders: best epoch by the pooled val metric or the mean of each folder's
@@ -182,9 +183,10 @@ class TrainConfig:
             bad("lr_final", f"must be in [0, 1] (a fraction of --lr), got {self.lr_final}")
         if self.close_mosaic is not None and (self.task != "detect" or self.close_mosaic < 0):
             bad("--close-mosaic", "N needs --task detect and N >= 0 (mosaic is a detection augmentation)")
-        if self.copy_paste and (self.task != "classify" or not self.aux_mask or not 0 < self.copy_paste <= 1):
-            bad("--copy-paste", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1, "
-                f"got {self.copy_paste}")
+        if self.copy_paste and (self.task == "detect" or (self.task == "classify" and not self.aux_mask)
+                                or not 0 < self.copy_paste <= 1):
+            bad("--copy-paste", "P needs --task segment, or classify with masks (no --no-aux-mask), and "
+                f"0 <= P <= 1, got {self.copy_paste}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
@@ -286,7 +288,7 @@ def _verdict_rule(task: str, pass_classes: list[str]) -> dict:
 class _Task:
     """Datasets, loss and one training step for a task."""
 
-    def __init__(self, cfg: TrainConfig, info, train_recs, nc: int):
+    def __init__(self, cfg: TrainConfig, info, train_recs, nc: int, groups: list[str] | None = None):
         self.cfg = cfg
         task = cfg.task
         self.aux: nn.Module | None = None
@@ -309,7 +311,8 @@ class _Task:
                 self.aux_weight = RECIPES[task].extra["aux_mask_weight"]
         elif task == "segment":
             self.train_ds = SegmentDataset(train_recs, imgsz=cfg.imgsz, crop=cfg.crop, train=True,
-                                           fg_crop=RECIPES[task].extra["fg_crop"], rotate=cfg.rotate)
+                                           fg_crop=RECIPES[task].extra["fg_crop"], rotate=cfg.rotate,
+                                           paste=cfg.copy_paste, paste_groups=groups)
             self.collate = collate
             self.loss = SegmentationLoss(nc, dice_weight=RECIPES[task].extra["dice_weight"])
         else:
@@ -444,7 +447,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     # --select folders: each val record's folder name, so validation also scores every folder on its own
     labels = _folder_labels(source)
     val_groups = [labels[source[id(r)]] for r in val_recs] if cfg.select == "folders" else None
-    task = _Task(cfg, info, train_recs, nc)
+    # segment copy-paste draws its donors from the image's own data folder
+    task = _Task(cfg, info, train_recs, nc, groups=[source[id(r)] for r in train_recs])
     task.train_ds.preload(progress=progress)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -740,16 +744,6 @@ def _validate(model: nn.Module, manifest: dict, recs, metric: str, prefix: str, 
         save_model(copy, best_dir, {**manifest, "metrics": {
             "split": "val", "data": data_name, "num_images": len(recs), "epoch": epoch, **scal}})
     return score
-
-
-def defect_fractions(ds) -> np.ndarray:
-    """Per image of a (preloaded) dataset with masks: the fraction of its pixels labelled as a defect
-    (mask value > 0, the ignore value 255 not counted)."""
-    out = np.empty(len(ds))
-    for i in range(len(ds)):
-        m = ds.load_mask(i)
-        out[i] = float(np.count_nonzero(defect_pixels(m))) / max(m.size, 1)
-    return out
 
 
 FG_FLOOR = 1e-4  # --fg-sampling: an image without defect pixels counts as this fraction

@@ -47,7 +47,9 @@ def add_parser(sub) -> None:
                    help="detect: train the last N epochs without mosaic (on whole images, as served)")
     p.add_argument("--copy-paste", type=float, default=0.0, metavar="P",
                    help="classify with masks: with probability P a defect image is trained as its defect "
-                        "pasted onto a random defect-free image (more surroundings for rare classes)")
+                        "pasted onto a random defect-free image (more surroundings for rare classes); segment: "
+                        "with probability P an image gets a piece of another image's defects (same data folder, "
+                        "donors in proportion to their defect area) pasted in")
     p.add_argument("--fg-sampling", type=float, default=0.0, metavar="P",
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
                         "(within each data folder; 0 = off): images whose defects cover much of the image "

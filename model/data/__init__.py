@@ -30,6 +30,7 @@ from .datasets import (
     collate_detect,
     collate_segment,
     decode_image,
+    defect_fractions,
     sample_weights,
     to_chw_tensor,
 )
@@ -56,7 +57,7 @@ __all__ = [
     "IGNORE_INDEX", "PAD_VALUE", "ClassifyAugment", "DetectAugment", "SegmentAugment", "letterbox",
     "letterbox_boxes", "letterbox_geometry", "mosaic4", "unletterbox_boxes",
     "ClassifyDataset", "DetectDataset", "SegmentDataset", "balanced_sampler", "collate", "collate_classify",
-    "collate_detect", "collate_segment", "decode_image", "sample_weights", "to_chw_tensor",
+    "collate_detect", "collate_segment", "decode_image", "defect_fractions", "sample_weights", "to_chw_tensor",
     "CRACK_CLASSES", "MT_CLASSIFY_CLASSES", "MT_DEFECT_CLASSES", "MT_PASS_CLASS", "MT_SEGMENT_CLASSES",
     "NEU_CLASSES", "DatasetFormatError", "DatasetInfo", "Record", "dataset_dir", "default_data_root", "defect_pixels",
     "detect_format", "is_val_stem", "load_records", "split_records",

@@ -44,6 +44,7 @@ __all__ = [
     "randaugment_lite",
     "random_crop_box",
     "paste_defect",
+    "paste_segment",
     "mosaic4",
     "ClassifyAugment",
     "SegmentAugment",
@@ -314,16 +315,48 @@ def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | Non
     return x0, y0
 
 
+def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img: np.ndarray,
+                 rng: np.random.Generator, margin: int, feather: float):
+    """The shared core of the copy-paste augmentations: ``patch`` (its labels ``pmask``, defect pixels
+    ``pfg``), randomly h/v-flipped, blended into ``dst_img`` at a random position where it fits.
+
+    The pasted pixels are shifted so that the mean of the patch's non-defect part matches the part of
+    ``dst`` they cover (images differ in brightness), and blended through the defect mask dilated by
+    ``margin`` and blurred by ``feather`` (no rectangular seam to learn as a cue); the defect pixels
+    themselves are opaque. Returns ``(image, (ty, tx), pmask, pfg, alpha)``: the blended copy of ``dst_img``,
+    the patch's top-left corner in it, the (flipped) labels and defect pixels, and the H×W blend weight."""
+    for axis in (0, 1):
+        if rng.random() < 0.5:
+            patch, pmask, pfg = np.flip(patch, axis), np.flip(pmask, axis), np.flip(pfg, axis)
+    dh, dw = dst_img.shape[:2]
+    ph, pw = pfg.shape
+    ty, tx = int(rng.integers(0, dh - ph + 1)), int(rng.integers(0, dw - pw + 1))
+    region = dst_img[ty:ty + ph, tx:tx + pw].astype(np.float32)
+    patch = patch.astype(np.float32)
+    if patch.ndim != region.ndim:  # grayscale source onto a colour image or the reverse
+        patch = np.repeat(patch[..., None], region.shape[2], 2) if region.ndim == 3 else patch.mean(2)
+    alpha_img = Image.fromarray(pfg.astype(np.uint8) * 255)
+    if margin > 0:
+        alpha_img = alpha_img.filter(ImageFilter.MaxFilter(2 * (margin // 2) + 1))
+    if feather > 0:
+        alpha_img = alpha_img.filter(ImageFilter.GaussianBlur(feather))
+    alpha = np.maximum(np.asarray(alpha_img, np.float32) / 255.0, pfg)
+    ring = ~pfg
+    if ring.any():
+        patch = patch + (region[ring].mean(0) - patch[ring].mean(0))
+    a = alpha[..., None] if region.ndim == 3 else alpha
+    out = dst_img.copy()
+    out[ty:ty + ph, tx:tx + pw] = np.clip(region * (1 - a) + patch * a, 0, 255).astype(np.uint8)
+    return out, (ty, tx), pmask, pfg, alpha
+
+
 def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
                  margin: int = 6, feather: float = 2.0):
     """Copy-paste for mask-supervised classification: the defect of ``src`` (mask > 0, ignore excluded) with
-    a ``margin`` of its surroundings, randomly h/v-flipped, blended into ``dst`` at a random position.
+    a ``margin`` of its surroundings blended into the defect-free ``dst`` (`_blend_patch`).
 
-    The pasted pixels are shifted so that the mean of the patch's non-defect part matches the part of
-    ``dst`` they cover (tiles differ in brightness), and blended through the defect mask dilated by
-    ``margin`` and blurred by ``feather`` (no rectangular seam to learn as a cue). Returns ``(img, mask)`` at
-    ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None when ``src`` has no defect
-    pixels or its defect region does not fit into ``dst``.
+    Returns ``(img, mask)`` at ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None
+    when ``src`` has no defect pixels or its defect region does not fit into ``dst``.
     """
     fg = defect_pixels(src_mask)
     ys, xs = np.nonzero(fg)
@@ -333,33 +366,40 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
     x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
     dh, dw = dst_img.shape[:2]
-    ph, pw = y1 - y0, x1 - x0
-    if ph > dh or pw > dw:
+    if y1 - y0 > dh or x1 - x0 > dw:
         return None
-    patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
-    for axis in (0, 1):
-        if rng.random() < 0.5:
-            patch, pmask, pfg = np.flip(patch, axis), np.flip(pmask, axis), np.flip(pfg, axis)
-    ty, tx = int(rng.integers(0, dh - ph + 1)), int(rng.integers(0, dw - pw + 1))
-    region = dst_img[ty:ty + ph, tx:tx + pw].astype(np.float32)
-    patch = patch.astype(np.float32)
-    if patch.ndim != region.ndim:  # grayscale source onto a colour tile or the reverse
-        patch = np.repeat(patch[..., None], region.shape[2], 2) if region.ndim == 3 else patch.mean(2)
-    alpha_img = Image.fromarray(pfg.astype(np.uint8) * 255)
-    if margin > 0:
-        alpha_img = alpha_img.filter(ImageFilter.MaxFilter(2 * (margin // 2) + 1))
-    if feather > 0:
-        alpha_img = alpha_img.filter(ImageFilter.GaussianBlur(feather))
-    alpha = np.maximum(np.asarray(alpha_img, np.float32) / 255.0, pfg)  # the defect itself stays opaque
-    ring = ~pfg
-    if ring.any():
-        patch = patch + (region[ring].mean(0) - patch[ring].mean(0))
-    if region.ndim == 3:
-        alpha = alpha[..., None]
-    out = dst_img.copy()
-    out[ty:ty + ph, tx:tx + pw] = np.clip(region * (1 - alpha) + patch * alpha, 0, 255).astype(np.uint8)
+    out, (ty, tx), pmask, pfg, _ = _blend_patch(src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1],
+                                                 dst_img, rng, margin, feather)
     mask = np.zeros((dh, dw), np.uint8)
-    mask[ty:ty + ph, tx:tx + pw][pfg] = pmask[pfg]
+    mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]][pfg] = pmask[pfg]
+    return out, mask
+
+
+def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, dst_mask: np.ndarray,
+                  rng: np.random.Generator, size=(0.3, 0.6), margin: int = 6, feather: float = 2.0):
+    """Copy-paste for segmentation: the defect pixels of a square window of ``src`` (side: a fraction drawn
+    from ``size`` of the shorter side of ``dst`` and ``src``) that holds a random defect pixel, with a
+    ``margin`` of their surroundings, blended into ``dst`` at a random position (`_blend_patch`).
+
+    Returns ``(img, mask)`` at ``dst``'s size, or None when ``src`` has no defect pixels. The mask is
+    ``dst_mask`` with the pasted defect pixels set to their class; where the blended margin covers a defect
+    of ``dst`` that defect is partly hidden, so those pixels become ignore (255).
+    """
+    fg = defect_pixels(src_mask)
+    if not fg.any():
+        return None
+    dh, dw = dst_img.shape[:2]
+    side = max(1, int(round(rng.uniform(*size) * min(dh, dw, *src_mask.shape))))
+    x0, y0 = _fg_window(src_mask, side, side, rng)
+    h, w = src_mask.shape
+    x0, y0 = max(x0, 0), max(y0, 0)
+    x1, y1 = min(x0 + side, w), min(y0 + side, h)
+    out, (ty, tx), pmask, pfg, alpha = _blend_patch(src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1],
+                                                     fg[y0:y1, x0:x1], dst_img, rng, margin, feather)
+    mask = dst_mask.copy()
+    region = mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]]
+    region[(alpha > 0) & ~pfg & defect_pixels(region)] = IGNORE_INDEX
+    region[pfg] = pmask[pfg]
     return out, mask
 
 

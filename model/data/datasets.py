@@ -37,6 +37,7 @@ from .augment import (
     SegmentAugment,
     letterbox_geometry,
     paste_defect,
+    paste_segment,
 )
 from .readers import Record, defect_pixels
 
@@ -52,6 +53,7 @@ __all__ = [
     "sample_weights",
     "balanced_sampler",
     "decode_image",
+    "defect_fractions",
     "to_chw_tensor",
 ]
 
@@ -235,19 +237,65 @@ class ClassifyDataset(_Base):
         return item
 
 
+def defect_fractions(ds: _Base) -> np.ndarray:
+    """Per image of a dataset with masks: the fraction of its pixels labelled as a defect (mask value > 0,
+    the ignore value 255 not counted)."""
+    out = np.empty(len(ds))
+    for i in range(len(ds)):
+        m = ds.load_mask(i)
+        out[i] = float(np.count_nonzero(defect_pixels(m))) / max(m.size, 1)
+    return out
+
+
 class SegmentDataset(_Base):
     """Semantic segmentation; ``imgsz`` = inference (letterbox) size, ``crop`` = training crop size
-    (default imgsz). Extra kwargs go to `SegmentAugment`."""
+    (default imgsz). Extra kwargs go to `SegmentAugment`.
+
+    ``paste`` (training): the probability that an image first gets a piece of another image's defects
+    pasted in (`paste_segment`, before the augmentation). The donor is drawn from the images of the same
+    ``paste_groups`` entry (e.g. the data folder of each record; default: one group), in proportion to its
+    defect-pixel fraction: images with much defect area (CrackForest's filled alligator-crack areas) give
+    most, images without defects none."""
 
     task = "segment"
 
     def __init__(self, records: Sequence[Record], imgsz: int = 512, crop: int | None = None,
                  train: bool = False, augment: SegmentAugment | None = None, cache: bool = True,
-                 grayscale: bool = False, cache_max_side: int | None = None, **aug_kwargs):
+                 grayscale: bool = False, cache_max_side: int | None = None, paste: float = 0.0,
+                 paste_groups: Sequence | None = None, **aug_kwargs):
         super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
         if any(not r.has_mask for r in self.records):
             raise ValueError("SegmentDataset needs records with masks")
+        if not 0.0 <= paste <= 1.0:
+            raise ValueError(f"paste must be a probability in [0, 1], got {paste}")
+        if paste and not train:
+            raise ValueError("paste is a training augmentation (train=True)")
+        if paste_groups is not None and len(paste_groups) != len(self.records):
+            raise ValueError(f"paste_groups has {len(paste_groups)} entries for {len(self.records)} records")
+        self.paste = float(paste)
+        self.paste_groups = list(paste_groups) if paste_groups is not None else [0] * len(self.records)
+        self._donors: dict | None = None  # group -> (indices, probabilities), built on first use
         self.augment = augment or SegmentAugment(imgsz, crop=crop, train=train, **aug_kwargs)
+
+    def donor_table(self) -> dict:
+        """``{group: (indices, probabilities)}``: each group's images with defects, drawn as paste donors
+        in proportion to their defect-pixel fraction."""
+        if self._donors is None:
+            frac = defect_fractions(self)
+            table = {}
+            for g in dict.fromkeys(self.paste_groups):
+                idx = np.array([i for i, x in enumerate(self.paste_groups) if x == g and frac[i] > 0], np.int64)
+                if len(idx):
+                    table[g] = (idx, frac[idx] / frac[idx].sum())
+            self._donors = table
+        return self._donors
+
+    def _pasted(self, i: int, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+        donors = self.donor_table().get(self.paste_groups[i])
+        if donors is None:
+            return None
+        j = int(rng.choice(donors[0], p=donors[1]))
+        return paste_segment(self.load_image(j), self.load_mask(j), img, mask, rng)
 
     def _uses_mask(self) -> bool:
         return True
@@ -255,7 +303,12 @@ class SegmentDataset(_Base):
     def __getitem__(self, i: int) -> dict:
         img = self.load_image(i)
         mask = self.load_mask(i)
-        out_img, out_mask = self.augment(img, mask, self._rng())
+        rng = self._rng()
+        if self.paste and rng.random() < self.paste:
+            pasted = self._pasted(i, img, mask, rng)
+            if pasted is not None:
+                img, mask = pasted
+        out_img, out_mask = self.augment(img, mask, rng)
         item = {"image": to_chw_tensor(out_img), "mask": torch.from_numpy(out_mask.astype(np.int64)),
                 "index": torch.tensor(i, dtype=torch.int64)}
         if not self.train:

@@ -17,6 +17,7 @@ from model.data.augment import (
     letterbox_boxes,
     mosaic4,
     paste_defect,
+    paste_segment,
     photometric,
     randaugment_lite,
     rot90,
@@ -242,3 +243,35 @@ def test_paste_defect_moves_the_defect_and_its_mask_onto_the_other_image():
     # no defect, or a defect region larger than the destination: None
     assert paste_defect(src, np.zeros_like(src_mask), dst, np.random.default_rng(0)) is None
     assert paste_defect(src, src_mask, np.zeros((8, 8), np.uint8), np.random.default_rng(0)) is None
+
+
+def test_paste_segment_adds_a_window_of_the_donors_defects_and_keeps_the_images_own():
+    src = np.full((40, 50), 200, np.uint8)  # a bright donor with a dark 30x30 defect area
+    src_mask = np.zeros((40, 50), np.uint8)
+    src[5:35, 10:40] = 20
+    src_mask[5:35, 10:40] = 1
+    dst = np.full((60, 70), 80, np.uint8)
+    dst_mask = np.zeros((60, 70), np.uint8)
+    dst_mask[50] = 1  # the image's own crack along a row
+    dst_mask[:2] = 255  # and a strip of ignored pixels
+    for seed in range(20):
+        img, mask = paste_segment(src, src_mask, dst, dst_mask, np.random.default_rng(seed), size=(0.3, 0.5),
+                                  margin=2, feather=1.0)
+        assert img.shape == dst.shape and mask.shape == dst.shape and img.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 1, 255}
+        new = (mask == 1) & (dst_mask != 1)
+        assert new.any()  # some of the donor's defect arrived
+        changed = (img != dst) | (mask != dst_mask)
+        ys, xs = np.nonzero(changed)
+        assert ys.max() - ys.min() < 20 and xs.max() - xs.min() < 20  # one window, side <= 0.5 x 40
+        assert (img[new] <= 20).all()  # the donor's dark defect, shifted to the darker image (or clipped)
+        assert (mask[dst_mask == 1] != 0).all()  # the own crack stays a crack, or ignore where blended over
+    # a donor that is all defect: the window's every pixel is pasted (side = 0.2 x 40 = 8)
+    img, mask = paste_segment(src, np.ones_like(src_mask), dst, np.zeros_like(dst_mask),
+                              np.random.default_rng(0), size=(0.2, 0.2))
+    assert (mask == 1).sum() == 64
+    # grayscale donor into a colour image; a donor without defects gives None
+    img, mask = paste_segment(src, src_mask, np.full((30, 30, 3), 90, np.uint8), np.zeros((30, 30), np.uint8),
+                              np.random.default_rng(0))
+    assert img.shape == (30, 30, 3) and (mask == 1).any()
+    assert paste_segment(src, np.zeros_like(src_mask), dst, dst_mask, np.random.default_rng(0)) is None

@@ -266,6 +266,57 @@ def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, caps
     assert "--copy-paste needs a data folder" in capsys.readouterr().err
 
 
+def test_segment_copy_paste_draws_donors_from_the_same_folder_by_defect_area(tmp_path, capsys, monkeypatch):
+    """--copy-paste P for segment: an image gets a piece of a donor's defects pasted in; donors come from
+    the image's own data folder, in proportion to their defect-pixel fraction (none without defects)."""
+    import model.data.datasets as datasets
+    from model.data import SegmentDataset
+    from model.train import _load_data
+
+    a, b = make_segment(tmp_path / "a"), make_segment(tmp_path / "b")
+    both, source = _load_data(f"{a},{b}", "segment")
+    recs = both.records
+    groups = [source[id(r)] for r in recs]
+    ds = SegmentDataset(recs, imgsz=64, train=True, paste=1.0, paste_groups=groups).preload()
+    masks = {}
+    for i in range(len(recs)):
+        m = np.zeros(ds.load_image(i).shape[:2], np.uint8)
+        m[: i % 4] = 1  # rows of defect: 0 (no defect: never a donor), 1, 2 or 3
+        masks[i] = m
+    ds._masks = masks
+    table = ds.donor_table()
+    assert set(table) == {str(a), str(b)}
+    for g, (idx, p) in table.items():
+        assert all(groups[j] == g and j % 4 for j in idx)  # own folder, defect images only
+        assert np.isclose(p.sum(), 1.0)
+        rows = np.array([j % 4 for j in idx], float)
+        assert np.allclose(p, rows / rows.sum())  # in proportion to the defect area
+    calls = []
+    real = datasets.paste_segment
+    monkeypatch.setattr(datasets, "paste_segment", lambda *a, **k: calls.append((a[0], a[2])) or real(*a, **k))
+    for i in range(len(recs)):
+        item = ds[i]
+        assert item["mask"].shape == item["image"].shape[-2:]
+        src, dst = calls[-1]
+        assert dst is ds.load_image(i)
+        donor = next(j for j in range(len(recs)) if ds.load_image(j) is src)
+        assert groups[donor] == groups[i] and donor % 4
+    monkeypatch.undo()
+    for bad in ({"paste": 1.5, "train": True}, {"paste": 0.5, "train": False},
+                {"paste": 0.5, "train": True, "paste_groups": groups[:3]}):
+        with pytest.raises(ValueError, match="paste"):
+            SegmentDataset(recs, imgsz=64, **bad)
+
+    out = tmp_path / "run"
+    assert cli_main(["train", "--task", "segment", "--data", f"{a},{b}", "--epochs", "1", "--imgsz", "64",
+                     "--batch", "4", "--workers", "0", "--copy-paste", "0.5", "--max-train-batches", "1",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["copy_paste"] == 0.5
+    assert cli_main(["train", "--task", "detect", "--data", str(a), "--copy-paste", "0.5", "--quiet",
+                     "--out", str(tmp_path / "d")]) == 2
+    assert "--copy-paste P needs --task segment" in capsys.readouterr().err
+
+
 def test_several_data_folders_with_the_same_classes_combine(tmp_path):
     from model.train import _load_data, _sampler
 
@@ -496,6 +547,8 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"export_mask": "x", "aux_mask": False}, "--export-mask"),
     ({"copy_paste": 1.5}, "--copy-paste"),
     ({"copy_paste": 0.5, "aux_mask": False}, "--copy-paste"),
+    ({"task": "detect", "copy_paste": 0.5}, "--copy-paste"),  # classify / segment only
+    ({"task": "segment", "copy_paste": 1.5}, "--copy-paste"),
     ({"fg_sampling": 1.0}, "--fg-sampling"),  # segment only
     ({"task": "segment", "fg_sampling": -1.0}, "--fg-sampling"),
     ({"task": "segment", "fg_sampling": 5.0}, "--fg-sampling"),
