@@ -252,6 +252,7 @@ class RedisDispatcher(Dispatcher):
         self._closing = False
         self._shutdown = False
         self._tasks: list[asyncio.Task] = []
+        self._withdrawals: set[asyncio.Task] = set()  # deletions of jobs whose request went away
         self._last_reply_id = "0-0"
         self.replies_ignored = 0  # duplicates / late replies, for tests and debugging
 
@@ -287,6 +288,8 @@ class RedisDispatcher(Dispatcher):
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.read_block_ms / 1000 + 2.0)
         self._tasks = []
+        if self._withdrawals:
+            await asyncio.wait(set(self._withdrawals), timeout=self.command_timeout_s)
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._redis.delete(self.reply_key), 2.0)
@@ -361,8 +364,25 @@ class RedisDispatcher(Dispatcher):
                 # The job stays queued with its deadline: the worker that gets it acks it as expired,
                 # counts it and does not compute it.
                 raise DeadlineExceeded("the request deadline passed before a worker answered") from None
+            except asyncio.CancelledError:
+                # The request went away (its client disconnected): take the job off the queue, as the
+                # embedded dispatcher does, so no worker computes it and its place in the backlog frees. A
+                # worker that already holds it finishes it; its reply is then ignored.
+                self._withdraw(stream, entry_id)
+                raise
         finally:
             self._waiting.pop(job.job_id, None)
+
+    def _withdraw(self, stream: str, entry_id: Any) -> None:
+        """Delete a queued job in the background (the request that waited for it is being cancelled)."""
+
+        async def xdel() -> None:
+            with contextlib.suppress(Exception):  # best effort: the deadline still bounds the job
+                await asyncio.wait_for(self._redis.xdel(stream, entry_id), self.command_timeout_s)
+
+        task = asyncio.get_running_loop().create_task(xdel())
+        self._withdrawals.add(task)
+        task.add_done_callback(self._withdrawals.discard)
 
     # -- background tasks --------------------------------------------------------------------------
 

@@ -141,6 +141,39 @@ def test_a_deadline_shorter_than_queueing_is_a_504_not_redis_down(redis_server: 
     asyncio.run(go())
 
 
+def test_a_request_that_goes_away_takes_its_job_off_the_queue(redis_server: RedisServer):
+    """A request cancelled while its job waits for a worker (the client disconnected) deletes the job from
+    the stream, as the embedded dispatcher withdraws it: no worker that comes later computes it, and its
+    place in the backlog frees at once."""
+
+    async def go():
+        d = RedisDispatcher(["m"], redis_url=redis_server.url, max_queue=1)
+        await d.start()
+        try:
+            r = redis_server.client()
+            stream = JOBS.format("m")
+            waiting = asyncio.create_task(d.submit(job("m")))
+            await asyncio.sleep(0.3)
+            assert r.xlen(stream) == 1
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            for _ in range(100):
+                if r.xlen(stream) == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.xlen(stream) == 0
+            assert r.xreadgroup(GROUP, "late-worker", {stream: ">"}, count=10) == []  # nothing to compute
+            # the one place in the queue is free again: the next job is admitted (not QueueFull) and,
+            # with nobody to answer it, ends at its deadline
+            with pytest.raises(DeadlineExceeded):
+                await d.submit(job("m", timeout=0.5))
+        finally:
+            await d.stop(1)
+
+    asyncio.run(go())
+
+
 def test_duplicate_and_unknown_replies_are_harmless(redis_server: RedisServer):
     """A reply for a job already resolved (redelivery after a slow worker) or for an unknown job id is
     ignored; the request resolves once, with the first reply."""
