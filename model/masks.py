@@ -321,12 +321,14 @@ def component_stats(labels: np.ndarray, n: int, weights: np.ndarray | None = Non
             np.zeros((0, 4), np.int64),
             (np.zeros(0) if weights is not None else None),
         )
-    areas = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
-    sums = None
-    if weights is not None:
-        sums = np.bincount(lab, weights=np.asarray(weights, np.float64).ravel(), minlength=n + 1)[1:]
+    # only the labelled pixels are visited after this one pass (a defect is usually a small part of a
+    # large image: no full-size float64 copy of the weights)
     nz = np.flatnonzero(lab)
     lv = lab[nz]
+    areas = np.bincount(lv, minlength=n + 1)[1:].astype(np.int64)
+    sums = None
+    if weights is not None:
+        sums = np.bincount(lv, weights=np.asarray(weights).ravel()[nz].astype(np.float64), minlength=n + 1)[1:]
     order = np.argsort(lv, kind="stable")
     lv, nz = lv[order], nz[order]
     ys, xs = nz // w, nz % w

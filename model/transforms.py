@@ -186,13 +186,17 @@ def logits_to_original(logits, meta: dict, max_elems: int = 1 << 24) -> tuple[np
     """nc×h×w logits at input size → (label map uint8/int16 H×W, probability of that label float32 H×W).
 
     Logits are bilinearly resampled to the original image (inverting resize or letterbox, padding
-    discarded), then softmax and argmax per pixel. Processed in row bands so that memory stays at
-    ``max_elems`` floats whatever the image size.
+    discarded), then softmax and argmax per pixel (for two classes the same from the resampled difference
+    of the two logits: half the work). Processed in row bands so that memory stays at ``max_elems`` floats
+    whatever the image size.
     """
     import torch
 
     t = torch.as_tensor(logits).float()
     nc, ih, iw = t.shape
+    two = nc == 2  # two classes: resample only l1 - l0 (resampling is linear); argmax = (d > 0), p = sigmoid(|d|)
+    if two:
+        t = (t[1] - t[0])[None]
     oh, ow = int(meta["orig_h"]), int(meta["orig_w"])
     y0, y1, ly = axis_interp(oh, ih, meta["scale_y"], meta["pad_y"])
     x0, x1, lx = axis_interp(ow, iw, meta["scale_x"], meta["pad_x"])
@@ -201,7 +205,7 @@ def logits_to_original(logits, meta: dict, max_elems: int = 1 << 24) -> tuple[np
     label_dtype = np.uint8 if nc <= 255 else np.int16
     labels = np.empty((oh, ow), dtype=label_dtype)
     probs = np.empty((oh, ow), dtype=np.float32)
-    band = max(1, min(oh, max_elems // max(1, nc * max(ow, iw))))
+    band = max(1, min(oh, max_elems // max(1, t.shape[0] * max(ow, iw))))
     for r in range(0, oh, band):
         sl = slice(r, min(oh, r + band))
         a = t[:, torch.from_numpy(y0[sl]), :]
@@ -210,8 +214,11 @@ def logits_to_original(logits, meta: dict, max_elems: int = 1 << 24) -> tuple[np
         rows = a + (b - a) * wy  # nc × band × iw
         ra = rows.index_select(2, x0t)
         rb = rows.index_select(2, x1t)
-        up = ra + (rb - ra) * lxt  # nc × band × ow
-        p, idx = torch.softmax(up, dim=0).max(dim=0)
+        up = ra + (rb - ra) * lxt  # nc × band × ow (1 × band × ow for two classes)
+        if two:
+            idx, p = up[0] > 0, torch.sigmoid(up[0].abs())
+        else:
+            p, idx = torch.softmax(up, dim=0).max(dim=0)
         labels[sl] = idx.numpy().astype(label_dtype, copy=False)
         probs[sl] = p.numpy()
     return labels, probs

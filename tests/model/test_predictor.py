@@ -269,6 +269,21 @@ def test_logits_resampling_equals_torch_interpolate():
     assert (labels == l_ref.numpy()).mean() > 0.999
 
 
+def test_two_class_resampling_equals_the_general_softmax_path():
+    """Two classes take a shortcut (the resampled logit difference, sigmoid): same labels and
+    probabilities as softmax + argmax over both resampled channels, ties going to class 0 as argmax does."""
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.normal(size=(2, 16, 24)).astype(np.float32))
+    logits[:, :4, :4] = 0.5  # equal logits: probability 0.5, label 0
+    meta = {"orig_w": 37, "orig_h": 53, "scale_x": 24 / 37, "scale_y": 16 / 53, "pad_x": 0.0, "pad_y": 0.0}
+    labels, probs = T.logits_to_original(logits, meta, max_elems=500)
+    ref = F.interpolate(logits[None], size=(53, 37), mode="bilinear", align_corners=False)[0].softmax(0)
+    p_ref, l_ref = ref.max(0)
+    np.testing.assert_allclose(probs, p_ref.numpy(), atol=1e-5)
+    assert (labels == l_ref.numpy()).all() and labels.dtype == np.uint8
+    assert (labels[:8, :4] == 0).all() and np.allclose(probs[:8, :4], 0.5)  # inside the tie area
+
+
 def test_segment_components_and_max_det():
     torch.manual_seed(0)
     p = Predictor(
