@@ -54,26 +54,29 @@ def _plain(value: Any) -> Any:
 def encode_mask(mask: np.ndarray, mask_format: str, corner: Any = None, size: tuple[int, int] | None = None
                 ) -> dict[str, Any]:
     """A defect mask -> its JSON encoding at the image's size. ``mask`` is full-size, or (with ``corner`` =
-    (x1, y1) of the defect's box and ``size`` = (h, w)) the crop inside that box, made full-size only
-    here, one defect at a time."""
+    (x1, y1) of the defect's box and ``size`` = (h, w)) the crop inside that box: RLE and polygons are
+    computed from the crop alone (a defect is usually a small part of a large image); only PNG needs
+    the full-size mask, made here, one defect at a time."""
     from model import masks as mask_ops
 
     mask = np.asarray(mask).astype(bool, copy=False)
-    if size is not None and all(size) and mask.shape[:2] != tuple(size):
-        full = np.zeros(tuple(int(v) for v in size), dtype=bool)
-        x1, y1 = int(corner[0]), int(corner[1])
-        full[y1:y1 + mask.shape[0], x1:x1 + mask.shape[1]] = mask
-        mask = full
-    h, w = (int(s) for s in mask.shape[:2])
+    is_crop = size is not None and all(size) and mask.shape[:2] != tuple(size)
+    h, w = (int(v) for v in (size if is_crop else mask.shape[:2]))
+    x1, y1 = (int(corner[0]), int(corner[1])) if is_crop else (0, 0)
     if mask_format == "polygon":
-        polygons = mask_ops.mask_to_polygons(mask)
+        polygons = mask_ops.mask_to_polygons(mask)  # the crop's, moved to the image: the full mask's
         return {
             "size": [h, w],
-            "polygons": [[round(float(v), 2) for v in np.asarray(p).ravel()] for p in polygons],
+            "polygons": [[round(float(v), 2) for v in (np.asarray(p).reshape(-1, 2) + (x1, y1)).ravel()]
+                         for p in polygons],
         }
     if mask_format == "png":
+        if is_crop:
+            full = np.zeros((h, w), dtype=bool)
+            full[y1:y1 + mask.shape[0], x1:x1 + mask.shape[1]] = mask
+            mask = full
         return {"size": [h, w], "png": mask_ops.mask_to_png_b64(mask)}
-    rle = mask_ops.encode_rle(mask)
+    rle = mask_ops.encode_rle_at(mask, (x1, y1), (h, w)) if is_crop else mask_ops.encode_rle(mask)
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")

@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "encode_rle",
+    "encode_rle_at",
     "decode_rle",
     "rle_area",
     "rle_to_string",
@@ -109,6 +110,48 @@ def encode_rle(mask) -> dict:
     m = _as_bool_mask(mask)
     h, w = m.shape
     return {"size": [int(h), int(w)], "counts": rle_to_string(_runs(m))}
+
+
+def encode_rle_at(crop, corner, size) -> dict:
+    """`encode_rle` of the ``size`` = (h, w) mask that is ``crop`` with its top-left pixel at ``corner`` =
+    (x1, y1) and background elsewhere, without building that full-size mask (a defect's box is usually
+    a small part of a large image): only the crop's pixels are visited."""
+    c = _as_bool_mask(crop)
+    h, w = (int(v) for v in size)
+    x1, y1 = (int(v) for v in corner)
+    ch, cw = c.shape
+    if x1 < 0 or y1 < 0 or x1 + cw > w or y1 + ch > h:
+        raise ValueError(f"a {ch}x{cw} crop at ({x1}, {y1}) does not fit a {h}x{w} mask")
+    if c.size == 0:
+        return {"size": [h, w], "counts": rle_to_string([h * w] if h * w else [])}
+    # column-major: each crop column followed by one separator pixel that stands for the background
+    # between the crop's part of this column and of the next: h - ch pixels
+    sep = np.zeros((ch + 1, cw), bool)
+    sep[:ch] = c
+    flat = sep.ravel(order="F")
+    bounds = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]))
+    seps = bounds // (ch + 1)  # separator pixels before each bound
+    runs = np.diff(bounds) + np.diff(seps) * (h - ch - 1)
+    runs[-1] += (w - x1 - cw) * h - y1  # the last separator: the rest of the last column and all after it
+    lead = x1 * h + y1  # everything before the crop's first pixel
+    if flat[0]:
+        runs = np.concatenate(([lead], runs))
+    else:
+        runs[0] += lead
+    if h == ch and (runs[1:-1] == 0).any():  # crop as tall as the image: empty separators join fg runs
+        merged = [int(runs[0])]
+        i = 1
+        while i < len(runs):
+            if runs[i] == 0 and i + 1 < len(runs) and len(merged) % 2 == 0:
+                merged[-1] += int(runs[i + 1])
+                i += 2
+            else:
+                merged.append(int(runs[i]))
+                i += 1
+        runs = np.asarray(merged, np.int64)
+    if len(runs) > 1 and runs[-1] == 0:  # the mask ends with the crop's last pixel
+        runs = runs[:-1]
+    return {"size": [h, w], "counts": rle_to_string(runs.astype(np.int64))}
 
 
 def decode_rle(rle: dict) -> np.ndarray:

@@ -36,6 +36,26 @@ def test_rle_encode_matches_pycocotools():
         assert M.rle_area(ours) == int(cm.area(ref)) == int(m.sum())
 
 
+def test_rle_of_a_crop_placed_in_the_image_equals_the_rle_of_the_full_mask():
+    """encode_rle_at(crop, corner, size) never builds the full mask; it must give the same string for
+    every placement: crops at the image's edges and corners, as tall as the image (columns join), empty,
+    all set, and a mask that ends with the crop's last pixel."""
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        ch, cw = int(rng.integers(0, h + 1)), int(rng.integers(0, w + 1))
+        y1, x1 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = rng.random((ch, cw)) < rng.choice([0.0, 0.3, 0.7, 1.0])
+        full = np.zeros((h, w), bool)
+        full[y1:y1 + ch, x1:x1 + cw] = crop
+        got = M.encode_rle_at(crop, (x1, y1), (h, w))
+        assert got == M.encode_rle(full), (h, w, ch, cw, y1, x1, crop.tolist())
+    ref = cm.encode(np.asfortranarray(np.pad(np.ones((3, 2), np.uint8), ((2, 0), (4, 0)))))
+    assert M.encode_rle_at(np.ones((3, 2), bool), (4, 2), (5, 6))["counts"] == ref["counts"].decode("ascii")
+    with pytest.raises(ValueError, match="does not fit"):
+        M.encode_rle_at(np.ones((3, 3), bool), (4, 0), (5, 6))
+
+
 def test_rle_decode_of_pycocotools_output_and_back():
     for m in _random_masks(seed=1):
         ref = cm.encode(np.asfortranarray(m.astype(np.uint8)))
