@@ -7,6 +7,8 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
   that a capped model's jobs are not taken in hand far ahead of their forward); once a job is in hand
   the batch of its model is topped up until it is full (``max_batch_size``, or the model's cap in
   ``model_max_batch_size``) or ``max_delay_ms`` has passed since that first job;
+- jobs whose request went away (the API set ``s2amnet:cancelled:<job id>``, read with the batch) are
+  acked without computing or answering;
 - expired jobs (deadline passed) are acked and answered ``expired`` without computing; expiry is judged
   on Redis's clock (the entry ID's milliseconds + the job's ``ttl_ms`` against ``TIME``), so a worker
   whose clock differs from the API host's neither drops live jobs nor computes dead ones;
@@ -58,6 +60,7 @@ from app.dispatch.redis_streams import (
     GROUP,
     OK,
     _s,
+    cancel_key,
     dead_stream,
     decode_job,
     encode_reply,
@@ -196,7 +199,8 @@ class Worker:
         self._next_heartbeat = 0.0
         self._connected = False
         self._groups_ok = False
-        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "dead": 0, "redelivered": 0, "requeued": 0}
+        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "cancelled": 0, "dead": 0, "redelivered": 0,
+                      "requeued": 0}
 
     # -- control -----------------------------------------------------------------------------------
 
@@ -368,21 +372,28 @@ class Worker:
 
     # -- one batch ---------------------------------------------------------------------------------
 
-    def _redis_now_ms(self) -> int | None:
+    def _clock_and_cancelled(self, batch: list[_Entry]) -> tuple[int | None, set[str]]:
+        """Redis's time in ms and the job ids of the batch whose request went away (cancel marks set by the
+        API), in one round trip; (None, nothing cancelled) when Redis cannot be asked."""
         try:
-            sec, usec = self._r.time()
-            return int(sec) * 1000 + int(usec) // 1000
-        except Exception:  # noqa: BLE001 - Redis away: judge by the deadline field instead
-            return None
+            pipe = self._r.pipeline(transaction=False)
+            pipe.time()
+            pipe.mget([cancel_key(e.job_id) for e in batch])
+            (sec, usec), marks = pipe.execute()
+            return int(sec) * 1000 + int(usec) // 1000, {e.job_id for e, m in zip(batch, marks, strict=True) if m}
+        except Exception:  # noqa: BLE001 - Redis away: judge expiry by the deadline field, compute all
+            return None, set()
 
     def _process(self, model: str, batch: list[_Entry]) -> None:
-        redis_now_ms = self._redis_now_ms()
+        redis_now_ms, cancelled = self._clock_and_cancelled(batch)
         replies: list[tuple[_Entry, dict]] = []
         dead: list[tuple[_Entry, str]] = []
         requeue: list[_Entry] = []
         live: list[tuple[_Entry, Job]] = []
         for e in batch:
-            if e.expired(redis_now_ms):
+            if e.job_id in cancelled:  # nobody waits for it: acked with the batch, not computed, no reply
+                self.stats["cancelled"] += 1
+            elif e.expired(redis_now_ms):
                 detail = "the job expired before a worker ran it"
                 replies.append((e, encode_reply(e.job_id, EXPIRED, detail=detail)))
                 metrics.JOBS_EXPIRED.labels(model=model).inc()

@@ -18,7 +18,10 @@ Bounded by construction:
 - the dead-letter stream ``s2amnet:dead:<model>`` is capped with ``MAXLEN ~`` (it keeps the job's
   fields and error, not the image bytes);
 - a request whose deadline passes gets ``DeadlineExceeded`` (504) at its deadline; its job stays queued
-  and the worker that gets it acks it as expired without computing it (and counts it).
+  and the worker that gets it acks it as expired without computing it (and counts it);
+- a request that goes away first (client disconnect) sets the job's cancel mark ``s2amnet:cancelled:<job
+  id>`` (TTL: a minute past the deadline); the worker reads the marks of a batch with Redis's time, in one
+  round trip, and acks marked jobs without computing them.
 
 While Redis is unreachable ``ready()`` is False and ``submit`` fails fast with ``Unavailable`` (503);
 the client library reconnects by itself on the next command once Redis is back.
@@ -76,6 +79,12 @@ def reply_stream(instance: str) -> str:
 
 def worker_key(consumer: str) -> str:
     return f"{PREFIX}:worker:{consumer}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by the API when the request of a queued job went away; the worker that reads the job acks it
+    without computing it. Expires a minute after the job's deadline."""
+    return f"{PREFIX}:cancelled:{job_id}"
 
 
 # Reply statuses written by workers.
@@ -252,7 +261,7 @@ class RedisDispatcher(Dispatcher):
         self._closing = False
         self._shutdown = False
         self._tasks: list[asyncio.Task] = []
-        self._withdrawals: set[asyncio.Task] = set()  # deletions of jobs whose request went away
+        self._withdrawals: set[asyncio.Task] = set()  # cancel marks of jobs whose request went away
         self._last_reply_id = "0-0"
         self.replies_ignored = 0  # duplicates / late replies, for tests and debugging
 
@@ -331,56 +340,63 @@ class RedisDispatcher(Dispatcher):
         self._waiting[job.job_id] = fut
         stream = job_stream(job.model)
         try:
-            fields = encode_job(job, self.reply_key)
-            args: list[Any] = [self.max_queue, GROUP]
-            for k, v in fields.items():
-                args += [k, v]
-            try:
-                entry_id = await asyncio.wait_for(
-                    self._admit(keys=[stream], args=args), min(remaining, self.command_timeout_s)
-                )
-            except (TimeoutError, *CONNECTION_ERRORS) as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():  # the request was cancelled, not Redis
-                    raise asyncio.CancelledError from None
-                if isinstance(exc, TimeoutError) and remaining < self.command_timeout_s:
-                    # the request's own deadline was the shorter limit: a 504 for this request, not Redis
-                    # down for everyone (a job that did get queued is acked as expired by its worker)
-                    raise DeadlineExceeded("the request deadline passed while the job was being queued") from None
-                self._mark_down(exc)
-                raise Unavailable("the job queue (Redis) is unreachable",
-                                  retry_after=self.retry_after_s) from None
-            except RedisError as exc:  # e.g. Redis loading its AOF after a restart, or OOM
-                raise Unavailable(f"the job queue refused the job: {exc}",
-                                  retry_after=self.retry_after_s) from None
-            if entry_id is None:
-                raise QueueFull(
-                    f"queue of model {job.model!r} is full ({self.max_queue} jobs waiting for a worker)",
-                    retry_after=self.retry_after_s,
-                )
-            try:
-                return await asyncio.wait_for(fut, max(0.0, job.deadline - time.time()))
-            except TimeoutError:
-                # The job stays queued with its deadline: the worker that gets it acks it as expired,
-                # counts it and does not compute it.
-                raise DeadlineExceeded("the request deadline passed before a worker answered") from None
-            except asyncio.CancelledError:
-                # The request went away (its client disconnected): take the job off the queue, as the
-                # embedded dispatcher does, so no worker computes it and its place in the backlog frees. A
-                # worker that already holds it finishes it; its reply is then ignored.
-                self._withdraw(stream, entry_id)
-                raise
+            return await self._queue_and_wait(job, fut, stream, remaining)
+        except asyncio.CancelledError:
+            # The request went away (its client disconnected), while its job was being queued or waited:
+            # mark the job cancelled, so the worker that reads it acks it without computing it (as the
+            # embedded dispatcher withdraws it). The entry itself stays: deleting an entry no worker has
+            # read yet would leave the group's lag undefined (autoscalers read it). A worker that already
+            # computes the job finishes it; its reply is then ignored.
+            self._withdraw(job)
+            raise
         finally:
             self._waiting.pop(job.job_id, None)
 
-    def _withdraw(self, stream: str, entry_id: Any) -> None:
-        """Delete a queued job in the background (the request that waited for it is being cancelled)."""
+    async def _queue_and_wait(self, job: Job, fut: asyncio.Future, stream: str, remaining: float) -> dict[str, Any]:
+        """Admit the job onto its stream (or refuse it), then wait for its reply until its deadline."""
+        fields = encode_job(job, self.reply_key)
+        args: list[Any] = [self.max_queue, GROUP]
+        for k, v in fields.items():
+            args += [k, v]
+        try:
+            entry_id = await asyncio.wait_for(
+                self._admit(keys=[stream], args=args), min(remaining, self.command_timeout_s)
+            )
+        except (TimeoutError, *CONNECTION_ERRORS) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the request was cancelled, not Redis
+                raise asyncio.CancelledError from None
+            if isinstance(exc, TimeoutError) and remaining < self.command_timeout_s:
+                # the request's own deadline was the shorter limit: a 504 for this request, not Redis
+                # down for everyone (a job that did get queued is acked as expired by its worker)
+                raise DeadlineExceeded("the request deadline passed while the job was being queued") from None
+            self._mark_down(exc)
+            raise Unavailable("the job queue (Redis) is unreachable",
+                              retry_after=self.retry_after_s) from None
+        except RedisError as exc:  # e.g. Redis loading its AOF after a restart, or OOM
+            raise Unavailable(f"the job queue refused the job: {exc}",
+                              retry_after=self.retry_after_s) from None
+        if entry_id is None:
+            raise QueueFull(
+                f"queue of model {job.model!r} is full ({self.max_queue} jobs waiting for a worker)",
+                retry_after=self.retry_after_s,
+            )
+        try:
+            return await asyncio.wait_for(fut, max(0.0, job.deadline - time.time()))
+        except TimeoutError:
+            # The job stays queued with its deadline: the worker that gets it acks it as expired,
+            # counts it and does not compute it.
+            raise DeadlineExceeded("the request deadline passed before a worker answered") from None
 
-        async def xdel() -> None:
+    def _withdraw(self, job: Job) -> None:
+        """Set the job's cancel mark in the background (the request that waited for it is being cancelled)."""
+        ttl_ms = int(max(0.0, job.deadline - time.time()) * 1000) + 60_000
+
+        async def mark() -> None:
             with contextlib.suppress(Exception):  # best effort: the deadline still bounds the job
-                await asyncio.wait_for(self._redis.xdel(stream, entry_id), self.command_timeout_s)
+                await asyncio.wait_for(self._redis.set(cancel_key(job.job_id), 1, px=ttl_ms), self.command_timeout_s)
 
-        task = asyncio.get_running_loop().create_task(xdel())
+        task = asyncio.get_running_loop().create_task(mark())
         self._withdrawals.add(task)
         task.add_done_callback(self._withdrawals.discard)
 
@@ -490,4 +506,5 @@ __all__ = [
     "dead_stream",
     "reply_stream",
     "worker_key",
+    "cancel_key",
 ]

@@ -33,7 +33,7 @@ from redis_harness import (
 )
 
 from app.dispatch.base import DeadlineExceeded, Job, JobFailed, QueueFull, Unavailable
-from app.dispatch.redis_streams import RedisDispatcher, encode_job, encode_reply, reply_stream
+from app.dispatch.redis_streams import RedisDispatcher, cancel_key, encode_job, encode_reply, reply_stream
 
 VISIBILITY_S = 1.5
 MAX_DELIVERIES = 3
@@ -141,33 +141,29 @@ def test_a_deadline_shorter_than_queueing_is_a_504_not_redis_down(redis_server: 
     asyncio.run(go())
 
 
-def test_a_request_that_goes_away_takes_its_job_off_the_queue(redis_server: RedisServer):
-    """A request cancelled while its job waits for a worker (the client disconnected) deletes the job from
-    the stream, as the embedded dispatcher withdraws it: no worker that comes later computes it, and its
-    place in the backlog frees at once."""
+def test_a_request_that_goes_away_marks_its_job_cancelled(redis_server: RedisServer):
+    """A request cancelled while its job waits for a worker (the client disconnected) sets the job's
+    cancel mark, with a TTL; the entry stays, so the group's lag (what autoscalers read) stays defined."""
 
     async def go():
-        d = RedisDispatcher(["m"], redis_url=redis_server.url, max_queue=1)
+        d = RedisDispatcher(["m"], redis_url=redis_server.url)
         await d.start()
         try:
             r = redis_server.client()
             stream = JOBS.format("m")
-            waiting = asyncio.create_task(d.submit(job("m")))
+            j = job("m")
+            waiting = asyncio.create_task(d.submit(j))
             await asyncio.sleep(0.3)
             assert r.xlen(stream) == 1
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiting
             for _ in range(100):
-                if r.xlen(stream) == 0:
+                if r.exists(cancel_key(j.job_id)):
                     break
                 await asyncio.sleep(0.02)
-            assert r.xlen(stream) == 0
-            assert r.xreadgroup(GROUP, "late-worker", {stream: ">"}, count=10) == []  # nothing to compute
-            # the one place in the queue is free again: the next job is admitted (not QueueFull) and,
-            # with nobody to answer it, ends at its deadline
-            with pytest.raises(DeadlineExceeded):
-                await d.submit(job("m", timeout=0.5))
+            assert r.exists(cancel_key(j.job_id)) and 0 < r.pttl(cancel_key(j.job_id)) <= 70_000
+            assert r.xlen(stream) == 1 and r.xinfo_groups(stream)[0]["lag"] == 1
         finally:
             await d.stop(1)
 
@@ -400,6 +396,37 @@ def test_sigterm_finishes_the_batch_in_hand_then_exits(stack: Stack, e2e_weights
         names = [c["name"].decode() for c in r.xinfo_consumers(JOBS.format("det"), GROUP)]
         assert consumer not in names  # left the group
         assert w.pid not in live_worker_pids(r)  # heartbeat key removed
+    finally:
+        w.stop(signal.SIGKILL, 10)
+
+
+def test_a_request_whose_client_left_is_not_computed(stack: Stack, e2e_weights: Path):
+    """Real HTTP: a client gives up (read timeout) while its /detect job waits (no det worker yet). The
+    worker that comes later acks the job without computing it (its batch counter stays 0) and computes the
+    next live request."""
+    r = stack.r()
+    stream = JOBS.format("det")
+    assert r.xlen(stream) == 0
+    before = set(r.scan_iter("s2amnet:cancelled:*"))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png_bytes(7), "image/png"))], timeout=1.0)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and not set(r.scan_iter("s2amnet:cancelled:*")) - before:
+        time.sleep(0.05)
+    assert len(set(r.scan_iter("s2amnet:cancelled:*")) - before) == 1
+    assert r.xlen(stream) == 1 and r.xinfo_groups(stream)[0]["lag"] == 1
+    w = start_worker(stack.redis.url, e2e_weights, stack.log_dir, S2AMNET_MODELS="det")
+    try:
+        wait_workers(r, [w])
+        end = time.monotonic() + 30
+        while time.monotonic() < end and (r.xlen(stream) or group_pending(r, "det")):
+            time.sleep(0.05)
+        assert r.xlen(stream) == 0 and group_pending(r, "det") == 0  # acked and deleted
+        assert metric(httpx.get(w.url, timeout=10).text, "s2amnet_batches_total", model="det") == 0
+        ok = httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png_bytes(8), "image/png"))],
+                        timeout=60)
+        assert ok.status_code == 200, ok.text
+        assert metric(httpx.get(w.url, timeout=10).text, "s2amnet_batches_total", model="det") == 1
     finally:
         w.stop(signal.SIGKILL, 10)
 
