@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--copy-paste", type=float, default=0.0, metavar="P",
                    help="classify with masks: with probability P a defect image is trained as its defect "
                         "pasted onto a random defect-free image (more surroundings for rare classes); segment: "
-                        "with probability P an image gets a piece of another image's defects (same data folder, "
+                        "with probability P an image gets a piece of a training image's defects (same data folder, "
                         "donors in proportion to their defect area) pasted in")
     p.add_argument("--fg-sampling", type=float, default=0.0, metavar="P",
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "

@@ -383,7 +383,7 @@ def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray
 
     Returns ``(img, mask)`` at ``dst``'s size, or None when ``src`` has no defect pixels. The mask is
     ``dst_mask`` with the pasted defect pixels set to their class; where the blended margin covers a defect
-    of ``dst`` that defect is partly hidden, so those pixels become ignore (255).
+    of ``dst`` (partly hidden now) or brings in pixels that ``src`` ignores, those pixels become ignore (255).
     """
     fg = defect_pixels(src_mask)
     if not fg.any():
@@ -398,7 +398,8 @@ def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray
                                                      fg[y0:y1, x0:x1], dst_img, rng, margin, feather)
     mask = dst_mask.copy()
     region = mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]]
-    region[(alpha > 0) & ~pfg & defect_pixels(region)] = IGNORE_INDEX
+    margin_px = (alpha > 0) & ~pfg
+    region[margin_px & (defect_pixels(region) | (pmask == IGNORE_INDEX))] = IGNORE_INDEX
     region[pfg] = pmask[pfg]
     return out, mask
 

@@ -251,11 +251,11 @@ class SegmentDataset(_Base):
     """Semantic segmentation; ``imgsz`` = inference (letterbox) size, ``crop`` = training crop size
     (default imgsz). Extra kwargs go to `SegmentAugment`.
 
-    ``paste`` (training): the probability that an image first gets a piece of another image's defects
+    ``paste`` (training): the probability that an image first gets a piece of a donor image's defects
     pasted in (`paste_segment`, before the augmentation). The donor is drawn from the images of the same
-    ``paste_groups`` entry (e.g. the data folder of each record; default: one group), in proportion to its
-    defect-pixel fraction: images with much defect area (CrackForest's filled alligator-crack areas) give
-    most, images without defects none."""
+    ``paste_groups`` entry (e.g. the data folder of each record; default: one group), the image itself
+    included, in proportion to its defect-pixel fraction: images with much defect area (CrackForest's
+    filled alligator-crack areas) give most, images without defects none."""
 
     task = "segment"
 

@@ -275,3 +275,12 @@ def test_paste_segment_adds_a_window_of_the_donors_defects_and_keeps_the_images_
                               np.random.default_rng(0))
     assert img.shape == (30, 30, 3) and (mask == 1).any()
     assert paste_segment(src, np.zeros_like(src_mask), dst, dst_mask, np.random.default_rng(0)) is None
+    # pixels the donor ignores (255) that the blended margin brings in are ignored, not background
+    ring = np.full((40, 50), 255, np.uint8)
+    ring[15:25, 20:30] = 1
+    img, mask = paste_segment(src, ring, dst, np.zeros_like(dst_mask), np.random.default_rng(0), size=(0.5, 0.5),
+                              margin=4, feather=1.0)
+    assert (mask == 1).sum() == 100 and (mask == 255).any()
+    ys, xs = np.nonzero(mask == 1)
+    around = mask[max(ys.min() - 1, 0):ys.max() + 2, max(xs.min() - 1, 0):xs.max() + 2]
+    assert set(np.unique(around)) == {1, 255}  # the margin right around the defect: ignore
