@@ -481,7 +481,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     # own EMA and validation, so one run also yields a segmenter (the backbone is shared, not copied)
     mask_model = ema_mask = None
     if task.aux is not None:
-        mask_model = build_model("segment", cfg.variant, task.aux_nc).to(device)
+        # built with the classifier's layer scale (on in base/large): its manifest must describe that backbone
+        mask_model = build_model("segment", cfg.variant, task.aux_nc, layer_scale=model.layer_scale).to(device)
         mask_model.backbone, mask_model.decoder = model.backbone, task.aux
         if cfg.init_backbone and state is None:
             _init_aux_decoder(task.aux, cfg.init_backbone, info.class_names("segment"))

@@ -230,6 +230,24 @@ def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path)
     assert "verdict" in seg.predict([np.full((80, 96, 3), 128, np.uint8)])[0]
 
 
+@pytest.mark.parametrize("variant", ["base", "large"])
+def test_export_mask_of_the_larger_variants_loads_and_predicts(variant, tmp_path):
+    """--export-mask builds the segmenter from the classifier's variant (layer scale in base/large, drop
+    path in large): the exported folder loads with that variant's architecture and predicts."""
+    data = make_magnetic_tile(tmp_path / "mt")
+    seg_dst = tmp_path / "w-seg"
+    train(TrainConfig(task="classify", data=str(data), variant=variant, epochs=1, imgsz=64, batch=4,
+                      out=str(tmp_path / "run"), workers=0, max_train_batches=1, max_val_images=4,
+                      export_mask=str(seg_dst)), progress=False)
+    seg = Predictor.from_folder(seg_dst)
+    arch = seg.manifest["arch"]
+    assert seg.task == "segment" and arch["variant"] == variant and arch["layer_scale"] == 1e-5  # the classifier's
+    got = seg.model.state_dict()
+    ref = build_model("segment", variant, len(seg.classes), layer_scale=1e-5).state_dict()
+    assert got.keys() == ref.keys() and all(got[k].shape == ref[k].shape for k in ref)
+    assert "verdict" in seg.predict([np.full((80, 96, 3), 128, np.uint8)])[0]
+
+
 def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, capsys, monkeypatch):
     """--copy-paste P: the classify training set hands out defect images rebuilt on a defect-free image of
     the set (same label, the pasted mask); data without masks is refused with a message."""
