@@ -124,31 +124,29 @@ def encode_rle_at(crop, corner, size) -> dict:
         raise ValueError(f"a {ch}x{cw} crop at ({x1}, {y1}) does not fit a {h}x{w} mask")
     if c.size == 0:
         return {"size": [h, w], "counts": rle_to_string([h * w] if h * w else [])}
-    # column-major: each crop column followed by one separator pixel that stands for the background
-    # between the crop's part of this column and of the next: h - ch pixels
-    sep = np.zeros((ch + 1, cw), bool)
-    sep[:ch] = c
-    flat = sep.ravel(order="F")
+    gap = h - ch  # background between the crop's part of one column and its part of the next
+    if gap:
+        # column-major, each crop column followed by one separator pixel that stands for the gap
+        sep = np.zeros((ch + 1, cw), bool)
+        sep[:ch] = c
+        flat = sep.ravel(order="F")
+    else:  # the crop is as tall as the image: its columns follow each other directly
+        flat = c.ravel(order="F")
     bounds = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]))
-    seps = bounds // (ch + 1)  # separator pixels before each bound
-    runs = np.diff(bounds) + np.diff(seps) * (h - ch - 1)
-    runs[-1] += (w - x1 - cw) * h - y1  # the last separator: the rest of the last column and all after it
+    runs = np.diff(bounds)
+    tail = (w - x1 - cw) * h  # the columns after the crop
+    if gap:
+        runs += np.diff(bounds // (ch + 1)) * (gap - 1)  # separator pixels inside each run, widened
+        runs[-1] += tail - y1  # the last separator is only the rest of the crop's last column
+    elif flat[-1]:
+        runs = np.append(runs, tail)
+    else:
+        runs[-1] += tail
     lead = x1 * h + y1  # everything before the crop's first pixel
     if flat[0]:
         runs = np.concatenate(([lead], runs))
     else:
         runs[0] += lead
-    if h == ch and (runs[1:-1] == 0).any():  # crop as tall as the image: empty separators join fg runs
-        merged = [int(runs[0])]
-        i = 1
-        while i < len(runs):
-            if runs[i] == 0 and i + 1 < len(runs) and len(merged) % 2 == 0:
-                merged[-1] += int(runs[i + 1])
-                i += 2
-            else:
-                merged.append(int(runs[i]))
-                i += 1
-        runs = np.asarray(merged, np.int64)
     if len(runs) > 1 and runs[-1] == 0:  # the mask ends with the crop's last pixel
         runs = runs[:-1]
     return {"size": [h, w], "counts": rle_to_string(runs.astype(np.int64))}
