@@ -390,12 +390,10 @@ def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray
         return None
     dh, dw = dst_img.shape[:2]
     side = max(1, int(round(rng.uniform(*size) * min(dh, dw, *src_mask.shape))))
-    x0, y0 = _fg_window(src_mask, side, side, rng)
-    h, w = src_mask.shape
-    x0, y0 = max(x0, 0), max(y0, 0)
-    x1, y1 = min(x0 + side, w), min(y0 + side, h)
-    out, (ty, tx), pmask, pfg, alpha = _blend_patch(src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1],
-                                                     fg[y0:y1, x0:x1], dst_img, rng, margin, feather)
+    x0, y0 = _fg_window(src_mask, side, side, rng)  # inside src: side is at most its shorter side
+    win = np.s_[y0:y0 + side, x0:x0 + side]
+    out, (ty, tx), pmask, pfg, alpha = _blend_patch(src_img[win], src_mask[win], fg[win], dst_img, rng,
+                                                     margin, feather)
     mask = dst_mask.copy()
     region = mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]]
     margin_px = (alpha > 0) & ~pfg
