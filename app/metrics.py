@@ -110,7 +110,8 @@ BATCH_SIZE = Histogram(
     namespace=PREFIX,
     buckets=BATCH_SIZE_BUCKETS,
 )
-BATCHES = Counter("batches", "Forward passes run.", ["model"], namespace=PREFIX)
+BATCHES = Counter("batches", "Batches run (one forward pass each, or several of at most forward_batch_size images).",
+                  ["model"], namespace=PREFIX)
 # How the API processes' values combine depends on what they measure. Embedded mode: each process
 # batches its own queue, so the service's backlog is the sum. Redis mode: every process reads the same
 # stream backlog, so a sum would count it once per process; the max is the backlog. (Several processes
@@ -153,6 +154,14 @@ MODEL_INFO = Gauge(
 MODEL_LOAD_SECONDS = Gauge(
     "model_load_seconds",
     "Time taken to load (and warm up) a model.",
+    ["model"],
+    namespace=PREFIX,
+    multiprocess_mode="livemax",
+)
+FORWARD_BATCH = Gauge(
+    "forward_batch_size",
+    "Most images per forward pass of the model within a batch (S2AMNET_FORWARD_BATCH; 'auto' measures it "
+    "at warm-up on a CPU).",
     ["model"],
     namespace=PREFIX,
     multiprocess_mode="livemax",

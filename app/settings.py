@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Per-model caps below max_batch_size, 'name=N,name=N' (e.g. 'crack-segment=1': on a CPU "
         "a 512 px segmenter answers more images per second one at a time).",
+    )
+    forward_batch: int | Literal["auto"] = Field(
+        "auto",
+        description="Most images per forward pass within a batch. 'auto': on a CPU, measured per model at "
+        "warm-up (the size with the fewest ms per image: large activations make some models slower per image "
+        "in big batches), on a GPU the whole batch; N: at most N images per forward.",
     )
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
@@ -108,6 +114,21 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("forward_batch", mode="before")
+    @classmethod
+    def _forward_batch(cls, value: Any) -> Any:
+        number = value
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return "auto"
+            try:
+                number = int(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            raise ValueError("expected auto or a whole number >= 1")
+        return number
 
     @field_validator("model_max_batch_size", mode="before")
     @classmethod

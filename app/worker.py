@@ -537,7 +537,7 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
     max_batch_size, max_delay_ms, metrics_port, torch_threads, warmup)."""
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    from app.dispatch.local import configure_torch_threads, warm_up  # noqa: PLC0415
+    from app.dispatch.local import configure_torch_threads, set_forward_batch, warm_up  # noqa: PLC0415
     from app.main import load_predictors  # noqa: PLC0415
 
     configure_torch_threads(getattr(settings, "torch_threads", None))
@@ -548,9 +548,13 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
         return 1
     for name, predictor in predictors.items():
         metrics.init_model_series(name, predictor.task)
-    if getattr(settings, "warmup", True):
+    warmed = bool(getattr(settings, "warmup", True))
+    if warmed:
         for name, predictor in predictors.items():
             log.info("warmed up %s in %.3f s", name, warm_up(predictor))
+    batch_sizes = settings.batch_sizes(predictors, strict=False)
+    for name, predictor in predictors.items():
+        set_forward_batch(name, predictor, getattr(settings, "forward_batch", "auto"), batch_sizes[name], warmed)
     if settings.metrics_port:
         metrics.start_metrics_server(int(settings.metrics_port))
         log.info("worker metrics on :%d/metrics", settings.metrics_port)
@@ -559,7 +563,7 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
         log.warning("S2AMNET_MODEL_MAX_BATCH_SIZE names %s, not served by this worker", ", ".join(unknown))
     worker = Worker(settings.redis_url, predictors, consumer=consumer,
                     max_batch_size=settings.max_batch_size,
-                    batch_sizes=settings.batch_sizes(predictors, strict=False), max_delay_ms=settings.max_delay_ms,
+                    batch_sizes=batch_sizes, max_delay_ms=settings.max_delay_ms,
                     visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries)
     worker.install_signal_handlers()
     if stop_early.is_set():

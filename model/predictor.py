@@ -37,6 +37,7 @@ Thread safety: preprocess/postprocess are re-entrant; infer must be called from 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ from model import masks as mask_ops
 from model import transforms as T
 from model.checkpoint import TTA_VIEWS, CheckpointError, load_model, validate_manifest
 
-__all__ = ["Sample", "Predictor", "verdict_for"]
+__all__ = ["Sample", "Predictor", "verdict_for", "choose_forward_batch"]
 
 
 @dataclass
@@ -62,6 +63,15 @@ class Sample:
 def _below(x: float) -> float:
     """Largest float strictly below x (turns a ``score > thr`` filter into ``score >= x``)."""
     return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
+
+
+def choose_forward_batch(ms_per_image: Mapping[int, float], tolerance: float = 0.05) -> int:
+    """The forward batch size to use, from measured milliseconds per image at each size: the smallest size
+    within ``tolerance`` (relative) of the fastest one — as fast, and each image waits for fewer others."""
+    if not ms_per_image:
+        raise ValueError("no timings to choose from")
+    best = min(ms_per_image.values())
+    return min(k for k, v in ms_per_image.items() if v <= best * (1.0 + tolerance))
 
 
 def verdict_for(rule: Mapping[str, Any], defects: Iterable[Mapping[str, Any]]) -> str:
@@ -93,6 +103,9 @@ class Predictor:
         self.resize_mode: str = m["preprocess"]["resize"]
         self.pad_value: int = int(m["preprocess"]["pad_value"])
         self.tta: list[str] = list(m["tta"])
+        # most images per forward pass; None = a whole batch at once. On a CPU, large activations make a
+        # batch slower per image than single images for some models (tune_forward_batch measures it)
+        self.forward_batch: int | None = None
         self.device = torch.device(device)
         # NB: switches the given module to eval mode and moves it to `device` (in place, like nn.Module.to);
         # requires_grad is untouched (infer uses inference_mode): an EMA copy can be wrapped in training.
@@ -149,7 +162,8 @@ class Predictor:
         return batch
 
     def infer(self, arrays: Sequence[np.ndarray | Sample]) -> list[dict[str, torch.Tensor]]:
-        """One batched forward. Returns per sample a dict of CPU float32 tensors:
+        """One batched forward (with ``forward_batch`` set: consecutive forwards of at most that many
+        images; the results do not depend on it). Returns per sample a dict of CPU float32 tensors:
         classify ``{"probs": nc}``, segment ``{"logits": nc×H×W}``, detect ``{"boxes": N×4 (input
         pixels), "scores": N×nc}``.
 
@@ -159,6 +173,13 @@ class Predictor:
         per-anchor boxes and scores (the flipped head maps are mirrored back anchor by anchor, before NMS).
         """
         x = self._stack(arrays)
+        k = self.forward_batch
+        if not k or x.shape[0] <= k:
+            return self._forward(x)
+        return [r for i in range(0, x.shape[0], k) for r in self._forward(x[i : i + k])]
+
+    def _forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """One forward of a stacked uint8 batch (see infer)."""
         b = x.shape[0]
         dims = [TTA_VIEWS[v] for v in self.tta]
         with torch.inference_mode():
@@ -325,3 +346,30 @@ class Predictor:
         blank = np.full((3, *self.input_size), self.pad_value, dtype=np.uint8)
         for b in batch_sizes:
             self.infer([blank] * int(b))
+
+    def tune_forward_batch(self, max_batch: int, *, tolerance: float = 0.05, min_seconds: float = 0.2,
+                           clock=time.perf_counter) -> dict[int, float]:
+        """Measure milliseconds per image of one forward of 1, 2, 4, … images (at most ``max_batch``, at most
+        32) at the input size, and set ``forward_batch`` by `choose_forward_batch`. Doubling stops at the
+        first size slower per image than the best so far (beyond ``tolerance``). Each size: one untimed
+        forward, then timed ones until ``min_seconds`` have passed (at least two); the fastest counts.
+        Returns the measurements ``{size: ms per image}``."""
+        random = np.random.default_rng(0).integers(0, 256, (3, *self.input_size), dtype=np.uint8)
+        self.forward_batch = None
+        timings: dict[int, float] = {}
+        size, top = 1, max(1, min(int(max_batch), 32))
+        while size <= top:
+            arrays = [random] * size
+            self._forward(self._stack(arrays))
+            runs: list[float] = []
+            start = clock()
+            while len(runs) < 2 or clock() - start < min_seconds:
+                t0 = clock()
+                self._forward(self._stack(arrays))
+                runs.append(clock() - t0)
+            timings[size] = 1000.0 * min(runs) / size
+            if timings[size] > min(timings.values()) * (1.0 + tolerance):
+                break
+            size *= 2
+        self.forward_batch = choose_forward_batch(timings, tolerance)
+        return timings

@@ -107,6 +107,14 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
     for arrays in inputs.values():
         predictor.infer(arrays)  # warm-up (allocator, cudnn autotune)
     cuda = device.startswith("cuda")
+    top = max(batch_sizes)
+    tuned: dict[str, Any] | None = None
+    if not cuda and top > 1:  # what S2AMNET_FORWARD_BATCH=auto picks for the service on this CPU
+        measured = predictor.tune_forward_batch(top)
+        tuned = {"chosen": predictor.forward_batch, "batch": top,
+                 "measured_ms_per_image": {str(k): round(v, 3) for k, v in measured.items()}}
+        predictor.forward_batch = None
+    chunked: list[float] = []
     times: dict[int, list[float]] = {b: [] for b in batch_sizes}
     peak: dict[int, float] = {}
     # interleaved: every round times each batch size once, so a slow spell of a shared machine hits all
@@ -121,6 +129,12 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
             times[b].append(time.perf_counter() - t0)
             if cuda:
                 peak[b] = max(peak.get(b, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+        if tuned and tuned["chosen"] < top:  # the largest batch again, in forwards of the chosen size
+            predictor.forward_batch = tuned["chosen"]
+            t0 = time.perf_counter()
+            predictor.infer(inputs[top])
+            chunked.append(time.perf_counter() - t0)
+            predictor.forward_batch = None
     rows = []
     for b in batch_sizes:
         ms = statistics.median(times[b]) / b * 1000.0
@@ -131,8 +145,14 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
     base = rows[0]["images_per_s"]  # batch 1 (always measured)
     for r in rows:
         r["gain_vs_batch1"] = round(r["images_per_s"] / base, 2)
-    return {"model": predictor.name, "folder": str(folder), "task": predictor.task,
-            "version": str(predictor.version), "input_size": [h, w], "tta": list(predictor.tta), "rows": rows}
+    out = {"model": predictor.name, "folder": str(folder), "task": predictor.task,
+           "version": str(predictor.version), "input_size": [h, w], "tta": list(predictor.tta), "rows": rows}
+    if tuned:
+        whole = rows[-1]["ms_per_image"]
+        split = statistics.median(chunked) / top * 1000.0 if chunked else whole
+        out["forward_batch"] = {**tuned, "ms_per_image_whole": whole, "ms_per_image_chosen": round(split, 3),
+                                "gain": round(whole / split, 2)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- service part
@@ -295,6 +315,19 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"| {'+'.join(r['tta']) or 'none'} | {row['batch']} | {row['ms_per_image']:.1f} "
                          f"| {row['images_per_s']:.1f} | {gain:.2f}× |"
                          + (f" {row['peak_gpu_mib']} |" if "peak_gpu_mib" in row else ""))
+    tuned = [r for r in result["models"] if r.get("forward_batch")]
+    if tuned:
+        lines += ["", "## Forward batch: what `S2AMNET_FORWARD_BATCH=auto` picks on this CPU", "",
+                  "`Predictor.tune_forward_batch` (run by the service after warm-up): forwards of 1, 2, 4, … "
+                  "images, the size with the fewest ms per image; then the largest batch above timed in the "
+                  "same rounds as one forward and as forwards of that size.", "",
+                  "| model | ms / image measured at 1, 2, 4, … | chosen | batch | ms / image, one forward "
+                  "| ms / image, forwards of the chosen size | gain |", "|---|---|---|---|---|---|---|"]
+        for r in tuned:
+            f = r["forward_batch"]
+            measured = ", ".join(f"{v:.1f}" for v in f["measured_ms_per_image"].values())
+            lines.append(f"| {r['model']} | {measured} | {f['chosen']} | {f['batch']} | {f['ms_per_image_whole']:.1f} "
+                         f"| {f['ms_per_image_chosen']:.1f} | {f['gain']:.2f}× |")
     lines += ["", f"Peak RSS of the benchmark process: {result['peak_rss_mib']:.0f} MiB (all models loaded one "
               "after another).", ""]
     s = result.get("service")

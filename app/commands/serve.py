@@ -31,6 +31,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-batch-size", "max_batch_size", int, "most images per forward (default 16)"),
     ("--model-max-batch-size", "model_max_batch_size", str,
      "per-model caps below --max-batch-size, name=N,name=N (S2AMNET_MODEL_MAX_BATCH_SIZE)"),
+    ("--forward-batch", "forward_batch", str,
+     "most images per forward within a batch: N, or auto (measured per model at warm-up on a CPU; "
+     "S2AMNET_FORWARD_BATCH, default auto)"),
     ("--max-delay-ms", "max_delay_ms", float, "longest wait for a batch to fill (default 5)"),
     ("--max-queue", "max_queue", int, "backlog per model before 503 (default 256)"),
     ("--request-timeout-s", "request_timeout_s", float, "default request deadline (default 10)"),

@@ -22,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, help="most jobs per forward (S2AMNET_MAX_BATCH_SIZE, 16)")
     p.add_argument("--model-max-batch-size", help="per-model caps below --max-batch-size, name=N,name=N "
                    "(S2AMNET_MODEL_MAX_BATCH_SIZE)")
+    p.add_argument("--forward-batch", help="most jobs per forward within a batch: N, or auto (measured per "
+                   "model at warm-up on a CPU; S2AMNET_FORWARD_BATCH, auto)")
     p.add_argument("--max-delay-ms", type=float,
                    help="longest wait for a batch to fill once a job is in hand (S2AMNET_MAX_DELAY_MS, 5)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port, 0 = off "

@@ -76,6 +76,21 @@ def warm_up(predictor: Any) -> float:
     return time.perf_counter() - t0
 
 
+def set_forward_batch(name: str, predictor: Any, setting: int | str, max_batch: int, warmed: bool) -> None:
+    """Apply S2AMNET_FORWARD_BATCH to one model (on the thread that runs its forwards): N → at most N images
+    per forward; 'auto' → on a CPU, after warm-up, `Predictor.tune_forward_batch` measures it; otherwise
+    the whole batch in one forward. Logged, and exported as ``s2amnet_forward_batch_size``."""
+    if setting != "auto":
+        predictor.forward_batch = int(setting)
+    elif warmed and getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu" and max_batch > 1:
+        timings = predictor.tune_forward_batch(max_batch)
+        log.info("forward batch of %s: %d (measured ms per image: %s)", name, predictor.forward_batch,
+                 ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
+    else:
+        predictor.forward_batch = None
+    metrics.FORWARD_BATCH.labels(model=name).set(min(max_batch, predictor.forward_batch or max_batch))
+
+
 class LocalDispatcher(Dispatcher):
     def __init__(self, predictors: Mapping[str, Any], settings: Any):
         self._predictors = dict(predictors)
@@ -85,6 +100,7 @@ class LocalDispatcher(Dispatcher):
         self._retry_after = float(getattr(settings, "retry_after_s", 1))
         self._torch_threads = getattr(settings, "torch_threads", None)
         self._warmup = bool(getattr(settings, "warmup", True))
+        self._forward_batch = getattr(settings, "forward_batch", "auto")
         self._queues: dict[str, deque[_Pending]] = {name: deque() for name in self._predictors}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -227,6 +243,8 @@ class LocalDispatcher(Dispatcher):
                 for name, predictor in self._predictors.items():
                     self.warmup_seconds[name] = warm_up(predictor)
                     log.info("warmed up %s in %.3f s", name, self.warmup_seconds[name])
+            for name, predictor in self._predictors.items():
+                set_forward_batch(name, predictor, self._forward_batch, self._max_batch[name], self._warmup)
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             log.exception("warm-up failed")
             self._post(_fail, started, exc)

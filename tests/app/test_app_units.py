@@ -175,6 +175,52 @@ def test_dispatcher_caps_the_batch_of_one_model_only(det):
         LocalDispatcher({"seg": slow}, dispatcher_settings(model_max_batch_size="sge=2"))
 
 
+def test_dispatcher_forward_batch_setting(det):
+    """S2AMNET_FORWARD_BATCH: N → batches still fill up to max_batch_size, but no forward sees more than N
+    images; auto on a CPU → measured at warm-up (a size up to the batch cap); auto without warm-up → whole
+    batches. Each exported as s2amnet_forward_batch_size{model}."""
+    from prometheus_client import REGISTRY
+
+    from model.predictor import Predictor
+
+    def gauge(name):
+        return REGISTRY.get_sample_value("s2amnet_forward_batch_size", {"model": name})
+
+    def batches(name):
+        return REGISTRY.get_sample_value("s2amnet_batches_total", {"model": name}) or 0.0
+
+    async def serve(name, predictor, n_jobs, **settings):
+        d = LocalDispatcher({name: predictor}, dispatcher_settings(**settings))
+        await d.start()
+        results = await asyncio.gather(*(d.submit(replace(job(det, i), model=name, job_id=f"{name}-{i}"))
+                                         for i in range(n_jobs)))
+        await d.stop()
+        return results
+
+    p = Predictor(det.model, det.manifest)  # its own instance: the setting is per predictor
+    sizes = []
+    hook = p.model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        before = batches("fb2")
+        results = asyncio.run(serve("fb2", p, 6, forward_batch="2", warmup=False))
+        forwards = list(sizes)
+    finally:
+        hook.remove()
+    assert all("defects" in r for r in results)
+    assert p.forward_batch == 2 and gauge("fb2") == 2
+    assert sum(forwards) == 6 and max(forwards) == 2
+    assert batches("fb2") - before < len(forwards)  # a batch of more than 2 images ran as several forwards
+    expected = [run_batch(det, [replace(job(det, i), model="fb2")])[0] for i in range(6)]
+    assert [r["defects"] for r in results] == [e["defects"] for e in expected]
+
+    q = Predictor(det.model, det.manifest)
+    asyncio.run(serve("fbauto", q, 1, warmup=True))  # default: auto
+    assert q.forward_batch in (1, 2, 4) and gauge("fbauto") == q.forward_batch  # max_batch_size 4
+    r = Predictor(det.model, det.manifest)
+    asyncio.run(serve("fbcold", r, 1, warmup=False))
+    assert r.forward_batch is None and gauge("fbcold") == 4
+
+
 @pytest.mark.parametrize("fmt", ["rle", "polygon", "png"])
 def test_a_mask_cropped_to_its_box_encodes_like_the_full_mask(fmt):
     from app.inference import encode_mask
@@ -378,12 +424,12 @@ def test_every_metric_of_the_interface_is_defined_once():
         m = re.fullmatch(r"\s*([a-z_]+)(?:\{([a-z_;]*)\})?\s*\.?\s*", item)
         assert m, item
         listed.append((m.group(1), [x for x in (m.group(2) or "").split(";") if x]))
-    assert len(listed) == 20 and ("inflight_requests", []) in listed
+    assert len(listed) == 21 and ("inflight_requests", []) in listed
     from prometheus_client.metrics import MetricWrapperBase
 
     defined = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
     by_name = {m._name: m for m in defined}
-    assert len(by_name) == len(defined) == 20  # each defined once, nothing else
+    assert len(by_name) == len(defined) == 21  # each defined once, nothing else
     for name, labels in listed:
         full = "s2amnet_" + name
         m = by_name.get(full[: -len("_total")] if full.endswith("_total") else full)

@@ -33,6 +33,12 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
             assert r["images_per_s"] == pytest.approx(1000 / r["ms_per_image"], rel=0.01)
         assert m["rows"][1]["gain_vs_batch1"] == pytest.approx(
             m["rows"][1]["images_per_s"] / m["rows"][0]["images_per_s"], abs=0.01)
+        f = m["forward_batch"]  # on a CPU: what S2AMNET_FORWARD_BATCH=auto would pick, and what it gains
+        assert f["chosen"] in (1, 2) and f["batch"] == 2 and list(f["measured_ms_per_image"])[0] == "1"
+        assert f["ms_per_image_whole"] == m["rows"][1]["ms_per_image"]
+        assert f["gain"] == pytest.approx(f["ms_per_image_whole"] / f["ms_per_image_chosen"], abs=0.01)
+        if f["chosen"] == 2:  # nothing split: the same timings
+            assert f["ms_per_image_chosen"] == f["ms_per_image_whole"]
 
     service = result["service"]  # the first --weights folder, through real HTTP
     assert service["model"] == "cls" and service["endpoint"] == "/classify"
@@ -51,6 +57,7 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
 
     md = out.read_text()
     assert md.startswith("# Benchmarks") and "| cls 1 | classify | 64x64 | none | 2 |" in md
+    assert "## Forward batch" in md and "| cls | " in md
     assert "## Service" in md and "Dynamic batching gain" in md and "| 3 | 1 | 6 | 6 |" in md
     assert md.strip() in proc.stdout  # the same report is printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

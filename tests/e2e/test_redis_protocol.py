@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -352,6 +353,9 @@ def test_worker_metrics_and_heartbeat(stack: Stack):
     assert metric(text, "s2amnet_batches_total", model="cls") >= 1
     assert metric(text, "s2amnet_batch_size_count", model="cls") >= 1
     assert metric(text, "s2amnet_inference_duration_seconds_count", model="cls") >= 1
+    # S2AMNET_FORWARD_BATCH=auto on this CPU worker: measured after the warm-up, logged and exported
+    chosen = re.search(r"forward batch of cls: (\d+) \(measured ms per image: 1: ", stack.workers[0].log())
+    assert chosen and metric(text, "s2amnet_forward_batch_size", model="cls") == int(chosen.group(1))
     info = json.loads(stack.r().get(f"s2amnet:worker:{worker}"))
     assert info["pid"] == stack.workers[0].pid and info["models"] == ["cls"]
     assert 0 < stack.r().pttl(f"s2amnet:worker:{worker}") <= 10_000  # a dead worker's key expires

@@ -130,6 +130,62 @@ def test_alone_equals_in_batch(task, predictors):
 
 
 @pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_forward_batch_splits_the_forward_not_the_results(task, predictors):
+    base = predictors[task]
+    p = Predictor(base.model, _manifest(task, base.input_size, tta=["hflip"]))  # TTA views stay per chunk
+    arrays = [p.preprocess(im).array for im in _images()]
+    whole = p.infer(arrays)
+    sizes = []
+    hook = p.model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    try:
+        p.forward_batch = 2
+        chunked = p.infer(arrays)
+    finally:
+        hook.remove()
+    assert sizes == [4, 4, 2]  # 2 + 2 + 1 images, each with its flipped view
+    assert len(chunked) == len(whole) == 5
+    for a, b in zip(whole, chunked, strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="array 4"):  # inputs are checked before the first forward
+        p.infer(arrays[:4] + [arrays[4][:, :10]])
+
+
+def test_choose_forward_batch():
+    from model.predictor import choose_forward_batch
+
+    assert choose_forward_batch({1: 60.0, 2: 80.0}) == 1  # a CPU segmenter: batches cost more per image
+    assert choose_forward_batch({1: 27.0, 2: 22.0, 4: 19.5, 8: 19.0}) == 4  # 8 is within 5 % of 4: fewer waits
+    assert choose_forward_batch({1: 27.0, 2: 22.0, 4: 19.5, 8: 18.0}) == 8
+    assert choose_forward_batch({1: 10.0, 2: 10.4}, tolerance=0.0) == 1
+    with pytest.raises(ValueError):
+        choose_forward_batch({})
+
+
+@pytest.mark.parametrize(("cost", "max_batch", "sizes", "chosen"), [
+    (lambda b: 0.010 * b * b, 16, [1, 2], 1),  # ms per image grows with the batch: stop at 2, keep 1
+    (lambda b: 0.020 + 0.001 * b, 16, [1, 2, 4, 8, 16], 16),  # a fixed cost per forward: the largest
+    (lambda b: 0.020 + 0.001 * b, 6, [1, 2, 4], 4),  # never above max_batch
+    (lambda b: 0.010 * b, 8, [1, 2, 4, 8], 1),  # the same per image everywhere: the smallest
+])
+def test_tune_forward_batch_measures_sizes_and_picks(cost, max_batch, sizes, chosen, predictors):
+    p = Predictor(predictors["classify"].model, _manifest("classify"))
+    now = [0.0]
+    seen = []
+
+    def fake_forward(x):  # a model whose forward takes cost(b) seconds on a fake clock
+        seen.append(x.shape[0])
+        now[0] += cost(x.shape[0])
+        return [{}] * x.shape[0]
+
+    p._forward = fake_forward
+    timings = p.tune_forward_batch(max_batch, clock=lambda: now[0])
+    assert list(timings) == sizes and p.forward_batch == chosen
+    assert timings[1] == pytest.approx(1000 * cost(1))
+    assert set(seen) == set(sizes) and all(seen.count(k) >= 3 for k in sizes)  # untimed + at least 2 timed
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
 def test_odd_inputs_end_to_end(task, predictors):
     p = predictors[task]
     imgs = _images(1)
