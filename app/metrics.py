@@ -136,6 +136,12 @@ JOBS_EXPIRED = Counter(
     ["model"],
     namespace=PREFIX,
 )
+JOBS_CANCELLED = Counter(
+    "jobs_cancelled",
+    "Jobs dropped without computing because their request went away (the client hung up).",
+    ["model"],
+    namespace=PREFIX,
+)
 JOBS_DEAD_LETTERED = Counter(
     "jobs_dead_lettered",
     "Jobs moved to the dead-letter stream after too many deliveries.",
@@ -228,7 +234,7 @@ def init_model_series(model: str, task: str) -> None:
     IMAGES.labels(model=model, task=task)
     for verdict in ("pass", "fail"):
         VERDICTS.labels(model=model, verdict=verdict)
-    for counter in (BATCHES, JOBS_EXPIRED, JOBS_REDELIVERED, JOBS_DEAD_LETTERED):
+    for counter in (BATCHES, JOBS_EXPIRED, JOBS_CANCELLED, JOBS_REDELIVERED, JOBS_DEAD_LETTERED):
         counter.labels(model=model)
     for histogram in (QUEUE_WAIT, INFERENCE_DURATION, POSTPROCESS_DURATION, BATCH_SIZE):
         histogram.labels(model=model)

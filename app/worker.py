@@ -393,6 +393,7 @@ class Worker:
         for e in batch:
             if e.job_id in cancelled:  # nobody waits for it: acked with the batch, not computed, no reply
                 self.stats["cancelled"] += 1
+                metrics.JOBS_CANCELLED.labels(model=model).inc()
             elif e.expired(redis_now_ms):
                 detail = "the job expired before a worker ran it"
                 replies.append((e, encode_reply(e.job_id, EXPIRED, detail=detail)))

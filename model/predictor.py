@@ -349,11 +349,11 @@ class Predictor:
 
     def tune_forward_batch(self, max_batch: int, *, tolerance: float = 0.05, min_seconds: float = 0.0,
                            clock=time.perf_counter) -> dict[int, float]:
-        """Measure milliseconds per image of one forward of 1, 2, 4, … images (at most ``max_batch``, at most
-        8: beyond that, gains are small and the measurement costs start-up time) at the input size, and set ``forward_batch`` by `choose_forward_batch`. Doubling stops at the
-        first size slower per image than the best so far (beyond ``tolerance``). Each size: one untimed
-        forward, then timed ones until ``min_seconds`` have passed (at least two); the fastest counts.
-        Returns the measurements ``{size: ms per image}``."""
+        """Measure milliseconds per image of one forward of 1, 2, 4, … images at the input size (at most
+        ``max_batch``, at most 8: beyond that gains are small and measuring costs start-up time) and set
+        ``forward_batch`` by `choose_forward_batch`. Doubling stops at the first size slower per image than
+        the best so far (beyond ``tolerance``). Each size: one untimed forward, then timed ones until
+        ``min_seconds`` have passed (at least two); the fastest counts. Returns ``{size: ms per image}``."""
         random = np.random.default_rng(0).integers(0, 256, (3, *self.input_size), dtype=np.uint8)
         self.forward_batch = None
         timings: dict[int, float] = {}

@@ -216,8 +216,7 @@ class LocalDispatcher(Dispatcher):
                     job.deadline = min(job.deadline, time.time())
                 return
             metrics.QUEUE_DEPTH.labels(model=job.model).set(len(q))
-        if expired:
-            metrics.JOBS_EXPIRED.labels(model=job.model).inc()
+        (metrics.JOBS_EXPIRED if expired else metrics.JOBS_CANCELLED).labels(model=job.model).inc()
 
     def ready(self) -> bool:
         return self._ready and self._thread is not None and self._thread.is_alive()

@@ -307,10 +307,17 @@ def test_dispatcher_queue_full_deadline_and_unknown_model(det):
         await d.stop()
         return done
 
+    from prometheus_client import REGISTRY
+
+    def count(name):
+        return REGISTRY.get_sample_value(f"s2amnet_{name}_total", {"model": "det"}) or 0.0
+
+    before = count("jobs_cancelled"), count("jobs_expired")
     done = asyncio.run(go())
     assert all("defects" in r for r in done)
     sizes = [n for _, n in rec.calls[1:]]
     assert sizes == [1, 1]  # first + queued[0]; the cancelled and the expired jobs were never computed
+    assert (count("jobs_cancelled") - before[0], count("jobs_expired") - before[1]) == (1, 1)
 
 
 def test_dispatcher_stop_drains_queued_work_then_refuses(det):
@@ -424,12 +431,12 @@ def test_every_metric_of_the_interface_is_defined_once():
         m = re.fullmatch(r"\s*([a-z_]+)(?:\{([a-z_;]*)\})?\s*\.?\s*", item)
         assert m, item
         listed.append((m.group(1), [x for x in (m.group(2) or "").split(";") if x]))
-    assert len(listed) == 21 and ("inflight_requests", []) in listed
+    assert len(listed) == 22 and ("inflight_requests", []) in listed
     from prometheus_client.metrics import MetricWrapperBase
 
     defined = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
     by_name = {m._name: m for m in defined}
-    assert len(by_name) == len(defined) == 21  # each defined once, nothing else
+    assert len(by_name) == len(defined) == 22  # each defined once, nothing else
     for name, labels in listed:
         full = "s2amnet_" + name
         m = by_name.get(full[: -len("_total")] if full.endswith("_total") else full)

@@ -1,8 +1,8 @@
 """End to end: the real service in Redis mode (redis-server + `s2amnet serve` + one `s2amnet worker`),
 scraped by a real `prometheus` whose config is derived from docker/prometheus/prometheus.yml (same jobs
 and rule file, static targets on the test's ports, 1 s intervals). After real traffic -- successes on
-/classify, /detect and /segment, a 401, a 4xx bad image, a 504 deadline, a job that expires in the queue
-and a job dead-lettered after being taken over from a "crashed" consumer (redelivery) -- every PromQL
+/classify, /detect and /segment, a 401, a 4xx bad image, a 504 deadline, a job that expires in the queue,
+one whose request went away, and a job dead-lettered after being taken over from a "crashed" consumer (redelivery) -- every PromQL
 expression of the Grafana dashboard and of the alert rules is run through Prometheus' HTTP API:
 
 - each one parses and evaluates (status "success");
@@ -141,8 +141,8 @@ def observed(stack: Stack, prom: Prometheus) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- traffic
 def traffic_wave(api: str, r: redis.Redis, i: int) -> None:
     """Successes on every endpoint (one image, and three in one request: a batch), a 401, a 4xx for a
-    broken image, a 504 deadline; a queued job that expires before a worker gets it; a job whose
-    consumer "crashed" after the maximum deliveries (taken over = redelivered, then dead-lettered)."""
+    broken image, a 504 deadline; a queued job that expires before a worker gets it; one whose request
+    went away (cancelled); a job whose consumer "crashed" after the maximum deliveries (taken over = redelivered, then dead-lettered)."""
 
     def files(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
         return [("file", (f"{seed + k}.png", png_bytes(seed + k), "image/png")) for k in range(n)]
@@ -163,15 +163,23 @@ def traffic_wave(api: str, r: redis.Redis, i: int) -> None:
     expired = inject_job(r, model, f"s2amnet:replies:monitoring-expired-{i}", deadline=time.time() - 1)
     # answered first: the "crashed" consumer's read below must find no other undelivered job than its own
     assert wait_reply(r, expired)["status"] == "expired"
+    # a job whose request went away (the API's cancel mark): acked uncomputed, counted as cancelled
+    inject_job(r, model, f"s2amnet:replies:monitoring-cancelled-{i}", deadline=time.time() + 30, cancelled=True)
+    end = time.monotonic() + 15
+    while r.xlen(JOBS.format(model)) and time.monotonic() < end:  # a worker acks and deletes what it took
+        time.sleep(0.05)
+    assert r.xlen(JOBS.format(model)) == 0
     crashed = inject_job(r, model, f"s2amnet:replies:monitoring-crash-{i}", deadline=time.time() + 30, crashed=True)
     reply = wait_reply(r, crashed, timeout=VISIBILITY_S + 15)
     assert reply["status"] == "dead" and "delivered" in reply["detail"], reply
 
 
-def inject_job(r: redis.Redis, model: str, reply_to: str, *, deadline: float, crashed: bool = False) -> str:
+def inject_job(r: redis.Redis, model: str, reply_to: str, *, deadline: float, crashed: bool = False,
+               cancelled: bool = False) -> str:
     """Put a job on the model's stream as the API would. `crashed`: a consumer took it and died holding
     it after MAX_DELIVERIES deliveries (as in tests/e2e/test_redis_protocol.py), idle long enough for the
-    live worker to take it over at once."""
+    live worker to take it over at once. `cancelled`: its request went away (the API's cancel mark is set
+    with it, atomically, so no worker reads the job first)."""
     from app.dispatch.base import Job
     from app.dispatch.redis_streams import encode_job
 
@@ -180,6 +188,14 @@ def inject_job(r: redis.Redis, model: str, reply_to: str, *, deadline: float, cr
         model=model, array=array, meta={"orig_w": INPUT_SIZE, "orig_h": INPUT_SIZE}, options={}, deadline=deadline
     )
     stream = JOBS.format(model)
+    if cancelled:
+        from app.dispatch.redis_streams import cancel_key
+
+        with r.pipeline(transaction=True) as pipe:
+            pipe.set(cancel_key(job.job_id), 1, px=60_000)
+            pipe.xadd(stream, encode_job(job, reply_to))
+            pipe.execute()
+        return reply_to
     if not crashed:
         r.xadd(stream, encode_job(job, reply_to))
         return reply_to

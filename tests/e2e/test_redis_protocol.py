@@ -426,7 +426,9 @@ def test_a_request_whose_client_left_is_not_computed(stack: Stack, e2e_weights: 
         while time.monotonic() < end and (r.xlen(stream) or group_pending(r, "det")):
             time.sleep(0.05)
         assert r.xlen(stream) == 0 and group_pending(r, "det") == 0  # acked and deleted
-        assert metric(httpx.get(w.url, timeout=10).text, "s2amnet_batches_total", model="det") == 0
+        text = httpx.get(w.url, timeout=10).text
+        assert metric(text, "s2amnet_batches_total", model="det") == 0
+        assert metric(text, "s2amnet_jobs_cancelled_total", model="det") == 1
         ok = httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png_bytes(8), "image/png"))],
                         timeout=60)
         assert ok.status_code == 200, ok.text
