@@ -2,8 +2,9 @@
 scraped by a real `prometheus` whose config is derived from docker/prometheus/prometheus.yml (same jobs
 and rule file, static targets on the test's ports, 1 s intervals). After real traffic -- successes on
 /classify, /detect and /segment, a 401, a 4xx bad image, a 504 deadline, a job that expires in the queue,
-one whose request went away, and a job dead-lettered after being taken over from a "crashed" consumer (redelivery) -- every PromQL
-expression of the Grafana dashboard and of the alert rules is run through Prometheus' HTTP API:
+one whose request went away, and a job dead-lettered after being taken over from a "crashed" consumer
+(redelivery) -- every PromQL expression of the Grafana dashboard and of the alert rules is run through
+Prometheus' HTTP API:
 
 - each one parses and evaluates (status "success");
 - each dashboard panel returns data: every target is non-empty and has finite values over the test's
@@ -142,7 +143,8 @@ def observed(stack: Stack, prom: Prometheus) -> dict[str, Any]:
 def traffic_wave(api: str, r: redis.Redis, i: int) -> None:
     """Successes on every endpoint (one image, and three in one request: a batch), a 401, a 4xx for a
     broken image, a 504 deadline; a queued job that expires before a worker gets it; one whose request
-    went away (cancelled); a job whose consumer "crashed" after the maximum deliveries (taken over = redelivered, then dead-lettered)."""
+    went away (cancelled); a job whose consumer "crashed" after the maximum deliveries (taken over =
+    redelivered, then dead-lettered)."""
 
     def files(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
         return [("file", (f"{seed + k}.png", png_bytes(seed + k), "image/png")) for k in range(n)]
