@@ -351,8 +351,8 @@ class Predictor:
                            clock=time.perf_counter) -> dict[int, float]:
         """Measure milliseconds per image of one forward of 1, 2, 4, … images at the input size (at most
         ``max_batch``, at most 8: beyond that gains are small and measuring costs start-up time) and set
-        ``forward_batch`` by `choose_forward_batch`. Doubling stops at the first size slower per image than
-        the best so far (beyond ``tolerance``). Each size: one untimed forward, then timed ones until
+        ``forward_batch`` by `choose_forward_batch`. Doubling goes on while each size is faster per image
+        than the best before it by more than ``tolerance``. Each size: one untimed forward, then timed ones until
         ``min_seconds`` have passed (at least two); the fastest counts. Returns ``{size: ms per image}``."""
         random = np.random.default_rng(0).integers(0, 256, (3, *self.input_size), dtype=np.uint8)
         self.forward_batch = None
@@ -367,9 +367,10 @@ class Predictor:
                 t0 = clock()
                 self._forward(self._stack(arrays))
                 runs.append(clock() - t0)
+            before = min(timings.values(), default=None)
             timings[size] = 1000.0 * min(runs) / size
-            if timings[size] > min(timings.values()) * (1.0 + tolerance):
-                break
+            if before is not None and timings[size] >= before * (1.0 - tolerance):
+                break  # not clearly faster per image than the smaller sizes: larger ones will not be either
             size *= 2
         self.forward_batch = choose_forward_batch(timings, tolerance)
         return timings

@@ -166,7 +166,8 @@ def test_choose_forward_batch():
     (lambda b: 0.010 * b * b, 16, [1, 2], 1),  # ms per image grows with the batch: stop at 2, keep 1
     (lambda b: 0.020 + 0.001 * b, 16, [1, 2, 4, 8], 8),  # a fixed cost per forward: the largest measured (≤ 8)
     (lambda b: 0.020 + 0.001 * b, 6, [1, 2, 4], 4),  # never above max_batch
-    (lambda b: 0.010 * b, 8, [1, 2, 4, 8], 1),  # the same per image everywhere: the smallest
+    (lambda b: 0.010 * b, 8, [1, 2], 1),  # the same per image: 2 is not faster, so neither is 4; keep 1
+    (lambda b: b * {1: 0.056, 2: 0.037, 4: 0.0366}[b], 8, [1, 2, 4], 2),  # 4 is not 5 % faster than 2: keep 2
 ])
 def test_tune_forward_batch_measures_sizes_and_picks(cost, max_batch, sizes, chosen, predictors):
     p = Predictor(predictors["classify"].model, _manifest("classify"))
