@@ -538,10 +538,10 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
     max_batch_size, max_delay_ms, metrics_port, torch_threads, warmup)."""
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    from app.dispatch.local import configure_torch_threads, set_forward_batch, warm_up  # noqa: PLC0415
+    from app.dispatch.local import configure_runtime, set_forward_batch, warm_up  # noqa: PLC0415
     from app.main import load_predictors  # noqa: PLC0415
 
-    configure_torch_threads(getattr(settings, "torch_threads", None))
+    configure_runtime(settings)
     try:
         predictors = load_predictors(settings)
     except (RuntimeError, OSError, ValueError) as exc:  # missing models, unusable device, bad weights

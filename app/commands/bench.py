@@ -301,7 +301,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = ["# Benchmarks", "",
              f"`{result['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(result['time']))}: "
              f"{m['cpu']} ({m['cores']} cores), torch {m['torch']} with {m['torch_threads']} thread(s), "
-             f"device {m.get('gpu', m['device'])}.", "",
+             f"device {m.get('gpu', m['device'])}; glibc allocator tuning "
+             f"{'on' if m.get('allocator_tuning') else 'off'} (as in the service).", "",
              "Every figure that compares is a ratio of two numbers measured in this same run; absolute "
              "times move between runs on a shared machine.", "",
              "## Models: `Predictor.infer` on random images at the model's input size", "",
@@ -409,6 +410,9 @@ def run(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    from app.dispatch.local import tune_allocator
+
+    allocator_tuned = tune_allocator()  # as the service does (S2AMNET_ALLOCATOR_TUNING, default on)
     progress = not args.json
     from model.checkpoint import CheckpointError
 
@@ -423,7 +427,7 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
-                              "machine": _machine(device), "models": models,
+                              "machine": {**_machine(device), "allocator_tuning": allocator_tuned}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if args.http:
         forward_ms = ref["rows"][0]["ms_per_image"]  # batch 1

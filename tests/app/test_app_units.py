@@ -563,3 +563,27 @@ def test_fingerprint_ignores_the_multipart_boundary():
     d = fingerprint("POST", "/detect", "", 'multipart/form-data; boundary="CCC"; charset=utf-8',
                     b"--CCC\r\nx\r\n--CCC--")  # quoted, with a parameter after it
     assert d == a
+
+
+# ------------------------------------------------------------------------------------------- runtime
+def test_allocator_tuning_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
+    import platform
+
+    from app.dispatch import local
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert local.tune_allocator() is (platform.libc_ver()[0] == "glibc")  # mallopt accepted both values
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the operator's own setting wins
+    assert local.tune_allocator() is False
+
+
+def test_configure_runtime_follows_the_settings(monkeypatch):
+    from app.dispatch import local
+
+    calls = []
+    monkeypatch.setattr(local, "tune_allocator", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(local, "configure_torch_threads", lambda n: calls.append(("threads", n)))
+    local.configure_runtime(Settings(torch_threads=3))
+    local.configure_runtime(Settings(allocator_tuning=False))
+    assert calls == [("threads", 3), "tuned", ("threads", None)]
