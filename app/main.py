@@ -97,6 +97,14 @@ def load_predictors(settings: Settings) -> dict[str, Any]:
     return predictors
 
 
+def _load_beside_the_forwards(settings: Settings) -> dict[str, Any]:
+    """`load_predictors` on a thread that will not run the forwards (see `one_torch_thread`)."""
+    from app.dispatch.local import one_torch_thread
+
+    one_torch_thread()
+    return load_predictors(settings)
+
+
 def default_models(predictors: dict[str, Any]) -> dict[str, str]:
     defaults: dict[str, str] = {}
     for name in sorted(predictors):
@@ -251,7 +259,7 @@ async def _startup(app: FastAPI) -> None:
     settings: Settings = state.settings
     try:
         t0 = time.perf_counter()
-        predictors = await asyncio.to_thread(load_predictors, settings)
+        predictors = await asyncio.to_thread(_load_beside_the_forwards, settings)
         state.predictors = predictors
         state.defaults = default_models(predictors)
         dispatcher = create_dispatcher(predictors, settings)

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -56,13 +57,32 @@ def _fail(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
-def configure_torch_threads(num_threads: int | None) -> None:
-    """Set torch's intra-op threads (process-wide) if asked; called on the inference thread."""
-    if not num_threads:
-        return
+@functools.cache
+def default_torch_threads() -> int:
+    """torch's intra-op thread count as the process started (read once, before `one_torch_thread`)."""
     import torch
 
-    torch.set_num_threads(int(num_threads))
+    return torch.get_num_threads()
+
+
+def configure_torch_threads(num_threads: int | None) -> None:
+    """Set the intra-op threads of the thread that runs the forwards: ``num_threads``, else torch's default
+    (set explicitly: other threads lower the process default, see `one_torch_thread`)."""
+    import torch
+
+    torch.set_num_threads(int(num_threads or default_torch_threads()))
+
+
+def one_torch_thread() -> None:
+    """For threads that run torch ops beside the forwards (model loading, postprocessing): one intra-op
+    thread, so that they start no OpenMP thread team of their own. With such a team idle elsewhere, libgomp
+    counts more threads than cores and throttles the spinning of the inference thread's team: on the 2-core
+    CPU every forward of the embedded service cost about twice as much (mt-classify 61 -> 31 ms). Lowers
+    torch's process default as well; the inference thread then sets its own (`configure_torch_threads`)."""
+    default_torch_threads()  # read it before lowering it
+    import torch
+
+    torch.set_num_threads(1)
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -140,7 +160,7 @@ class LocalDispatcher(Dispatcher):
         # postprocessing (full-size masks of large images can take seconds) on its own bounded pool, not
         # the event loop's default executor, which /metrics and shutdown also use
         self._post_pool = ThreadPoolExecutor(max_workers=int(getattr(settings, "decode_threads", 4)),
-                                             thread_name_prefix="s2amnet-post")
+                                             thread_name_prefix="s2amnet-post", initializer=one_torch_thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._closing = False  # stop accepting, flush the queues, then exit

@@ -587,3 +587,30 @@ def test_configure_runtime_follows_the_settings(monkeypatch):
     local.configure_runtime(Settings(torch_threads=3))
     local.configure_runtime(Settings(allocator_tuning=False))
     assert calls == [("threads", 3), "tuned", ("threads", None)]
+
+
+def test_only_the_inference_thread_runs_torch_with_several_threads(det):
+    """Postprocessing threads use one torch intra-op thread (no OpenMP team of their own, which would make
+    libgomp throttle the inference thread's team); the inference thread keeps the default, or the setting."""
+    import torch
+
+    from app.dispatch.local import default_torch_threads
+
+    seen = {}
+
+    class Probe(Recording):
+        def infer(self, arrays):
+            seen["inference"] = torch.get_num_threads()
+            return super().infer(arrays)
+
+    async def go(**kw):
+        d = LocalDispatcher({"det": Probe(det)}, dispatcher_settings(**kw))
+        await d.start()
+        await d.submit(job(det))
+        seen["post"] = await asyncio.get_running_loop().run_in_executor(d._post_pool, torch.get_num_threads)
+        await d.stop()
+
+    asyncio.run(go())
+    assert seen == {"inference": default_torch_threads(), "post": 1}
+    asyncio.run(go(torch_threads=3))
+    assert seen == {"inference": 3, "post": 1}
