@@ -47,7 +47,8 @@ class Settings(BaseSettings):
         "MALLOC_TRIM_THRESHOLD_ is set.",
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads (process-wide); unset = torch default."
+        None, ge=1, description="torch intra-op threads of the thread that runs the forwards (other threads of "
+        "the embedded service use one); unset = torch default."
     )
 
     # --- batching / queueing
