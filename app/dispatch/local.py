@@ -4,8 +4,10 @@
 - ONE inference thread for all models. It owns every forward pass, including the warm-up, so torch's
   intra-op (OpenMP) thread team lives on that one thread: forwards cost there what they cost on the main
   thread, while a pool of threads each running torch would build competing OpenMP teams on the same
-  cores. The thread picks the model whose oldest job has waited longest, waits until `max_batch_size`
-  jobs are queued for it or `max_delay_ms` have passed since its first job was queued, and runs
+  cores; the threads that load models and postprocess use one torch thread each (`one_torch_thread`), so
+  that no second OpenMP team makes libgomp throttle this one's. The thread picks the model whose oldest
+  job has waited longest, waits until `max_batch_size` jobs are queued for it or `max_delay_ms` have
+  passed since its first job was queued, and runs
   `app.inference.run_forward` (which drops expired jobs without computing them).
 - Raw outputs go back to the asyncio futures with `loop.call_soon_threadsafe`; each request then
   postprocesses its own output (`app.inference.finish`) on a small pool of threads (`decode_threads`), so a
