@@ -5,7 +5,9 @@ Two parts:
 
 * model — `Predictor.infer` (the forward the service runs, TTA as in each manifest) on random images at the
   model's input size, per batch size (timed in interleaved rounds; medians): ms per image, images/s and
-  the batching gain (images/s at batch B ÷ images/s at batch 1). On CUDA also the peak GPU memory per batch.
+  the batching gain (images/s at batch B ÷ images/s at batch 1). On CUDA also the peak GPU memory per batch;
+  on a CPU also what `S2AMNET_FORWARD_BATCH=auto` picks (`Predictor.tune_forward_batch`) and the largest
+  batch timed in forwards of that size. The process tunes glibc's allocator as the service does.
 * service (`--http`, on by default) — `s2amnet serve` started as a real process (embedded batching) with one
   model, and a second one with `--max-batch-size 1`; the same requests (one PNG each) sent one at a time
   and `--concurrency` at a time to the first, `--concurrency` at a time to the second (in alternating
