@@ -4,11 +4,11 @@
 - ONE inference thread for all models. It owns every forward pass, including the warm-up, so torch's
   intra-op (OpenMP) thread team lives on that one thread: forwards cost there what they cost on the main
   thread, while a pool of threads each running torch would build competing OpenMP teams on the same
-  cores; the threads that load models and postprocess use one torch thread each (`one_torch_thread`), so
-  that no second OpenMP team makes libgomp throttle this one's. The thread picks the model whose oldest
-  job has waited longest, waits until `max_batch_size` jobs are queued for it or `max_delay_ms` have
-  passed since its first job was queued, and runs
-  `app.inference.run_forward` (which drops expired jobs without computing them).
+  cores; with forwards on the CPU, the threads that load models and postprocess use one torch thread each
+  (`one_torch_thread`), so that no second OpenMP team makes libgomp throttle this one's. The thread picks
+  the model whose oldest job has waited longest, waits until `max_batch_size` jobs are queued for it or
+  `max_delay_ms` have passed since its first job was queued, and runs `app.inference.run_forward` (which
+  drops expired jobs without computing them).
 - Raw outputs go back to the asyncio futures with `loop.call_soon_threadsafe`; each request then
   postprocesses its own output (`app.inference.finish`) on a small pool of threads (`decode_threads`), so a
   large image's full-size masks never hold up the forwards of other requests and models. `submit` waits
@@ -161,8 +161,12 @@ class LocalDispatcher(Dispatcher):
         self._thread: threading.Thread | None = None
         # postprocessing (full-size masks of large images can take seconds) on its own bounded pool, not
         # the event loop's default executor, which /metrics and shutdown also use
+        # forwards on the CPU: the pool's threads use one torch thread (`one_torch_thread`); with a GPU they
+        # keep torch's default, so that large masks resample on every core
+        on_cpu = any(getattr(getattr(p, "device", None), "type", "cpu") == "cpu" for p in self._predictors.values())
         self._post_pool = ThreadPoolExecutor(max_workers=int(getattr(settings, "decode_threads", 4)),
-                                             thread_name_prefix="s2amnet-post", initializer=one_torch_thread)
+                                             thread_name_prefix="s2amnet-post",
+                                             initializer=one_torch_thread if on_cpu else None)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._closing = False  # stop accepting, flush the queues, then exit
