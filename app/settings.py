@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
     model_max_batch_size: Annotated[dict[str, Annotated[int, Field(ge=1)]], NoDecode] = Field(
         default_factory=dict,
-        description="Per-model caps below max_batch_size, 'name=N,name=N' (e.g. 'crack-segment=1': on a CPU "
-        "a 512 px segmenter answers more images per second one at a time).",
+        description="Per-model caps below max_batch_size, 'name=N,name=N' (e.g. 'crack-segment=1' for lower "
+        "latency under load).",
     )
     forward_batch: int | Literal["auto"] = Field(
         "auto",

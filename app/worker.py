@@ -538,7 +538,7 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
     max_batch_size, max_delay_ms, metrics_port, torch_threads, warmup)."""
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    from app.dispatch.local import configure_runtime, set_forward_batch, warm_up  # noqa: PLC0415
+    from app.dispatch.local import configure_runtime, prepare_predictors  # noqa: PLC0415
     from app.main import load_predictors  # noqa: PLC0415
 
     configure_runtime(settings)
@@ -549,13 +549,8 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
         return 1
     for name, predictor in predictors.items():
         metrics.init_model_series(name, predictor.task)
-    warmed = bool(getattr(settings, "warmup", True))
-    if warmed:
-        for name, predictor in predictors.items():
-            log.info("warmed up %s in %.3f s", name, warm_up(predictor))
     batch_sizes = settings.batch_sizes(predictors, strict=False)
-    for name, predictor in predictors.items():
-        set_forward_batch(name, predictor, getattr(settings, "forward_batch", "auto"), batch_sizes[name], warmed)
+    prepare_predictors(predictors, settings, batch_sizes)
     if settings.metrics_port:
         metrics.start_metrics_server(int(settings.metrics_port))
         log.info("worker metrics on :%d/metrics", settings.metrics_port)

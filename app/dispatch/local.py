@@ -131,19 +131,38 @@ def warm_up(predictor: Any) -> float:
     return time.perf_counter() - t0
 
 
+def _runs_on_cpu(predictor: Any) -> bool:
+    return getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
+
+
 def set_forward_batch(name: str, predictor: Any, setting: int | str, max_batch: int, warmed: bool) -> None:
     """Apply S2AMNET_FORWARD_BATCH to one model (on the thread that runs its forwards): N → at most N images
     per forward; 'auto' → on a CPU, after warm-up, `Predictor.tune_forward_batch` measures it; otherwise
     the whole batch in one forward. Logged, and exported as ``s2amnet_forward_batch_size``."""
     if setting != "auto":
         predictor.forward_batch = int(setting)
-    elif warmed and getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu" and max_batch > 1:
+    elif warmed and _runs_on_cpu(predictor) and max_batch > 1:
         timings = predictor.tune_forward_batch(max_batch)
         log.info("forward batch of %s: %d (measured ms per image: %s)", name, predictor.forward_batch,
                  ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
     else:
         predictor.forward_batch = None
     metrics.FORWARD_BATCH.labels(model=name).set(min(max_batch, predictor.forward_batch or max_batch))
+
+
+def prepare_predictors(predictors: Mapping[str, Any], settings: Any,
+                       batch_sizes: Mapping[str, int]) -> dict[str, float]:
+    """On the thread that will run the forwards (embedded inference thread, Redis worker): warm every model
+    up (unless S2AMNET_WARMUP is off), then apply S2AMNET_FORWARD_BATCH. Returns warm-up seconds per model."""
+    warmed = bool(getattr(settings, "warmup", True))
+    seconds: dict[str, float] = {}
+    if warmed:
+        for name, predictor in predictors.items():
+            seconds[name] = warm_up(predictor)
+            log.info("warmed up %s in %.3f s", name, seconds[name])
+    for name, predictor in predictors.items():
+        set_forward_batch(name, predictor, getattr(settings, "forward_batch", "auto"), batch_sizes[name], warmed)
+    return seconds
 
 
 class LocalDispatcher(Dispatcher):
@@ -154,8 +173,6 @@ class LocalDispatcher(Dispatcher):
         self._max_queue = int(settings.max_queue)
         self._retry_after = float(getattr(settings, "retry_after_s", 1))
         self._settings = settings
-        self._warmup = bool(getattr(settings, "warmup", True))
-        self._forward_batch = getattr(settings, "forward_batch", "auto")
         self._queues: dict[str, deque[_Pending]] = {name: deque() for name in self._predictors}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -163,7 +180,7 @@ class LocalDispatcher(Dispatcher):
         # the event loop's default executor, which /metrics and shutdown also use
         # forwards on the CPU: the pool's threads use one torch thread (`one_torch_thread`); with a GPU they
         # keep torch's default, so that large masks resample on every core
-        on_cpu = any(getattr(getattr(p, "device", None), "type", "cpu") == "cpu" for p in self._predictors.values())
+        on_cpu = any(_runs_on_cpu(p) for p in self._predictors.values())
         self._post_pool = ThreadPoolExecutor(max_workers=int(getattr(settings, "decode_threads", 4)),
                                              thread_name_prefix="s2amnet-post",
                                              initializer=one_torch_thread if on_cpu else None)
@@ -297,12 +314,7 @@ class LocalDispatcher(Dispatcher):
     def _thread_main(self, started: asyncio.Future) -> None:
         try:
             configure_runtime(self._settings)
-            if self._warmup:
-                for name, predictor in self._predictors.items():
-                    self.warmup_seconds[name] = warm_up(predictor)
-                    log.info("warmed up %s in %.3f s", name, self.warmup_seconds[name])
-            for name, predictor in self._predictors.items():
-                set_forward_batch(name, predictor, self._forward_batch, self._max_batch[name], self._warmup)
+            self.warmup_seconds.update(prepare_predictors(self._predictors, self._settings, self._max_batch))
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             log.exception("warm-up failed")
             self._post(_fail, started, exc)
