@@ -116,6 +116,14 @@ def test_run_batch_all_expired_and_failures(det):
 
 
 # ------------------------------------------------------------------------------------------- dispatcher
+def model_sample(name: str, model: str, default: float | None = None) -> float | None:
+    """The value of metric sample ``name{model=...}`` in this process's registry (``default`` if absent)."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(name, {"model": model})
+    return default if value is None else value
+
+
 def dispatcher_settings(**kw) -> Settings:
     base = {"max_batch_size": 4, "max_delay_ms": 100, "max_queue": 8, "warmup": True}
     base.update(kw)
@@ -179,15 +187,13 @@ def test_dispatcher_forward_batch_setting(det):
     """S2AMNET_FORWARD_BATCH: N → batches still fill up to max_batch_size, but no forward sees more than N
     images; auto on a CPU → measured at warm-up (a size up to the batch cap); auto without warm-up → whole
     batches. Each exported as s2amnet_forward_batch_size{model}."""
-    from prometheus_client import REGISTRY
-
     from model.predictor import Predictor
 
     def gauge(name):
-        return REGISTRY.get_sample_value("s2amnet_forward_batch_size", {"model": name})
+        return model_sample("s2amnet_forward_batch_size", name)
 
     def batches(name):
-        return REGISTRY.get_sample_value("s2amnet_batches_total", {"model": name}) or 0.0
+        return model_sample("s2amnet_batches_total", name, 0.0)
 
     async def serve(name, predictor, n_jobs, **settings):
         d = LocalDispatcher({name: predictor}, dispatcher_settings(**settings))
@@ -307,10 +313,8 @@ def test_dispatcher_queue_full_deadline_and_unknown_model(det):
         await d.stop()
         return done
 
-    from prometheus_client import REGISTRY
-
     def count(name):
-        return REGISTRY.get_sample_value(f"s2amnet_{name}_total", {"model": "det"}) or 0.0
+        return model_sample(f"s2amnet_{name}_total", "det", 0.0)
 
     before = count("jobs_cancelled"), count("jobs_expired")
     done = asyncio.run(go())
