@@ -414,7 +414,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     from app.dispatch.local import tune_allocator
 
-    allocator_tuned = tune_allocator()  # as the service does (S2AMNET_ALLOCATOR_TUNING, default on)
+    allocator_tuned = tune_allocator()  # as the service does by default (S2AMNET_ALLOCATOR_TUNING is not read here)
     progress = not args.json
     from model.checkpoint import CheckpointError
 
