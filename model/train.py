@@ -100,6 +100,7 @@ class TrainConfigError(ValueError):
     """A training option out of range or meaningless for the task; the message names the CLI flag."""
 
 
+MAX_EXPOSURE = 1.5  # --exposure: gains up to e^1.5 ≈ 4.5 (magnetic tile's exposures differ by up to ≈ 2.5x)
 SELECT_RULES = ("pooled", "folders")  # --select: the val score that picks the best epoch
 
 
@@ -139,6 +140,7 @@ class TrainConfig:
     # defects into the image (probability)
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
+    exposure: float = 0.0  # classify/segment: intensity gain drawn log-uniformly from [e^-G, e^G]; 0 = off
     select: str = "pooled"  # several data folders: best epoch by the pooled val metric or the mean of each folder's
     command: str = ""
 
@@ -191,6 +193,8 @@ class TrainConfig:
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
             bad("--rotate", f"DEG needs --task segment and 0 <= DEG <= 180, got {self.rotate}")
+        if self.exposure and (self.task == "detect" or not 0 < self.exposure <= MAX_EXPOSURE):
+            bad("--exposure", f"G needs --task classify or segment and 0 <= G <= {MAX_EXPOSURE}, got {self.exposure}")
         if self.select not in SELECT_RULES:
             bad("--select", f"must be one of {', '.join(SELECT_RULES)}, got {self.select!r}")
         if self.select == "folders" and "," not in self.data:
@@ -298,7 +302,7 @@ class _Task:
                 raise TrainConfigError("--copy-paste needs a data folder whose images all have defect masks "
                                        "(magnetic-tile layout)")
             self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
-                                            paste=cfg.copy_paste)
+                                            paste=cfg.copy_paste, exposure=cfg.exposure)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:
@@ -312,7 +316,7 @@ class _Task:
         elif task == "segment":
             self.train_ds = SegmentDataset(train_recs, imgsz=cfg.imgsz, crop=cfg.crop, train=True,
                                            fg_crop=RECIPES[task].extra["fg_crop"], rotate=cfg.rotate,
-                                           paste=cfg.copy_paste, paste_groups=groups)
+                                           paste=cfg.copy_paste, paste_groups=groups, exposure=cfg.exposure)
             self.collate = collate
             self.loss = SegmentationLoss(nc, dice_weight=RECIPES[task].extra["dice_weight"])
         else:

@@ -8,8 +8,8 @@
 # B:--imgsz 320 --lr 1e-3 --seed 1;C:--imgsz 384 --lr 5e-4 --seed 2;D:--imgsz 320 --lr 2e-4 --seed 3" from
 # the 0.3.0 pair. Start from committed folders: a call carries at most 64 MiB, and the repo (19.5 MB),
 # magnetic-tile (38.6 MB) and the wheels (4.9 MB) leave about 3 MB.
-# Carry .whl (PyWavelets + pycocotools wheels for the machine's Python) and .dev/gpu/magnetic-tile (a copy
-# of ../shared/data/magnetic-tile), then: `OUT=$OUT TL=8 KILL=530 bash scripts/gpu_parallel_runs.sh` with
+# Carry .whl (PyWavelets + pycocotools wheels for the machine's Python) and .dev/<part>/magnetic-tile (a copy
+# of ../shared/data/magnetic-tile; sessions 6-7: .dev/gpu, 10: .dev/mt), then: `OUT=$OUT TL=8 KILL=530 bash scripts/gpu_parallel_runs.sh` with
 # the call's timeout_s at 600. Session 7's call (TL=8.2 KILL=555): the runs ended 6.3 min after the start
 # (the time-fitted schedule stops early rather than overrun), then the script waited for the GPU logger
 # until the call's limit (fixed): 3.5 minutes of device time lost.
@@ -26,7 +26,8 @@ if [ -d .whl ] && ! python3 -c "import pywt, pycocotools" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 D=../shared/data; mkdir -p $D 2>/dev/null || D=/tmp/data
-[ -d $D/magnetic-tile ] || { mkdir -p $D && cp -r .dev/gpu/magnetic-tile $D/; }
+SRC=$(ls -d .dev/*/magnetic-tile 2>/dev/null | head -n 1)
+[ -d $D/magnetic-tile ] || { mkdir -p $D && cp -r "${SRC:?carry .dev/<part>/magnetic-tile}" $D/; }
 (nvidia-smi; python3 -c "import torch,pywt;print(torch.__version__, torch.cuda.is_available())") > "$OUT/env.txt" 2>&1
 export PYTHONUNBUFFERED=1
 common="--task classify --data $D/magnetic-tile --name mt-classify --batch 16 --warmup-epochs 1 --epochs 80

@@ -57,6 +57,10 @@ def add_parser(sub) -> None:
     p.add_argument("--rotate", type=float, default=0.0, metavar="DEG",
                    help="segment: rotate each training image by a random angle in [-DEG, DEG] degrees (the "
                         "corners are ignored in the loss); besides the flips and 90-degree turns")
+    p.add_argument("--exposure", type=float, default=0.0, metavar="G",
+                   help="classify / segment: multiply each training image's intensities by a gain drawn "
+                        "log-uniformly from [e^-G, e^G] (clipped at white), besides brightness/contrast/gamma: "
+                        "the same parts photographed at other exposures (magnetic tile: exp0-exp6)")
     p.add_argument("--select", choices=("pooled", "folders"), default="pooled",
                    help="several --data folders: pick the best epoch by the val metric over all their val images "
                         "(pooled) or by the mean of each folder's val metric (folders: each dataset counts "
@@ -88,6 +92,7 @@ def run(args) -> int:
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
+                      exposure=args.exposure,
                       select=args.select,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:

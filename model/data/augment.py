@@ -214,9 +214,12 @@ def _affine(img: np.ndarray, s: float, tx: float, ty: float, out_wh: tuple[int, 
 
 
 def photometric(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.2, contrast: float = 0.2,
-                gamma: float = 0.2) -> np.ndarray:
-    """Random brightness (additive, fraction of 255), contrast (around mid-grey) and gamma, as one LUT."""
+                gamma: float = 0.2, exposure: float = 0.0) -> np.ndarray:
+    """Random exposure (a gain drawn log-uniformly from [e^-exposure, e^exposure], applied first and clipped
+    at white), gamma, contrast (around mid-grey) and brightness (additive, fraction of 255), as one LUT."""
     x = np.arange(256, dtype=np.float32) / 255.0
+    if exposure:
+        x = np.minimum(x * float(np.exp(rng.uniform(-exposure, exposure))), 1.0)
     if gamma:
         x = x ** float(np.exp(rng.uniform(-gamma, gamma)))
     c = 1.0 + rng.uniform(-contrast, contrast) if contrast else 1.0
@@ -408,14 +411,14 @@ def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray
 
 def _flip_rotate_photometric(aug, img: np.ndarray, mask, rng: np.random.Generator):
     """The tail shared by the classify and segment training pipelines: random h/v flips and rot90 (mask
-    transformed alike), then brightness/contrast/gamma on the image. `aug` carries the probabilities."""
+    transformed alike), then exposure/brightness/contrast/gamma on the image. `aug` carries the settings."""
     if rng.random() < aug.hflip:
         img, mask, _ = hflip(img, mask)
     if rng.random() < aug.vflip:
         img, mask, _ = vflip(img, mask)
     if aug.rot90:
         img, mask, _ = rot90(img, mask, k=int(rng.integers(4)))
-    return photometric(img, rng, aug.brightness, aug.contrast, aug.gamma), mask
+    return photometric(img, rng, aug.brightness, aug.contrast, aug.gamma, aug.exposure), mask
 
 
 class ClassifyAugment:
@@ -424,7 +427,7 @@ class ClassifyAugment:
     train: defect-aware random resized crop (``crop_scale`` of the area; if a mask is given, a crop must keep
     ``min_defect_keep`` of the defect pixels, else the full image is used), letterbox to imgsz
     (``resize_mode="letterbox"`` keeps the aspect ratio like the eval path; ``"stretch"`` resizes),
-    h/v flips, rot90, brightness/contrast/gamma, optional RandAugment-lite
+    h/v flips, rot90, exposure (off by default)/brightness/contrast/gamma, optional RandAugment-lite
     (``randaugment`` ops, ``magnitude``).
     eval (``train=False``): letterbox (or stretch) only.
     """
@@ -433,12 +436,12 @@ class ClassifyAugment:
                  rot90: bool = True, crop_scale=(0.6, 1.0), crop_ratio=(3 / 4, 4 / 3), crop_prob: float = 0.8,
                  min_defect_keep: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
                  gamma: float = 0.2, randaugment: int = 0, magnitude: float = 0.5,
-                 resize_mode: str = "letterbox", pad_value: int = PAD_VALUE):
+                 resize_mode: str = "letterbox", pad_value: int = PAD_VALUE, exposure: float = 0.0):
         self.imgsz, self.train = int(imgsz), train
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.crop_scale, self.crop_ratio, self.crop_prob = crop_scale, crop_ratio, crop_prob
         self.min_defect_keep = min_defect_keep
-        self.brightness, self.contrast, self.gamma = brightness, contrast, gamma
+        self.brightness, self.contrast, self.gamma, self.exposure = brightness, contrast, gamma, exposure
         self.randaugment, self.magnitude = randaugment, magnitude
         if resize_mode not in ("letterbox", "stretch"):
             raise ValueError("resize_mode must be letterbox or stretch")
@@ -490,17 +493,19 @@ class SegmentAugment:
     at the size the predictor shows them. train: random scale ``scale`` × fit; with ``rotate`` > 0 a
     rotation by an angle drawn from [-rotate, rotate] degrees (new corners: pad value, mask ignored);
     random crop of ``crop`` (default imgsz; pads image with ``pad_value`` and mask with 255), with
-    probability ``fg_crop`` the crop is centred on a random defect pixel; h/v flips, rot90, brightness/contrast/gamma.
+    probability ``fg_crop`` the crop is centred on a random defect pixel; h/v flips, rot90, exposure (off by
+    default)/brightness/contrast/gamma.
     eval: letterbox to imgsz (mask padded with 255).
     """
 
     def __init__(self, imgsz: int = 512, crop: int | None = None, train: bool = True, scale=(0.75, 1.5),
                  hflip: float = 0.5, vflip: float = 0.5, rot90: bool = True, fg_crop: float = 0.0,
                  brightness: float = 0.2, contrast: float = 0.2, gamma: float = 0.2,
-                 pad_value: int = PAD_VALUE, rotate: float = 0.0):
+                 pad_value: int = PAD_VALUE, rotate: float = 0.0, exposure: float = 0.0):
         self.imgsz, self.crop, self.train, self.rotate = int(imgsz), int(crop or imgsz), train, float(rotate)
         self.scale, self.hflip, self.vflip, self.rot90, self.fg_crop = scale, hflip, vflip, rot90, fg_crop
         self.brightness, self.contrast, self.gamma, self.pad_value = brightness, contrast, gamma, pad_value
+        self.exposure = exposure
 
     def __call__(self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
         if not self.train:

@@ -99,6 +99,31 @@ def test_photometric_and_randaugment():
     assert (np.diff(o) >= 0).all()
 
 
+def test_exposure_multiplies_intensities_by_one_gain_within_its_range_and_clips_at_white():
+    """Magnetic tile shows one tile at up to seven exposures (mean grey 65 → 153 for one of them): --exposure G
+    scales every intensity by the same gain in [e^-G, e^G] (off: the image is unchanged)."""
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    off = photometric(ramp, np.random.default_rng(0), brightness=0, contrast=0, gamma=0)
+    assert np.array_equal(off, ramp)
+    gains = []
+    for seed in range(40):
+        o = photometric(ramp, np.random.default_rng(seed), brightness=0, contrast=0, gamma=0,
+                        exposure=0.7).reshape(-1).astype(float)
+        unclipped = o < 255
+        g = o[100:][unclipped[100:]] / np.arange(100, 256)[unclipped[100:]]
+        assert g.size and np.ptp(g) < 0.02  # one gain for the whole image (up to rounding)
+        assert (o[~unclipped] == 255).all() and np.all(np.diff(o) >= 0)
+        gains.append(g.mean())
+    assert np.exp(-0.7) - 0.01 <= min(gains) < 0.75 and 1.4 < max(gains) <= np.exp(0.7) + 0.01
+    # both training pipelines carry the setting (default off)
+    assert ClassifyAugment(32).exposure == 0.0 and SegmentAugment(32).exposure == 0.0
+    assert ClassifyAugment(32, exposure=0.5).exposure == 0.5 and SegmentAugment(32, exposure=0.5).exposure == 0.5
+    dark = np.full((40, 40), 60, np.uint8)
+    seen = {int(ClassifyAugment(32, crop_prob=0, brightness=0, contrast=0, gamma=0, exposure=1.0)(
+        dark, np.random.default_rng(s))[0][16, 16]) for s in range(20)}
+    assert min(seen) < 45 and max(seen) > 90  # the pipeline applies it (gain 1 would leave 60)
+
+
 def test_detect_augment_single_keeps_box_on_square():
     img, boxes = _square_image(h=120, w=160, box=(60, 40, 100, 70))
     aug = DetectAugment(imgsz=96, train=True, mosaic=0.0, hflip=0.5, vflip=0.5, rot90=0.5, hsv=None,

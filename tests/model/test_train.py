@@ -391,9 +391,9 @@ def test_fg_sampling_weights_images_by_their_defect_fraction_inside_each_folder(
     out = tmp_path / "run"
     assert cli_main(["train", "--task", "segment", "--data", str(a), "--epochs", "1", "--imgsz", "64",
                      "--batch", "4", "--workers", "0", "--fg-sampling", "1", "--rotate", "30",
-                     "--max-train-batches", "1", "--out", str(out), "--quiet"]) == 0
+                     "--exposure", "0.5", "--max-train-batches", "1", "--out", str(out), "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["fg_sampling"] == 1.0 and config["rotate"] == 30.0
+    assert config["fg_sampling"] == 1.0 and config["rotate"] == 30.0 and config["exposure"] == 0.5
     assert cli_main(["train", "--task", "classify", "--data", str(a), "--fg-sampling", "1", "--quiet",
                      "--out", str(tmp_path / "c")]) == 2
     assert "--fg-sampling P needs --task segment" in capsys.readouterr().err
@@ -573,6 +573,9 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"rotate": 30.0}, "--rotate"),  # segment only
     ({"task": "segment", "rotate": 200.0}, "--rotate"),
+    ({"task": "detect", "exposure": 0.5}, "--exposure"),  # classify / segment only
+    ({"exposure": -0.5}, "--exposure"),
+    ({"exposure": 2.0}, "--exposure"),
     ({"select": "best"}, "--select"),
     ({"select": "folders"}, "--select"),  # one data folder: nothing to average over
     ({"task": "count"}, "--task"),
@@ -593,6 +596,8 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="segment", data=str(data), fg_sampling=1.0).resolved().validate()
     TrainConfig(task="segment", data=f"{data},{data}", select="folders").resolved().validate()
     TrainConfig(task="segment", data=str(data), rotate=180.0).resolved().validate()
+    TrainConfig(task="classify", data=str(data), exposure=1.5).resolved().validate()
+    TrainConfig(task="segment", data=str(data), exposure=0.7).resolved().validate()
 
 
 def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path, capsys):
