@@ -138,6 +138,7 @@ class TrainConfig:
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     copy_paste: float = 0.0  # classify with masks: paste a defect onto a defect-free image; segment: a donor's
     # defects into the image (probability)
+    paste_edge: bool = False  # classify copy-paste: a defect on an image border is pasted against that border
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     exposure: float = 0.0  # classify/segment: intensity gain drawn log-uniformly from [e^-G, e^G]; 0 = off
@@ -189,6 +190,8 @@ class TrainConfig:
                                 or not 0 < self.copy_paste <= 1):
             bad("--copy-paste", "P needs --task segment, or classify with masks (no --no-aux-mask), and "
                 f"0 <= P <= 1, got {self.copy_paste}")
+        if self.paste_edge and (self.task != "classify" or not self.copy_paste):
+            bad("--paste-edge", "needs --task classify with --copy-paste P")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
@@ -302,7 +305,8 @@ class _Task:
                 raise TrainConfigError("--copy-paste needs a data folder whose images all have defect masks "
                                        "(magnetic-tile layout)")
             self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
-                                            paste=cfg.copy_paste, exposure=cfg.exposure)
+                                            paste=cfg.copy_paste, paste_edge=cfg.paste_edge,
+                                            exposure=cfg.exposure)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
                         "pasted onto a random defect-free image (more surroundings for rare classes); segment: "
                         "with probability P an image gets a piece of a training image's defects (same data folder, "
                         "donors in proportion to their defect area) pasted in")
+    p.add_argument("--paste-edge", action="store_true",
+                   help="classify --copy-paste: a defect on an image border is pasted against the same border of "
+                        "the defect-free image, elsewhere at random (chips off a part's edge stay on the edge)")
     p.add_argument("--fg-sampling", type=float, default=0.0, metavar="P",
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
                         "(within each data folder; 0 = off): images whose defects cover much of the image "
@@ -92,7 +95,7 @@ def run(args) -> int:
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
-                      exposure=args.exposure,
+                      exposure=args.exposure, paste_edge=args.paste_edge,
                       select=args.select,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:

@@ -319,21 +319,30 @@ def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | Non
 
 
 def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img: np.ndarray,
-                 rng: np.random.Generator, margin: int, feather: float):
+                 rng: np.random.Generator, margin: int, feather: float,
+                 edges: tuple[bool, bool, bool, bool] = (False, False, False, False)):
     """The shared core of the copy-paste augmentations: ``patch`` (its labels ``pmask``, defect pixels
-    ``pfg``), randomly h/v-flipped, blended into ``dst_img`` at a random position where it fits.
+    ``pfg``), randomly h/v-flipped, blended into ``dst_img`` at a random position where it fits. ``edges``
+    (top, bottom, left, right): the image borders the patch lay against in its source; it is put against
+    the same borders of ``dst`` (after the flips), so that a chip off a part's edge stays on the edge.
 
     The pasted pixels are shifted so that the mean of the patch's non-defect part matches the part of
     ``dst`` they cover (images differ in brightness), and blended through the defect mask dilated by
     ``margin`` and blurred by ``feather`` (no rectangular seam to learn as a cue); the defect pixels
     themselves are opaque. Returns ``(image, (ty, tx), pmask, pfg, alpha)``: the blended copy of ``dst_img``,
     the patch's top-left corner in it, the (flipped) labels and defect pixels, and the H×W blend weight."""
+    top, bottom, left, right = edges
     for axis in (0, 1):
         if rng.random() < 0.5:
             patch, pmask, pfg = np.flip(patch, axis), np.flip(pmask, axis), np.flip(pfg, axis)
+            top, bottom, left, right = (bottom, top, left, right) if axis == 0 else (top, bottom, right, left)
     dh, dw = dst_img.shape[:2]
     ph, pw = pfg.shape
-    ty, tx = int(rng.integers(0, dh - ph + 1)), int(rng.integers(0, dw - pw + 1))
+
+    def place(low: bool, high: bool, room: int) -> int:  # against one border, or anywhere it fits
+        return 0 if low and not high else room if high and not low else int(rng.integers(0, room + 1))
+
+    ty, tx = place(top, bottom, dh - ph), place(left, right, dw - pw)
     region = dst_img[ty:ty + ph, tx:tx + pw].astype(np.float32)
     patch = patch.astype(np.float32)
     if patch.ndim != region.ndim:  # grayscale source onto a colour image or the reverse
@@ -354,9 +363,11 @@ def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img:
 
 
 def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
-                 margin: int = 6, feather: float = 2.0):
+                 margin: int = 6, feather: float = 2.0, keep_edge: bool = False):
     """Copy-paste for mask-supervised classification: the defect of ``src`` (mask > 0, ignore excluded) with
-    a ``margin`` of its surroundings blended into the defect-free ``dst`` (`_blend_patch`).
+    a ``margin`` of its surroundings blended into the defect-free ``dst`` (`_blend_patch`). ``keep_edge``: a
+    defect within ``margin`` of an image border is pasted against that border of ``dst`` (magnetic tile's
+    breaks and frays are chips off the tile's edge), elsewhere at random.
 
     Returns ``(img, mask)`` at ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None
     when ``src`` has no defect pixels or its defect region does not fit into ``dst``.
@@ -371,8 +382,9 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     dh, dw = dst_img.shape[:2]
     if y1 - y0 > dh or x1 - x0 > dw:
         return None
+    edges = (y0 == 0, y1 == h, x0 == 0, x1 == w) if keep_edge else (False, False, False, False)
     out, (ty, tx), pmask, pfg, _ = _blend_patch(src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1],
-                                                 dst_img, rng, margin, feather)
+                                                 dst_img, rng, margin, feather, edges)
     mask = np.zeros((dh, dw), np.uint8)
     mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]][pfg] = pmask[pfg]
     return out, mask

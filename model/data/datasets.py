@@ -172,15 +172,16 @@ class ClassifyDataset(_Base):
     transformed like the image (for a mask-supervised classifier). In training, masks (when the records
     have them) steer the random crop so that it keeps the defect. ``paste`` (training with masks): the
     probability that a defect image is replaced by its defect pasted onto a random defect-free image of the
-    set (`paste_defect`; same label, the pasted mask) — new surroundings for classes with few images.
-    Extra kwargs go to `ClassifyAugment`."""
+    set (`paste_defect`; same label, the pasted mask) — new surroundings for classes with few images;
+    ``paste_edge``: a defect on an image border is pasted against the same border. Extra kwargs go to
+    `ClassifyAugment`."""
 
     task = "classify"
 
     def __init__(self, records: Sequence[Record], imgsz: int = 224, train: bool = False,
                  augment: ClassifyAugment | None = None, cache: bool = True, with_mask: bool = False,
                  grayscale: bool = False, cache_max_side: int | None = None, paste: float = 0.0,
-                 **aug_kwargs):
+                 paste_edge: bool = False, **aug_kwargs):
         super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
         if any(r.label is None for r in self.records):
             raise ValueError("ClassifyDataset needs records with a classify label")
@@ -193,7 +194,7 @@ class ClassifyDataset(_Base):
             raise ValueError(f"paste must be a probability in [0, 1], got {paste}")
         if paste and not (train and self._have_masks):
             raise ValueError("paste needs a training set whose records have masks")
-        self.paste = float(paste)
+        self.paste, self.paste_edge = float(paste), bool(paste_edge)
         self._free: list[int] | None = None  # indices of the images without defect pixels (lazily)
 
     def _uses_mask(self) -> bool:
@@ -212,7 +213,7 @@ class ClassifyDataset(_Base):
         if not self._free:
             return None
         j = self._free[int(rng.integers(len(self._free)))]
-        return paste_defect(img, mask, self.load_image(j), rng)
+        return paste_defect(img, mask, self.load_image(j), rng, keep_edge=self.paste_edge)
 
     @property
     def labels(self) -> np.ndarray:

@@ -270,6 +270,31 @@ def test_paste_defect_moves_the_defect_and_its_mask_onto_the_other_image():
     assert paste_defect(src, src_mask, np.zeros((8, 8), np.uint8), np.random.default_rng(0)) is None
 
 
+def test_paste_defect_keep_edge_puts_a_chip_off_an_edge_against_the_same_edge_after_the_flips():
+    """keep_edge: a defect within the margin of a border stays against a border (the top one, or the bottom
+    one when the patch was flipped upside down); a defect inside the image, and any defect without
+    keep_edge, goes anywhere it fits."""
+    src = np.full((40, 50), 200, np.uint8)
+    chip = np.zeros((40, 50), np.uint8)
+    chip[0:3, 20:26] = 1  # a chip off the top edge
+    inner = np.zeros((40, 50), np.uint8)
+    inner[15:18, 20:26] = 1
+    dst = np.full((60, 70), 80, np.uint8)
+    sides, inner_rows, free_rows, cols = set(), set(), set(), set()
+    for seed in range(40):
+        _, mask = paste_defect(src, chip, dst, np.random.default_rng(seed), margin=4, keep_edge=True)
+        ys, xs = np.nonzero(mask)
+        assert ys.min() == 0 or ys.max() == 59  # flush with the top, or with the bottom after a v-flip
+        sides.add("top" if ys.min() == 0 else "bottom")
+        cols.add(int(xs.min()))
+        _, mask = paste_defect(src, inner, dst, np.random.default_rng(seed), margin=4, keep_edge=True)
+        inner_rows.add(int(np.nonzero(mask)[0].min()))
+        _, mask = paste_defect(src, chip, dst, np.random.default_rng(seed), margin=4)
+        free_rows.add(int(np.nonzero(mask)[0].min()))
+    assert sides == {"top", "bottom"} and len(cols) > 10  # along the edge it still moves
+    assert len(inner_rows) > 10 and len(free_rows) > 10 and any(0 < r < 50 for r in free_rows)
+
+
 def test_paste_segment_adds_a_window_of_the_donors_defects_and_keeps_the_images_own():
     src = np.full((40, 50), 200, np.uint8)  # a bright donor with a dark 30x30 defect area
     src_mask = np.zeros((40, 50), np.uint8)

@@ -573,6 +573,8 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"rotate": 30.0}, "--rotate"),  # segment only
     ({"task": "segment", "rotate": 200.0}, "--rotate"),
+    ({"paste_edge": True}, "--paste-edge"),  # needs --copy-paste
+    ({"task": "segment", "copy_paste": 0.5, "paste_edge": True}, "--paste-edge"),  # classify only
     ({"task": "detect", "exposure": 0.5}, "--exposure"),  # classify / segment only
     ({"exposure": -0.5}, "--exposure"),
     ({"exposure": 2.0}, "--exposure"),
@@ -597,6 +599,7 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="segment", data=f"{data},{data}", select="folders").resolved().validate()
     TrainConfig(task="segment", data=str(data), rotate=180.0).resolved().validate()
     TrainConfig(task="classify", data=str(data), exposure=1.5).resolved().validate()
+    TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_edge=True).resolved().validate()
     TrainConfig(task="segment", data=str(data), exposure=0.7).resolved().validate()
 
 
