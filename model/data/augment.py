@@ -318,9 +318,12 @@ def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | Non
     return x0, y0
 
 
+_NO_EDGES = (False, False, False, False)  # a patch that lay against none of its image's borders
+
+
 def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img: np.ndarray,
                  rng: np.random.Generator, margin: int, feather: float,
-                 edges: tuple[bool, bool, bool, bool] = (False, False, False, False)):
+                 edges: tuple[bool, bool, bool, bool] = _NO_EDGES):
     """The shared core of the copy-paste augmentations: ``patch`` (its labels ``pmask``, defect pixels
     ``pfg``), randomly h/v-flipped, blended into ``dst_img`` at a random position where it fits. ``edges``
     (top, bottom, left, right): the image borders the patch lay against in its source; it is put against
@@ -331,18 +334,19 @@ def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img:
     ``margin`` and blurred by ``feather`` (no rectangular seam to learn as a cue); the defect pixels
     themselves are opaque. Returns ``(image, (ty, tx), pmask, pfg, alpha)``: the blended copy of ``dst_img``,
     the patch's top-left corner in it, the (flipped) labels and defect pixels, and the H×W blend weight."""
-    top, bottom, left, right = edges
+    ends = [list(edges[:2]), list(edges[2:])]  # per axis: (low, high) border
     for axis in (0, 1):
         if rng.random() < 0.5:
             patch, pmask, pfg = np.flip(patch, axis), np.flip(pmask, axis), np.flip(pfg, axis)
-            top, bottom, left, right = (bottom, top, left, right) if axis == 0 else (top, bottom, right, left)
+            ends[axis].reverse()
     dh, dw = dst_img.shape[:2]
     ph, pw = pfg.shape
 
-    def place(low: bool, high: bool, room: int) -> int:  # against one border, or anywhere it fits
+    def place(axis: int, room: int) -> int:  # against one border, or anywhere it fits
+        low, high = ends[axis]
         return 0 if low and not high else room if high and not low else int(rng.integers(0, room + 1))
 
-    ty, tx = place(top, bottom, dh - ph), place(left, right, dw - pw)
+    ty, tx = place(0, dh - ph), place(1, dw - pw)
     region = dst_img[ty:ty + ph, tx:tx + pw].astype(np.float32)
     patch = patch.astype(np.float32)
     if patch.ndim != region.ndim:  # grayscale source onto a colour image or the reverse
@@ -382,7 +386,7 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     dh, dw = dst_img.shape[:2]
     if y1 - y0 > dh or x1 - x0 > dw:
         return None
-    edges = (y0 == 0, y1 == h, x0 == 0, x1 == w) if keep_edge else (False, False, False, False)
+    edges = (y0 == 0, y1 == h, x0 == 0, x1 == w) if keep_edge else _NO_EDGES
     out, (ty, tx), pmask, pfg, _ = _blend_patch(src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1],
                                                  dst_img, rng, margin, feather, edges)
     mask = np.zeros((dh, dw), np.uint8)
