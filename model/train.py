@@ -16,6 +16,7 @@ The output folder layout (``--out runs/NAME``)::
     runs/NAME/best/         the best EMA weights (a weights folder ready for `weights/`)
     runs/NAME/best-mask/    classify with masks only: the backbone + auxiliary mask decoder as a
                             segment model, picked by its own validation mIoU (``--export-mask``)
+    runs/NAME/epochs/NNN/   ``--keep-epochs``: every validated epoch's EMA weights with its val metrics
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class TrainConfig:
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     exposure: float = 0.0  # classify/segment: intensity gain drawn log-uniformly from [e^-G, e^G]; 0 = off
     select: str = "pooled"  # several data folders: best epoch by the pooled val metric or the mean of each folder's
+    keep_epochs: bool = False  # also save every validated epoch's EMA weights to <out>/epochs/NNN/
     command: str = ""
 
     def validate(self) -> TrainConfig:
@@ -581,7 +583,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             t1 = time.time()
             score = _validate(ema.module, manifest_base, val_recs, recipe.metric, "val_", row, best_dir, best,
-                              epoch, data_name, cfg, device, progress, groups=val_groups)
+                              epoch, data_name, cfg, device, progress, groups=val_groups,
+                              keep_dir=out / "epochs" / f"{epoch:03d}" if cfg.keep_epochs else None)
             if score > best:
                 best, best_epoch, improved = score, epoch, True
             if ema_mask is not None:
@@ -732,9 +735,10 @@ def _validate_mask(seg_model: nn.Module, manifest_base: dict, info, cfg: TrainCo
 
 def _validate(model: nn.Module, manifest: dict, recs, metric: str, prefix: str, row: dict, best_dir: Path,
               best: float, epoch: int, data_name: str, cfg: TrainConfig, device, progress: bool,
-              groups: list[str] | None = None) -> float:
+              groups: list[str] | None = None, keep_dir: Path | None = None) -> float:
     """Evaluate a frozen copy of the (EMA) `model` through the Predictor on `recs`; add its scalar metrics
-    to `row` as ``<prefix><name>``; save it with its val metrics to `best_dir` when the score beat `best`.
+    to `row` as ``<prefix><name>``; save it with its val metrics to `best_dir` when the score beat `best`,
+    and to `keep_dir` (``--keep-epochs``) whatever the score.
     The score is `metric` over all of `recs`, or with `groups` (a data folder name per record,
     ``--select folders``) the mean of each folder's `metric`, added to `row` as ``<prefix><folder>_<metric>``
     and ``<prefix>select_<metric>``. Returns the score."""
@@ -749,9 +753,12 @@ def _validate(model: nn.Module, manifest: dict, recs, metric: str, prefix: str, 
         scal.update({f"{g}_{metric}": round(v, 5) for g, v in per.items()})
         scal[f"select_{metric}"] = round(score, 5)
     row.update({f"{prefix}{k}": v for k, v in scal.items()})
+    record = {**manifest, "metrics": {"split": "val", "data": data_name, "num_images": len(recs), "epoch": epoch,
+                                      **scal}}
     if score > best:
-        save_model(copy, best_dir, {**manifest, "metrics": {
-            "split": "val", "data": data_name, "num_images": len(recs), "epoch": epoch, **scal}})
+        save_model(copy, best_dir, record)
+    if keep_dir is not None:
+        save_model(copy, keep_dir, record)
     return score
 
 

@@ -13,7 +13,9 @@
 # the call's timeout_s at 600. Session 7's call (TL=8.2 KILL=555): the runs ended 6.3 min after the start
 # (the time-fitted schedule stops early rather than overrun), then the script waited for the GPU logger
 # until the call's limit (fixed): 3.5 minutes of device time lost.
-# Local dry run: `DEV=cpu TL=0.5 SMOKE="--max-train-batches 2 --max-val-images 8" bash scripts/gpu_parallel_runs.sh`.
+# Session 15: --keep-epochs --val-every 1 in the runs' args and the packing of scripts/pack_runs.py (the tool
+# returns at most 8 files: session 14's one tgz per run left no room for more).
+# Local dry run (python3 must see the project's packages: PATH=.venv/bin:$PATH): `DEV=cpu TL=0.5 SMOKE="--max-train-batches 2 --max-val-images 8" bash scripts/gpu_parallel_runs.sh`.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -38,13 +40,12 @@ run() {  # name, extra args
     --export runs/g$n-export/mt-classify --export-mask runs/g$n-export/mt-segment > runs/g$n.log 2>&1
   echo "job $n rc=$?" >> runs/g$n.log
 }
-snap() {
-  for n in $NAMES; do
-    [ -d runs/g$n ] || continue
-    tar czf "$OUT/.g$n.tgz" --exclude='last.pt' --exclude='*.tmp' runs/g$n runs/g$n.log $(ls -d runs/g$n-export 2>/dev/null) 2>/dev/null \
-      && mv "$OUT/.g$n.tgz" "$OUT/g$n.tgz"
-  done
-}
+# What comes back (at most 8 files): env.txt, smi.csv and what scripts/pack_runs.py packs: logs.tgz, best.tgz
+# and, with --keep-epochs in a run's args, cands-1.tgz / cands-2.tgz: the kept epochs whose val metrics pass
+# KEEP_IF (a Python expression over the manifest's metrics; session 15: the epochs that meet both of issue 4's
+# mt-classify targets, which the recipe's single selection metric does not pick by).
+export KEEP_IF=${KEEP_IF:-top1 >= 0.97 and macro_recall >= 0.90}
+snap() { python3 scripts/pack_runs.py "$OUT" $NAMES | tail -n 1; }
 mkdir -p runs
 for spec in "${SPECS[@]}"; do
   # shellcheck disable=SC2086  # the extra args are meant to split

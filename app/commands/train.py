@@ -68,6 +68,9 @@ def add_parser(sub) -> None:
                    help="several --data folders: pick the best epoch by the val metric over all their val images "
                         "(pooled) or by the mean of each folder's val metric (folders: each dataset counts "
                         "equally, as in sampling; each folder's metric is logged)")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help="also save every validated epoch's EMA weights, with its val metrics, to OUT/epochs/NNN/ "
+                        "(a weights folder each; for picking an epoch by more than the recipe's metric)")
     p.add_argument("--max-train-batches", type=int, help=argparse_hidden())
     p.add_argument("--max-val-images", type=int, help=argparse_hidden())
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,7 +99,7 @@ def run(args) -> int:
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
                       exposure=args.exposure, paste_edge=args.paste_edge,
-                      select=args.select,
+                      select=args.select, keep_epochs=args.keep_epochs,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:
         result = train(cfg, progress=not args.quiet)

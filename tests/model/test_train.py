@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from app.cli import main as cli_main
 from model.data.readers import is_val_stem
@@ -659,3 +660,29 @@ def test_train_and_eval_cli_run_without_the_service_dependencies(tmp_path):
     assert (out / "best" / "model.safetensors").is_file()
     evaluated = json.loads(proc.stdout.splitlines()[-1])  # eval --json: the last line
     assert evaluated["task"] == "segment" and 0 <= evaluated["miou"] <= 1
+
+
+def test_keep_epochs_saves_every_validated_epoch(tmp_path):
+    """--keep-epochs: each validated epoch's EMA weights, a loadable weights folder whose manifest carries
+    that epoch's val metrics (the ones in log.csv); epochs not validated are not saved; best/ is unchanged."""
+    data = make_classify(tmp_path / "data")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--task", "classify", "--data", str(data), "--epochs", "3", "--val-every", "2",
+                     "--imgsz", "64", "--batch", "4", "--workers", "0", "--max-train-batches", "1",
+                     "--keep-epochs", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["keep_epochs"] is True
+    assert sorted(p.name for p in (out / "epochs").iterdir()) == ["002", "003"]  # every 2nd and the last
+    rows = {int(r["epoch"]): r for r in csv.DictReader(open(out / "log.csv"))}
+    for name in ("002", "003"):
+        manifest = json.loads((out / "epochs" / name / "manifest.json").read_text())
+        assert manifest["metrics"]["epoch"] == int(name)
+        assert manifest["metrics"]["top1"] == pytest.approx(float(rows[int(name)]["val_top1"]))
+        assert Predictor.from_folder(out / "epochs" / name).task == "classify"
+    best = json.loads((out / "best" / "manifest.json").read_text())["metrics"]["epoch"]
+    kept = load_file(out / "epochs" / f"{best:03d}" / "model.safetensors")
+    assert all(torch.equal(v, load_file(out / "best" / "model.safetensors")[k]) for k, v in kept.items())
+    # without the flag nothing is kept
+    assert cli_main(["train", "--task", "classify", "--data", str(data), "--epochs", "1", "--imgsz", "64",
+                     "--batch", "4", "--workers", "0", "--max-train-batches", "1", "--out", str(tmp_path / "r2"),
+                     "--quiet"]) == 0
+    assert not (tmp_path / "r2" / "epochs").exists()
