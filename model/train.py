@@ -101,6 +101,7 @@ class TrainConfigError(ValueError):
     """A training option out of range or meaningless for the task; the message names the CLI flag."""
 
 
+MAX_BALANCE = 1.0  # --balance: 1 = every class equally often (weights 1 / class count)
 MAX_EXPOSURE = 1.5  # --exposure: gains up to e^1.5 ≈ 4.5 (magnetic tile's exposures differ by up to ≈ 2.5x)
 SELECT_RULES = ("pooled", "folders")  # --select: the val score that picks the best epoch
 
@@ -117,6 +118,7 @@ class TrainConfig:
     weight_decay: float | None = None
     warmup_epochs: float | None = None
     crop: int | None = None
+    balance: float | None = None  # classify/segment: class-balanced sampling strength (recipe: 0.5)
     out: str = ""
     name: str = ""
     resume: bool = False
@@ -198,6 +200,8 @@ class TrainConfig:
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
             bad("--rotate", f"DEG needs --task segment and 0 <= DEG <= 180, got {self.rotate}")
+        if self.balance and (self.task == "detect" or not 0 < self.balance <= MAX_BALANCE):
+            bad("--balance", f"P needs --task classify or segment and 0 <= P <= {MAX_BALANCE}, got {self.balance}")
         if self.exposure and (self.task == "detect" or not 0 < self.exposure <= MAX_EXPOSURE):
             bad("--exposure", f"G needs --task classify or segment and 0 <= G <= {MAX_EXPOSURE}, got {self.exposure}")
         if self.select not in SELECT_RULES:
@@ -217,6 +221,8 @@ class TrainConfig:
         for k in ("epochs", "imgsz", "batch", "lr", "weight_decay", "warmup_epochs", "crop"):
             if getattr(c, k) is None:
                 setattr(c, k, getattr(r, k))
+        if c.balance is None:
+            c.balance = r.balance_power
         if not c.name:
             c.name = f"{Path(c.data).name}-{c.task}"
         if not c.out:
@@ -467,7 +473,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     else:
         mean, std = _mean_std(task.train_ds)
     fg = defect_fractions(task.train_ds) if cfg.fg_sampling else None
-    sampler = _sampler(train_recs, cfg.task, recipe.balance_power, source, fg=fg, fg_power=cfg.fg_sampling)
+    sampler = _sampler(train_recs, cfg.task, cfg.balance, source, fg=fg, fg_power=cfg.fg_sampling)
 
     def make_loader() -> DataLoader:
         return DataLoader(task.train_ds, batch_size=cfg.batch, shuffle=sampler is None, sampler=sampler,

@@ -579,6 +579,9 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"task": "detect", "exposure": 0.5}, "--exposure"),  # classify / segment only
     ({"exposure": -0.5}, "--exposure"),
     ({"exposure": 2.0}, "--exposure"),
+    ({"balance": -0.5}, "--balance"),
+    ({"balance": 1.5}, "--balance"),
+    ({"task": "detect", "balance": 0.5}, "--balance"),  # classify / segment only
     ({"select": "best"}, "--select"),
     ({"select": "folders"}, "--select"),  # one data folder: nothing to average over
     ({"task": "count"}, "--task"),
@@ -602,6 +605,8 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="classify", data=str(data), exposure=1.5).resolved().validate()
     TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_edge=True).resolved().validate()
     TrainConfig(task="segment", data=str(data), exposure=0.7).resolved().validate()
+    assert TrainConfig(task="classify", data=str(data), balance=0.0).resolved().validate().balance == 0.0
+    assert TrainConfig(task="detect", data=str(data)).resolved().validate().balance == 0.0  # the recipe's
 
 
 def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path, capsys):
@@ -686,3 +691,35 @@ def test_keep_epochs_saves_every_validated_epoch(tmp_path):
                      "--batch", "4", "--workers", "0", "--max-train-batches", "1", "--out", str(tmp_path / "r2"),
                      "--quiet"]) == 0
     assert not (tmp_path / "r2" / "epochs").exists()
+
+
+def test_balance_sets_the_class_sampling_strength(tmp_path, monkeypatch):
+    """--balance P: the training sampler draws each image with weight (its class's count) ** -P; the recipe's
+    0.5 when not given; recorded in config.json."""
+    import model.train as mt
+    from model.data.readers import load_records
+
+    data = make_classify(tmp_path / "data")
+    for p in sorted((data / "bad").iterdir())[:8]:  # 12 good, 4 bad
+        p.unlink()
+    seen = []
+    real = mt._sampler
+    monkeypatch.setattr(mt, "_sampler", lambda recs, task, power, *a, **k: seen.append(power) or real(recs, task,
+                                                                                                       power, *a, **k))
+    for extra, want in (([], 0.5), (["--balance", "1"], 1.0), (["--balance", "0"], 0.0)):
+        out = tmp_path / f"run{len(seen)}"
+        assert cli_main(["train", "--task", "classify", "--data", str(data), "--epochs", "1", "--imgsz", "64",
+                         "--batch", "4", "--workers", "0", "--max-train-batches", "1", "--out", str(out),
+                         "--quiet", *extra]) == 0
+        assert seen[-1] == want
+        assert json.loads((out / "config.json").read_text())["balance"] == want
+    # what the strength does: 1 gives every class the same total weight, 0.5 the square root of its count
+    recs = load_records(str(data), "classify").records
+    labels = np.array([r.label for r in recs])
+    counts = np.bincount(labels)
+    assert counts.tolist() == [4, 12]  # (class indices in name order: bad, good)
+    for power in (1.0, 0.5):
+        w = real(recs, "classify", power).weights.numpy()
+        totals = np.array([w[labels == c].sum() for c in range(2)])
+        assert np.allclose(totals / totals[0], (counts / counts[0]) ** (1 - power))
+    assert real(recs, "classify", 0.0) is None  # uniform: no sampler
