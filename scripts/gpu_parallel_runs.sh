@@ -40,8 +40,8 @@ run() {  # name, extra args
     --export runs/g$n-export/mt-classify --export-mask runs/g$n-export/mt-segment > runs/g$n.log 2>&1
   echo "job $n rc=$?" >> runs/g$n.log
 }
-# What comes back (at most 8 files): env.txt, smi.csv and what scripts/pack_runs.py packs: logs.tgz, best.tgz
-# and, with --keep-epochs in a run's args, cands-1.tgz / cands-2.tgz: the kept epochs whose val metrics pass
+# What comes back (at most 8 files): env.txt, smi.csv and what scripts/pack_runs.py packs: logs.tgz, best.tgz,
+# masks.tgz and, with --keep-epochs in a run's args, cands-1.tgz / cands-2.tgz: the kept epochs whose val metrics pass
 # KEEP_IF (a Python expression over the manifest's metrics; session 15: the epochs that meet both of issue 4's
 # mt-classify targets, which the recipe's single selection metric does not pick by).
 export KEEP_IF=${KEEP_IF:-top1 >= 0.97 and macro_recall >= 0.90}

@@ -1,6 +1,7 @@
 """Pack the runs of scripts/gpu_parallel_runs.sh into $OUT within the device tool's limits on what comes back
 (at most 8 files, 16 MiB each): logs.tgz (every run's log, log.csv, curves, config and best/manifest.json),
-best.tgz (every run's best/ weights) and cands-1.tgz, cands-2.tgz (kept epochs, `--keep-epochs`, whose val
+best.tgz (every run's best/ weights), masks.tgz (classify runs' best-mask/: the auxiliary mask head as a
+segmenter, best by its own val mIoU; session 15 lost two above mt-segment 1.0.0 without it) and cands-1.tgz, cands-2.tgz (kept epochs, `--keep-epochs`, whose val
 metrics pass KEEP_IF, a Python expression over the manifest's metrics; the best by macro recall, then top-1,
 six to a file). Each file is written beside and renamed into place, so a call cut off keeps the last whole one.
 
@@ -31,9 +32,11 @@ def main(out: str, names: list[str]) -> None:
     out = Path(out)
     runs = [Path(f"runs/g{n}") for n in names if Path(f"runs/g{n}").is_dir()]
     small = [p for r in runs for p in (r / "log.csv", r / "curves.png", r / "config.json", r / "best" / "manifest.json",
-                                       r.with_suffix(".log"))]
+                                       r / "best-mask" / "manifest.json", r.with_suffix(".log"))]
     _tar(out / "logs.tgz", small)
     _tar(out / "best.tgz", [r / "best" for r in runs])
+    if any((r / "best-mask").is_dir() for r in runs):
+        _tar(out / "masks.tgz", [r / "best-mask" for r in runs])
     keep_if = os.environ.get("KEEP_IF", "top1 >= 0.97 and macro_recall >= 0.90")
     cands = []
     for r in runs:
