@@ -1,9 +1,10 @@
 """Pack the runs of scripts/gpu_parallel_runs.sh into $OUT within the device tool's limits on what comes back
-(at most 8 files, 16 MiB each): logs.tgz (every run's log, log.csv, curves, config and best/manifest.json),
+(at most 8 files, 16 MiB each): logs.tgz (every run's log, log.csv, curves, config and best manifests),
 best.tgz (every run's best/ weights), masks.tgz (classify runs' best-mask/: the auxiliary mask head as a
-segmenter, best by its own val mIoU; session 15 lost two above mt-segment 1.0.0 without it) and cands-1.tgz, cands-2.tgz (kept epochs, `--keep-epochs`, whose val
-metrics pass KEEP_IF, a Python expression over the manifest's metrics; the best by macro recall, then top-1,
-six to a file). Each file is written beside and renamed into place, so a call cut off keeps the last whole one.
+segmenter, best by its own val mIoU; session 15 lost two above mt-segment 1.0.0 without it) and cands-1.tgz,
+cands-2.tgz (kept epochs, `--keep-epochs`, whose val metrics pass KEEP_IF, a Python expression over the
+manifest's metrics; the best by macro recall, then top-1, six to a file). Each file is written beside and
+renamed into place, so a call cut off keeps the last whole one.
 
     python3 scripts/pack_runs.py OUT NAME [NAME ...]      (runs/gNAME, runs/gNAME.log)
 """
