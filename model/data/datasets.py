@@ -240,11 +240,17 @@ class ClassifyDataset(_Base):
 
 def defect_fractions(ds: _Base) -> np.ndarray:
     """Per image of a dataset with masks: the fraction of its pixels labelled as a defect (mask value > 0,
-    the ignore value 255 not counted)."""
+    the ignore value 255 not counted). Computed once per dataset (read-only array): `--fg-sampling` and the
+    segment copy-paste donors both use it, and DataLoader workers forked after the first call inherit it."""
+    cached = getattr(ds, "_defect_fractions", None)
+    if cached is not None:
+        return cached
     out = np.empty(len(ds))
     for i in range(len(ds)):
         m = ds.load_mask(i)
         out[i] = float(np.count_nonzero(defect_pixels(m))) / max(m.size, 1)
+    out.setflags(write=False)
+    ds._defect_fractions = out
     return out
 
 

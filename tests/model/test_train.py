@@ -387,7 +387,11 @@ def test_fg_sampling_weights_images_by_their_defect_fraction_inside_each_folder(
     masks[2][:5] = 255  # ignored pixels are not defects
     masks[2][5] = 1
     ds._masks = dict(enumerate(masks))
-    assert np.allclose(defect_fractions(ds), [0.0, 0.2, 0.1])
+    first = defect_fractions(ds)
+    assert np.allclose(first, [0.0, 0.2, 0.1])
+    ds.load_mask = None  # computed once: the second use (copy-paste donors beside --fg-sampling) reads no mask
+    assert defect_fractions(ds) is first and not first.flags.writeable
+    assert set(ds.donor_table()[0][0].tolist()) == {1, 2}
 
     out = tmp_path / "run"
     assert cli_main(["train", "--task", "segment", "--data", str(a), "--epochs", "1", "--imgsz", "64",
