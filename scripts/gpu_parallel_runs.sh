@@ -42,9 +42,9 @@ run() {  # name, extra args
 }
 # What comes back (at most 8 files): env.txt, smi.csv and what scripts/pack_runs.py packs: logs.tgz, best.tgz,
 # masks.tgz and, with --keep-epochs in a run's args, cands-1.tgz / cands-2.tgz: the kept epochs whose val metrics pass
-# KEEP_IF (a Python expression over the manifest's metrics; session 15: the epochs that meet both of issue 4's
-# mt-classify targets, which the recipe's single selection metric does not pick by).
-export KEEP_IF=${KEEP_IF:-top1 >= 0.97 and macro_recall >= 0.90}
+# KEEP_IF (a Python expression over the manifest's metrics, read from the environment by pack_runs.py; its
+# default there: the epochs that meet both of issue 4's mt-classify targets, which the recipe's single
+# selection metric does not pick by).
 snap() { python3 scripts/pack_runs.py "$OUT" $NAMES | tail -n 1; }
 mkdir -p runs
 for spec in "${SPECS[@]}"; do
