@@ -120,8 +120,14 @@ class Predictor:
             self._pass_ids = [i for i, c in enumerate(self.classes) if c in pl]
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
+    def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                    fuse: bool = True) -> Predictor:
+        """Load a weights folder for inference. ``fuse`` folds BatchNorm into the convs (``TaskModel.fuse``:
+        same outputs up to float rounding, 3-5 % less time per image at batch 1 on a CPU); the service,
+        ``s2amnet eval``, ``predict`` and ``bench`` all run fused models."""
         model, manifest = load_model(path, device=device)
+        if fuse:
+            model.fuse()
         return cls(model, manifest, device=device)
 
     def __repr__(self) -> str:

@@ -143,6 +143,30 @@ class TaskModel(nn.Module):
                 f"images to shape ({max(h, MIN_INPUT_SIZE)}, {max(w, MIN_INPUT_SIZE)})."
             )
 
+    @property
+    def is_fused(self) -> bool:
+        return bool(getattr(self, "_fused", False))
+
+    @torch.no_grad()
+    def fuse(self) -> TaskModel:
+        """Fold every BatchNorm (backbone and head) into the conv before it, for inference; in place,
+        returns self. Puts the model in eval mode; outputs equal the unfused eval model up to float
+        rounding. The state dict changes (convs gain biases, no BN keys): load weights before fusing and
+        never save or train a fused model (``train()`` raises)."""
+        self.eval()
+        for m in list(self.modules()):
+            fuse = getattr(m, "fuse_bn_", None)
+            if fuse is not None:
+                fuse()
+        self._fused = True
+        return self
+
+    def train(self, mode: bool = True) -> TaskModel:
+        if mode and self.is_fused:
+            raise RuntimeError(f"{type(self).__name__}.fuse() folded BatchNorm into the convs; the model is "
+                               "inference-only")
+        return super().train(mode)
+
     def extra_repr(self) -> str:
         return f"task={self.task}, variant={self.variant}, num_classes={self.num_classes}"
 

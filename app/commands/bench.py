@@ -103,11 +103,13 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
     from model.predictor import Predictor
 
     predictor = Predictor.from_folder(folder, device=device)
+    unfused = Predictor.from_folder(folder, device=device, fuse=False)  # BatchNorm as trained, for the ratio
     h, w = predictor.input_size
     rng = np.random.default_rng(0)
     inputs = {b: [rng.integers(0, 256, (3, h, w), dtype=np.uint8) for _ in range(b)] for b in batch_sizes}
     for arrays in inputs.values():
         predictor.infer(arrays)  # warm-up (allocator, cudnn autotune)
+    unfused.infer(inputs[batch_sizes[0]])
     cuda = device.startswith("cuda")
     top = max(batch_sizes)
     tuned: dict[str, Any] | None = None
@@ -117,6 +119,7 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
                  "measured_ms_per_image": {str(k): round(v, 3) for k, v in measured.items()}}
         predictor.forward_batch = None
     chunked: list[float] = []
+    unfused_times: list[float] = []
     times: dict[int, list[float]] = {b: [] for b in batch_sizes}
     peak: dict[int, float] = {}
     # interleaved: every round times each batch size once, so a slow spell of a shared machine hits all
@@ -131,6 +134,11 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
             times[b].append(time.perf_counter() - t0)
             if cuda:
                 peak[b] = max(peak.get(b, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        unfused.infer(inputs[batch_sizes[0]])
+        unfused_times.append(time.perf_counter() - t0)
         if tuned and tuned["chosen"] < top:  # the largest batch again, in forwards of the chosen size
             predictor.forward_batch = tuned["chosen"]
             t0 = time.perf_counter()
@@ -147,8 +155,13 @@ def bench_model(folder: Path, batch_sizes: list[int], iters: int, device: str) -
     base = rows[0]["images_per_s"]  # batch 1 (always measured)
     for r in rows:
         r["gain_vs_batch1"] = round(r["images_per_s"] / base, 2)
+    del unfused
     out = {"model": predictor.name, "folder": str(folder), "task": predictor.task,
            "version": str(predictor.version), "input_size": [h, w], "tta": list(predictor.tta), "rows": rows}
+    b0 = batch_sizes[0]
+    ms_unfused = statistics.median(unfused_times) / b0 * 1000.0
+    out["batchnorm_folding"] = {"batch": b0, "ms_per_image_unfused": round(ms_unfused, 3),
+                                "gain": round(ms_unfused / rows[0]["ms_per_image"], 3)}
     if tuned:
         whole = rows[-1]["ms_per_image"]
         split = statistics.median(chunked) / top * 1000.0 if chunked else whole
@@ -318,6 +331,12 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"| {'+'.join(r['tta']) or 'none'} | {row['batch']} | {row['ms_per_image']:.1f} "
                          f"| {row['images_per_s']:.1f} | {gain:.2f}× |"
                          + (f" {row['peak_gpu_mib']} |" if "peak_gpu_mib" in row else ""))
+    folded = [r for r in result["models"] if r.get("batchnorm_folding")]
+    if folded:
+        gains = ", ".join(f"{r['model']} {r['batchnorm_folding']['gain']:.2f}×" for r in folded)
+        lines += ["", f"BatchNorm folded into the convs (`TaskModel.fuse`, as the service loads every model), "
+                  f"ms / image at batch {folded[0]['batchnorm_folding']['batch']} unfused ÷ folded, timed in the "
+                  f"same rounds: {gains}."]
     tuned = [r for r in result["models"] if r.get("forward_batch")]
     if tuned:
         lines += ["", "## Forward batch: what `S2AMNET_FORWARD_BATCH=auto` picks on this CPU", "",

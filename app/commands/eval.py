@@ -37,6 +37,7 @@ def run(args) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         model, manifest = load_model(args.weights, device=device)
+        model.fuse()  # as Predictor.from_folder does for the service: evaluate what is served
         if args.tta is not None:
             manifest["tta"] = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
         predictor = Predictor(model, manifest, device=device)

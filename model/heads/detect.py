@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.blocks import fuse_conv_bn
 from model.boxes import batched_nms, dfl_decode, dist2bbox, make_anchors
 
 __all__ = [
@@ -59,6 +60,10 @@ class Conv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
+
+    def fuse_bn_(self) -> None:
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.conv, self.bn = fuse_conv_bn(self.conv, self.bn), nn.Identity()
 
 
 class Bottleneck(nn.Module):

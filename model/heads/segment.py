@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.blocks import fuse_conv_bn
+
 __all__ = ["LayerNormCF", "DSC", "AttBlock", "ConvGLU", "MFLiteSegDecoder"]
 
 
@@ -65,6 +67,12 @@ class DSC(nn.Sequential):
             nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True),
         )
+
+    @torch.no_grad()
+    def fuse_bn_(self) -> None:
+        if isinstance(self[2], nn.BatchNorm2d):
+            self[1] = fuse_conv_bn(self[1], self[2])
+            self[2] = nn.Identity()
 
 
 class MHSA2d(nn.Module):

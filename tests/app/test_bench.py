@@ -39,6 +39,9 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
         assert f["gain"] == pytest.approx(f["ms_per_image_whole"] / f["ms_per_image_chosen"], abs=0.01)
         if f["chosen"] == 2:  # nothing split: the same timings
             assert f["ms_per_image_chosen"] == f["ms_per_image_whole"]
+        bn = m["batchnorm_folding"]  # the served (folded) model against the same weights unfused, batch 1
+        assert bn["batch"] == 1 and bn["ms_per_image_unfused"] > 0
+        assert bn["gain"] == pytest.approx(bn["ms_per_image_unfused"] / m["rows"][0]["ms_per_image"], rel=0.01)
 
     service = result["service"]  # the first --weights folder, through real HTTP
     assert service["model"] == "cls" and service["endpoint"] == "/classify"
@@ -58,6 +61,8 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     md = out.read_text()
     assert md.startswith("# Benchmarks") and "| cls 1 | classify | 64x64 | none | 2 |" in md
     assert "## Forward batch" in md and "| cls | " in md
+    fold = result["models"][0]["batchnorm_folding"]
+    assert "BatchNorm folded into the convs" in md and f"cls {fold['gain']:.2f}×" in md
     assert "## Service" in md and "Dynamic batching gain" in md and "| 3 | 1 | 6 | 6 |" in md
     assert md.strip() in proc.stdout  # the same report is printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -414,10 +414,18 @@ def test_from_folder(tmp_path, predictors):
     assert p.name == "t-detect" and p.version == "3" and p.task == "detect"
     assert p.input_size == (64, 96) and p.classes == CLASSES["detect"]
     p.warmup((1, 2))
+    # the service's models are BatchNorm-folded (TaskModel.fuse); fuse=False keeps the module as saved
+    assert p.model.is_fused and not any(isinstance(m, torch.nn.BatchNorm2d) for m in p.model.modules())
+    plain = Predictor.from_folder(folder, fuse=False)
+    assert not plain.model.is_fused and any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
     img = _images()[0]
     a = p.predict(img, conf=0.001)[0]
     b = predictors["detect"].predict(img, conf=0.001)[0]
-    assert a == b
+    assert plain.predict(img, conf=0.001)[0] == b
+    assert [d["label"] for d in a["defects"]] == [d["label"] for d in b["defects"]] and a["verdict"] == b["verdict"]
+    for da, db in zip(a["defects"], b["defects"], strict=True):
+        assert da["score"] == pytest.approx(db["score"], abs=1e-4)
+        assert da["box"] == pytest.approx(db["box"], abs=1e-2)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -115,3 +115,38 @@ def test_pretrained_cfg_and_arch(tiny_models):
     assert tuple(tiny_models["classify"].pretrained_cfg["input_size"]) == (224, 224)
     arch = tiny_models["detect"].arch()
     assert arch["variant"] == "tiny" and arch["num_classes"] == 5 and arch["reg_max"] == 16
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_fuse_folds_every_batchnorm_and_keeps_outputs(task):
+    """TaskModel.fuse folds the BatchNorms of backbone *and* head (the detector's Conv units, the segment
+    decoder's DSC units); with non-trivial running statistics the outputs stay equal up to rounding."""
+    import copy
+
+    torch.manual_seed(3)
+    m = build_model(task, "tiny", NC[task])
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    head_bns = [n for n, mod in m.named_modules()
+                if isinstance(mod, torch.nn.BatchNorm2d) and not n.startswith("backbone.")]
+    assert bool(head_bns) == (task != "classify"), head_bns  # decoder, neck, head; the classify head has none
+    with torch.no_grad():
+        for bn in bns:  # a fresh BN (mean 0, var 1, affine 1/0) would make folding a near no-op
+            bn.running_mean.normal_(0.0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.2)
+    m.eval()
+    fused = copy.deepcopy(m).fuse()
+    assert fused.is_fused and not m.is_fused
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in fused.modules())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref, out = m(x), fused(x)
+    refs, outs = (ref, out) if isinstance(ref, (list, tuple)) else ((ref,), (out,))
+    for a, b in zip(outs, refs, strict=True):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fused.train()
+    fused.eval()  # eval stays allowed
+    m.train()  # the original is untouched and still trains
