@@ -351,7 +351,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {measured} | {f['chosen']} | {f['batch']} | {f['ms_per_image_whole']:.1f} "
                          f"| {f['ms_per_image_chosen']:.1f} | {f['gain']:.2f}× |")
     lines += ["", f"Peak RSS of the benchmark process: {result['peak_rss_mib']:.0f} MiB (all models loaded one "
-              "after another).", ""]
+              "after another, each also unfused for the BatchNorm ratio).", ""]
     s = result.get("service")
     if s:
         lines += [f"## Service: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "

@@ -163,11 +163,16 @@ def test_choose_forward_batch():
 
 
 @pytest.mark.parametrize(("cost", "max_batch", "sizes", "chosen"), [
-    (lambda b: 0.010 * b * b, 16, [1, 2], 1),  # ms per image grows with the batch: stop at 2, keep 1
+    (lambda b: 0.010 * b * b, 16, [1, 2], 1),  # ms per image grows with the batch: 2 is clearly slower, stop
     (lambda b: 0.020 + 0.001 * b, 16, [1, 2, 4, 8], 8),  # a fixed cost per forward: the largest measured (≤ 8)
     (lambda b: 0.020 + 0.001 * b, 6, [1, 2, 4], 4),  # never above max_batch
-    (lambda b: 0.010 * b, 8, [1, 2], 1),  # the same per image: 2 is not faster, so neither is 4; keep 1
-    (lambda b: b * {1: 0.056, 2: 0.037, 4: 0.0366}[b], 8, [1, 2, 4], 2),  # 4 is not 5 % faster than 2: keep 2
+    (lambda b: 0.010 * b, 8, [1, 2, 4, 8], 1),  # the same per image: the smallest
+    (lambda b: b * {1: 0.056, 2: 0.037, 4: 0.0366, 8: 0.0368}[b], 8, [1, 2, 4, 8], 2),  # 4, 8 within 5 % of 2
+    # not monotonic (the shipped classifier on the 2-core CPU): 2 is barely faster than 1, 8 clearly is.
+    # Stopping at the first size that is not 5 % faster kept 1 here, 13 % slower per image than forwards of 8.
+    (lambda b: b * {1: 0.0251, 2: 0.0240, 4: 0.0229, 8: 0.0212}[b], 8, [1, 2, 4, 8], 8),
+    (lambda b: b * {1: 0.0251, 2: 0.0260, 4: 0.0229, 8: 0.0212}[b], 8, [1, 2, 4, 8], 8),  # 2 not > 10 % slower
+    (lambda b: b * {1: 0.0320, 2: 0.0280, 4: 0.0390, 8: 0.0200}[b], 8, [1, 2, 4], 2),  # 4 is: 8 never timed
 ])
 def test_tune_forward_batch_measures_sizes_and_picks(cost, max_batch, sizes, chosen, predictors):
     p = Predictor(predictors["classify"].model, _manifest("classify"))
@@ -183,7 +188,7 @@ def test_tune_forward_batch_measures_sizes_and_picks(cost, max_batch, sizes, cho
     timings = p.tune_forward_batch(max_batch, clock=lambda: now[0])
     assert list(timings) == sizes and p.forward_batch == chosen
     assert timings[1] == pytest.approx(1000 * cost(1))
-    assert set(seen) == set(sizes) and all(seen.count(k) >= 3 for k in sizes)  # untimed + at least 2 timed
+    assert set(seen) == set(sizes) and all(seen.count(k) == 4 for k in sizes)  # untimed + 3 timed
 
 
 @pytest.mark.parametrize("task", ["classify", "segment", "detect"])

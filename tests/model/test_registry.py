@@ -117,14 +117,15 @@ def test_pretrained_cfg_and_arch(tiny_models):
     assert arch["variant"] == "tiny" and arch["num_classes"] == 5 and arch["reg_max"] == 16
 
 
+@pytest.mark.parametrize("variant", ["tiny", "large"])  # large: layer scale and drop path
 @pytest.mark.parametrize("task", ["classify", "segment", "detect"])
-def test_fuse_folds_every_batchnorm_and_keeps_outputs(task):
+def test_fuse_folds_every_batchnorm_and_keeps_outputs(task, variant):
     """TaskModel.fuse folds the BatchNorms of backbone *and* head (the detector's Conv units, the segment
     decoder's DSC units); with non-trivial running statistics the outputs stay equal up to rounding."""
     import copy
 
     torch.manual_seed(3)
-    m = build_model(task, "tiny", NC[task])
+    m = build_model(task, variant, NC[task])
     bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
     head_bns = [n for n, mod in m.named_modules()
                 if isinstance(mod, torch.nn.BatchNorm2d) and not n.startswith("backbone.")]

@@ -192,8 +192,8 @@ def test_classify_with_mask_head_and_backbone_init(tmp_path):
     assert not any(k.startswith("aux") for k in pred.model.state_dict())
     # the segmenter has the same classes as the mask head, so its decoder initialised the head too: two
     # warm-up steps later the run's mask model is still next to it, far from a fresh decoder
-    src = Predictor.from_folder(seg["best_dir"]).model.decoder.state_dict()
-    got = Predictor.from_folder(out / "best-mask").model.decoder.state_dict()
+    src = Predictor.from_folder(seg["best_dir"], fuse=False).model.decoder.state_dict()
+    got = Predictor.from_folder(out / "best-mask", fuse=False).model.decoder.state_dict()
     fresh = build_model("segment", "tiny", len(pred.classes)).decoder.state_dict()
     dist = sum(float((got[k].float() - src[k].float()).abs().sum()) for k in src)
     dist_fresh = sum(float((fresh[k].float() - src[k].float()).abs().sum()) for k in src)
@@ -218,7 +218,7 @@ def test_classify_with_masks_also_exports_its_mask_head_as_a_segmenter(tmp_path)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["best_mask"] == max(float(r["val_mask_miou"]) for r in rows)
 
-    seg = Predictor.from_folder(seg_dst)
+    seg = Predictor.from_folder(seg_dst, fuse=False)  # its tensors as saved
     assert seg.task == "segment" and seg.classes[0] == "background" and "MT_Blowhole" in seg.classes
     assert seg.manifest["metrics"]["split"] == "val" and "miou" in seg.manifest["metrics"]
     cls = Predictor.from_folder(cls_dst)
@@ -240,7 +240,7 @@ def test_export_mask_of_the_larger_variants_loads_and_predicts(variant, tmp_path
     train(TrainConfig(task="classify", data=str(data), variant=variant, epochs=1, imgsz=64, batch=4,
                       out=str(tmp_path / "run"), workers=0, max_train_batches=1, max_val_images=4,
                       export_mask=str(seg_dst)), progress=False)
-    seg = Predictor.from_folder(seg_dst)
+    seg = Predictor.from_folder(seg_dst, fuse=False)
     arch = seg.manifest["arch"]
     assert seg.task == "segment" and arch["variant"] == variant and arch["layer_scale"] == 1e-5  # the classifier's
     got = seg.model.state_dict()
