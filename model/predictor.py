@@ -123,7 +123,7 @@ class Predictor:
     def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
                     fuse: bool = True) -> Predictor:
         """Load a weights folder for inference. ``fuse`` folds BatchNorm into the convs (``TaskModel.fuse``:
-        same outputs up to float rounding, 3-5 % less time per image at batch 1 on a CPU); the service,
+        same outputs up to float rounding; 0-9 % less time per image at batch 1 on the 2-core CPU); the service,
         ``s2amnet eval``, ``predict`` and ``bench`` all run fused models."""
         model, manifest = load_model(path, device=device)
         if fuse:
