@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.blocks import AFMM, ADSCDConv, ConvStem, LayerNormCF, MPBlock, SSAMBlock
+from model.blocks import AFMM, ADSCDConv, ConvStem, LayerNormCF, MPBlock, SSAMBlock, fold_batchnorm_
 from model.wavelet import HaarDown
 
 __all__ = ["VARIANTS", "TASK_SETTINGS", "resolve_variant", "task_settings", "SSAMNet", "init_weights"]
@@ -157,12 +157,7 @@ class SSAMNet(nn.Module):
         the state dict changes (no ``bn*`` keys, convs gain biases): load checkpoints *before*
         fusing, never save a fused model as a training checkpoint. A fused model cannot train.
         """
-        self.eval()
-        for m in list(self.modules()):
-            fuse = getattr(m, "fuse_bn_", None)
-            if fuse is not None:
-                fuse()
-        return self
+        return fold_batchnorm_(self.eval())
 
     def train(self, mode: bool = True) -> SSAMNet:
         if mode and self.is_fused:

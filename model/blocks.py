@@ -34,6 +34,8 @@ __all__ = [
     "SSAMBlock",
     "cumulative_offsets",
     "fuse_conv_bn",
+    "fuse_conv_bn_attrs",
+    "fold_batchnorm_",
 ]
 
 
@@ -68,11 +70,23 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-def _fuse_attrs(module: nn.Module, conv_name: str, bn_name: str) -> None:
+def fuse_conv_bn_attrs(module: nn.Module, conv_name: str, bn_name: str) -> None:
+    """Replace ``module.<conv_name>`` by its fold with ``module.<bn_name>`` and the BN by an identity (no-op
+    once folded). Names may be a Sequential's indices ("1", "2")."""
     bn = getattr(module, bn_name)
     if isinstance(bn, nn.BatchNorm2d):
         setattr(module, conv_name, fuse_conv_bn(getattr(module, conv_name), bn))
         setattr(module, bn_name, nn.Identity())
+
+
+@torch.no_grad()
+def fold_batchnorm_(module: nn.Module) -> nn.Module:
+    """Call ``fuse_bn_()`` on every submodule that has one (in place; returns `module`)."""
+    for m in list(module.modules()):
+        fuse = getattr(m, "fuse_bn_", None)
+        if fuse is not None:
+            fuse()
+    return module
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,8 +151,8 @@ class ConvStem(nn.Module):
         return self.bn2(self.conv2(x))
 
     def fuse_bn_(self) -> None:
-        _fuse_attrs(self, "conv1", "bn1")
-        _fuse_attrs(self, "conv2", "bn2")
+        fuse_conv_bn_attrs(self, "conv1", "bn1")
+        fuse_conv_bn_attrs(self, "conv2", "bn2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,8 +211,8 @@ class MPBlock(nn.Module):
         return x + self.drop_path(y)
 
     def fuse_bn_(self) -> None:
-        _fuse_attrs(self, "pw1", "bn1")
-        _fuse_attrs(self, "pw2", "bn2")
+        fuse_conv_bn_attrs(self, "pw1", "bn1")
+        fuse_conv_bn_attrs(self, "pw2", "bn2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +233,7 @@ class ConvBNAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
     def fuse_bn_(self) -> None:
-        _fuse_attrs(self, "conv", "bn")
+        fuse_conv_bn_attrs(self, "conv", "bn")
 
 
 class PConv(nn.Module):
@@ -430,7 +444,7 @@ class ADSCDConv(nn.Module):
         return torch.cat([kern[:, :, :c], centre.unsqueeze(2), kern[:, :, c + 1 :]], dim=2)
 
     def fuse_bn_(self) -> None:
-        _fuse_attrs(self, "attn_conv1", "attn_bn")
+        fuse_conv_bn_attrs(self, "attn_conv1", "attn_bn")
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         B, d, H, W = u.shape

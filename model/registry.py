@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model.blocks import fold_batchnorm_
+
 __all__ = [
     "TASKS",
     "TaskSpec",
@@ -145,21 +147,14 @@ class TaskModel(nn.Module):
 
     @property
     def is_fused(self) -> bool:
-        return bool(getattr(self, "_fused", False))
+        return self.backbone.is_fused  # fuse() always folds the backbone
 
-    @torch.no_grad()
     def fuse(self) -> TaskModel:
         """Fold every BatchNorm (backbone and head) into the conv before it, for inference; in place,
         returns self. Puts the model in eval mode; outputs equal the unfused eval model up to float
         rounding. The state dict changes (convs gain biases, no BN keys): load weights before fusing and
         never save or train a fused model (``train()`` raises)."""
-        self.eval()
-        for m in list(self.modules()):
-            fuse = getattr(m, "fuse_bn_", None)
-            if fuse is not None:
-                fuse()
-        self._fused = True
-        return self
+        return fold_batchnorm_(self.eval())
 
     def train(self, mode: bool = True) -> TaskModel:
         if mode and self.is_fused:

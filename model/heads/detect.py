@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.blocks import fuse_conv_bn
+from model.blocks import fuse_conv_bn_attrs
 from model.boxes import batched_nms, dfl_decode, dist2bbox, make_anchors
 
 __all__ = [
@@ -62,8 +62,7 @@ class Conv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
     def fuse_bn_(self) -> None:
-        if isinstance(self.bn, nn.BatchNorm2d):
-            self.conv, self.bn = fuse_conv_bn(self.conv, self.bn), nn.Identity()
+        fuse_conv_bn_attrs(self, "conv", "bn")
 
 
 class Bottleneck(nn.Module):

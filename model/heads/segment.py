@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.blocks import fuse_conv_bn
+from model.blocks import fuse_conv_bn_attrs
 
 __all__ = ["LayerNormCF", "DSC", "AttBlock", "ConvGLU", "MFLiteSegDecoder"]
 
@@ -68,11 +68,8 @@ class DSC(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
-    @torch.no_grad()
     def fuse_bn_(self) -> None:
-        if isinstance(self[2], nn.BatchNorm2d):
-            self[1] = fuse_conv_bn(self[1], self[2])
-            self[2] = nn.Identity()
+        fuse_conv_bn_attrs(self, "1", "2")  # the 1×1 conv and its BN
 
 
 class MHSA2d(nn.Module):
