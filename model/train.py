@@ -142,6 +142,7 @@ class TrainConfig:
     copy_paste: float = 0.0  # classify with masks: paste a defect onto a defect-free image; segment: a donor's
     # defects into the image (probability)
     paste_edge: bool = False  # classify copy-paste: a defect on an image border is pasted against that border
+    erase: float = 0.0  # classify with masks: a defect image trained with its defect covered, as defect-free
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     exposure: float = 0.0  # classify/segment: intensity gain drawn log-uniformly from [e^-G, e^G]; 0 = off
@@ -196,6 +197,10 @@ class TrainConfig:
                 f"0 <= P <= 1, got {self.copy_paste}")
         if self.paste_edge and (self.task != "classify" or not self.copy_paste):
             bad("--paste-edge", "needs --task classify with --copy-paste P")
+        if self.erase and (self.task != "classify" or not self.aux_mask
+                           or not 0 < self.erase <= 1 - self.copy_paste):
+            bad("--erase", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1 - "
+                f"(--copy-paste), got {self.erase}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
@@ -309,12 +314,19 @@ class _Task:
         self.aux: nn.Module | None = None
         if task == "classify":
             use_masks = cfg.aux_mask and all(r.has_mask for r in train_recs) and "segment" in info.tasks
-            if cfg.copy_paste and not use_masks:
-                raise TrainConfigError("--copy-paste needs a data folder whose images all have defect masks "
-                                       "(magnetic-tile layout)")
+            for flag, used in (("--copy-paste", cfg.copy_paste), ("--erase", cfg.erase)):
+                if used and not use_masks:
+                    raise TrainConfigError(f"{flag} needs a data folder whose images all have defect masks "
+                                           "(magnetic-tile layout)")
+            free_label = None
+            if cfg.erase:
+                if len(info.pass_classes) != 1:
+                    raise TrainConfigError("--erase needs a data folder with one defect-free class, "
+                                           f"got {info.pass_classes}")
+                free_label = info.class_names("classify").index(info.pass_classes[0])
             self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
                                             paste=cfg.copy_paste, paste_edge=cfg.paste_edge,
-                                            exposure=cfg.exposure)
+                                            erase=cfg.erase, free_label=free_label, exposure=cfg.exposure)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:

@@ -53,6 +53,11 @@ def add_parser(sub) -> None:
     p.add_argument("--paste-edge", action="store_true",
                    help="classify --copy-paste: a defect on an image border is pasted against the same border of "
                         "the defect-free image, elsewhere at random (chips off a part's edge stay on the edge)")
+    p.add_argument("--erase", type=float, default=0.0, metavar="P",
+                   help="classify with masks: with probability P a defect image (defect under 5 %% of it) is "
+                        "trained as defect-free, its defect covered by a clean piece of the same image beside "
+                        "it (the same part with and without its defect: the label cannot be told from the "
+                        "part; at most 1 - the --copy-paste P)")
     p.add_argument("--fg-sampling", type=float, default=0.0, metavar="P",
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
                         "(within each data folder; 0 = off): images whose defects cover much of the image "
@@ -102,7 +107,7 @@ def run(args) -> int:
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
-                      exposure=args.exposure, paste_edge=args.paste_edge,
+                      exposure=args.exposure, paste_edge=args.paste_edge, erase=args.erase,
                       select=args.select, keep_epochs=args.keep_epochs, balance=args.balance,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:

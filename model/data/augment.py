@@ -347,10 +347,20 @@ def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img:
         return 0 if low and not high else room if high and not low else int(rng.integers(0, room + 1))
 
     ty, tx = place(0, dh - ph), place(1, dw - pw)
-    region = dst_img[ty:ty + ph, tx:tx + pw].astype(np.float32)
+    region = dst_img[ty:ty + ph, tx:tx + pw]
     patch = patch.astype(np.float32)
     if patch.ndim != region.ndim:  # grayscale source onto a colour image or the reverse
         patch = np.repeat(patch[..., None], region.shape[2], 2) if region.ndim == 3 else patch.mean(2)
+    out = dst_img.copy()
+    out[ty:ty + ph, tx:tx + pw], alpha = _blend(region, patch, pfg, margin, feather)
+    return out, (ty, tx), pmask, pfg, alpha
+
+
+def _blend(region: np.ndarray, patch: np.ndarray, pfg: np.ndarray, margin: int, feather: float):
+    """``patch`` over ``region`` (same shape) through the mask ``pfg`` dilated by ``margin`` and blurred by
+    ``feather`` (``pfg`` itself opaque), the patch's pixels outside ``pfg`` mean-matched to the region's.
+    Returns the blended uint8 region and the blend weight."""
+    region, patch = region.astype(np.float32), patch.astype(np.float32)
     alpha_img = Image.fromarray(pfg.astype(np.uint8) * 255)
     if margin > 0:
         alpha_img = alpha_img.filter(ImageFilter.MaxFilter(2 * (margin // 2) + 1))
@@ -361,9 +371,7 @@ def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img:
     if ring.any():
         patch = patch + (region[ring].mean(0) - patch[ring].mean(0))
     a = alpha[..., None] if region.ndim == 3 else alpha
-    out = dst_img.copy()
-    out[ty:ty + ph, tx:tx + pw] = np.clip(region * (1 - a) + patch * a, 0, 255).astype(np.uint8)
-    return out, (ty, tx), pmask, pfg, alpha
+    return np.clip(region * (1 - a) + patch * a, 0, 255).astype(np.uint8), alpha
 
 
 def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
@@ -419,6 +427,53 @@ def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray
     region[margin_px & (defect_pixels(region) | (pmask == IGNORE_INDEX))] = IGNORE_INDEX
     region[pfg] = pmask[pfg]
     return out, mask
+
+
+def erase_defect(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, margin: int = 6,
+                 feather: float = 2.0, max_fraction: float = 0.05):
+    """The reverse of `paste_defect`: the image's defect covered by a defect-free piece of the same image,
+    so that the same part is also seen without its defect (a classifier cannot tell the class by
+    recognising the part). The piece is the defect's box (plus ``margin``) shifted along the image border
+    the defect touches (a chip off the top edge is covered by the top edge beside it), or along either
+    axis for a defect inside; it must lie inside the image and hold no defect or ignored pixel. Blending is
+    `_blend`'s, as in `_blend_patch`: mean-matched, through the defect mask dilated by ``margin``, blurred by
+    ``feather``.
+
+    Returns ``(img, mask)`` with the defect pixels set to background, or None when the image has no defect
+    pixels, when they cover more than ``max_fraction`` of it (a large area has no plausible cover), or when
+    no clean piece is found.
+    """
+    fg = defect_pixels(mask)
+    ys, xs = np.nonzero(fg)
+    if len(ys) == 0 or len(ys) > max_fraction * fg.size:
+        return None
+    h, w = fg.shape
+    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
+    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
+    bh, bw = y1 - y0, x1 - x0
+    along_x = [(0, s * (bw + int(rng.integers(0, bw + 1)))) for s in (-1, 1)]
+    along_y = [(s * (bh + int(rng.integers(0, bh + 1))), 0) for s in (-1, 1)]
+    on_top_or_bottom, on_side = y0 == 0 or y1 == h, x0 == 0 or x1 == w
+    if on_top_or_bottom and not on_side:
+        shifts = along_x
+    elif on_side and not on_top_or_bottom:
+        shifts = along_y
+    else:
+        shifts = along_x + along_y
+    order = rng.permutation(len(shifts))
+    unclean = (mask > 0)  # defect or ignored
+    for k in order:
+        dy, dx = shifts[int(k)]
+        sy, sx = y0 + dy, x0 + dx
+        if sy < 0 or sx < 0 or sy + bh > h or sx + bw > w or unclean[sy:sy + bh, sx:sx + bw].any():
+            continue
+        out = img.copy()
+        out[y0:y1, x0:x1], _ = _blend(img[y0:y1, x0:x1], img[sy:sy + bh, sx:sx + bw], fg[y0:y1, x0:x1],
+                                      margin, feather)
+        new_mask = mask.copy()
+        new_mask[fg] = 0
+        return out, new_mask
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------

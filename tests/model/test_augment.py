@@ -10,6 +10,7 @@ from model.data.augment import (
     ClassifyAugment,
     DetectAugment,
     SegmentAugment,
+    erase_defect,
     filter_boxes,
     hflip,
     hsv_augment,
@@ -25,6 +26,7 @@ from model.data.augment import (
     unletterbox_boxes,
     vflip,
 )
+from model.data.readers import defect_pixels
 
 
 def _square_image(h=60, w=80, box=(30, 10, 45, 20), value=255, channels=None):
@@ -293,6 +295,40 @@ def test_paste_defect_keep_edge_puts_a_chip_off_an_edge_against_the_same_edge_af
         free_rows.add(int(np.nonzero(mask)[0].min()))
     assert sides == {"top", "bottom"} and len(cols) > 10  # along the edge it still moves
     assert len(inner_rows) > 10 and len(free_rows) > 10 and any(0 < r < 50 for r in free_rows)
+
+
+def test_erase_defect_covers_the_defect_with_the_clean_image_beside_it():
+    """A dark chip off the top edge of a striped tile is covered by the stripes beside it along that edge:
+    afterwards no dark pixel is left, the mask is all background, nothing far from the defect changes."""
+    img = np.tile(np.where(np.arange(80) % 4 < 2, 150, 170).astype(np.uint8), (40, 1))  # vertical stripes
+    mask = np.zeros((40, 80), np.uint8)
+    img[0:4, 36:42] = 10
+    mask[0:4, 36:42] = 2
+    mask[30, 5] = 255  # an ignored pixel is kept as it is
+    seen_cols = set()
+    for seed in range(10):
+        out, m = erase_defect(img, mask, np.random.default_rng(seed), margin=4, feather=1.0)
+        assert out.shape == img.shape and out.dtype == np.uint8
+        assert not defect_pixels(m).any() and m[30, 5] == 255
+        assert out.min() >= 145  # the chip is gone, no dark seam
+        changed = np.nonzero((out != img).any(0))[0]  # columns
+        assert (out[12:] == img[12:]).all() and changed.min() >= 30 and changed.max() <= 47  # near the chip
+        seen_cols.add(tuple(out[0, 36:42]))
+    assert len(seen_cols) > 1  # the cover is taken from either side, at varying distance
+    # along its border only: a chip at the top with no clean room to its left or right is not erased
+    narrow = np.full((40, 14), 160, np.uint8)
+    nmask = np.zeros((40, 14), np.uint8)
+    nmask[0:3, 4:10] = 1
+    assert erase_defect(narrow, nmask, np.random.default_rng(0), margin=2) is None
+    # an inner defect may be covered from above or below too
+    nmask2 = np.zeros((40, 14), np.uint8)
+    nmask2[18:21, 4:10] = 1
+    assert erase_defect(narrow, nmask2, np.random.default_rng(0), margin=2) is not None
+    # no defect, or a defect over max_fraction of the image: None
+    assert erase_defect(img, np.zeros_like(mask), np.random.default_rng(0)) is None
+    big = np.zeros_like(mask)
+    big[:, :20] = 1
+    assert erase_defect(img, big, np.random.default_rng(0)) is None
 
 
 def test_paste_segment_adds_a_window_of_the_donors_defects_and_keeps_the_images_own():
