@@ -121,11 +121,14 @@ class Predictor:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
-                    fuse: bool = True) -> Predictor:
+                    fuse: bool = True, tta: Sequence[str] | None = None) -> Predictor:
         """Load a weights folder for inference. ``fuse`` folds BatchNorm into the convs (``TaskModel.fuse``:
         same outputs up to float rounding; 0-9 % less time per image at batch 1 on the 2-core CPU); the service,
-        ``s2amnet eval``, ``predict`` and ``bench`` all run fused models."""
+        ``s2amnet eval``, ``predict`` and ``bench`` all run fused models. ``tta`` (views, ``[]`` = none)
+        replaces the manifest's test-time augmentation (``s2amnet eval --tta``); checked like the manifest's."""
         model, manifest = load_model(path, device=device)
+        if tta is not None:
+            manifest = {**manifest, "tta": list(tta)}
         if fuse:
             model.fuse()
         return cls(model, manifest, device=device)

@@ -29,18 +29,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from model.checkpoint import CheckpointError, load_model
+    from model.checkpoint import CheckpointError
     from model.data import DatasetFormatError, load_records, split_records
     from model.evaluate import evaluate
     from model.predictor import Predictor
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        model, manifest = load_model(args.weights, device=device)
-        model.fuse()  # as Predictor.from_folder does for the service: evaluate what is served
-        if args.tta is not None:
-            manifest["tta"] = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
-        predictor = Predictor(model, manifest, device=device)
+    tta = None
+    if args.tta is not None:
+        tta = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
+    try:  # fused, as the service loads it: evaluate what is served
+        predictor = Predictor.from_folder(args.weights, device=device, tta=tta)
         info = load_records(args.data, predictor.task)
     except (CheckpointError, FileNotFoundError, DatasetFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -107,6 +107,7 @@ class _Base(Dataset):
         self.cache_max_side = cache_max_side
         self._images: dict[int, np.ndarray] = {}
         self._masks: dict[int, np.ndarray] = {}
+        self._defect_fractions: np.ndarray | None = None  # `defect_fractions`, once computed
 
     def __len__(self) -> int:
         return len(self.records)
@@ -254,9 +255,8 @@ def defect_fractions(ds: _Base) -> np.ndarray:
     """Per image of a dataset with masks: the fraction of its pixels labelled as a defect (mask value > 0,
     the ignore value 255 not counted). Computed once per dataset (read-only array): `--fg-sampling` and the
     segment copy-paste donors both use it, and DataLoader workers forked after the first call inherit it."""
-    cached = getattr(ds, "_defect_fractions", None)
-    if cached is not None:
-        return cached
+    if ds._defect_fractions is not None:
+        return ds._defect_fractions
     out = np.empty(len(ds))
     for i in range(len(ds)):
         m = ds.load_mask(i)
