@@ -142,6 +142,7 @@ class TrainConfig:
     copy_paste: float = 0.0  # classify with masks: paste a defect onto a defect-free image; segment: a donor's
     # defects into the image (probability)
     paste_edge: bool = False  # classify copy-paste: a defect on an image border is pasted against that border
+    paste_scale: float = 1.0  # classify copy-paste: the pasted piece shrunk by a factor from [paste_scale, 1]
     erase: float = 0.0  # classify with masks: a defect image trained with its defect covered, as defect-free
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
@@ -197,6 +198,9 @@ class TrainConfig:
                 f"0 <= P <= 1, got {self.copy_paste}")
         if self.paste_edge and (self.task != "classify" or not self.copy_paste):
             bad("--paste-edge", "needs --task classify with --copy-paste P")
+        if self.paste_scale != 1.0 and (self.task != "classify" or not self.copy_paste
+                                        or not 0 < self.paste_scale < 1):
+            bad("--paste-scale", f"S needs --task classify with --copy-paste P and 0 < S < 1, got {self.paste_scale}")
         if self.erase and (self.task != "classify" or not self.aux_mask
                            or not 0 < self.erase <= 1 - self.copy_paste):
             bad("--erase", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1 - "
@@ -326,7 +330,8 @@ class _Task:
                 free_label = info.class_names("classify").index(info.pass_classes[0])
             self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
                                             paste=cfg.copy_paste, paste_edge=cfg.paste_edge,
-                                            erase=cfg.erase, free_label=free_label, exposure=cfg.exposure)
+                                            paste_scale=cfg.paste_scale, erase=cfg.erase, free_label=free_label,
+                                            exposure=cfg.exposure)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:

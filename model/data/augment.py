@@ -375,11 +375,12 @@ def _blend(region: np.ndarray, patch: np.ndarray, pfg: np.ndarray, margin: int, 
 
 
 def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
-                 margin: int = 6, feather: float = 2.0, keep_edge: bool = False):
+                 margin: int = 6, feather: float = 2.0, keep_edge: bool = False, min_scale: float = 1.0):
     """Copy-paste for mask-supervised classification: the defect of ``src`` (mask > 0, ignore excluded) with
     a ``margin`` of its surroundings blended into the defect-free ``dst`` (`_blend_patch`). ``keep_edge``: a
     defect within ``margin`` of an image border is pasted against that border of ``dst`` (magnetic tile's
-    breaks and frays are chips off the tile's edge), elsewhere at random.
+    breaks and frays are chips off the tile's edge), elsewhere at random. ``min_scale`` < 1: the piece is
+    first shrunk by a factor drawn uniformly from [min_scale, 1] (the same kind of defect, smaller).
 
     Returns ``(img, mask)`` at ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None
     when ``src`` has no defect pixels or its defect region does not fit into ``dst``.
@@ -392,11 +393,21 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
     x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
     dh, dw = dst_img.shape[:2]
-    if y1 - y0 > dh or x1 - x0 > dw:
-        return None
     edges = (y0 == 0, y1 == h, x0 == 0, x1 == w) if keep_edge else _NO_EDGES
-    out, (ty, tx), pmask, pfg, _ = _blend_patch(src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1],
-                                                 dst_img, rng, margin, feather, edges)
+    patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
+    if min_scale < 1.0:
+        f = rng.uniform(min_scale, 1.0)
+        size = (max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f)))
+        patch = np.asarray(Image.fromarray(patch).resize(size, Image.BILINEAR))
+        pmask = np.asarray(Image.fromarray(pmask).resize(size, Image.NEAREST))
+        pfg = defect_pixels(pmask)
+        if not pfg.any():  # a defect of a pixel or two vanished: paste it at its size
+            patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
+        else:
+            margin = max(1, round(margin * f))
+    if pfg.shape[0] > dh or pfg.shape[1] > dw:
+        return None
+    out, (ty, tx), pmask, pfg, _ = _blend_patch(patch, pmask, pfg, dst_img, rng, margin, feather, edges)
     mask = np.zeros((dh, dw), np.uint8)
     mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]][pfg] = pmask[pfg]
     return out, mask

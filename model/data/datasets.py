@@ -175,7 +175,8 @@ class ClassifyDataset(_Base):
     have them) steer the random crop so that it keeps the defect. ``paste`` (training with masks): the
     probability that a defect image is replaced by its defect pasted onto a random defect-free image of the
     set (`paste_defect`; same label, the pasted mask) — new surroundings for classes with few images;
-    ``paste_edge``: a defect on an image border is pasted against the same border. ``erase`` (training with
+    ``paste_edge``: a defect on an image border is pasted against the same border; ``paste_scale`` < 1: the
+    pasted piece is shrunk by a factor drawn from [paste_scale, 1]. ``erase`` (training with
     masks): the probability that a defect image is trained with its defect covered (`erase_defect`) as an
     image of ``free_label`` (the defect-free class): the same part with and without its defect, so that
     the label cannot be told from the part alone. Extra kwargs go to `ClassifyAugment`."""
@@ -185,7 +186,8 @@ class ClassifyDataset(_Base):
     def __init__(self, records: Sequence[Record], imgsz: int = 224, train: bool = False,
                  augment: ClassifyAugment | None = None, cache: bool = True, with_mask: bool = False,
                  grayscale: bool = False, cache_max_side: int | None = None, paste: float = 0.0,
-                 paste_edge: bool = False, erase: float = 0.0, free_label: int | None = None, **aug_kwargs):
+                 paste_edge: bool = False, paste_scale: float = 1.0, erase: float = 0.0,
+                 free_label: int | None = None, **aug_kwargs):
         super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
         if any(r.label is None for r in self.records):
             raise ValueError("ClassifyDataset needs records with a classify label")
@@ -199,6 +201,9 @@ class ClassifyDataset(_Base):
         if paste and not (train and self._have_masks):
             raise ValueError("paste needs a training set whose records have masks")
         self.paste, self.paste_edge = float(paste), bool(paste_edge)
+        if not 0.0 < paste_scale <= 1.0:
+            raise ValueError(f"paste_scale must be in (0, 1], got {paste_scale}")
+        self.paste_scale = float(paste_scale)
         if not 0.0 <= erase <= 1.0 - self.paste:
             raise ValueError(f"erase must be a probability in [0, 1 - paste], got {erase}")
         if erase and not (train and self._have_masks and free_label is not None):
@@ -222,7 +227,7 @@ class ClassifyDataset(_Base):
         if not self._free:
             return None
         j = self._free[int(rng.integers(len(self._free)))]
-        return paste_defect(img, mask, self.load_image(j), rng, keep_edge=self.paste_edge)
+        return paste_defect(img, mask, self.load_image(j), rng, keep_edge=self.paste_edge, min_scale=self.paste_scale)
 
     @property
     def labels(self) -> np.ndarray:

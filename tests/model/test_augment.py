@@ -272,6 +272,31 @@ def test_paste_defect_moves_the_defect_and_its_mask_onto_the_other_image():
     assert paste_defect(src, src_mask, np.zeros((8, 8), np.uint8), np.random.default_rng(0)) is None
 
 
+def test_paste_defect_min_scale_shrinks_the_piece_by_a_random_factor():
+    src = np.full((40, 50), 200, np.uint8)
+    src_mask = np.zeros((40, 50), np.uint8)
+    src[10:30, 10:40] = 20  # a 20x30 defect
+    src_mask[10:30, 10:40] = 2
+    dst = np.full((30, 30), 80, np.uint8)  # too small for the defect at full size
+    assert paste_defect(src, src_mask, dst, np.random.default_rng(0)) is None
+    sizes = set()
+    for seed in range(20):
+        out = paste_defect(src, src_mask, dst, np.random.default_rng(seed), margin=2, min_scale=0.3)
+        if out is None:  # drawn too large for dst
+            continue
+        img, mask = out
+        ys, xs = np.nonzero(mask == 2)
+        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert 0.3 * 20 - 1 <= h < 20 and 0.3 * 30 - 1 <= w < 30 and abs(w / h - 1.5) < 0.3  # shape kept
+        assert set(np.unique(mask)) == {0, 2} and (img[mask == 2] < 60).all()  # dark (resampled at its rim)
+        sizes.add(int(h))
+    assert len(sizes) > 3
+    with pytest.raises(ValueError, match="paste_scale"):
+        from model.data.datasets import ClassifyDataset
+
+        ClassifyDataset([], paste_scale=0.0)
+
+
 def test_paste_defect_keep_edge_puts_a_chip_off_an_edge_against_the_same_edge_after_the_flips():
     """keep_edge: a defect within the margin of a border stays against a border (the top one, or the bottom
     one when the patch was flipped upside down); a defect inside the image, and any defect without

@@ -630,6 +630,9 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"paste_edge": True}, "--paste-edge"),  # needs --copy-paste
     ({"task": "segment", "copy_paste": 0.5, "paste_edge": True}, "--paste-edge"),  # classify only
     ({"task": "segment", "erase": 0.2}, "--erase"),  # classify only
+    ({"paste_scale": 0.5}, "--paste-scale"),  # needs --copy-paste
+    ({"copy_paste": 0.5, "paste_scale": 1.5}, "--paste-scale"),
+    ({"copy_paste": 0.5, "paste_scale": 0.0}, "--paste-scale"),
     ({"erase": 0.2, "aux_mask": False}, "--erase"),  # needs the masks
     ({"erase": 0.6, "copy_paste": 0.5}, "--erase"),  # the two together are one draw: at most 1
     ({"task": "detect", "exposure": 0.5}, "--exposure"),  # classify / segment only
@@ -661,6 +664,7 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="classify", data=str(data), exposure=1.5).resolved().validate()
     TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_edge=True).resolved().validate()
     TrainConfig(task="classify", data=str(data), copy_paste=0.5, erase=0.5).resolved().validate()
+    TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_scale=0.5).resolved().validate()
     TrainConfig(task="segment", data=str(data), exposure=0.7).resolved().validate()
     assert TrainConfig(task="classify", data=str(data), balance=0.0).resolved().validate().balance == 0.0
     assert TrainConfig(task="detect", data=str(data)).resolved().validate().balance == 0.0  # the recipe's
