@@ -374,6 +374,17 @@ def _blend(region: np.ndarray, patch: np.ndarray, pfg: np.ndarray, margin: int, 
     return np.clip(region * (1 - a) + patch * a, 0, 255).astype(np.uint8), alpha
 
 
+def _defect_box(fg: np.ndarray, margin: int) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)``: the bounding box of the defect pixels ``fg`` grown by ``margin`` and clipped to
+    the image (end-exclusive), or None without defect pixels."""
+    ys, xs = np.nonzero(fg)
+    if len(ys) == 0:
+        return None
+    h, w = fg.shape
+    return (max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h),
+            max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w))
+
+
 def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
                  margin: int = 6, feather: float = 2.0, keep_edge: bool = False, min_scale: float = 1.0):
     """Copy-paste for mask-supervised classification: the defect of ``src`` (mask > 0, ignore excluded) with
@@ -386,24 +397,21 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     when ``src`` has no defect pixels or its defect region does not fit into ``dst``.
     """
     fg = defect_pixels(src_mask)
-    ys, xs = np.nonzero(fg)
-    if len(ys) == 0:
+    box = _defect_box(fg, margin)
+    if box is None:
         return None
+    y0, y1, x0, x1 = box
     h, w = src_mask.shape
-    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
-    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
     dh, dw = dst_img.shape[:2]
     edges = (y0 == 0, y1 == h, x0 == 0, x1 == w) if keep_edge else _NO_EDGES
     patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
     if min_scale < 1.0:
         f = rng.uniform(min_scale, 1.0)
         size = (max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f)))
-        patch = np.asarray(Image.fromarray(patch).resize(size, Image.BILINEAR))
-        pmask = np.asarray(Image.fromarray(pmask).resize(size, Image.NEAREST))
-        pfg = defect_pixels(pmask)
-        if not pfg.any():  # a defect of a pixel or two vanished: paste it at its size
-            patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
-        else:
+        small_mask = np.asarray(Image.fromarray(pmask).resize(size, Image.NEAREST))
+        if defect_pixels(small_mask).any():  # (a defect of a pixel or two may vanish: pasted at its size then)
+            patch = np.asarray(Image.fromarray(patch).resize(size, Image.BILINEAR))
+            pmask, pfg = small_mask, defect_pixels(small_mask)
             margin = max(1, round(margin * f))
     if pfg.shape[0] > dh or pfg.shape[1] > dw:
         return None
@@ -455,12 +463,11 @@ def erase_defect(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, ma
     no clean piece is found.
     """
     fg = defect_pixels(mask)
-    ys, xs = np.nonzero(fg)
-    if len(ys) == 0 or len(ys) > max_fraction * fg.size:
+    box = _defect_box(fg, margin)
+    if box is None or np.count_nonzero(fg) > max_fraction * fg.size:
         return None
+    y0, y1, x0, x1 = box
     h, w = fg.shape
-    y0, y1 = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, h)
-    x0, x1 = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, w)
     bh, bw = y1 - y0, x1 - x0
     along_x = [(0, s * (bw + int(rng.integers(0, bw + 1)))) for s in (-1, 1)]
     along_y = [(s * (bh + int(rng.integers(0, bh + 1))), 0) for s in (-1, 1)]

@@ -291,9 +291,9 @@ def test_paste_defect_min_scale_shrinks_the_piece_by_a_random_factor():
         assert set(np.unique(mask)) == {0, 2} and (img[mask == 2] < 60).all()  # dark (resampled at its rim)
         sizes.add(int(h))
     assert len(sizes) > 3
-    with pytest.raises(ValueError, match="paste_scale"):
-        from model.data.datasets import ClassifyDataset
+    from model.data.datasets import ClassifyDataset
 
+    with pytest.raises(ValueError, match="paste_scale"):
         ClassifyDataset([], paste_scale=0.0)
 
 
