@@ -144,6 +144,7 @@ class TrainConfig:
     paste_edge: bool = False  # classify copy-paste: a defect on an image border is pasted against that border
     paste_scale: float = 1.0  # classify copy-paste: the pasted piece shrunk by a factor from [paste_scale, 1]
     erase: float = 0.0  # classify with masks: a defect image trained with its defect covered, as defect-free
+    defect_keep: float = 0.5  # classify with masks: least fraction of an image's defect pixels a random crop keeps
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     exposure: float = 0.0  # classify/segment: intensity gain drawn log-uniformly from [e^-G, e^G]; 0 = off
@@ -205,6 +206,8 @@ class TrainConfig:
                            or not 0 < self.erase <= 1 - self.copy_paste):
             bad("--erase", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1 - "
                 f"(--copy-paste), got {self.erase}")
+        if self.defect_keep != 0.5 and (self.task != "classify" or not 0 < self.defect_keep <= 1):
+            bad("--defect-keep", f"F needs --task classify and 0 < F <= 1, got {self.defect_keep}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
         if self.rotate and (self.task != "segment" or not 0 < self.rotate <= 180):
@@ -331,7 +334,7 @@ class _Task:
             self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
                                             paste=cfg.copy_paste, paste_edge=cfg.paste_edge,
                                             paste_scale=cfg.paste_scale, erase=cfg.erase, free_label=free_label,
-                                            exposure=cfg.exposure)
+                                            exposure=cfg.exposure, min_defect_keep=cfg.defect_keep)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:

@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
                         "trained as defect-free, its defect covered by a clean piece of the same image beside "
                         "it (the same part with and without its defect: the label cannot be told from the "
                         "part; at most 1 - the --copy-paste P)")
+    p.add_argument("--defect-keep", type=float, default=0.5, metavar="F",
+                   help="classify: a random training crop of an image with a defect mask keeps at least this "
+                        "fraction of its defect pixels (default 0.5; lower: also defects cut by the frame down "
+                        "to a sliver at the border, as in photos framed tighter)")
     p.add_argument("--fg-sampling", type=float, default=0.0, metavar="P",
                    help="segment: sample each training image in proportion to its defect-pixel fraction ** P "
                         "(within each data folder; 0 = off): images whose defects cover much of the image "
@@ -111,7 +115,7 @@ def run(args) -> int:
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
                       exposure=args.exposure, paste_edge=args.paste_edge, paste_scale=args.paste_scale,
-                      erase=args.erase,
+                      erase=args.erase, defect_keep=args.defect_keep,
                       select=args.select, keep_epochs=args.keep_epochs, balance=args.balance,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:

@@ -529,7 +529,9 @@ class ClassifyAugment:
         self.imgsz, self.train = int(imgsz), train
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.crop_scale, self.crop_ratio, self.crop_prob = crop_scale, crop_ratio, crop_prob
-        self.min_defect_keep = min_defect_keep
+        if not 0.0 <= min_defect_keep <= 1.0:
+            raise ValueError(f"min_defect_keep must be a fraction in [0, 1], got {min_defect_keep}")
+        self.min_defect_keep = float(min_defect_keep)
         self.brightness, self.contrast, self.gamma, self.exposure = brightness, contrast, gamma, exposure
         self.randaugment, self.magnitude = randaugment, magnitude
         if resize_mode not in ("letterbox", "stretch"):
@@ -547,23 +549,23 @@ class ClassifyAugment:
             mask, _, _ = letterbox(mask, s, IGNORE_INDEX, nearest=True)
         return img, mask
 
+    def crop_box(self, w: int, h: int, mask: np.ndarray | None, rng: np.random.Generator):
+        """A random crop box ``(x0, y0, x1, y1)`` of a ``w``×``h`` image that keeps at least
+        ``min_defect_keep`` of the mask's defect pixels (any box without a mask or defect), or None when
+        10 draws found none (the whole image is used)."""
+        fg_total = int(defect_pixels(mask).sum()) if mask is not None else 0
+        for _ in range(10):
+            x0, y0, x1, y1 = random_crop_box(w, h, rng, self.crop_scale, self.crop_ratio)
+            if fg_total == 0 or defect_pixels(mask[y0:y1, x0:x1]).sum() >= self.min_defect_keep * fg_total:
+                return x0, y0, x1, y1
+        return None
+
     def __call__(self, img: np.ndarray, rng: np.random.Generator, mask: np.ndarray | None = None):
         """Returns ``(img, mask)`` (mask None when not given)."""
         if not self.train:
             return self._fit(img, mask)
-        h, w = img.shape[:2]
         if self.crop_prob and rng.random() < self.crop_prob:
-            fg_total = int(defect_pixels(mask).sum()) if mask is not None else 0
-            box = None
-            for _ in range(10):
-                x0, y0, x1, y1 = random_crop_box(w, h, rng, self.crop_scale, self.crop_ratio)
-                if fg_total == 0:
-                    box = (x0, y0, x1, y1)
-                    break
-                m = mask[y0:y1, x0:x1]
-                if defect_pixels(m).sum() >= self.min_defect_keep * fg_total:
-                    box = (x0, y0, x1, y1)
-                    break
+            box = self.crop_box(img.shape[1], img.shape[0], mask, rng)
             if box is not None:
                 x0, y0, x1, y1 = box
                 img = img[y0:y1, x0:x1]

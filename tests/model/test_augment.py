@@ -246,6 +246,30 @@ def test_classify_augment_keeps_defect():
     assert o.shape == (48, 48, 3)
 
 
+def test_classify_crop_box_keeps_at_least_min_defect_keep_of_the_defect():
+    """The random training crop keeps ``min_defect_keep`` of the defect pixels: at 0.5 (the default) a
+    chip on the border is never cut below half; lower, crops that cut it to a sliver at the frame also occur."""
+    mask = np.zeros((100, 160), np.uint8)
+    mask[0:12, 60:100] = 2  # a chip off the top edge
+    total = int((mask > 0).sum())
+    kept_by = {}
+    for keep in (0.5, 0.15):
+        aug = ClassifyAugment(imgsz=64, train=True, min_defect_keep=keep)
+        kept = []
+        for seed in range(300):
+            box = aug.crop_box(160, 100, mask, np.random.default_rng(seed))
+            if box is not None:
+                x0, y0, x1, y1 = box
+                assert 0 <= x0 < x1 <= 160 and 0 <= y0 < y1 <= 100
+                kept.append(int((mask[y0:y1, x0:x1] > 0).sum()) / total)
+        assert len(kept) > 200 and min(kept) >= keep
+        kept_by[keep] = np.array(kept)
+    assert (kept_by[0.15] < 0.5).sum() >= 10  # slivers: only the lower setting makes them
+    assert ClassifyAugment(imgsz=64).crop_box(160, 100, None, np.random.default_rng(0)) is not None
+    with pytest.raises(ValueError, match="min_defect_keep"):
+        ClassifyAugment(imgsz=64, min_defect_keep=1.5)
+
+
 def test_paste_defect_moves_the_defect_and_its_mask_onto_the_other_image():
     src = np.full((40, 50), 200, np.uint8)  # a bright tile with a dark 4x6 defect
     src_mask = np.zeros((40, 50), np.uint8)

@@ -334,6 +334,28 @@ def test_erase_trains_defect_images_with_their_defect_covered_as_defect_free(tmp
     assert "--erase needs a data folder" in capsys.readouterr().err
 
 
+def test_defect_keep_reaches_the_training_crop(tmp_path, monkeypatch):
+    """--defect-keep F: the classify training set's random crops keep at least F of the defect pixels
+    (ClassifyAugment.min_defect_keep; the validation set is not cropped); recorded in config.json."""
+    import model.train as train_module
+
+    made = []
+    real = train_module.ClassifyDataset
+
+    def spy(*a, **k):
+        made.append(real(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(train_module, "ClassifyDataset", spy)
+    data = make_magnetic_tile(tmp_path / "mt")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--task", "classify", "--data", str(data), "--epochs", "1", "--imgsz", "64",
+                     "--batch", "4", "--workers", "0", "--defect-keep", "0.2", "--max-train-batches", "1",
+                     "--out", str(out), "--quiet"]) == 0
+    assert [d.augment.min_defect_keep for d in made if d.train] == [0.2]
+    assert json.loads((out / "config.json").read_text())["defect_keep"] == 0.2
+
+
 def test_segment_copy_paste_draws_donors_from_the_same_folder_by_defect_area(tmp_path, capsys, monkeypatch):
     """--copy-paste P for segment: an image gets a piece of a donor's defects pasted in; donors come from
     the image's own data folder, in proportion to their defect-pixel fraction (none without defects)."""
@@ -635,6 +657,9 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"copy_paste": 0.5, "paste_scale": 0.0}, "--paste-scale"),
     ({"erase": 0.2, "aux_mask": False}, "--erase"),  # needs the masks
     ({"erase": 0.6, "copy_paste": 0.5}, "--erase"),  # the two together are one draw: at most 1
+    ({"task": "segment", "defect_keep": 0.2}, "--defect-keep"),  # classify only
+    ({"defect_keep": 0.0}, "--defect-keep"),
+    ({"defect_keep": 1.5}, "--defect-keep"),
     ({"task": "detect", "exposure": 0.5}, "--exposure"),  # classify / segment only
     ({"exposure": -0.5}, "--exposure"),
     ({"exposure": 2.0}, "--exposure"),
@@ -665,6 +690,7 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_edge=True).resolved().validate()
     TrainConfig(task="classify", data=str(data), copy_paste=0.5, erase=0.5).resolved().validate()
     TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_scale=0.5).resolved().validate()
+    TrainConfig(task="classify", data=str(data), defect_keep=0.2).resolved().validate()
     TrainConfig(task="segment", data=str(data), exposure=0.7).resolved().validate()
     assert TrainConfig(task="classify", data=str(data), balance=0.0).resolved().validate().balance == 0.0
     assert TrainConfig(task="detect", data=str(data)).resolved().validate().balance == 0.0  # the recipe's
