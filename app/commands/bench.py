@@ -7,7 +7,8 @@ Two parts:
   model's input size, per batch size (timed in interleaved rounds; medians): ms per image, images/s and
   the batching gain (images/s at batch B ÷ images/s at batch 1). On CUDA also the peak GPU memory per batch;
   on a CPU also what `S2AMNET_FORWARD_BATCH=auto` picks (`Predictor.tune_forward_batch`) and the largest
-  batch timed in forwards of that size. The process tunes glibc's allocator as the service does.
+  batch timed in forwards of that size. The process tunes glibc's allocator as the service does
+  (`S2AMNET_ALLOCATOR_TUNING`, on by default).
 * service (`--http`, on by default) — `s2amnet serve` started as a real process (embedded batching) with one
   model, and a second one with `--max-batch-size 1`; the same requests (one PNG each) sent one at a time
   and `--concurrency` at a time to the first, `--concurrency` at a time to the second (in alternating
@@ -63,6 +64,19 @@ def add_parser(sub) -> None:
 
 class BenchError(ValueError):
     """Bad options or weights: reported as `error: ...`, exit 2."""
+
+
+def _allocator_tuning_setting() -> bool:
+    """S2AMNET_ALLOCATOR_TUNING as the service reads it (the timed forwards run like the service's; the
+    `--http` servers inherit the environment)."""
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    try:
+        return Settings().allocator_tuning
+    except ValidationError as exc:
+        raise BenchError(f"service settings from the environment: {exc}") from None
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -426,6 +440,7 @@ def run(args) -> int:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BenchError(f"--device {device}: no CUDA device here")
+        allocator_tuning = _allocator_tuning_setting()
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -433,7 +448,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     from app.dispatch.local import tune_allocator
 
-    allocator_tuned = tune_allocator()  # as the service does by default (S2AMNET_ALLOCATOR_TUNING is not read here)
+    allocator_tuned = tune_allocator() if allocator_tuning else False  # as the service does
     progress = not args.json
     from model.checkpoint import CheckpointError
 

@@ -94,3 +94,29 @@ def test_bench_without_weights_needs_a_weights_folder(tmp_path, monkeypatch, cap
     (tmp_path / "weights" / "notes").mkdir(parents=True)  # a folder without manifest.json is not a model
     assert main(["bench", "--out", str(tmp_path / "B.md")]) == 2
     assert "no model folders (with manifest.json)" in capsys.readouterr().err
+
+
+def test_bench_tunes_the_allocator_as_the_service_setting_says(tmp_path, monkeypatch, capsys):
+    """The timed forwards run like the service's: S2AMNET_ALLOCATOR_TUNING=false leaves glibc's allocator
+    alone (recorded in the results), the default tunes it, and a bad value is an error before any work."""
+    import app.dispatch.local as local
+
+    weights = make_weights(tmp_path / "weights", names=["cls"])
+    calls = []
+    monkeypatch.setattr(local, "tune_allocator", lambda: calls.append(1) or True)
+    argv = ["bench", "--weights", str(weights / "cls"), "--no-http", "--batch-sizes", "1", "--iters", "1",
+            "--threads", "1", "--device", "cpu", "--json"]
+    for value, tuned in (("false", False), (None, True)):
+        if value is None:
+            monkeypatch.delenv("S2AMNET_ALLOCATOR_TUNING", raising=False)
+        else:
+            monkeypatch.setenv("S2AMNET_ALLOCATOR_TUNING", value)
+        calls.clear()
+        assert main(argv) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["machine"]["allocator_tuning"] is tuned and len(calls) == int(tuned)
+    monkeypatch.setenv("S2AMNET_ALLOCATOR_TUNING", "sometimes")
+    calls.clear()
+    assert main(argv) == 2 and not calls
+    err = capsys.readouterr().err
+    assert err.startswith("error: service settings from the environment") and "allocator_tuning" in err
