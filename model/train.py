@@ -325,6 +325,9 @@ class _Task:
                 if used and not use_masks:
                     raise TrainConfigError(f"{flag} needs a data folder whose images all have defect masks "
                                            "(magnetic-tile layout)")
+            if cfg.defect_keep != 0.5 and not all(r.has_mask for r in train_recs):
+                raise TrainConfigError("--defect-keep needs a data folder whose images all have defect masks "
+                                       "(the crop keeps a fraction of the masked defect)")
             free_label = None
             if cfg.erase:
                 if len(info.pass_classes) != 1:

@@ -334,7 +334,7 @@ def test_erase_trains_defect_images_with_their_defect_covered_as_defect_free(tmp
     assert "--erase needs a data folder" in capsys.readouterr().err
 
 
-def test_defect_keep_reaches_the_training_crop(tmp_path, monkeypatch):
+def test_defect_keep_reaches_the_training_crop(tmp_path, monkeypatch, capsys):
     """--defect-keep F: the classify training set's random crops keep at least F of the defect pixels
     (ClassifyAugment.min_defect_keep; the validation set is not cropped); recorded in config.json."""
     import model.train as train_module
@@ -354,6 +354,10 @@ def test_defect_keep_reaches_the_training_crop(tmp_path, monkeypatch):
                      "--out", str(out), "--quiet"]) == 0
     assert [d.augment.min_defect_keep for d in made if d.train] == [0.2]
     assert json.loads((out / "config.json").read_text())["defect_keep"] == 0.2
+    plain = make_classify(tmp_path / "plain")  # no masks: nothing to keep, refused rather than ignored
+    assert cli_main(["train", "--task", "classify", "--data", str(plain), "--defect-keep", "0.2", "--quiet",
+                     "--out", str(tmp_path / "p")]) == 2
+    assert "--defect-keep needs a data folder" in capsys.readouterr().err
 
 
 def test_segment_copy_paste_draws_donors_from_the_same_folder_by_defect_area(tmp_path, capsys, monkeypatch):
