@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from model.checkpoint import save_model
 from model.data import (
+    DEFECT_KEEP,
     ClassifyDataset,
     DatasetFormatError,
     DetectDataset,
@@ -144,7 +145,7 @@ class TrainConfig:
     paste_edge: bool = False  # classify copy-paste: a defect on an image border is pasted against that border
     paste_scale: float = 1.0  # classify copy-paste: the pasted piece shrunk by a factor from [paste_scale, 1]
     erase: float = 0.0  # classify with masks: a defect image trained with its defect covered, as defect-free
-    defect_keep: float = 0.5  # classify with masks: least fraction of an image's defect pixels a random crop keeps
+    defect_keep: float = DEFECT_KEEP  # classify with masks: least fraction of the defect pixels a random crop keeps
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
     exposure: float = 0.0  # classify/segment: intensity gain drawn log-uniformly from [e^-G, e^G]; 0 = off
@@ -206,7 +207,7 @@ class TrainConfig:
                            or not 0 < self.erase <= 1 - self.copy_paste):
             bad("--erase", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1 - "
                 f"(--copy-paste), got {self.erase}")
-        if self.defect_keep != 0.5 and (self.task != "classify" or not 0 < self.defect_keep <= 1):
+        if self.defect_keep != DEFECT_KEEP and (self.task != "classify" or not 0 < self.defect_keep <= 1):
             bad("--defect-keep", f"F needs --task classify and 0 < F <= 1, got {self.defect_keep}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
             bad("--fg-sampling", f"P needs --task segment and 0 <= P <= 4, got {self.fg_sampling}")
@@ -320,12 +321,13 @@ class _Task:
         task = cfg.task
         self.aux: nn.Module | None = None
         if task == "classify":
-            use_masks = cfg.aux_mask and all(r.has_mask for r in train_recs) and "segment" in info.tasks
+            have_masks = all(r.has_mask for r in train_recs)
+            use_masks = cfg.aux_mask and have_masks and "segment" in info.tasks
             for flag, used in (("--copy-paste", cfg.copy_paste), ("--erase", cfg.erase)):
                 if used and not use_masks:
                     raise TrainConfigError(f"{flag} needs a data folder whose images all have defect masks "
                                            "(magnetic-tile layout)")
-            if cfg.defect_keep != 0.5 and not all(r.has_mask for r in train_recs):
+            if cfg.defect_keep != DEFECT_KEEP and not have_masks:
                 raise TrainConfigError("--defect-keep needs a data folder whose images all have defect masks "
                                        "(the crop keeps a fraction of the masked defect)")
             free_label = None

@@ -9,6 +9,7 @@ Typical training use::
 """
 
 from .augment import (
+    DEFECT_KEEP,
     IGNORE_INDEX,
     PAD_VALUE,
     ClassifyAugment,
@@ -54,7 +55,7 @@ from .readers import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "PAD_VALUE", "ClassifyAugment", "DetectAugment", "SegmentAugment", "letterbox",
+    "DEFECT_KEEP", "IGNORE_INDEX", "PAD_VALUE", "ClassifyAugment", "DetectAugment", "SegmentAugment", "letterbox",
     "letterbox_boxes", "letterbox_geometry", "mosaic4", "unletterbox_boxes",
     "ClassifyDataset", "DetectDataset", "SegmentDataset", "balanced_sampler", "collate", "collate_classify",
     "collate_detect", "collate_segment", "decode_image", "defect_fractions", "sample_weights", "to_chw_tensor",

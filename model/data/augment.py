@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 PAD_VALUE = 114
+DEFECT_KEEP = 0.5  # ClassifyAugment: least fraction of the defect pixels a random training crop keeps
 
 
 def _size_hw(size) -> tuple[int, int]:
@@ -523,7 +524,7 @@ class ClassifyAugment:
 
     def __init__(self, imgsz: int = 224, train: bool = True, hflip: float = 0.5, vflip: float = 0.5,
                  rot90: bool = True, crop_scale=(0.6, 1.0), crop_ratio=(3 / 4, 4 / 3), crop_prob: float = 0.8,
-                 min_defect_keep: float = 0.5, brightness: float = 0.2, contrast: float = 0.2,
+                 min_defect_keep: float = DEFECT_KEEP, brightness: float = 0.2, contrast: float = 0.2,
                  gamma: float = 0.2, randaugment: int = 0, magnitude: float = 0.5,
                  resize_mode: str = "letterbox", pad_value: int = PAD_VALUE, exposure: float = 0.0):
         self.imgsz, self.train = int(imgsz), train
