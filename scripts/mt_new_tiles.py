@@ -125,7 +125,7 @@ def main() -> int:
     if not 0.0 <= args.link <= 1.0:
         ap.error("--link is a correlation in [0, 1] (0 = off)")
     info = load_records(args.data)
-    linked: dict[str, tuple] = {}
+    linked: dict[tuple[str, ...], tuple] = {}  # the joins, once per set of records
     for folder in args.weights:
         p = Predictor.from_folder(folder)
         recs = info.records_for(p.task)
@@ -151,8 +151,10 @@ def main() -> int:
                 keep["images"] = [r.key for r, k in zip(val, kind, strict=True) if k == name]
                 keep["classes in train"] = [kind_of[r][1] for r in keep["images"]]
                 if p.task == "classify":
-                    raw = p.infer([p.preprocess(r.load_image()) for r in val if r.key in keep["images"]])
-                    keep["answers"] = [p.classes[int(o["probs"].argmax())] for o in raw]
+                    wanted = set(keep["images"])
+                    todo = [r for r in val if r.key in wanted]
+                    keep["answers"] = [p.classes[int(o["probs"].argmax())] for i in range(0, len(todo), 16)
+                                       for o in p.infer([p.preprocess(r.load_image()) for r in todo[i:i + 16]])]
             print(json.dumps({"weights": folder, "val images": name, **keep}))
     return 0
 
