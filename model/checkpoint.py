@@ -36,6 +36,8 @@ __all__ = [
     "read_manifest",
     "validate_manifest",
     "default_verdict",
+    "bump_minor",
+    "update_verdict",
     "load_state_dict_file",
     "load_backbone_from",
     "describe_state_dict",
@@ -194,6 +196,16 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
         raise CheckpointError(f"verdict type must be 'classify' or 'any_defect', got {vtype!r}")
     if not 0.0 <= float(verdict["min_score"]) <= 1.0:
         raise CheckpointError(f"verdict min_score must be within [0, 1], got {verdict['min_score']}")
+    per_class = verdict.get("classes") or {}
+    if not isinstance(per_class, Mapping):
+        raise CheckpointError("verdict classes must be an object: class name -> {min_score, min_area}")
+    for name, per in per_class.items():
+        if name not in classes or (vtype == "classify" and name in verdict["pass_labels"]):
+            raise CheckpointError(f"verdict classes: {name!r} is not a defect class of this model")
+        if not isinstance(per, Mapping) or set(per) - {"min_score", "min_area"}:
+            raise CheckpointError(f"verdict classes.{name} must be an object with min_score and/or min_area")
+        if not 0.0 <= float(per.get("min_score", 0.5)) <= 1.0 or float(per.get("min_area", 0)) < 0:
+            raise CheckpointError(f"verdict classes.{name}: min_score must be within [0, 1] and min_area >= 0")
     m["verdict"] = verdict
 
     tta = m.get("tta") or []
@@ -379,6 +391,32 @@ def _record_metrics(folder: Path, key: str, metrics: Mapping[str, Any]) -> dict:
     text = json.dumps(_ordered(manifest), indent=2) + "\n"
     _atomic_write_bytes(folder / MANIFEST_FILE, text.encode("utf-8"))
     return manifest
+
+
+def bump_minor(version: str) -> str:
+    """``1.0.0`` → ``1.1.0``, ``0.8.0-interim`` → ``0.9.0-interim``; any other form gets ``+1`` appended to
+    its last number-free part (``v2`` → ``v2.1``)."""
+    core, sep, suffix = str(version).partition("-")
+    parts = core.split(".")
+    if len(parts) >= 2 and all(p.isdigit() for p in parts):
+        parts = [parts[0], str(int(parts[1]) + 1)] + ["0"] * (len(parts) - 2)
+        return ".".join(parts) + sep + suffix
+    return f"{version}.1"
+
+
+def update_verdict(folder: str | os.PathLike, rule: Mapping[str, Any]) -> dict:
+    """Replace the manifest's verdict rule (validated first) and bump its minor version: the weights are
+    unchanged, but the same images may now get other verdicts. Returns the updated manifest."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    with _manifest_locked(path):
+        manifest = read_manifest(folder)
+        candidate = {**manifest, "verdict": dict(rule)}
+        validate_manifest(candidate)  # a bad rule is refused before anything is written
+        candidate["version"] = bump_minor(str(manifest.get("version", "0.0.0")))
+        text = json.dumps(_ordered(candidate), indent=2) + "\n"
+        _atomic_write_bytes(path, text.encode("utf-8"))
+        return candidate
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:

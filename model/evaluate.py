@@ -5,6 +5,9 @@ classify: ``top1``, ``macro_recall``, confusion matrix (rows = true class).
 detect: COCO ``map50`` / ``map50_95`` via pycocotools, per-class AP50 (predictions at conf 0.001).
 segment: ``miou`` (background and defect classes), ``iou_per_class``, ``f1`` (defect classes), computed on
 the label map at the ORIGINAL image size.
+
+Every task also gets ``parts``: escape and false-reject figures of the manifest's verdict rule
+(`model.verdict`), from one `PartOutcome` per image.
 """
 
 from __future__ import annotations
@@ -19,11 +22,61 @@ from model import transforms as T
 from model.data.readers import Record
 from model.metrics import ClassifyMetrics, DetectMetrics, SegmentMetrics
 from model.predictor import Predictor
+from model.verdict import LOCALISE_IOU, Candidate, PartOutcome, part_metrics
 
-__all__ = ["evaluate", "EVAL_CONF", "EVAL_MAX_DET"]
+__all__ = ["evaluate", "part_outcome", "EVAL_CONF", "EVAL_MAX_DET", "PART_CONF"]
 
 EVAL_CONF = 0.001  # COCO protocol: keep low-score detections, the PR curve needs them
 EVAL_MAX_DET = 100
+PART_CONF = 0.01  # lowest score a part-level candidate keeps (calibration never goes that low)
+
+
+def _iou_any(box: np.ndarray, gt: np.ndarray) -> float:
+    """Largest IoU of one xyxy box with any of the N×4 boxes ``gt`` (0 when there are none)."""
+    if len(gt) == 0:
+        return 0.0
+    w = np.clip(np.minimum(box[2], gt[:, 2]) - np.maximum(box[0], gt[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[3], gt[:, 3]) - np.maximum(box[1], gt[:, 1]), 0, None)
+    inter = w * h
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1]) - inter
+    return float((inter / np.maximum(union, 1e-9)).max())
+
+
+def part_outcome(predictor: Predictor, rec: Record, raw: Any, meta: dict, gt_mask: np.ndarray | None = None
+                 ) -> PartOutcome:
+    """One image's `PartOutcome`: its ground truth (defective or not, which defect classes, where) and every
+    defect the model reports above ``PART_CONF`` with whether it overlaps the ground truth."""
+    task = predictor.task
+    free = rec.is_defect_free(task) if task != "segment" else rec.defect_free
+    if task == "classify":
+        probs = np.asarray(raw["probs"], np.float64)
+        pass_ids = [i for i, c in enumerate(predictor.classes) if c in predictor.verdict_rule.get("pass_labels", [])]
+        if free is None:
+            free = rec.label in pass_ids
+        cands = [Candidate(k, float(probs[k])) for k in range(len(probs)) if k not in pass_ids]
+        return PartOutcome(defective=not free, gt_classes=() if free else (int(rec.label),), candidates=cands,
+                           defect_mass=float(1.0 - probs[pass_ids].sum()))
+    if task == "detect":
+        gt = np.asarray(rec.boxes, np.float64).reshape(-1, 4)
+        res = predictor.postprocess(raw, meta, conf=PART_CONF, iou=0.7, max_det=EVAL_MAX_DET)
+        cands = []
+        for d in res["defects"]:
+            b = np.array([d["box"][k] for k in ("x1", "y1", "x2", "y2")], np.float64)
+            cands.append(Candidate(d["class_id"], d["score"], d["area"], _iou_any(b, gt) >= LOCALISE_IOU))
+        return PartOutcome(defective=not free, gt_classes=tuple(sorted({int(c) for c in rec.box_classes})),
+                           candidates=cands, has_regions=len(gt) > 0)
+    # segment: a component catches the part when any of its pixels is a ground-truth defect pixel
+    gt_mask = rec.load_mask((meta["orig_h"], meta["orig_w"])) if gt_mask is None else gt_mask
+    defect = (gt_mask > 0) & (gt_mask != 255)
+    res = predictor.postprocess(raw, meta, conf=PART_CONF, max_det=1 << 30, mask_crops=True)
+    cands = []
+    for d in res["defects"]:
+        x1, y1, x2, y2 = (int(d["box"][k]) for k in ("x1", "y1", "x2", "y2"))
+        cands.append(Candidate(d["class_id"], d["score"], d["area"], bool(defect[y1:y2, x1:x2][d["mask"]].any())))
+    classes = tuple(int(c) for c in np.unique(gt_mask[defect]))
+    if free is None:
+        free = not defect.any()
+    return PartOutcome(defective=not free, gt_classes=classes, candidates=cands, has_regions=bool(defect.any()))
 
 
 def _batches(records: Sequence[Record], size: int):
@@ -52,12 +105,13 @@ class _Fanout:
 
 def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int = 16,
              progress: bool = True, keep_predictions: bool = False,
-             groups: Sequence[str] | None = None) -> dict[str, Any]:
+             groups: Sequence[str] | None = None, keep_outcomes: bool = False) -> dict[str, Any]:
     """Run `predictor` over `records` and return the task's metrics (plain JSON-able dict).
 
     With ``keep_predictions`` the per-image outputs are returned under ``"predictions"`` (for plots).
     With ``groups`` (one name per record, e.g. the data folder it came from) the metrics of each group's
     records are returned too, under ``"by_group": {name: metrics}`` (one inference pass for all).
+    With ``keep_outcomes`` the per-image `PartOutcome` list is returned under ``"outcomes"`` (calibration).
     """
     task = predictor.task
     classes = predictor.classes
@@ -69,6 +123,7 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
             raise ValueError(f"groups: {len(group_of)} names for {len(records)} records")
         meter = _Fanout(meter, {g: _meter(task, classes) for g in dict.fromkeys(group_of)})
     kept: list[Any] = []
+    outcomes: list[PartOutcome] = []
     index = 0
     bar = tqdm(total=len(records), desc=f"eval {predictor.name}", unit="img", disable=not progress,
                leave=False)
@@ -85,7 +140,8 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
                 out: Any = pred
             elif task == "segment":
                 labels, _ = T.logits_to_original(raw["logits"], s.meta)
-                meter.update(labels, rec.load_mask(labels.shape))
+                gt_mask = rec.load_mask(labels.shape)
+                meter.update(labels, gt_mask)
                 out = labels if keep_predictions else None
             else:
                 res = predictor.postprocess(raw, s.meta, conf=EVAL_CONF, iou=0.7, max_det=EVAL_MAX_DET)
@@ -98,6 +154,7 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
                 gt = {"boxes": rec.boxes, "classes": rec.box_classes, "width": w, "height": h}
                 meter.update([pred], [gt])
                 out = pred
+            outcomes.append(part_outcome(predictor, rec, raw, s.meta, gt_mask if task == "segment" else None))
             if keep_predictions:
                 kept.append(out)
         bar.update(len(chunk))
@@ -109,6 +166,9 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
     else:
         metrics = meter.compute()
     metrics["num_images"] = len(records)
+    metrics["parts"] = part_metrics(outcomes, predictor.verdict_rule, classes)
+    if keep_outcomes:
+        metrics["outcomes"] = outcomes
     if keep_predictions:
         metrics["predictions"] = kept
     return metrics

@@ -67,3 +67,41 @@ def plot_eval(path: str | Path, predictor, records: Sequence, metrics: dict[str,
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_verdict(path: str | Path, name: str, sweep: dict[str, list], point: dict[str, Any] | None = None,
+                 title: str = "") -> Path:
+    """Escape rate and false-reject rate against one threshold for every class (`model.verdict.threshold_sweep`),
+    with the rule in use (``point``: its part-level figures) marked on both curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thr = np.asarray(sweep["threshold"], float)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    esc = np.array([np.nan if v is None else v for v in sweep["escape_rate"]], float)
+    ax.plot(thr, esc, color="tab:red", label="escape (defective judged pass or not located)")
+    fr = np.array([np.nan if v is None else v for v in sweep["false_reject_rate"]], float)
+    if not np.isnan(fr).all():
+        ax.plot(thr, fr, color="tab:blue", label="false reject (defect-free judged fail)")
+    if point is not None:
+        label = "the manifest's rule"
+        if point.get("escape_rate") is not None:
+            ax.axhline(point["escape_rate"], color="tab:red", ls=":", lw=1)
+        if point.get("false_reject_rate") is not None:
+            ax.axhline(point["false_reject_rate"], color="tab:blue", ls=":", lw=1)
+        ax.plot([], [], color="grey", ls=":", label=label + " (per-class thresholds)")
+    ax.set_xlabel("min score (every class)")
+    ax.set_ylabel("rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title or f"{name}: part-level verdicts", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -22,13 +22,19 @@ Results (all coordinates in original image pixels, continuous pixel-corner conve
   non-background class: {label, class_id, score = mean probability of that class over the component,
   box (tight, exclusive x2/y2), area (pixel count), mask (bool H×W, original size)}, sorted by score.
 
+detect and segment report the defects scoring at least the request's ``conf`` and, below it, every
+defect that fails the part by the verdict rule: a ``fail`` always shows what caused it.
+
 Verdict (the manifest's rule, independent of the request's ``conf`` so that a display threshold can
 never turn a fail into a pass):
 
-* ``{"type": "any_defect", "min_score": s, "min_area": a}``: fail when any detection/component has
-  score ≥ s and area ≥ a.
-* ``{"type": "classify", "pass_labels": [...], "min_score": s}``: fail when the probability mass of the
-  non-pass classes (1 − Σ p(pass labels)) is ≥ s.
+* ``{"type": "any_defect", "min_score": s, "min_area": a, "classes": {...}}``: fail when any
+  detection/component reaches its class's ``min_score`` and ``min_area`` (classes not listed: s and a).
+* ``{"type": "classify", "pass_labels": [...], "min_score": s, "classes": {...}}``: fail when the
+  probability mass of the non-pass classes (1 − Σ p(pass labels)) is ≥ s, or one defect class reaches
+  its own ``min_score``.
+
+`model.verdict` holds the rule and the part-level figures (escape, false reject) computed from it.
 
 Thread safety: preprocess/postprocess are re-entrant; infer must be called from one thread at a time
 (the service's single inference thread).
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +54,10 @@ import torch
 from model import masks as mask_ops
 from model import transforms as T
 from model.checkpoint import TTA_VIEWS, CheckpointError, load_model, validate_manifest
+from model.verdict import thresholds as verdict_thresholds
+from model.verdict import verdict_for
 
-__all__ = ["Sample", "Predictor", "verdict_for", "choose_forward_batch"]
+__all__ = ["Sample", "Predictor", "choose_forward_batch"]
 
 
 @dataclass
@@ -72,12 +80,6 @@ def choose_forward_batch(ms_per_image: Mapping[int, float], tolerance: float = 0
         raise ValueError("no timings to choose from")
     best = min(ms_per_image.values())
     return min(k for k, v in ms_per_image.items() if v <= best * (1.0 + tolerance))
-
-
-def verdict_for(rule: Mapping[str, Any], defects: Iterable[Mapping[str, Any]]) -> str:
-    """Apply an ``any_defect`` rule to detect/segment defects (score and area keys)."""
-    s, a = float(rule.get("min_score", 0.5)), float(rule.get("min_area", 0))
-    return "fail" if any(d["score"] >= s and d.get("area", 0) >= a for d in defects) else "pass"
 
 
 class Predictor:
@@ -115,9 +117,12 @@ class Predictor:
         # x = (u8 / 255 − mean) / std  =  u8 · scale + shift
         self._scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)
         self._shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        # per-class minimum scores of the verdict rule (index = class id)
+        self._min_scores, self._min_areas = verdict_thresholds(self.verdict_rule, self.classes)
         if self.task == "classify":
             pl = set(self.verdict_rule.get("pass_labels", []))
             self._pass_ids = [i for i, c in enumerate(self.classes) if c in pl]
+            self._min_scores[self._pass_ids] = np.inf
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -241,6 +246,11 @@ class Predictor:
             return self._post_detect(raw, meta, float(conf), float(iou), int(max_det))
         return self._post_segment(raw, meta, float(conf), int(max_det), bool(mask_crops))
 
+    def _decides(self, cid: int, score: float, area: float) -> bool:
+        """Whether a defect fails the part by the verdict rule: such a defect is always reported, even
+        under the request's ``conf``, so that every ``fail`` shows what caused it."""
+        return score >= self._min_scores[cid] and area >= self._min_areas[cid]
+
     def _entry(self, cid: int, score: float) -> dict[str, Any]:
         return {"label": self.classes[cid], "class_id": int(cid), "score": float(score)}
 
@@ -250,7 +260,8 @@ class Predictor:
         k = max(1, min(top_k, len(order)))
         result: dict[str, Any] = {"top_k": [self._entry(int(i), probs[i]) for i in order[:k]]}
         pass_mass = float(probs[self._pass_ids].sum()) if self._pass_ids else 0.0
-        fail = (1.0 - pass_mass) >= float(self.verdict_rule["min_score"])
+        fail = (1.0 - pass_mass) >= float(self.verdict_rule["min_score"]) or bool(
+            (probs >= self._min_scores).any())
         result["verdict"] = "fail" if fail else "pass"
         defects = []
         if fail:
@@ -265,8 +276,7 @@ class Predictor:
 
         boxes = torch.as_tensor(raw["boxes"]).float()
         scores = torch.as_tensor(raw["scores"]).float()
-        rule_score = float(self.verdict_rule["min_score"])
-        thr = min(conf, rule_score)
+        thr = min(conf, float(self._min_scores.min()))
         det = postprocess_detections(
             boxes[None], scores[None], conf=_below(thr), iou=iou, max_det=boxes.shape[0]
         )[0]
@@ -286,8 +296,8 @@ class Predictor:
                 }
             )
         verdict = verdict_for(self.verdict_rule, cands)
-        defects = [d for d in cands if d["score"] >= conf][: max(0, max_det)]
-        return {"verdict": verdict, "defects": defects}
+        defects = [d for d in cands if d["score"] >= conf or self._decides(d["class_id"], d["score"], d["area"])]
+        return {"verdict": verdict, "defects": defects[: max(0, max_det)]}
 
     def _post_segment(self, raw, meta, conf: float, max_det: int, mask_crops: bool = False) -> dict[str, Any]:
         labels, probs = T.logits_to_original(raw["logits"], meta)
@@ -302,8 +312,9 @@ class Predictor:
             for k in range(n):
                 cands.append((float(sums[k] / areas[k]), int(areas[k]), cid, k + 1, boxes[k], comp))
         rule = self.verdict_rule
-        verdict = verdict_for(rule, ({"score": c[0], "area": c[1]} for c in cands))
-        keep = sorted((c for c in cands if c[0] >= conf), key=lambda c: (-c[0], -c[1]))[: max(0, max_det)]
+        verdict = verdict_for(rule, ({"score": c[0], "area": c[1], "label": self.classes[c[2]]} for c in cands))
+        keep = sorted((c for c in cands if c[0] >= conf or self._decides(c[2], c[0], c[1])),
+                      key=lambda c: (-c[0], -c[1]))[: max(0, max_det)]
         defects = []
         for score, area, cid, k, (x1, y1, x2, y2), comp in keep:
             crop = comp[y1:y2, x1:x2] == k

@@ -4,67 +4,107 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
+
+SPLIT_HELP = ("part of the split by file stem: train (80 %%), val (10 %%: picks epochs and thresholds), "
+              "test (10 %%: only for reporting), heldout (val + test), all")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a weights folder on a dataset folder",
                        description="Runs the Predictor (the code the service uses) over every labelled "
-                                   "image of --data and prints the task's metrics.")
+                                   "image of --data and prints the task's metrics and the part-level "
+                                   "figures of the manifest's verdict rule (escape, false reject).")
     p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
     p.add_argument("--data", required=True, help="dataset folder in its native layout")
-    p.add_argument("--split", default="all", choices=["all", "val", "train"],
-                   help="all images (default) or the validation part of the training split")
+    p.add_argument("--split", default="all", choices=["all", "train", "val", "test", "heldout"],
+                   help=SPLIT_HELP + " (default all)")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
     p.add_argument("--tta", metavar="VIEWS",
                    help="test-time augmentation for this evaluation instead of the manifest's: comma-separated "
                         "views (hflip, vflip) or 'none'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here")
+    p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here, and beside it "
+                                  "<name>-verdict.png: escape and false-reject rates over the threshold")
     p.add_argument("--record", action="store_true",
                    help="store the metrics in the weights folder's manifest (metrics.eval['<data>:<split>'])")
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def load_inputs(weights: str, data: str, split: str, device: str = "auto", tta: list[str] | None = None):
+    """(predictor, records) for evaluating ``weights`` on ``data``'s ``split``; raises SystemExit(2) with a
+    message on stderr when either cannot be used."""
     import torch
 
     from model.checkpoint import CheckpointError
     from model.data import DatasetFormatError, load_records, split_records
-    from model.evaluate import evaluate
     from model.predictor import Predictor
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tta = None
-    if args.tta is not None:
-        tta = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:  # fused, as the service loads it: evaluate what is served
-        predictor = Predictor.from_folder(args.weights, device=device, tta=tta)
-        info = load_records(args.data, predictor.task)
+        predictor = Predictor.from_folder(weights, device=device, tta=tta)
+        info = load_records(data, predictor.task)
     except (CheckpointError, FileNotFoundError, DatasetFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
     if info.class_names(predictor.task) != predictor.classes:
         print(f"error: the dataset's classes {info.class_names(predictor.task)} differ from the model's "
               f"{predictor.classes}", file=sys.stderr)
-        return 2
-    records = split_records(info.records_for(predictor.task), args.split)
+        raise SystemExit(2)
+    records = split_records(info.records_for(predictor.task), split)
     if not records:
-        print(f"error: {args.data} has no labelled images for {predictor.task} in split {args.split!r}",
-              file=sys.stderr)
-        return 2
+        print(f"error: {data} has no labelled images for {predictor.task} in split {split!r}", file=sys.stderr)
+        raise SystemExit(2)
+    return predictor, records
+
+
+def format_parts(parts: dict[str, Any]) -> str:
+    """Part-level figures as a few readable lines."""
+    lines = [f"escape: {parts['escaped']} of {parts['defective']} defective images"
+             + (f" ({parts['escape_rate']:.3f}; {parts['judged_pass']} judged pass, "
+                f"{parts['unlocalised']} failed without a defect at a ground-truth region)"
+                if parts["defective"] else "")]
+    for name, c in parts["escape_per_class"].items():
+        prec = parts.get("precision_per_class", {}).get(name)
+        lines.append(f"  {name:<18} escaped {c['escaped']:>3} of {c['images']:>3}  ({c['escape_rate']:.3f})"
+                     + (f"   box precision {prec:.3f}" if prec is not None else ""))
+    if parts["defect_free"]:
+        lines.append(f"false reject: {parts['false_rejects']} of {parts['defect_free']} defect-free images "
+                     f"({parts['false_reject_rate']:.3f})")
+    else:
+        lines.append("false reject: the data has no defect-free images")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from model.evaluate import evaluate
+
+    tta = None
+    if args.tta is not None:
+        tta = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
+    try:
+        predictor, records = load_inputs(args.weights, args.data, args.split, args.device, tta)
+    except SystemExit as exc:
+        return int(exc.code or 2)
     metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json,
-                       keep_predictions=bool(args.plot))
+                       keep_predictions=bool(args.plot), keep_outcomes=bool(args.plot))
     preds = metrics.pop("predictions", None)
+    outcomes = metrics.pop("outcomes", None)
     if args.plot:
-        from model.plots import plot_eval
+        from model.plots import plot_eval, plot_verdict
+        from model.verdict import threshold_sweep
 
         plot_eval(args.plot, predictor, records, metrics, preds)
-    metrics = {"model": predictor.name, "task": predictor.task, "data": str(args.data), "split": args.split,
-               "tta": predictor.tta, **metrics}
+        out = Path(args.plot)
+        plot_verdict(out.with_name(f"{out.stem}-verdict.png"), predictor.name,
+                     threshold_sweep(outcomes, predictor.verdict_rule, predictor.classes), metrics["parts"],
+                     title=f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} "
+                           f"({len(records)} images)")
+    metrics = {"model": predictor.name, "version": predictor.version, "task": predictor.task,
+               "data": str(args.data), "split": args.split, "tta": predictor.tta, **metrics}
     if args.record:
-        from pathlib import Path
-
         from model.checkpoint import record_metrics
 
         key = f"{Path(args.data).resolve().name}:{args.split}"
@@ -73,8 +113,11 @@ def run(args) -> int:
         print(json.dumps(metrics))
     else:
         for k, v in metrics.items():
+            if k == "parts":
+                continue
             if k in ("confusion",) or isinstance(v, (list, dict)):
                 print(f"{k}: {json.dumps(v)}")
             else:
                 print(f"{k}: {v}")
+        print(format_parts(metrics["parts"]))
     return 0

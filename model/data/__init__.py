@@ -49,8 +49,10 @@ from .readers import (
     default_data_root,
     defect_pixels,
     detect_format,
+    is_test_stem,
     is_val_stem,
     load_records,
+    split_of,
     split_records,
 )
 
@@ -61,5 +63,5 @@ __all__ = [
     "collate_detect", "collate_segment", "decode_image", "defect_fractions", "sample_weights", "to_chw_tensor",
     "CRACK_CLASSES", "MT_CLASSIFY_CLASSES", "MT_DEFECT_CLASSES", "MT_PASS_CLASS", "MT_SEGMENT_CLASSES",
     "NEU_CLASSES", "DatasetFormatError", "DatasetInfo", "Record", "dataset_dir", "default_data_root", "defect_pixels",
-    "detect_format", "is_val_stem", "load_records", "split_records",
+    "detect_format", "is_test_stem", "is_val_stem", "load_records", "split_records", "split_of",
 ]

@@ -54,9 +54,15 @@ Own data (for users; ``classes.txt`` = optional file, one class name per line, f
 
 Split
 -----
-`split_records(records, "train" | "val" | "all")`: a record is in *val* if
-``int(sha1(("val:" + stem).encode()).hexdigest(), 16) % 5 == 0`` (about 20 %). Deterministic, by stem, and
-independent of the datasets' own shared/holdout rule (``sha1(stem) % 4``).
+`split_records(records, "train" | "val" | "test" | "heldout" | "all")`, deterministic, by stem, and
+independent of the datasets' own shared/holdout rule (``sha1(stem) % 4``):
+
+- *heldout* (about 20 %): ``int(sha1(("val:" + stem).encode()).hexdigest(), 16) % 5 == 0``; never trained on.
+- *test* (about 10 %): the held-out stems with ``sha1("test:" + stem) % 2 == 0``. Used only to report
+  figures: never to pick an epoch or a threshold.
+- *val* (about 10 %): the other held-out stems. Picks the epoch during training and the thresholds in
+  ``s2amnet calibrate``.
+- *train*: the rest (about 80 %).
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ __all__ = [
     "load_records",
     "split_records",
     "is_val_stem",
+    "is_test_stem",
+    "split_of",
+    "SPLITS",
     "load_image",
     "parse_voc_xml",
 ]
@@ -105,6 +114,7 @@ NEU_CLASSES = ["crazing", "inclusion", "patches", "pitted_surface", "rolled-in_s
 CRACK_CLASSES = ["background", "crack"]
 
 VAL_MODULUS = 5
+SPLITS = ("train", "val", "test", "heldout")
 IGNORE_INDEX = 255
 
 
@@ -198,6 +208,8 @@ class Record:
         subset: original subset (DeepCrack ``train``/``test``), else "".
         mask_path, mask_kind, mask_value: how `load_mask` builds the label mask (None = no mask).
         difficult: bool array per box (VOC ``<difficult>``), same length as the boxes.
+        defect_free: True / False where the dataset says so (magnetic-tile: the ``MT_Free`` folder), None
+            where it follows from the annotations (see `is_defect_free`).
     Use `boxes` / `box_classes` (float32 N×4 xyxy in image pixels / int64 N) for detection; for
     magnetic-tile they are derived lazily from the mask.
     """
@@ -213,6 +225,7 @@ class Record:
     mask_kind: str | None = None  # "mt" | "mat" | "binary" | "index"
     mask_value: int = 1
     difficult: np.ndarray | None = None
+    defect_free: bool | None = None
     _boxes: np.ndarray | None = field(default=None, repr=False)
     _box_classes: np.ndarray | None = field(default=None, repr=False)
     _box_source: str | None = field(default=None, repr=False)  # "mask" = from mask components
@@ -241,6 +254,18 @@ class Record:
     def box_classes(self) -> np.ndarray:
         self._ensure_boxes()
         return self._box_classes
+
+    def is_defect_free(self, task: str) -> bool | None:
+        """Whether the image shows a good part: the dataset's own mark where it has one, else no box
+        (detect) / no defect pixel (segment); None where the annotations cannot tell (classify labels of
+        a dataset without a pass class)."""
+        if self.defect_free is not None:
+            return self.defect_free
+        if task == "detect" and self.has_boxes:
+            return len(self.boxes) == 0
+        if task == "segment" and self.has_mask:
+            return not defect_pixels(self.load_mask()).any()
+        return None
 
     # --- decoding
     @property
@@ -340,14 +365,27 @@ def is_val_stem(stem: str, modulus: int = VAL_MODULUS) -> bool:
     return int(hashlib.sha1(("val:" + stem).encode("utf-8")).hexdigest(), 16) % modulus == 0
 
 
+def is_test_stem(stem: str) -> bool:
+    """True if a held-out ``stem`` belongs to the test half: ``sha1("test:" + stem) % 2 == 0``."""
+    return int(hashlib.sha1(("test:" + stem).encode("utf-8")).hexdigest(), 16) % 2 == 0
+
+
+def split_of(stem: str, modulus: int = VAL_MODULUS) -> str:
+    """The split of one stem: ``train``, ``val`` or ``test`` (see module docstring)."""
+    if not is_val_stem(stem, modulus):
+        return "train"
+    return "test" if is_test_stem(stem) else "val"
+
+
 def split_records(records: list[Record], split: str = "all", modulus: int = VAL_MODULUS) -> list[Record]:
-    """Deterministic train/val split by stem hash (see module docstring). ``split`` in train|val|all."""
+    """Deterministic split by stem hash (see module docstring). ``split`` in train|val|test|heldout|all."""
     if split == "all":
         return list(records)
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be train, val or all, not {split!r}")
-    want_val = split == "val"
-    return [r for r in records if is_val_stem(r.stem, modulus) == want_val]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} or all, not {split!r}")
+    if split == "heldout":
+        return [r for r in records if is_val_stem(r.stem, modulus)]
+    return [r for r in records if split_of(r.stem, modulus) == split]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -493,6 +531,7 @@ def _read_magnetic_tile(root: Path) -> DatasetInfo:
                 mask_path=masks[0] if masks else None,
                 mask_kind="mt" if masks else None,
                 mask_value=0 if is_free else ci + 1,
+                defect_free=is_free,
             )
             if masks:
                 if is_free:  # defect-free: no boxes, no need to read the mask

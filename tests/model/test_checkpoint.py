@@ -13,10 +13,12 @@ from model.checkpoint import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     CheckpointError,
+    bump_minor,
     describe_state_dict,
     find_weights,
     load_backbone_from,
     read_manifest,
+    update_verdict,
 )
 
 MANIFESTS = {
@@ -152,6 +154,26 @@ def test_manifest_validation(tmp_path):
     _edit_manifest(folder, lambda m: m["verdict"].update(pass_labels=["OK"]))
     with pytest.raises(CheckpointError, match=r"pass_labels \['OK'\]"):
         read_manifest(folder)
+
+
+def test_per_class_verdict_rules(tmp_path):
+    _, folder = _save("detect", tmp_path)
+    rule = {"type": "any_defect", "min_score": 0.5, "min_area": 0, "classes": {"b": {"min_score": 0.1}},
+            "calibration": {"split": "val"}}
+    m = update_verdict(folder, rule)
+    assert m["version"] == "1.3" and read_manifest(folder)["verdict"] == rule
+    sha = m["sha256"]
+    for bad, match in (({"zz": {"min_score": 0.1}}, "'zz' is not a defect class"),
+                       ({"b": {"min_score": 1.5}}, "within"), ({"b": {"score": 0.1}}, "min_score and/or min_area"),
+                       ({"b": {"min_area": -1}}, "min_area")):
+        with pytest.raises(CheckpointError, match=match):
+            update_verdict(folder, {**rule, "classes": bad})
+    assert read_manifest(folder)["version"] == "1.3" and read_manifest(folder)["sha256"] == sha  # untouched
+    _, folder = _save("classify", tmp_path)
+    with pytest.raises(CheckpointError, match="'ok' is not a defect class"):  # a pass label has no threshold
+        update_verdict(folder, {"type": "classify", "pass_labels": ["ok"], "classes": {"ok": {"min_score": 0.2}}})
+    assert [bump_minor(v) for v in ("1.0.0", "0.8.0-interim", "1.2", "v2")] == ["1.1.0", "0.9.0-interim", "1.3",
+                                                                                 "v2.1"]
 
 
 def test_save_rejects_contradictions(tmp_path):

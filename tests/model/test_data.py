@@ -264,15 +264,18 @@ def test_split_rule():
     from model.data.readers import Record
 
     recs = [Record(stem=s, key=s, image=Path(s)) for s in stems]
-    tr, va, al = (split_records(recs, k) for k in ("train", "val", "all"))
-    assert len(al) == 400 and len(tr) + len(va) == 400
-    assert not {r.stem for r in tr} & {r.stem for r in va}
-    assert 0.12 < len(va) / 400 < 0.28
-    expected = {s for s in stems if int(hashlib.sha1(("val:" + s).encode()).hexdigest(), 16) % 5 == 0}
-    assert {r.stem for r in va} == expected
+    tr, va, te, ho, al = (split_records(recs, k) for k in ("train", "val", "test", "heldout", "all"))
+    assert len(al) == 400 and len(tr) + len(va) + len(te) == 400
+    assert not {r.stem for r in tr} & ({r.stem for r in va} | {r.stem for r in te})
+    assert not {r.stem for r in va} & {r.stem for r in te}
+    assert {r.stem for r in ho} == {r.stem for r in va} | {r.stem for r in te}
+    assert 0.12 < len(ho) / 400 < 0.28 and 0.3 < len(te) / len(ho) < 0.7
+    held = {s for s in stems if int(hashlib.sha1(("val:" + s).encode()).hexdigest(), 16) % 5 == 0}
+    test = {s for s in held if int(hashlib.sha1(("test:" + s).encode()).hexdigest(), 16) % 2 == 0}
+    assert {r.stem for r in ho} == held and {r.stem for r in te} == test
     assert [r.stem for r in split_records(recs, "val")] == [r.stem for r in va]  # deterministic
     with pytest.raises(ValueError):
-        split_records(recs, "test")
+        split_records(recs, "holdout")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,11 +455,11 @@ def test_real_deepcrack():
 
 def _check_split(info, task):
     recs = info.records_for(task)
-    tr, va = split_records(recs, "train"), split_records(recs, "val")
+    tr, va = split_records(recs, "train"), split_records(recs, "heldout")
     assert len(tr) + len(va) == len(recs)
     assert not {r.key for r in tr} & {r.key for r in va}
     assert not {r.stem for r in tr} & {r.stem for r in va}
-    assert [r.key for r in split_records(recs, "val")] == [r.key for r in va]
+    assert [r.key for r in split_records(recs, "heldout")] == [r.key for r in va]
     assert 0.12 < len(va) / len(recs) < 0.30
     n = info.num_classes(task)
     if task == "classify":

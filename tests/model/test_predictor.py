@@ -410,7 +410,31 @@ def test_any_defect_rule_min_score_min_area_and_conf_independence(predictors):
     raw["scores"][1, 0] = 0.6
     assert p.postprocess(raw, meta)["verdict"] == "fail"  # score exactly at min_score fails
     hi = p.postprocess(raw, meta, conf=0.95)
-    assert hi["verdict"] == "fail" and hi["defects"] == []  # conf filters the list, not the verdict
+    # conf filters the list, not the verdict; the defect that fails the part is reported below conf
+    assert hi["verdict"] == "fail" and [d["score"] for d in hi["defects"]] == [pytest.approx(0.6)]
+    raw["scores"][0, 0] = 0.97  # above conf but too small to fail the part: listed, the verdict unchanged
+    assert [d["area"] for d in p.postprocess(raw, meta, conf=0.95)["defects"]] == [25.0, 400.0]
+
+
+def test_per_class_thresholds_detect(predictors):
+    model = predictors["detect"].model
+    rule = {"type": "any_defect", "min_score": 0.6, "min_area": 0,
+            "classes": {CLASSES["detect"][1]: {"min_score": 0.2}, CLASSES["detect"][2]: {"min_area": 500}}}
+    p = Predictor(model, _manifest("detect", (64, 96), verdict=rule))
+    meta = p.preprocess(np.zeros((64, 96, 3), np.uint8)).meta
+    box = torch.tensor([[20.0, 20, 40, 40]])  # area 400
+    verdict = {}
+    for cid, score in ((0, 0.3), (1, 0.3), (2, 0.9), (0, 0.7)):
+        scores = torch.zeros(1, 3)
+        scores[0, cid] = score
+        res = p.postprocess({"boxes": box, "scores": scores}, meta)
+        verdict[(cid, score)] = (res["verdict"], len(res["defects"]))
+    assert verdict == {(0, 0.3): ("pass", 1), (1, 0.3): ("fail", 1), (2, 0.9): ("pass", 1), (0, 0.7): ("fail", 1)}
+    # a class's own lower threshold also lowers what NMS keeps: a 0.25 detection of class 1 still fails
+    scores = torch.zeros(1, 3)
+    scores[0, 1] = 0.21
+    res = p.postprocess({"boxes": box, "scores": scores}, meta, conf=0.5)
+    assert res["verdict"] == "fail" and res["defects"][0]["label"] == CLASSES["detect"][1]
 
 
 def test_from_folder(tmp_path, predictors):

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from app.cli import main as cli_main
-from model.data.readers import is_val_stem
+from model.data.readers import split_of
 from model.predictor import Predictor
 from model.registry import build_model
 from model.train import RECIPES, TrainConfig, train
@@ -25,7 +25,7 @@ RECIPE_LR = RECIPES["classify"].lr
 
 def _stems(n: int) -> list[str]:
     stems = [f"img{i:03d}" for i in range(n)]
-    assert any(is_val_stem(s) for s in stems) and not all(is_val_stem(s) for s in stems)
+    assert {split_of(s) for s in stems} == {"train", "val", "test"}
     return stems
 
 
@@ -113,7 +113,7 @@ def test_train_export_resume_eval(task, tmp_path, capsys):
 
     # eval CLI: last line is one JSON object with the task's metrics
     capsys.readouterr()
-    sha = manifest["sha256"]
+    sha = manifest2["sha256"]
     assert cli_main(["eval", "--weights", str(out / "best"), "--data", str(data), "--split", "val",
                      "--json", "--record"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -123,8 +123,32 @@ def test_train_export_resume_eval(task, tmp_path, capsys):
     assert recorded["sha256"] == sha
     Predictor.from_folder(out / "best")
     assert metrics["task"] == task and 0.0 <= metrics[METRIC[task]] <= 1.0
-    assert metrics["num_images"] == sum(is_val_stem(p.stem) for p in data.rglob("*.png")
+    assert metrics["num_images"] == sum(split_of(p.stem) == "val" for p in data.rglob("*.png")
                                         if p.parent.name not in ("masks",))
+    assert metrics["parts"]["defective"] + metrics["parts"]["defect_free"] == metrics["num_images"]
+    # --plot: the task's figure and the escape / false-reject curve beside it
+    assert cli_main(["eval", "--weights", str(out / "best"), "--data", str(data), "--split", "val",
+                     "--plot", str(tmp_path / "ev.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "escape:" in printed and "false reject:" in printed
+    for png in ("ev.png", "ev-verdict.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # calibrate: per-class thresholds (classify: the defect probability) into the manifest, a new version
+    before = json.loads((out / "best" / "manifest.json").read_text())
+    assert cli_main(["calibrate", "--weights", str(out / "best"), "--data", str(data), "--max-escape", "0",
+                     "--dry-run"]) == 0
+    assert "per-class min score" in capsys.readouterr().out or task == "classify"
+    assert json.loads((out / "best" / "manifest.json").read_text()) == before
+    assert cli_main(["calibrate", "--weights", str(out / "best"), "--data", str(data), "--max-escape", "0",
+                     "--json"]) == 0
+    told = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = json.loads((out / "best" / "manifest.json").read_text())
+    assert after["verdict"] == told["verdict"] and after["version"] == told["version"] != before["version"]
+    assert after["verdict"]["calibration"]["split"] == "val" and after["sha256"] == sha
+    assert (task == "classify") != ("classes" in after["verdict"])
+    assert cli_main(["calibrate", "--weights", str(out / "best"), "--data", str(data), "--max-escape", "2"]) == 2
+    assert "--max-escape" in capsys.readouterr().err
 
     # --tta: the same evaluation with flipped views averaged in (the manifest has none)
     assert metrics["tta"] == []
@@ -621,7 +645,7 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     res = train(TrainConfig(task="segment", data=f"{a},{b}", epochs=2, imgsz=64, batch=4, workers=0,
                             max_train_batches=1, select="folders", out=str(out)), progress=False)
     assert res["best_epoch"] == 2 and res["best"]["miou"] == pytest.approx(0.75)
-    assert sorted(set(seen[0])) == ["a", "b"] and len(seen[0]) == sum(1 for r in recs if is_val_stem(r.stem))
+    assert sorted(set(seen[0])) == ["a", "b"] and len(seen[0]) == sum(1 for r in recs if split_of(r.stem) == "val")
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [float(r["val_select_miou"]) for r in rows] == [0.6, 0.75]
     assert [float(r["val_b_miou"]) for r in rows] == [0.3, 0.7]

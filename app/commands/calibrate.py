@@ -1,0 +1,116 @@
+"""`s2amnet calibrate`: per-class verdict thresholds chosen from labelled images, written to the manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from app.commands.eval import SPLIT_HELP, format_parts, load_inputs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="choose the verdict thresholds of a weights folder from labelled images",
+        description="Runs the model over the --split images of --data, chooses the thresholds of its verdict "
+                    "rule (classify: the defect probability; detect / segment: a minimum score per class) that "
+                    "keep the escape rate (defective parts not caught) within --max-escape with the fewest "
+                    "false rejects, prints the trade-off and writes the rule, with a new version and the "
+                    "figures it is expected to give, into the manifest. Choose thresholds on the val split; "
+                    "report figures from the test split (s2amnet eval --split test).")
+    p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
+    p.add_argument("--data", required=True, help="dataset folder in its native layout")
+    p.add_argument("--split", default="val", choices=["val", "train", "test", "heldout", "all"],
+                   help=SPLIT_HELP + " (default val)")
+    p.add_argument("--max-escape", type=float, required=True, metavar="RATE",
+                   help="most defective images that may go uncaught, as a fraction (e.g. 0.02)")
+    p.add_argument("--max-false-reject", type=float, metavar="RATE",
+                   help="most defect-free images that may be judged fail (a hard bound; needs defect-free "
+                        "images in the data)")
+    p.add_argument("--max-class-escape", type=float, metavar="RATE",
+                   help="detect / segment: also bound each defect class's escape rate")
+    p.add_argument("--min-precision", type=float, default=0.5, metavar="P",
+                   help="data without defect-free images: no class's threshold goes below where fewer than P "
+                        "of its reported defects lie on a ground-truth region (default 0.5)")
+    p.add_argument("--floor", type=float, default=0.05, help="lowest threshold to consider (default 0.05)")
+    p.add_argument("--areas", metavar="PX,PX,...",
+                   help="detect / segment: also choose each class's minimum defect area (pixels; box area for "
+                        "detect) from these values, e.g. 0,16,64,256 (default: keep the rule's min_area)")
+    p.add_argument("--dry-run", action="store_true", help="print the thresholds; leave the manifest as it is")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
+    p.set_defaults(func=run)
+
+
+def _check(args) -> str | None:
+    for name in ("max_escape", "max_false_reject", "max_class_escape", "min_precision", "floor"):
+        v = getattr(args, name)
+        if v is not None and not 0.0 <= v <= 1.0:
+            return f"--{name.replace('_', '-')} must be within [0, 1], got {v}"
+    return None
+
+
+def run(args) -> int:
+    import sys
+
+    from model.checkpoint import CheckpointError, update_verdict
+    from model.evaluate import evaluate
+    from model.verdict import calibrate, part_metrics
+
+    problem = _check(args)
+    areas = None
+    if args.areas:
+        try:
+            areas = [float(v) for v in args.areas.split(",") if v.strip()]
+        except ValueError:
+            areas = []
+        if not areas or any(a < 0 for a in areas):
+            problem = f"--areas must be comma-separated pixel counts >= 0, got {args.areas!r}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        predictor, records = load_inputs(args.weights, args.data, args.split, args.device, None)
+    except SystemExit as exc:
+        return int(exc.code or 2)
+    metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json, keep_outcomes=True)
+    outcomes = metrics.pop("outcomes")
+    before = metrics["parts"]
+    try:
+        rule, report = calibrate(outcomes, predictor.verdict_rule, predictor.classes, max_escape=args.max_escape,
+                                 max_false_reject=args.max_false_reject, max_class_escape=args.max_class_escape,
+                                 min_precision=args.min_precision, floor=args.floor, area_grid=areas)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    after = part_metrics(outcomes, rule, predictor.classes)
+    rule["calibration"] = {"data": Path(args.data).resolve().name, "split": args.split, "num_images": len(records),
+                           "from_version": predictor.version, **report}
+    version = predictor.version
+    if not args.dry_run:
+        try:
+            version = update_verdict(args.weights, rule)["version"]
+        except CheckpointError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps({"model": predictor.name, "version": version, "verdict": rule, "before": before}))
+        return 0
+    print(f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} ({len(records)} images)")
+    print("\nwith the rule it had:\n" + format_parts(before))
+    if predictor.task == "classify":
+        print(f"\ndefect-probability threshold: {predictor.verdict_rule['min_score']} -> {rule['min_score']}")
+    else:
+        print("\nper-class min score (min area):")
+        old = predictor.verdict_rule
+        for name, per in rule["classes"].items():
+            was = {**old, **(old.get("classes") or {}).get(name, {})}
+            print(f"  {name:<18} {float(was['min_score']):.2f} ({float(was['min_area']):g} px) -> "
+                  f"{per['min_score']:.2f} ({per['min_area']:g} px)")
+    print("\nwith the chosen thresholds:\n" + format_parts(after))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print("bounds met" if report["met"] else "bounds NOT met")
+    print(f"\nwrote {args.weights}/manifest.json: version {version}" if not args.dry_run
+          else "\n--dry-run: the manifest is unchanged")
+    return 0
