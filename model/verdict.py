@@ -199,31 +199,29 @@ def calibrate(outcomes: Sequence[PartOutcome], rule: Mapping[str, Any], classes:
               area_grid: Sequence[float] | None = None) -> tuple[dict, dict]:
     """Choose thresholds on labelled outcomes; returns ``(new_rule, report)``.
 
-    classify: the highest defect-probability threshold whose escape rate is within ``max_escape``.
-    detect / segment: a minimum score per class (and, with ``area_grid``, a minimum area from it). Every class
-    starts at its strictest setting; the class whose next more lenient setting catches the most further parts
-    per false reject (or per unlocalised report, where there are no defect-free images) is relaxed, until the
-    escape bounds hold; then every class is made as strict again as the escape figures allow (fewest false
-    rejects). No score goes below ``floor``, nor, on data without defect-free images, to where a class's
-    reported defects overlap ground truth less often than ``min_precision``. A given ``max_false_reject`` is
-    a hard bound: where both bounds cannot hold, the thresholds give the fewest escapes within it and the
-    report says that the escape bound is not met.
+    The search starts from ``rule`` and moves thresholds only where the labelled images ask for it, so that
+    a threshold does not settle just below the weakest defect of a small validation set:
+
+    1. relax: while the escape bounds do not hold, make the setting more lenient that catches the most
+       further parts per false reject (per unlocalised report, where the data has no defect-free images) —
+       classify: the defect-probability threshold; detect / segment: one class's minimum score (or, with
+       ``area_grid``, minimum area). No score goes below ``floor``; on data without defect-free images no
+       class goes where fewer than ``min_precision`` of its reported defects lie on a ground-truth region.
+    2. tighten (data with defect-free images): while some stricter setting rejects fewer defect-free parts
+       without letting another defective part through (or, while ``max_false_reject`` is broken, without
+       breaking the escape bounds), take the smallest such step.
+
+    A given ``max_false_reject`` is a hard bound: where both bounds cannot hold, the thresholds give the fewest
+    escapes within it and the report says that the escape bound is not met.
     """
     t = _Table(outcomes, len(classes))
     if not t.defective.any():
         raise ValueError("calibration needs defective images (none among the labelled images)")
     has_free = bool((~t.defective).any())
-    _, rule_area = thresholds(rule, classes)
-    grid = [float(g) for g in SCORE_GRID if g >= floor - 1e-9]
     notes: list[str] = []
     if not has_free:
         notes.append("the data has no defect-free images: false rejects cannot be bounded from it; per-class "
                      f"thresholds keep box precision >= {min_precision}")
-    elif max_false_reject is None:
-        notes.append("no --max-false-reject: thresholds are as high as the escape bound allows")
-
-    def figures(score: np.ndarray, area: np.ndarray, glob: float | None = None) -> dict:
-        return _figures(t, classes, *t.judge(score, area, glob))
 
     def meets_escape(f: dict) -> bool:
         if f["escape_rate"] > max_escape + 1e-12:
@@ -235,19 +233,11 @@ def calibrate(outcomes: Sequence[PartOutcome], rule: Mapping[str, Any], classes:
         return max_false_reject is None or f["false_reject_rate"] is None or \
             f["false_reject_rate"] <= max_false_reject + 1e-12
 
-    new_rule = {k: v for k, v in rule.items() if k not in ("classes", "calibration")}
-    if rule.get("type") == "classify":
-        never = np.full(len(classes), 2.0)
-        sweep = [(g, figures(never, rule_area, g)) for g in grid]  # descending: ascending false rejects
-        allowed = [(g, f) for g, f in sweep if meets_fr(f)] or sweep[:1]
-        good = [(g, f) for g, f in allowed if meets_escape(f)]
-        # the highest threshold that meets the bounds, else the one with the fewest escapes
-        chosen = good[0][0] if good else min(allowed, key=lambda gf: (gf[1]["escaped"], -gf[0]))[0]
-        new_rule["min_score"] = chosen
-        final = figures(never, rule_area, chosen)
-    else:
-        final = _relax_per_class(t, classes, grid, area_grid, rule_area, has_free, min_precision, figures,
-                                 meets_escape, meets_fr, new_rule)
+    search = _Search(t, classes, rule, floor, area_grid, has_free, min_precision, meets_escape, meets_fr)
+    search.relax()
+    if has_free:
+        search.tighten()
+    new_rule, final = search.result()
     if not meets_escape(final):
         notes.append("the escape bound is not met"
                      + (" within the false-reject bound" if max_false_reject is not None and has_free else "")
@@ -259,63 +249,114 @@ def calibrate(outcomes: Sequence[PartOutcome], rule: Mapping[str, Any], classes:
     return new_rule, report
 
 
-def _relax_per_class(t: _Table, classes, grid, area_grid, rule_area, has_free, min_precision, figures,
-                     meets_escape, meets_fr, new_rule: dict) -> dict:
-    """The greedy search of `calibrate` for detect / segment; writes ``new_rule["classes"]``, returns the
-    figures of the chosen thresholds."""
-    defect_ids = [k for k, name in enumerate(classes) if name != "background"]
-    knobs = [grid, sorted({float(a) for a in area_grid}, reverse=True) if area_grid else [None]]
-    level = {k: [0, 0] for k in defect_ids}  # per class: index into the score grid, into the area grid
+class _Search:
+    """The settings `calibrate` moves: per knob (classify: the one defect-probability threshold; detect /
+    segment: each defect class), an index into the score grid and one into the area grid (higher index =
+    more lenient)."""
 
-    def arrays() -> tuple[np.ndarray, np.ndarray]:
-        s, a = np.full(len(classes), 2.0), rule_area.copy()
-        for k, (i, j) in level.items():
-            s[k] = grid[i]
-            if knobs[1][j] is not None:
-                a[k] = knobs[1][j]
-        return s, a
+    def __init__(self, t: _Table, classes, rule, floor, area_grid, has_free, min_precision, meets_escape, meets_fr):
+        self.t, self.classes, self.rule = t, list(classes), dict(rule)
+        self.classify = rule.get("type") == "classify"
+        self.has_free, self.min_precision = has_free, min_precision
+        self.meets_escape, self.meets_fr = meets_escape, meets_fr
+        score, self.rule_area = thresholds(rule, classes)
+        if self.classify:
+            self.knobs = [-1]
+            start = {-1: float(rule.get("min_score", 0.5))}
+        else:
+            self.knobs = [k for k, name in enumerate(classes) if name != "background"]
+            start = {k: float(score[k]) for k in self.knobs}
+        # the grids hold the rule's own values, so that "no change" is one of the settings
+        self.scores = sorted({float(g) for g in SCORE_GRID if g >= floor - 1e-9} | set(start.values()), reverse=True)
+        areas = set(area_grid or [])
+        if area_grid:
+            areas |= {float(self.rule_area[k]) for k in self.knobs if k >= 0}
+        self.areas: list[float | None] = sorted(areas, reverse=True) if area_grid else [None]
+        self.level = {k: [self.scores.index(start[k]),
+                          0 if not area_grid or k < 0 else self.areas.index(float(self.rule_area[k]))]
+                      for k in self.knobs}
+        self.f = self.figures()
 
-    def precise(f: dict, k: int) -> bool:
-        p = f.get("precision_per_class", {}).get(classes[k])
-        return has_free or p is None or p >= min_precision
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, float | None]:
+        if self.classify:
+            return np.full(len(self.classes), 2.0), self.rule_area, self.scores[self.level[-1][0]]
+        s, a = np.full(len(self.classes), 2.0), self.rule_area.copy()
+        for k, (i, j) in self.level.items():
+            s[k] = self.scores[i]
+            if self.areas[j] is not None:
+                a[k] = self.areas[j]
+        return s, a, None
 
-    f = figures(*arrays())
-    while not meets_escape(f):
-        best = None  # (ratio, -step, class, score level, area level)
-        for k in defect_ids:
-            i0, j0 = level[k]
-            for i in range(i0, len(grid)):
-                for j in range(j0, len(knobs[1])):
-                    if (i, j) == (i0, j0):
-                        continue
-                    level[k] = [i, j]
-                    g = figures(*arrays())
-                    level[k] = [i0, j0]
-                    gain = f["escaped"] - g["escaped"]
-                    if gain <= 0 or not precise(g, k) or not meets_fr(g):
-                        continue
-                    cost = (g["false_rejects"] - f["false_rejects"]) if has_free else \
-                        0.1 * (g["unlocalised_reports"] - f["unlocalised_reports"])
-                    step = (i - i0) + (j - j0)
-                    cand = (gain / (1.0 + cost), -step, k, i, j)
-                    if best is None or cand[:2] > best[:2]:
-                        best = cand
-        if best is None:
-            break
-        level[best[2]] = [best[3], best[4]]
-        f = figures(*arrays())
-    target_met = meets_escape(f)
-    for k in defect_ids:  # each class as strict again as the escape figures allow
-        for dim in (0, 1):
-            while level[k][dim] > 0:
-                old = level[k][dim]
-                level[k][dim] -= 1
-                g = figures(*arrays())
-                if g["escaped"] > f["escaped"] or (target_met and not meets_escape(g)):
-                    level[k][dim] = old
-                    break
-                f = g
-    s, a = arrays()
-    new_rule["classes"] = {classes[k]: {"min_score": round(float(s[k]), 2), "min_area": float(a[k])}
-                           for k in defect_ids}
-    return figures(s, a)
+    def figures(self) -> dict:
+        s, a, glob = self.arrays()
+        return _figures(self.t, self.classes, *self.t.judge(s, a, glob))
+
+    def _try(self, k: int, i: int, j: int) -> dict:
+        old, self.level[k] = self.level[k], [i, j]
+        g = self.figures()
+        self.level[k] = old
+        return g
+
+    def _precise(self, g: dict, k: int) -> bool:
+        p = g.get("precision_per_class", {}).get(self.classes[k]) if k >= 0 else None
+        return self.has_free or p is None or p >= self.min_precision
+
+    def _cost(self, g: dict) -> float:
+        return g["false_rejects"] if self.has_free else 0.1 * g["unlocalised_reports"]
+
+    def relax(self) -> None:
+        while not self.meets_escape(self.f):
+            best = None  # (gain per cost, -step, knob, score level, area level)
+            for k in self.knobs:
+                i0, j0 = self.level[k]
+                for i in range(i0, len(self.scores)):
+                    for j in range(j0, len(self.areas)):
+                        if (i, j) == (i0, j0):
+                            continue
+                        g = self._try(k, i, j)
+                        gain = self.f["escaped"] - g["escaped"]
+                        if gain <= 0 or not self._precise(g, k) or not self.meets_fr(g):
+                            continue
+                        cand = (gain / (1.0 + self._cost(g) - self._cost(self.f)), -(i - i0) - (j - j0), k, i, j)
+                        if best is None or cand[:2] > best[:2]:
+                            best = cand
+            if best is None:
+                return
+            self.level[best[2]] = [best[3], best[4]]
+            self.f = self.figures()
+
+    def tighten(self) -> None:
+        met = self.meets_escape(self.f)
+        while True:
+            best = None  # (false rejects saved, -step, knob, score level, area level)
+            for k in self.knobs:
+                i0, j0 = self.level[k]
+                for i in range(i0, -1, -1):
+                    for j in range(j0, -1, -1):
+                        if (i, j) == (i0, j0):
+                            continue
+                        g = self._try(k, i, j)
+                        saved = self.f["false_rejects"] - g["false_rejects"]
+                        # no part let through for it, unless a false-reject bound is still broken and the
+                        # escape bound still holds
+                        more = g["escaped"] > self.f["escaped"]
+                        if saved <= 0 or (met and not self.meets_escape(g)) or \
+                                (more and (self.meets_fr(self.f) or not met)):
+                            continue
+                        cand = (saved, -(i0 - i) - (j0 - j), k, i, j)
+                        if best is None or cand[:2] > best[:2]:
+                            best = cand
+            if best is None:
+                return
+            self.level[best[2]] = [best[3], best[4]]
+            self.f = self.figures()
+
+    def result(self) -> tuple[dict, dict]:
+        new_rule = {k: v for k, v in self.rule.items() if k not in ("classes", "calibration")}
+        s, a, glob = self.arrays()
+        if self.classify:
+            new_rule["min_score"] = round(float(glob), 2)
+        else:
+            new_rule["classes"] = {self.classes[k]: {"min_score": round(float(s[k]), 2), "min_area": float(a[k])}
+                                   for k in self.knobs}
+        return new_rule, self.f
