@@ -5,7 +5,8 @@
 - EXIF orientation is applied (`ImageOps.exif_transpose`): width/height and all coordinates of a result
   refer to the upright image.
 - Any mode becomes 8-bit RGB: grayscale, 1-bit, palette (with or without transparency), RGBA/LA (alpha
-  dropped), CMYK, YCbCr/LAB/HSV, 16-bit integer (scaled by 1/256) and float images (scaled to their range).
+  dropped), CMYK, YCbCr/LAB/HSV, 16-bit integer (scaled from the full 16-bit range) and float images (0..1 and
+  0..255 kept, other ranges stretched) — the same conversion as the dataset readers (`model.transforms`).
 - Errors: empty, truncated, corrupt data of a known image format, or an image smaller than
   `min_image_side` -> 400 (`bad_image`); data that is not an image format PIL reads -> 415; too many pixels
   -> 413.
@@ -18,7 +19,6 @@ import binascii
 import io
 import warnings
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import Problem, bad_image, too_large, unsupported_media
@@ -77,33 +77,13 @@ def decode_base64(text: str, index: int = 0) -> bytes:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
+    """Any mode → 8-bit RGB by the conversion that training and evaluation use too
+    (`model.transforms.to_rgb_uint8`)."""
+    if img.mode == "RGB":
         return img
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # the training/eval conversion (one rule): 16-bit data scaled from its full range; a 32-bit "I"
-        # container (PNG 16-bit grey may arrive so) from 0..65535, or from 0..255 when no value exceeds 255
-        from model.transforms import to_rgb_uint8
+    from model.transforms import to_rgb_uint8
 
-        return Image.fromarray(to_rgb_uint8(img), "RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        finite = np.isfinite(arr)
-        lo = float(arr[finite].min()) if finite.any() else 0.0
-        hi = float(arr[finite].max()) if finite.any() else 1.0
-        if lo >= 0.0 and hi <= 1.0:
-            lo, hi = 0.0, 1.0
-        elif lo >= 0.0 and hi <= 255.0:
-            lo, hi = 0.0, 255.0
-        scaled = np.nan_to_num((arr - lo) / max(hi - lo, 1e-12), nan=0.0, posinf=1.0, neginf=0.0)
-        arr8 = (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        return img.convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return img.convert("RGB")  # alpha dropped: colour channels as captured
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+    return Image.fromarray(to_rgb_uint8(img), "RGB")
 
 
 def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0) -> Image.Image:

@@ -30,6 +30,21 @@ __all__ = [
 # colour / dtype normalisation
 
 
+def _float_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Float intensities → uint8: 0..1 and 0..255 data keep their scale; anything else is stretched from
+    its finite minimum to its finite maximum (NaN → 0, +inf → 255, −inf → 0)."""
+    f = a.astype(np.float64)
+    finite = np.isfinite(f)
+    lo = float(f[finite].min()) if finite.any() else 0.0
+    hi = float(f[finite].max()) if finite.any() else 1.0
+    if lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    elif lo >= 0.0 and hi <= 255.0:
+        lo, hi = 0.0, 255.0
+    scaled = np.nan_to_num((f - lo) / max(hi - lo, 1e-12), nan=0.0, posinf=1.0, neginf=0.0)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
@@ -50,10 +65,7 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         hi = 65535 if a.max(initial=0) > 255 else 255
         a = np.clip(np.rint(a.astype(np.float64) * (255.0 / hi)), 0, 255).astype(np.uint8)
     elif np.issubdtype(a.dtype, np.floating):
-        f = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if f.max(initial=0.0) <= 1.0:  # 0..1 floats
-            f = f * 255.0
-        a = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+        a = _float_to_uint8(a)
     else:
         raise ValueError(f"unsupported image dtype {a.dtype}")
     if a.ndim == 2:
@@ -64,11 +76,12 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
 
 
 def to_rgb_uint8(image) -> np.ndarray:
-    """Decoded image → H×W×3 uint8 RGB.
+    """Decoded image → H×W×3 uint8 RGB: the one conversion that serving, training and evaluation share.
 
     PIL images: EXIF orientation is applied if the image still carries it (idempotent: an already
     transposed image has no orientation tag); 16-bit / 32-bit integer modes are scaled from their full
-    range, not clipped; palette, LA, RGBA, CMYK, YCbCr and 1-bit images are converted, alpha dropped.
+    range (65535 → 255), not clipped and not by each image's own maximum; float images as `_float_to_uint8`;
+    palette, LA, RGBA, CMYK, YCbCr and 1-bit images are converted, alpha dropped.
     numpy arrays are taken as H×W×C (channels last) RGB(A) or H×W grey.
     """
     try:

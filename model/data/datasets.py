@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from .augment import (
@@ -40,7 +40,7 @@ from .augment import (
     paste_defect,
     paste_segment,
 )
-from .readers import Record, defect_pixels
+from .readers import Record, defect_pixels, load_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -62,21 +62,14 @@ __all__ = [
 def decode_image(path, grayscale: bool = False, max_side: int | None = None) -> np.ndarray:
     """Decode to uint8: H×W if the content is grayscale (or ``grayscale=True``), else H×W×3.
 
-    EXIF orientation is applied; with ``max_side`` images larger than that are downscaled (bilinear).
+    Pixels as the service decodes them (`readers.load_image`); with ``max_side`` images larger than that are
+    downscaled (bilinear).
     """
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if grayscale or im.mode in ("L", "1", "LA", "I;16", "I;16B", "I;16L", "I", "F"):
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                a = np.asarray(im, np.float32)
-                im = Image.fromarray((a / max(float(a.max()), 1.0) * 255).astype(np.uint8))
-            im = im.convert("L")
-        elif im.mode != "RGB":
-            im = im.convert("RGB")
-        if max_side and max(im.size) > max_side:
-            r = max_side / max(im.size)
-            im = im.resize((max(1, round(im.size[0] * r)), max(1, round(im.size[1] * r))), Image.BILINEAR)
-        a = np.asarray(im, np.uint8)
+    a = load_image(path, "L" if grayscale else "RGB")
+    if max_side and max(a.shape[:2]) > max_side:
+        im = Image.fromarray(a)
+        r = max_side / max(im.size)
+        a = np.asarray(im.resize((max(1, round(im.size[0] * r)), max(1, round(im.size[1] * r))), Image.BILINEAR))
     if a.ndim == 3:
         g = a[..., 0]
         if np.array_equal(g, a[..., 1]) and np.array_equal(g, a[..., 2]):

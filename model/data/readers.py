@@ -153,16 +153,19 @@ def dataset_dir(name: str) -> Path:
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
-    """Decode an image file to a uint8 array (H×W×3 for RGB, H×W for L). EXIF orientation is applied."""
+    """Decode an image file to a uint8 array (H×W×3 for RGB, H×W for L) by the service's own conversion
+    (`model.transforms.to_rgb_uint8`: EXIF orientation applied, 16-bit scaled from its full range), so that
+    training and evaluation see an image exactly as the service does."""
+    from model.transforms import to_rgb_uint8
+
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode != mode:
-            if mode == "RGB" and im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                arr = (arr / max(float(arr.max()), 1.0) * 255.0).astype(np.uint8)
-                im = Image.fromarray(arr)
-            im = im.convert(mode)
-        return np.asarray(im, dtype=np.uint8).copy()
+        rgb = to_rgb_uint8(im)
+    if mode == "RGB":
+        return rgb
+    if mode != "L":
+        raise ValueError(f"mode must be RGB or L, not {mode!r}")
+    return np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.uint8).copy()
 
 
 def _read_mask_png(path: Path) -> np.ndarray:

@@ -76,6 +76,34 @@ def test_16_bit_grey_is_scaled_not_clipped():
     assert out.min() == 0 and out.max() == 255  # a naive convert("RGB") saturates everything > 255
 
 
+def test_a_16_bit_image_is_seen_alike_by_the_api_the_dataset_readers_and_eval(tmp_path):
+    """One decoding rule: a 16-bit image that does not span the full range (a 12-bit camera, 0..4000) gives
+    identical pixels through the API's decoding, the dataset readers (training) and `s2amnet eval`'s
+    preprocessing — full-range scaling everywhere, not each image's own maximum in training."""
+    from model.data import load_records
+    from model.data.datasets import decode_image as dataset_decode
+    from model.transforms import prepare
+
+    grey = np.linspace(0, 4000, 48 * 40).reshape(40, 48).astype(np.uint16)
+    folder = tmp_path / "data" / "scratch"
+    folder.mkdir(parents=True)
+    Image.fromarray(grey).save(folder / "part.png")
+    (tmp_path / "data" / "ok").mkdir()
+    Image.fromarray(grey).save(tmp_path / "data" / "ok" / "good.png")
+    expected = ((grey.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+    api = np.asarray(decode((folder / "part.png").read_bytes()))
+    rec = next(r for r in load_records(tmp_path / "data").records if r.stem == "part")
+    reader = rec.load_image()
+    training = dataset_decode(rec.image)  # grey content: one channel
+    assert np.array_equal(api[..., 0], expected) and expected.max() == 16
+    assert np.array_equal(reader, api) and np.array_equal(training, api[..., 0])
+    # eval preprocesses what the reader decoded, the service what the API decoded: the same model input
+    a, _ = prepare(Image.fromarray(api), (32, 32), "letterbox", 114)
+    b, _ = prepare(reader, (32, 32), "letterbox", 114)
+    assert np.array_equal(a, b)
+
+
 def test_32_bit_integer_grey_keeps_8_bit_values():
     """A 32-bit integer image (TIFF mode "I") holding 0..255 is 8-bit data: kept, not shifted to black;
     the same rule as model.transforms.to_rgb_uint8 (training, eval, `s2amnet predict`)."""
