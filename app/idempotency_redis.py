@@ -21,8 +21,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app.dispatch.base import Unavailable
-from app.dispatch.redis_streams import CONNECTION_ERRORS, PREFIX, redis_client
 from app.idempotency import IdempotencyStore
+from app.queue.connections import CONNECTION_ERRORS, redis_client
+from app.queue.constants import idempotency_key, idempotency_lock_key
 
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -50,11 +51,11 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     @staticmethod
     def entry_key(key: str) -> str:
-        return f"{PREFIX}:idem:{key}"
+        return idempotency_key(key)
 
     @staticmethod
     def lock_key(key: str) -> str:
-        return f"{PREFIX}:idem-lock:{key}"
+        return idempotency_lock_key(key)
 
     def _client(self):
         if self._r is None:

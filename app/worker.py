@@ -39,98 +39,28 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from app import metrics
 from app.dispatch.base import Job
-from app.dispatch.redis_streams import (
-    DEAD,
+from app.queue.connections import CONNECTION_ERRORS, blocking_redis_client, ensure_group_blocking
+from app.queue.constants import (
     DEFAULT_DEAD_MAXLEN,
     DEFAULT_REPLY_MAXLEN,
     DEFAULT_REPLY_TTL_S,
-    EXPIRED,
     GROUP,
-    OK,
-    _s,
     cancel_key,
     dead_stream,
-    decode_job,
-    encode_reply,
     job_stream,
     worker_key,
 )
+from app.queue.jobs import DEAD, EXPIRED, OK, JobEntry, encode_reply, text
 
 log = logging.getLogger(__name__)
 
-CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
-
 RunBatch = Callable[[Any, list[Job]], list[dict]]
-
-
-@dataclass
-class _Entry:
-    """A stream entry this worker holds (it is in this consumer's pending list)."""
-
-    model: str
-    entry_id: str
-    fields: dict[bytes, bytes]
-    deliveries: int  # how often Redis delivered it + how often it was requeued after a failure
-    arrived: float = field(default_factory=time.monotonic)
-
-    @property
-    def job_id(self) -> str:
-        return _s(self.fields.get(b"job_id", b"?"))
-
-    @property
-    def reply_to(self) -> str | None:
-        v = self.fields.get(b"reply_to")
-        return _s(v) if v else None
-
-    @property
-    def deadline(self) -> float | None:
-        try:
-            return float(_s(self.fields[b"deadline"]))
-        except (KeyError, ValueError):
-            return None
-
-    def _on_redis_clock(self, redis_now_ms: int | None) -> tuple[int, int] | None:
-        """(ms since it was queued, ms left) on Redis's clock — the entry ID holds Redis's milliseconds at
-        XADD, ``ttl_ms`` the time left then; None for a job without ``ttl_ms`` or when Redis's time is
-        unknown."""
-        ttl = self.fields.get(b"ttl_ms")
-        if ttl is None or redis_now_ms is None:
-            return None
-        try:
-            queued_ms = int(self.entry_id.split("-", 1)[0])
-            return redis_now_ms - queued_ms, queued_ms + int(_s(ttl)) - redis_now_ms
-        except ValueError:
-            return None
-
-    def expired(self, redis_now_ms: int | None) -> bool:
-        """On Redis's clock where the job carries ``ttl_ms``; else by the API host's absolute ``deadline``."""
-        times = self._on_redis_clock(redis_now_ms)
-        if times is not None:
-            return times[1] <= 0
-        deadline = self.deadline
-        return deadline is not None and deadline <= time.time()
-
-    def on_local_clock(self, job: Job, redis_now_ms: int | None) -> Job:
-        """The job with its deadline and queueing time moved onto this host's clock (run_batch and the
-        queue-wait metric use it), measured on Redis's clock where the job carries ``ttl_ms``."""
-        times = self._on_redis_clock(redis_now_ms)
-        if times is None:
-            return job
-        age_ms, left_ms = times
-        now = time.time()
-        return replace(job, deadline=now + left_ms / 1000.0, enqueued_at=now - age_ms / 1000.0)
 
 
 def _default_run_batch() -> RunBatch:
@@ -183,15 +113,9 @@ class Worker:
         self.janitor_interval_s = 60.0
         self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
         self._run_batch = run_batch or _default_run_batch()
-        self._r = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=self.block_ms / 1000 + 5.0,
-            socket_connect_timeout=2.0,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
+        self._r = blocking_redis_client(redis_url, socket_timeout=self.block_ms / 1000 + 5.0)
         self._stop = threading.Event()
-        self._buffers: dict[str, list[_Entry]] = {m: [] for m in self.models}
+        self._buffers: dict[str, list[JobEntry]] = {m: [] for m in self.models}
         self._held: set[tuple[str, str]] = set()
         self._claim_cursor: dict[str, str] = dict.fromkeys(self.models, "0-0")
         self._next_claim = 0.0
@@ -269,11 +193,7 @@ class Worker:
 
     def _ensure_groups(self) -> None:
         for m in self.models:
-            try:
-                self._r.xgroup_create(job_stream(m), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            ensure_group_blocking(self._r, m)
         if not self._connected:
             log.info("worker %s connected to Redis", self.consumer)
         self._connected = True
@@ -298,14 +218,14 @@ class Worker:
 
     def _add(self, model: str, entry_id: bytes | str, fields: dict | None, deliveries: int) -> bool:
         """Put an entry in hand; False when it is already held (or has no fields)."""
-        eid = _s(entry_id)
+        eid = text(entry_id)
         if not fields or (model, eid) in self._held:
             return False
         try:
-            deliveries += int(_s(fields.get(b"attempts", b"0")))
+            deliveries += int(text(fields.get(b"attempts", b"0")))
         except ValueError:
             pass
-        self._buffers[model].append(_Entry(model, eid, fields, deliveries))
+        self._buffers[model].append(JobEntry(model, eid, fields, deliveries))
         self._held.add((model, eid))
         return True
 
@@ -314,7 +234,7 @@ class Worker:
         res = self._r.xreadgroup(GROUP, self.consumer, streams, count=count, block=block_ms)
         by_stream = {job_stream(m): m for m in models}
         for stream, entries in res or []:
-            model = by_stream[_s(stream)]
+            model = by_stream[text(stream)]
             gone = []
             for entry_id, fields in entries:
                 if not fields:  # pending here but deleted from the stream: nothing to do but ack it
@@ -341,7 +261,7 @@ class Worker:
             start = self._claim_cursor[m]
             res = self._r.xautoclaim(stream, GROUP, self.consumer, self.visibility_ms,
                                      start_id=start, count=self.max_batch_size)
-            nxt, entries = _s(res[0]), res[1]
+            nxt, entries = text(res[0]), res[1]
             self._claim_cursor[m] = nxt
             entries = [(e, f) for e, f in entries if f]
             if not entries:
@@ -365,14 +285,14 @@ class Worker:
         without leaving, e.g. killed), so the group's consumer list stays bounded."""
         for m in self.models:
             for c in self._r.xinfo_consumers(job_stream(m), GROUP):
-                name = _s(c["name"])
+                name = text(c["name"])
                 idle = int(c["idle"])
                 if name != self.consumer and int(c["pending"]) == 0 and idle > self.consumer_max_idle_ms:
                     self._r.xgroup_delconsumer(job_stream(m), GROUP, name)
 
     # -- one batch ---------------------------------------------------------------------------------
 
-    def _clock_and_cancelled(self, batch: list[_Entry]) -> tuple[int | None, set[str]]:
+    def _clock_and_cancelled(self, batch: list[JobEntry]) -> tuple[int | None, set[str]]:
         """Redis's time in ms and the job ids of the batch whose request went away (cancel marks set by the
         API), in one round trip; (None, nothing cancelled) when Redis cannot be asked."""
         try:
@@ -384,12 +304,12 @@ class Worker:
         except Exception:  # noqa: BLE001 - Redis away: judge expiry by the deadline field, compute all
             return None, set()
 
-    def _process(self, model: str, batch: list[_Entry]) -> None:
+    def _process(self, model: str, batch: list[JobEntry]) -> None:
         redis_now_ms, cancelled = self._clock_and_cancelled(batch)
-        replies: list[tuple[_Entry, dict]] = []
-        dead: list[tuple[_Entry, str]] = []
-        requeue: list[_Entry] = []
-        live: list[tuple[_Entry, Job]] = []
+        replies: list[tuple[JobEntry, dict]] = []
+        dead: list[tuple[JobEntry, str]] = []
+        requeue: list[JobEntry] = []
+        live: list[tuple[JobEntry, Job]] = []
         for e in batch:
             if e.job_id in cancelled:  # nobody waits for it: acked with the batch, not computed, no reply
                 self.stats["cancelled"] += 1
@@ -403,7 +323,7 @@ class Worker:
                 dead.append((e, f"delivered {e.deliveries} times without an answer (workers died on it?)"))
             else:
                 try:
-                    live.append((e, e.on_local_clock(decode_job(model, e.fields), redis_now_ms)))
+                    live.append((e, e.decode(redis_now_ms)))
                 except Exception as exc:  # noqa: BLE001 - a malformed job never succeeds
                     dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
 
@@ -451,8 +371,8 @@ class Worker:
             log.exception("run_batch raised")
             return [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"} for _ in jobs]
 
-    def _commit(self, model: str, batch: list[_Entry], replies: list[tuple[_Entry, dict]],
-                dead: list[tuple[_Entry, str]], requeue: list[_Entry]) -> None:
+    def _commit(self, model: str, batch: list[JobEntry], replies: list[tuple[JobEntry, dict]],
+                dead: list[tuple[JobEntry, str]], requeue: list[JobEntry]) -> None:
         """Write replies, dead letters and retries, THEN ack + delete the batch: one MULTI/EXEC.
 
         On a Redis error the results are kept and the write retried (Redis may come back, AOF-backed,

@@ -31,71 +31,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from app import metrics
 from app.dispatch.base import (
     DeadlineExceeded,
     Dispatcher,
-    DispatchError,
     Job,
     JobFailed,
     QueueFull,
     Unavailable,
     UnknownModel,
 )
+from app.queue.connections import CONNECTION_ERRORS, ensure_group, redis_client
+from app.queue.constants import GROUP, cancel_key, job_stream, reply_stream
+from app.queue.jobs import DEAD, EXPIRED, OK, decode_reply, encode_job, reply_result, text
 
 log = logging.getLogger(__name__)
-
-# Key names (shared with the worker and the deployment's KEDA scaler).
-PREFIX = "s2amnet"
-GROUP = "workers"
-
-
-def job_stream(model: str) -> str:
-    return f"{PREFIX}:jobs:{model}"
-
-
-def dead_stream(model: str) -> str:
-    return f"{PREFIX}:dead:{model}"
-
-
-def reply_stream(instance: str) -> str:
-    return f"{PREFIX}:replies:{instance}"
-
-
-def worker_key(consumer: str) -> str:
-    return f"{PREFIX}:worker:{consumer}"
-
-
-def cancel_key(job_id: str) -> str:
-    """Set by the API when the request of a queued job went away; the worker that reads the job acks it
-    without computing it. Expires a minute after the job's deadline."""
-    return f"{PREFIX}:cancelled:{job_id}"
-
-
-# Reply statuses written by workers.
-OK, EXPIRED, DEAD, ERROR = "ok", "expired", "dead", "error"
-
-# Defaults shared by API and worker (overridable by settings where the settings class has them).
-DEFAULT_REPLY_MAXLEN = 10_000
-DEFAULT_REPLY_TTL_S = 600
-DEFAULT_DEAD_MAXLEN = 1_000
-
-CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 # Admission: refuse (nil) when the model's backlog -- jobs no worker has taken yet: XLEN minus the group's
 # pending entries (acked jobs are deleted, so XLEN = waiting + taken) -- is at its bound, else XADD.
@@ -107,107 +66,6 @@ if ok and pending then waiting = waiting - tonumber(pending[1]) end
 if waiting >= tonumber(ARGV[1]) then return false end
 return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 """
-
-
-# --------------------------------------------------------------------------------------------------
-# Wire format of a job (stream entry fields) and of a reply.
-
-
-def encode_job(job: Job, reply_to: str) -> dict[str, bytes | str]:
-    array = np.ascontiguousarray(job.array)
-    return {
-        "job_id": job.job_id,
-        "reply_to": reply_to,
-        "deadline": repr(float(job.deadline)),
-        # time left, judged by workers on Redis's clock from the entry ID (immune to host clock skew)
-        "ttl_ms": str(int((float(job.deadline) - time.time()) * 1000)),
-        "enqueued_at": repr(float(job.enqueued_at)),
-        "options": json.dumps(job.options, separators=(",", ":")),
-        "meta": json.dumps(job.meta, separators=(",", ":")),
-        "dtype": array.dtype.str,
-        "shape": ",".join(str(int(s)) for s in array.shape),
-        "array": array.tobytes(),
-        "attempts": "0",
-    }
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def decode_job(model: str, fields: dict[bytes, bytes]) -> Job:
-    """Rebuild a Job from stream fields; raises ValueError/KeyError on a malformed entry."""
-    f = {_s(k): v for k, v in fields.items()}
-    shape = tuple(int(s) for s in _s(f["shape"]).split(",") if s)
-    dtype = np.dtype(_s(f["dtype"]))
-    raw = f["array"]
-    if not isinstance(raw, bytes | bytearray):
-        raise ValueError("array field is not bytes")
-    array = np.frombuffer(raw, dtype=dtype)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"array of {array.size} elements does not match shape {shape}")
-    return Job(
-        model=model,
-        array=array.reshape(shape),
-        meta=json.loads(f["meta"]),
-        options=json.loads(f["options"]),
-        deadline=float(_s(f["deadline"])),
-        job_id=_s(f["job_id"]),
-        enqueued_at=float(_s(f.get("enqueued_at", b"0"))),
-    )
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def encode_reply(job_id: str, status: str, result: dict | None = None, detail: str = "") -> dict:
-    out: dict[str, str] = {"job_id": job_id, "status": status}
-    if result is not None:
-        out["result"] = json.dumps(result, default=_json_default, separators=(",", ":"))
-    if detail:
-        out["detail"] = detail
-    return out
-
-
-def redis_client(url: str, *, socket_timeout: float | None, connect_timeout: float = 1.0,
-                 retries: int = 1, max_connections: int | None = None,
-                 pool_timeout: float = 2.0) -> aioredis.Redis:
-    """An asyncio client that fails fast while Redis is down and reconnects by itself afterwards.
-
-    One retry without backoff: a pooled connection broken by a Redis restart is replaced at once, while
-    a Redis that is really down answers ``ConnectionError`` in milliseconds (connection refused) or after
-    ``connect_timeout`` (unreachable host).
-    """
-    kwargs: dict[str, Any] = dict(
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=connect_timeout,
-        retry=Retry(NoBackoff(), retries),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
-    if max_connections:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=pool_timeout, **kwargs
-        )
-        return aioredis.Redis(connection_pool=pool)
-    return aioredis.Redis.from_url(url, **kwargs)
-
-
-async def ensure_group(r: aioredis.Redis, model: str) -> None:
-    """Create the model's stream and consumer group if missing. Id 0: jobs added before the group
-    existed (e.g. right after a Redis restart without persistence) are still delivered."""
-    try:
-        await r.xgroup_create(job_stream(model), GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 class RedisDispatcher(Dispatcher):
@@ -463,28 +321,28 @@ class RedisDispatcher(Dispatcher):
                 for entry_id, fields in entries:
                     ids.append(entry_id)
                     self._resolve(fields)
-            self._last_reply_id = _s(ids[-1])
+            self._last_reply_id = text(ids[-1])
             with contextlib.suppress(Exception):  # consumed: delete (workers' MAXLEN/TTL backstop)
                 await self._reader.xdel(self.reply_key, *ids)
 
     def _resolve(self, fields: dict[bytes, bytes]) -> None:
-        f = {_s(k): _s(v) for k, v in fields.items()}
-        fut = self._waiting.get(f.get("job_id", ""))
+        reply = decode_reply(fields)
+        fut = self._waiting.get(reply.get("job_id", ""))
         if fut is None or fut.done():
             self.replies_ignored += 1
             return
-        status = f.get("status")
+        status = reply.get("status")
         if status == OK:
             try:
-                fut.set_result(json.loads(f["result"]))
+                fut.set_result(reply_result(reply))
             except (KeyError, ValueError) as exc:
                 fut.set_exception(JobFailed(f"malformed reply from worker: {exc}"))
         elif status == EXPIRED:
-            fut.set_exception(DeadlineExceeded(f.get("detail") or "the job expired before a worker ran it"))
+            fut.set_exception(DeadlineExceeded(reply.get("detail") or "the job expired before a worker ran it"))
         elif status == DEAD:
-            fut.set_exception(JobFailed(f.get("detail") or "the job failed repeatedly and was dead-lettered"))
+            fut.set_exception(JobFailed(reply.get("detail") or "the job failed repeatedly and was dead-lettered"))
         else:
-            fut.set_exception(JobFailed(f.get("detail") or f"the job failed ({status})"))
+            fut.set_exception(JobFailed(reply.get("detail") or f"the job failed ({status})"))
 
     def _redacted_url(self) -> str:
         url = self.redis_url
@@ -493,18 +351,3 @@ class RedisDispatcher(Dispatcher):
             url = f"{scheme}://***@{rest.split('@', 1)[1]}"
         return url
 
-
-__all__ = [
-    "GROUP",
-    "RedisDispatcher",
-    "DispatchError",
-    "decode_job",
-    "encode_job",
-    "encode_reply",
-    "ensure_group",
-    "job_stream",
-    "dead_stream",
-    "reply_stream",
-    "worker_key",
-    "cancel_key",
-]

@@ -97,7 +97,7 @@ def test_keda_schema_rejects_mistakes():
 
 
 def test_keda_scales_the_gpu_worker_deployment_on_consumer_group_lag():
-    from app.dispatch.redis_streams import GROUP, job_stream  # noqa: PLC0415
+    from app.queue.constants import GROUP, job_stream  # noqa: PLC0415
 
     spec = scaled_object()["spec"]
     target = spec["scaleTargetRef"]

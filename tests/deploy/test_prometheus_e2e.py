@@ -183,7 +183,7 @@ def inject_job(r: redis.Redis, model: str, reply_to: str, *, deadline: float, cr
     live worker to take it over at once. `cancelled`: its request went away (the API's cancel mark is set
     with it, atomically, so no worker reads the job first)."""
     from app.dispatch.base import Job
-    from app.dispatch.redis_streams import encode_job
+    from app.queue.jobs import encode_job
 
     array = np.random.default_rng(0).integers(0, 256, (3, INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
     job = Job(
@@ -191,7 +191,7 @@ def inject_job(r: redis.Redis, model: str, reply_to: str, *, deadline: float, cr
     )
     stream = JOBS.format(model)
     if cancelled:
-        from app.dispatch.redis_streams import cancel_key
+        from app.queue.constants import cancel_key
 
         with r.pipeline(transaction=True) as pipe:
             pipe.set(cancel_key(job.job_id), 1, px=60_000)

@@ -34,7 +34,9 @@ from redis_harness import (
 )
 
 from app.dispatch.base import DeadlineExceeded, Job, JobFailed, QueueFull, Unavailable
-from app.dispatch.redis_streams import RedisDispatcher, cancel_key, encode_job, encode_reply, reply_stream
+from app.dispatch.redis_streams import RedisDispatcher
+from app.queue.constants import cancel_key, reply_stream
+from app.queue.jobs import encode_job, encode_reply
 
 VISIBILITY_S = 1.5
 MAX_DELIVERIES = 3
