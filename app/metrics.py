@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the service, defined once (names per docs/INTERFACES.md).
+"""Every Prometheus metric of the service, defined once (names per docs/ARCHITECTURE.md).
 
 Naming: prefix `s2amnet_`, base units (seconds), `_total` for counters (prometheus-client appends it).
 

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
                                    "--resume continues an interrupted run.")
     p.add_argument("--task", required=True, choices=["classify", "detect", "segment"])
     p.add_argument("--data", required=True, help="dataset folder (magnetic-tile, NEU-DET, CrackForest, "
-                                                 "DeepCrack or your own layout, see README); several "
+                                                 "DeepCrack or your own layout, see docs/TRAINING.md); several "
                                                  "folders with the same classes: comma-separated")
     p.add_argument("--variant", default="tiny", help="tiny | small | base | large")
     p.add_argument("--epochs", type=int)

@@ -20,7 +20,7 @@ PROMETHEUS_CONFIG = DOCKER / "prometheus" / "prometheus.yml"
 RULES_FILE = DOCKER / "prometheus" / "rules.yml"
 DASHBOARD_DIR = DOCKER / "grafana" / "dashboards"
 K8S_DIR = DOCKER / "k8s"
-DEPLOY_DOC = ROOT / "README.md"  # its "Deploy" and "Scale out" sections
+DEPLOY_DOC = ROOT / "docs" / "DEPLOY.md"  # its "Deploy" and "Scale out" sections
 
 # The models the project ships (issue 4 fixes the names); the KEDA triggers must cover each of them.
 SHIPPED_MODELS = ("mt-classify", "neu-det-detect", "crack-segment", "mt-segment")
@@ -195,7 +195,7 @@ def exported_series_names() -> tuple[set[str], str]:
     """Every series name the service can export, and where the list came from.
 
     From app/metrics.py's registry when it imports (the source of truth); otherwise from the metric list
-    at the end of docs/INTERFACES.md (the contract app/metrics.py is written against)."""
+    in docs/ARCHITECTURE.md (the contract app/metrics.py is written against)."""
     try:
         import app.metrics as metrics  # noqa: PLC0415
     except ImportError:
@@ -208,7 +208,7 @@ def exported_series_names() -> tuple[set[str], str]:
                 names |= _series_names(family.name, family.type)
         if names:
             return names, "app/metrics.py"
-    text = (ROOT / "docs" / "INTERFACES.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     section = text.split("## app/metrics.py", 1)[1].split("\n## ", 1)[0]
     listing = re.sub(r"\{[^}]*\}|\([^)]*\)", "", section.split("\n", 1)[1])
     names = set()
@@ -222,7 +222,7 @@ def exported_series_names() -> tuple[set[str], str]:
             names |= _series_names(name, "histogram")
         else:
             names.add(name)
-    return names, "docs/INTERFACES.md"
+    return names, "docs/ARCHITECTURE.md"
 
 
 def settings_env_names() -> set[str]:

@@ -132,7 +132,7 @@ def test_every_interpolated_variable_has_a_default_and_is_documented():
     assert variables
     for name, default in variables.items():
         assert default is not None, f"${{{name}}} has no default: `docker compose up` needs a .env"
-        assert f"`{name}`" in doc, f"{name} is not documented in README.md"
+        assert f"`{name}`" in doc, f"{name} is not documented in docs/DEPLOY.md"
 
 
 def test_service_environment_names_are_settings_the_code_reads():
@@ -284,4 +284,4 @@ def test_gateway_config_passes_nginx_t(tmp_path):
 @pytest.mark.parametrize("section", ["Deploy", "Scale out"])
 def test_deploy_doc_has_the_sections(section):
     text = DEPLOY_DOC.read_text(encoding="utf-8")
-    assert re.search(rf"^## {section}\b", text, re.M), f"README.md lacks '## {section}'"
+    assert re.search(rf"^## {section}\b", text, re.M), f"docs/DEPLOY.md lacks '## {section}'"
