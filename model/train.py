@@ -561,7 +561,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         "preprocess": {"resize": "letterbox", "pad_value": 114},
         "verdict": _verdict_rule(cfg.task, info.pass_classes),
         "trained_on": f"{info.format}: {data_name}, {len(train_recs)} train images "
-                      f"(split sha1('val:'+stem) % 5 != 0)",
+                      f"(split train: sha1('val:'+stem) % 5 != 0; the epoch picked on split val)",
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
         **({"resumed_with": resumed_with} if resumed_with else {}),
         **({"initialised_from": lineage} if lineage else {}),

@@ -356,7 +356,11 @@ class _Search:
         s, a, glob = self.arrays()
         if self.classify:
             new_rule["min_score"] = round(float(glob), 2)
-        else:
-            new_rule["classes"] = {self.classes[k]: {"min_score": round(float(s[k]), 2), "min_area": float(a[k])}
-                                   for k in self.knobs}
+        else:  # only the classes whose thresholds differ from the rule's defaults
+            default = (round(float(self.rule.get("min_score", 0.5)), 2), float(self.rule.get("min_area", 0)))
+            per = {self.classes[k]: {"min_score": round(float(s[k]), 2), "min_area": float(a[k])}
+                   for k in self.knobs}
+            per = {name: v for name, v in per.items() if (v["min_score"], v["min_area"]) != default}
+            if per:
+                new_rule["classes"] = per
         return new_rule, self.f

@@ -103,7 +103,10 @@ def run(args) -> int:
     else:
         print("\nper-class min score (min area):")
         old = predictor.verdict_rule
-        for name, per in rule["classes"].items():
+        for name in predictor.classes:
+            if name == "background":
+                continue
+            per = {**rule, **(rule.get("classes") or {}).get(name, {})}
             was = {**old, **(old.get("classes") or {}).get(name, {})}
             print(f"  {name:<18} {float(was['min_score']):.2f} ({float(was['min_area']):g} px) -> "
                   f"{per['min_score']:.2f} ({per['min_area']:g} px)")
