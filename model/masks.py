@@ -1,12 +1,9 @@
 """Binary-mask utilities: COCO compressed RLE, connected components, polygons, PNG.
 
-Everything here is numpy (+ Pillow for PNG); no pycocotools or OpenCV at run time.
-
-COCO RLE, as pycocotools writes it: the mask is read in **column-major** (Fortran) order, the run
-lengths alternate background/foreground starting with a (possibly empty) background run, and the
-counts are packed into an ASCII string: each count (from the third on, as the difference to the count
-two places before) is written as a signed little-endian base-32 varint, 5 bits per character, bit 0x20
-= "more follows", bit 0x10 of the last character = sign, each character offset by 48 ('0').
+RLE strings are written and read by pycocotools (the reference implementation of COCO RLE: column-major
+runs, alternating background / foreground, packed into an ASCII string); connected components come from
+scipy.ndimage. Both are base dependencies, so the service, the Docker images and the tests run the same
+code.
 """
 
 from __future__ import annotations
@@ -15,14 +12,14 @@ import base64
 import io
 
 import numpy as np
+from pycocotools import mask as coco_mask
+from scipy import ndimage
 
 __all__ = [
     "encode_rle",
     "encode_rle_at",
     "decode_rle",
     "rle_area",
-    "rle_to_string",
-    "rle_from_string",
     "label_components",
     "component_stats",
     "mask_to_polygons",
@@ -43,79 +40,26 @@ def _as_bool_mask(mask) -> np.ndarray:
     return m.astype(bool, copy=False)
 
 
-def _runs(mask: np.ndarray) -> np.ndarray:
-    """Run lengths of the column-major flattening, starting with a background run (may be 0)."""
-    flat = mask.ravel(order="F")
-    n = flat.size
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    # positions where the value changes
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate(([0], change, [n]))
-    counts = np.diff(bounds)
-    if flat[0]:
-        counts = np.concatenate(([0], counts))
-    return counts.astype(np.int64)
-
-
-def rle_to_string(counts) -> str:
-    """Pack run lengths into the COCO compressed string (pycocotools `rleToString`)."""
-    out: list[str] = []
-    cnts = [int(c) for c in counts]
-    for i, x in enumerate(cnts):
-        if i > 2:
-            x -= cnts[i - 2]
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift, as the C code on a signed long
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-    return "".join(out)
-
-
-def rle_from_string(s: str | bytes) -> list[int]:
-    """Unpack a COCO compressed string into run lengths (pycocotools `rleFrString`)."""
-    if isinstance(s, bytes):
-        s = s.decode("ascii")
-    cnts: list[int] = []
-    p = 0
-    n = len(s)
-    while p < n:
-        x = 0
-        k = 0
-        more = True
-        while more:
-            if p >= n:
-                raise ValueError("truncated RLE string")
-            c = ord(s[p]) - 48
-            if c < 0 or c > 63:
-                raise ValueError(f"invalid character {s[p]!r} in RLE string")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(cnts) > 2:
-            x += cnts[-2]
-        cnts.append(x)
-    return cnts
+def _compress(runs, h: int, w: int) -> dict:
+    """Run lengths (column-major, starting with background) → ``{"size", "counts": str}`` via pycocotools."""
+    rle = coco_mask.frPyObjects({"size": [h, w], "counts": [int(r) for r in runs]}, h, w)
+    return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
 
 
 def encode_rle(mask) -> dict:
-    """Binary H×W mask → ``{"size": [h, w], "counts": str}`` (COCO compressed RLE, pycocotools-compatible)."""
+    """Binary H×W mask → ``{"size": [h, w], "counts": str}`` (COCO compressed RLE, by pycocotools)."""
     m = _as_bool_mask(mask)
-    h, w = m.shape
-    return {"size": [int(h), int(w)], "counts": rle_to_string(_runs(m))}
+    h, w = (int(v) for v in m.shape)
+    if m.size == 0:
+        return _compress([], h, w)
+    rle = coco_mask.encode(np.asfortranarray(m, dtype=np.uint8))
+    return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
 
 
 def encode_rle_at(crop, corner, size) -> dict:
     """`encode_rle` of the ``size`` = (h, w) mask that is ``crop`` with its top-left pixel at ``corner`` =
     (x1, y1) and background elsewhere, without building that full-size mask (a defect's box is usually
-    a small part of a large image): only the crop's pixels are visited."""
+    a small part of a large image): the runs come from the crop's pixels only, pycocotools packs them."""
     c = _as_bool_mask(crop)
     h, w = (int(v) for v in size)
     x1, y1 = (int(v) for v in corner)
@@ -123,7 +67,7 @@ def encode_rle_at(crop, corner, size) -> dict:
     if x1 < 0 or y1 < 0 or x1 + cw > w or y1 + ch > h:
         raise ValueError(f"a {ch}x{cw} crop at ({x1}, {y1}) does not fit a {h}x{w} mask")
     if c.size == 0:
-        return {"size": [h, w], "counts": rle_to_string([h * w] if h * w else [])}
+        return _compress([h * w] if h * w else [], h, w)
     gap = h - ch  # background between the crop's part of one column and its part of the next
     if gap:
         # column-major, each crop column followed by one separator pixel that stands for the gap
@@ -149,101 +93,51 @@ def encode_rle_at(crop, corner, size) -> dict:
         runs[0] += lead
     if len(runs) > 1 and runs[-1] == 0:  # the mask ends with the crop's last pixel
         runs = runs[:-1]
-    return {"size": [h, w], "counts": rle_to_string(runs.astype(np.int64))}
+    return _compress(runs, h, w)
+
+
+def _coco(rle: dict) -> dict:
+    """Any COCO RLE (compressed str / bytes counts, or an uncompressed list) → pycocotools' form, checked."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    if isinstance(counts, bytes):
+        out = {"size": [h, w], "counts": counts}
+    else:
+        cnts = [int(c) for c in counts]
+        if any(c < 0 for c in cnts) or sum(cnts) != h * w:
+            raise ValueError(f"RLE counts sum to {sum(cnts)}, expected h*w = {h * w}")
+        out = coco_mask.frPyObjects({"size": [h, w], "counts": cnts}, h, w)
+    return out
 
 
 def decode_rle(rle: dict) -> np.ndarray:
     """COCO RLE (compressed string, bytes, or uncompressed list of counts) → bool H×W mask."""
     h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    cnts = rle_from_string(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
-    cnts_arr = np.asarray(cnts, dtype=np.int64)
-    if (cnts_arr < 0).any() or cnts_arr.sum() != h * w:
-        raise ValueError(f"RLE counts sum to {int(cnts_arr.sum())}, expected h*w = {h * w}")
-    values = np.zeros(len(cnts_arr), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, cnts_arr)
-    return flat.reshape((w, h)).T.copy()  # column-major → H×W
+    if h * w == 0:
+        return np.zeros((h, w), bool)
+    return coco_mask.decode(_coco(rle)).astype(bool)
 
 
 def rle_area(rle: dict) -> int:
-    counts = rle["counts"]
-    cnts = rle_from_string(counts) if isinstance(counts, (str, bytes)) else list(counts)
-    return int(sum(cnts[1::2]))
+    """Foreground pixels of a COCO RLE."""
+    return int(coco_mask.area(_coco(rle)))
 
 
 # ----------------------------------------------------------------------------------------------------
 # connected components
 
 
-def _label_numpy(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    """Run-based two-pass labelling: runs of each row, unions with overlapping runs of the row above."""
-    h, w = mask.shape
-    padded = np.zeros((h, w + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    d = np.diff(padded, axis=1)  # +1 at run start, -1 one past run end (in unpadded coords)
-    rs, cs = np.nonzero(d == 1)
-    _, ce = np.nonzero(d == -1)
-    # np.nonzero is row-major, so starts and ends pair up in order
-    starts, ends, rows = cs, ce, rs  # run covers columns [start, end)
-    n = len(starts)
-    labels = np.zeros((h, w), dtype=np.int32)
-    if n == 0:
-        return labels, 0
-    parent = np.arange(n)
-
-    def find(a: int) -> int:
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    row_first = np.searchsorted(rows, np.arange(h + 1))
-    ext = 1 if connectivity == 8 else 0
-    for r in range(1, h):
-        a0, a1 = row_first[r - 1], row_first[r]
-        b0, b1 = row_first[r], row_first[r + 1]
-        if a0 == a1 or b0 == b1:
-            continue
-        ps, pe = starts[a0:a1], ends[a0:a1]
-        # for each run in row r, the runs of row r-1 it touches: prev.start < cur.end + ext and
-        # prev.end > cur.start - ext
-        lo = np.searchsorted(pe, starts[b0:b1] - ext, side="right")
-        hi = np.searchsorted(ps, ends[b0:b1] + ext, side="left")
-        for j in np.flatnonzero(hi > lo):
-            cur = b0 + j
-            for i in range(a0 + lo[j], a0 + hi[j]):
-                ra, rb = find(cur), find(i)
-                if ra != rb:
-                    if ra < rb:
-                        parent[rb] = ra
-                    else:
-                        parent[ra] = rb
-    roots = np.array([find(i) for i in range(n)])
-    uniq, comp = np.unique(roots, return_inverse=True)  # components numbered in raster order of first run
-    lengths = ends - starts
-    run_offset = np.cumsum(lengths) - lengths  # position of each run's first pixel in the output
-    flat_idx = np.repeat(rows * w + starts - run_offset, lengths) + np.arange(int(lengths.sum()))
-    labels.ravel()[flat_idx] = np.repeat(comp + 1, lengths)
-    return labels, len(uniq)
-
-
 def label_components(mask, connectivity: int = 8) -> tuple[np.ndarray, int]:
     """Connected components of a binary mask → (int32 label map with 0 = background, count).
 
-    Components are numbered 1..n in raster order of their first pixel. 8-connectivity by default (thin
-    diagonal cracks stay one defect). Uses scipy.ndimage when it is installed (faster), numpy otherwise;
-    both give identical labels.
+    Components are numbered 1..n in raster order of their first pixel (scipy.ndimage.label). 8-connectivity
+    by default (thin diagonal cracks stay one defect).
     """
     m = _as_bool_mask(mask)
     if connectivity not in (4, 8):
         raise ValueError("connectivity must be 4 or 8")
-    try:
-        from scipy import ndimage
-    except ImportError:  # pragma: no cover - scipy is optional
-        return _label_numpy(m, connectivity)
     structure = np.ones((3, 3), bool) if connectivity == 8 else None
     labels, n = ndimage.label(m, structure=structure)
     return labels.astype(np.int32, copy=False), int(n)
