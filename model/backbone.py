@@ -1,4 +1,4 @@
-"""SSAMNet (S2-AMNet) backbone: one class for classify / segment / detect (DESIGN-model.md §1, D5).
+"""SSAMNet (S2-AMNet) backbone: one class for classify / segment / detect (docs/ARCHITECTURE.md, "Backbone").
 
 The backbone is features-only: ``forward(x)`` returns the four stage outputs (strides 4/8/16/32).
 Task heads live in ``model/heads``. Submodule names are stable across tasks

@@ -7,7 +7,7 @@ with the file and strict-loads; anything wrong raises :class:`CheckpointError` w
 what is wrong and, where it can tell, what the weights really are (task, variant, number of classes).
 
 ``load_backbone_from(model, source)`` loads only the ``backbone.*`` tensors of another checkpoint
-(classify → segment/detect transfer, DESIGN-model D6), mapping layer scale between the two.
+(classify → segment/detect transfer), mapping layer scale between the two.
 
 Manifest (see docs/ARCHITECTURE.md): ``name``, ``version``, ``task``, ``arch {variant, input_size [H, W],
 num_classes, layer_scale, in_chans, reg_max (detect)}``, ``classes``, ``mean``, ``std`` (0..1 scale),

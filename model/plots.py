@@ -61,12 +61,7 @@ def plot_eval(path: str | Path, predictor, records: Sequence, metrics: dict[str,
         a.set_title(records[i].stem, fontsize=8)
         a.axis("off")
     fig.suptitle(f"{predictor.name} ({predictor.task}) on {metrics.get('num_images', len(records))} images")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_verdict(path: str | Path, name: str, sweep: dict[str, list], point: dict[str, Any] | None = None,
@@ -99,6 +94,12 @@ def plot_verdict(path: str | Path, name: str, sweep: dict[str, list], point: dic
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or f"{name}: part-level verdicts", fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,12 @@
 Tasks (``TASKS``): ``classify`` → :class:`Classifier`, ``segment`` → :class:`Segmenter`, ``detect`` →
 :class:`Detector`. Every task model holds the shared :class:`~model.backbone.SSAMNet` as
 ``self.backbone`` (stable ``backbone.*`` parameter names, so a classify checkpoint's backbone loads into
-a segment/detect model, DESIGN-model D6) and records ``task``, ``variant`` (canonical name),
+a segment/detect model) and records ``task``, ``variant`` (canonical name),
 ``num_classes``, ``layer_scale``, ``drop_path`` and ``pretrained_cfg`` (input size, mean/std,
 preprocessing mode the predictor uses by default).
 
-Layer scale / drop path default per task and variant as the reference copies used them (DESIGN-model
-§5 D5, table ``model.backbone.TASK_SETTINGS``); both can be overridden with ``layer_scale=`` /
+Layer scale / drop path default per task and variant as the published reference uses them (table
+``model.backbone.TASK_SETTINGS``); both can be overridden with ``layer_scale=`` /
 ``drop_path=``.
 
 | task     | tiny      | small     | base          | large              |
@@ -260,7 +260,7 @@ def register_task(name: str, spec: TaskSpec) -> None:
     TASKS[name] = spec
 
 
-# Defaults are the reference recipes of DESIGN-model §4: classify mean/std 0.5/0.18 at 224, segment the
+# Defaults are the published reference recipes: classify mean/std 0.5/0.18 at 224, segment the
 # DC-4K crack normalisation at 512, detect x/255 at 512. Geometry: letterbox (pad 114) for every task, as
 # the eval path of model/data/augment.py does; a manifest's "preprocess" overrides it.
 register_task(
@@ -346,7 +346,7 @@ def build_model(
 
     ``task``: classify | segment | detect. ``variant``: tiny | small | base | large (or an alias).
     ``num_classes``: the task default when None (classify 10, segment 2 incl. background, detect 5 —
-    the reference configurations of DESIGN-model.md). ``layer_scale`` / ``drop_path`` default to the
+    the published reference configurations). ``layer_scale`` / ``drop_path`` default to the
     per-task table above (pass ``layer_scale=None`` to switch layer scale off). Other keyword arguments
     go to the task class (``in_chans``, detect ``reg_max``, segment ``direct_resize``).
     """

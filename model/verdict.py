@@ -304,52 +304,51 @@ class _Search:
     def _cost(self, g: dict) -> float:
         return g["false_rejects"] if self.has_free else 0.1 * g["unlocalised_reports"]
 
+    def _apply_best(self, lenient: bool, value) -> bool:
+        """Move one knob to the setting (more lenient or stricter than now) with the highest ``value(knob,
+        figures)`` (None = not allowed), the smallest step on ties; False when no setting is allowed."""
+        best = None  # (value, -step, knob, score level, area level)
+        for k in self.knobs:
+            i0, j0 = self.level[k]
+            scores = range(i0, len(self.scores)) if lenient else range(i0, -1, -1)
+            for i in scores:
+                for j in range(j0, len(self.areas)) if lenient else range(j0, -1, -1):
+                    if (i, j) == (i0, j0):
+                        continue
+                    v = value(k, self._try(k, i, j))
+                    cand = (v, -abs(i - i0) - abs(j - j0), k, i, j)
+                    if v is not None and (best is None or cand[:2] > best[:2]):
+                        best = cand
+        if best is None:
+            return False
+        self.level[best[2]] = [best[3], best[4]]
+        self.f = self.figures()
+        return True
+
     def relax(self) -> None:
-        while not self.meets_escape(self.f):
-            best = None  # (gain per cost, -step, knob, score level, area level)
-            for k in self.knobs:
-                i0, j0 = self.level[k]
-                for i in range(i0, len(self.scores)):
-                    for j in range(j0, len(self.areas)):
-                        if (i, j) == (i0, j0):
-                            continue
-                        g = self._try(k, i, j)
-                        gain = self.f["escaped"] - g["escaped"]
-                        if gain <= 0 or not self._precise(g, k) or not self.meets_fr(g):
-                            continue
-                        cand = (gain / (1.0 + self._cost(g) - self._cost(self.f)), -(i - i0) - (j - j0), k, i, j)
-                        if best is None or cand[:2] > best[:2]:
-                            best = cand
-            if best is None:
-                return
-            self.level[best[2]] = [best[3], best[4]]
-            self.f = self.figures()
+        def value(k: int, g: dict) -> float | None:  # further parts caught per false reject
+            gain = self.f["escaped"] - g["escaped"]
+            if gain <= 0 or not self._precise(g, k) or not self.meets_fr(g):
+                return None
+            return gain / (1.0 + self._cost(g) - self._cost(self.f))
+
+        while not self.meets_escape(self.f) and self._apply_best(True, value):
+            pass
 
     def tighten(self) -> None:
         met = self.meets_escape(self.f)
-        while True:
-            best = None  # (false rejects saved, -step, knob, score level, area level)
-            for k in self.knobs:
-                i0, j0 = self.level[k]
-                for i in range(i0, -1, -1):
-                    for j in range(j0, -1, -1):
-                        if (i, j) == (i0, j0):
-                            continue
-                        g = self._try(k, i, j)
-                        saved = self.f["false_rejects"] - g["false_rejects"]
-                        # no part let through for it, unless a false-reject bound is still broken and the
-                        # escape bound still holds
-                        more = g["escaped"] > self.f["escaped"]
-                        if saved <= 0 or (met and not self.meets_escape(g)) or \
-                                (more and (self.meets_fr(self.f) or not met)):
-                            continue
-                        cand = (saved, -(i0 - i) - (j0 - j), k, i, j)
-                        if best is None or cand[:2] > best[:2]:
-                            best = cand
-            if best is None:
-                return
-            self.level[best[2]] = [best[3], best[4]]
-            self.f = self.figures()
+
+        def value(k: int, g: dict) -> float | None:  # false rejects saved
+            saved = self.f["false_rejects"] - g["false_rejects"]
+            # no part let through for it, unless a false-reject bound is still broken and the escape bound
+            # still holds
+            more = g["escaped"] > self.f["escaped"]
+            if saved <= 0 or (met and not self.meets_escape(g)) or (more and (self.meets_fr(self.f) or not met)):
+                return None
+            return float(saved)
+
+        while self._apply_best(False, value):
+            pass
 
     def result(self) -> tuple[dict, dict]:
         new_rule = {k: v for k, v in self.rule.items() if k not in ("classes", "calibration")}

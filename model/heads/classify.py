@@ -1,4 +1,4 @@
-"""Classification head (DESIGN-model.md §1.1, §1.8): avg-pool -> flatten -> LayerNorm -> Linear."""
+"""Classification head (docs/ARCHITECTURE.md, "Heads"): avg-pool -> flatten -> LayerNorm -> Linear."""
 
 from __future__ import annotations
 

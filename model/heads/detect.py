@@ -1,4 +1,4 @@
-"""YOLO11-style detection neck (SPPF, C2PSA, PAN-FPN) and anchor-free decoupled head (DESIGN-model.md §3).
+"""YOLO11-style detection neck (SPPF, C2PSA, PAN-FPN) and anchor-free decoupled head (docs/ARCHITECTURE.md, "Heads").
 
 Written from the architecture description only. The neck takes the backbone stage outputs x2, x3, x4
 (strides 8/16/32, any channel widths) and produces P3/P4/P5 with the fixed YOLO11-"n" widths
@@ -14,8 +14,8 @@ so any input size works (e.g. 100×130 → levels 13×17, 7×9, 4×5 with the ba
 "Conv" = Conv2d (no bias, padding k//2) → BatchNorm2d (eps 1e-3, momentum 0.03, the usual YOLO BN
 settings) → SiLU.
 
-Parameter count (neck + head, nc = 5; the DESIGN table, reproduced exactly — it counts the 16 frozen
-DFL-integral weights held by the head): tiny channels 1,635,583; small 1,752,447; base 1,885,695;
+Parameter count (neck + head, nc = 5; the published reference's count, reproduced exactly — it counts
+the 16 frozen DFL-integral weights held by the head): tiny channels 1,635,583; small 1,752,447; base 1,885,695;
 large 2,201,343. Each class adds 195 (for nc ≤ 64).
 """
 

@@ -1,4 +1,4 @@
-"""MF-LiteSeg segmentation decoder (DESIGN-model.md §2).
+"""MF-LiteSeg segmentation decoder (docs/ARCHITECTURE.md, "Heads").
 
 Input: the four backbone stage outputs x1..x4 (channels C0..C3, strides 4/8/16/32).
 Output: logits B×num_classes×H×W at the requested output size.

@@ -1,4 +1,5 @@
-"""SSAMNet backbone + classify head (DESIGN-model.md §1, §5 D1-D3/D5, §6.3)."""
+"""SSAMNet backbone + classify head (docs/ARCHITECTURE.md: "Backbone", "Differences from the published
+reference")."""
 
 import warnings
 

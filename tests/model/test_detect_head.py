@@ -17,10 +17,10 @@ from model.heads.detect import (
     postprocess_detections,
 )
 
-# stage widths of each backbone variant (DESIGN-model §1.2)
+# stage widths of each backbone variant
 VARIANT_CHANNELS = {name: tuple(cfg["widths"]) for name, cfg in VARIANTS.items()}
-# neck + head at nc = 5 from DESIGN-model.md §3
-DESIGN_NECK_HEAD = {"tiny": 1_635_583, "small": 1_752_447, "base": 1_885_695, "large": 2_201_343}
+# neck + head at nc = 5 of the published reference configuration
+REF_NECK_HEAD = {"tiny": 1_635_583, "small": 1_752_447, "base": 1_885_695, "large": 2_201_343}
 
 
 def n_params(*mods):
@@ -48,7 +48,7 @@ def feats(h, w, ch, batch=1, seed=0, device="cpu"):
 @pytest.mark.parametrize("variant", list(VARIANT_CHANNELS))
 def test_param_count_matches_design(variant):
     neck, head = DetectNeck(VARIANT_CHANNELS[variant]), DetectHead(5)
-    assert n_params(neck, head) == DESIGN_NECK_HEAD[variant]
+    assert n_params(neck, head) == REF_NECK_HEAD[variant]
     # the only non-trainable parameters are the 16 fixed DFL bins
     frozen = [n for n, p in head.named_parameters() if not p.requires_grad]
     assert frozen == ["dfl.weight"]
@@ -191,7 +191,7 @@ def test_psa_attention_matches_manual():
     assert len(C2PSA(256).m[0].attn.qkv.conv.weight) == 256  # 2 heads: 128 + 2·2·32
 
 
-DESIGN_DET_TOTAL = {"tiny": 2_271_335, "small": 3_140_271, "base": 4_315_127, "large": 7_588_743}
+REF_DET_TOTAL = {"tiny": 2_271_335, "small": 3_140_271, "base": 4_315_127, "large": 7_588_743}
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_CHANNELS))
@@ -199,7 +199,7 @@ def test_full_detector_param_totals(variant):
     backbone_mod = pytest.importorskip("model.backbone")
     bb = backbone_mod.SSAMNet(variant, **backbone_mod.task_settings(variant, "detect"))
     neck, head = DetectNeck(bb.channels), DetectHead(5)
-    assert n_params(bb, neck, head) == DESIGN_DET_TOTAL[variant]
+    assert n_params(bb, neck, head) == REF_DET_TOTAL[variant]
 
 
 def test_backbone_features_through_neck_and_head_odd_size():

@@ -8,7 +8,7 @@ import torch
 from model import build_model
 from model.registry import TASKS, Classifier, Detector, Segmenter, canonical_variant, task_defaults
 
-# DESIGN-model.md reference totals (§1.3 classify nc=10, §2 segment nc=2, §3 detect nc=5)
+# parameter totals of the published reference configurations (classify nc=10, segment nc=2, detect nc=5)
 REFERENCE = {
     "classify": {"tiny": 638_834, "small": 1_392_442, "base": 2_439_682, "large": 5_396_626},
     "segment": {"tiny": 718_778, "small": 1_484_658, "base": 2_540_074, "large": 5_519_514},

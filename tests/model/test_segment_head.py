@@ -8,7 +8,7 @@ import torch
 from model.backbone import VARIANTS
 from model.heads.segment import MFLiteSegDecoder, MHSA2d
 
-# stage widths of each backbone variant (DESIGN-model §1.2)
+# stage widths of each backbone variant
 VARIANT_CHANNELS = {name: tuple(cfg["widths"]) for name, cfg in VARIANTS.items()}
 
 
@@ -115,14 +115,14 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
-DESIGN_SEG_TOTAL = {"tiny": 718_778, "small": 1_484_658, "base": 2_540_074, "large": 5_519_514}
+REF_SEG_TOTAL = {"tiny": 718_778, "small": 1_484_658, "base": 2_540_074, "large": 5_519_514}
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_CHANNELS))
 def test_full_segmenter_param_totals(variant):
     backbone_mod = pytest.importorskip("model.backbone")
     bb = backbone_mod.SSAMNet(variant, **backbone_mod.task_settings(variant, "segment"))
-    assert n_params(bb) + n_params(MFLiteSegDecoder(bb.channels, 2)) == DESIGN_SEG_TOTAL[variant]
+    assert n_params(bb) + n_params(MFLiteSegDecoder(bb.channels, 2)) == REF_SEG_TOTAL[variant]
 
 
 def test_backbone_features_through_decoder_small_input():
