@@ -4,8 +4,8 @@
 the tasks the data supports, the class names per task and one `Record` per image. Nothing is converted
 or copied: records point at the files in place, and masks/images are decoded on demand.
 
-Native layouts (see ``../shared/data/*/SOURCE.md``)
----------------------------------------------------
+Native layouts of the public datasets
+------------------------------------
 
 ``magnetic-tile``  ``MT_<Class>/Imgs/<stem>.jpg`` + ``<stem>.png`` (mask 0/255 with anti-aliased edges,
     binarised at 128). Tasks: classify, segment, detect.
@@ -90,7 +90,6 @@ __all__ = [
     "DatasetInfo",
     "DatasetFormatError",
     "default_data_root",
-    "dataset_dir",
     "detect_format",
     "load_records",
     "split_records",
@@ -141,11 +140,6 @@ def default_data_root() -> Path:
     if env:
         return Path(env).expanduser()
     return (_project_root() / ".." / "shared" / "data").resolve()
-
-
-def dataset_dir(name: str) -> Path:
-    """Folder of one shipped dataset, e.g. ``dataset_dir("neu-det")``."""
-    return default_data_root() / name
 
 
 # ----------------------------------------------------------------------------------------------------

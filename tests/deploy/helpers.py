@@ -22,7 +22,7 @@ DASHBOARD_DIR = DOCKER / "grafana" / "dashboards"
 K8S_DIR = DOCKER / "k8s"
 DEPLOY_DOC = ROOT / "docs" / "DEPLOY.md"  # its "Deploy" and "Scale out" sections
 
-# The models the project ships (issue 4 fixes the names); the KEDA triggers must cover each of them.
+# The models the project ships; the KEDA triggers must cover each of them.
 SHIPPED_MODELS = ("mt-classify", "neu-det-detect", "crack-segment", "mt-segment")
 
 

@@ -112,7 +112,7 @@ def test_every_exported_metric_is_on_the_dashboard():
     assert families <= used, f"not on the dashboard ({source}): {sorted(families - used)}"
 
 
-# What issue 7 asks the dashboard to show: a panel whose queries use these metrics (and, where given,
+# What the dashboard must show: a panel whose queries use these metrics (and, where given,
 # this function) must exist.
 REQUIRED_PANELS = {
     "request rate by endpoint": ("s2amnet_requests_total", r"sum by \(endpoint\)"),

@@ -203,7 +203,7 @@ def test_copied_sources_exist_and_reach_the_build_context(dockerfile):
             kept = [p for p in files if not ignored(str(p.relative_to(ROOT)))]
             assert kept, f"everything under {src} is excluded by .dockerignore"
     if no_weights:
-        pytest.skip("no model in weights/ yet (issue 4 ships them); the image bakes them in")
+        pytest.skip("no model in weights/: the image bakes them in")
 
 
 def test_pyproject_readme_is_in_the_build_context():

@@ -11,7 +11,7 @@ from .helpers import PROMETHEUS_CONFIG, RULES_FILE, find_tool, load_yaml, rule_e
 RULES_TEST = RULES_FILE.parents[2] / "tests" / "deploy" / "promtool" / "rules_test.yml"
 HOW = "apt-get install prometheus (make test: system-deps)"
 
-# What issue 7 asks the rules to catch, and the alert that does.
+# What the alert rules must catch, and the alert that does.
 REQUIRED_ALERTS = {
     "no workers up": "S2AMNetNoWorkersUp",
     "queue backlog growing": "S2AMNetQueueBacklogGrowing",

@@ -1,4 +1,4 @@
-"""Fault test of the Redis mode: a worker SIGKILLed mid-run loses nothing (issue 6, "Done when")."""
+"""Fault test of the Redis mode: a worker SIGKILLed mid-run loses nothing."""
 
 from __future__ import annotations
 

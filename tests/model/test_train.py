@@ -165,6 +165,21 @@ def test_resume_without_checkpoint_fails_clearly(tmp_path):
         train(TrainConfig(task="classify", data=str(data), out=str(tmp_path / "none"), resume=True))
 
 
+def test_resume_reads_saved_configurations_with_options_train_does_not_have():
+    """A saved run configuration may hold paste_edge / paste_scale / erase: at their no-effect values they
+    are left out and the run resumes as trained; set otherwise, --resume is refused with the option named."""
+    from model.train import TrainConfigError, _saved_options
+
+    saved = dataclasses.asdict(TrainConfig(task="classify", data="d", copy_paste=0.5))
+    old = {**saved, "paste_edge": False, "paste_scale": 1.0, "erase": 0.0}
+    assert TrainConfig(**_saved_options(old)) == TrainConfig(**saved)
+    assert _saved_options(saved) == saved
+    for key, value, flag in (("paste_edge", True, "--paste-edge"), ("paste_scale", 0.5, "--paste-scale"),
+                             ("erase", 0.2, "--erase")):
+        with pytest.raises(TrainConfigError, match=f"^--resume: .*{flag}"):
+            _saved_options({**old, key: value})
+
+
 def test_time_limit_shrinks_the_epochs_and_still_exports(tmp_path):
     """--time-limit: a budget that one epoch already exceeds ends the run after that epoch, validated and
     exported; the schedule was fitted to one epoch (the LR reached its final value), and the config of
@@ -307,55 +322,6 @@ def test_copy_paste_trains_defects_pasted_onto_defect_free_images(tmp_path, caps
     assert cli_main(["train", "--task", "classify", "--data", str(plain), "--copy-paste", "0.5", "--quiet",
                      "--out", str(tmp_path / "p")]) == 2
     assert "--copy-paste needs a data folder" in capsys.readouterr().err
-
-
-def test_erase_trains_defect_images_with_their_defect_covered_as_defect_free(tmp_path, capsys, monkeypatch):
-    """--erase P: a defect image is handed out with its defect covered (`erase_defect`) under the
-    defect-free class's label and an all-background mask; where it cannot be covered it keeps its label;
-    defect-free images are never touched. Data without masks is refused with a message."""
-    from model.data.datasets import ClassifyDataset
-    from model.data.readers import defect_pixels, load_records
-
-    data = make_magnetic_tile(tmp_path / "mt")
-    info = load_records(data, "classify")
-    recs, free_label = info.records, info.class_names("classify").index("MT_Free")
-    ds = ClassifyDataset(recs, imgsz=64, train=True, with_mask=True, erase=1.0, free_label=free_label)
-    import model.data.datasets as datasets
-
-    calls = []
-    real = datasets.erase_defect  # the synthetic squares cover 6 % of a small image: allow that, a thin margin
-
-    def erase(*a, **k):
-        out = real(*a, **{**k, "max_fraction": 0.1, "margin": 2})
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(datasets, "erase_defect", erase)
-    torch.manual_seed(0)  # the dataset's random draws
-    items = [ds[i] for i in range(len(recs))]
-    monkeypatch.undo()
-    defect = [i for i in range(len(recs)) if ds._has_defect(i)]
-    assert len(calls) == len(defect) and 0 < sum(calls) < len(defect)  # every defect image tried; some fit
-    erased = [i for i in range(len(recs)) if recs[i].label != free_label and int(items[i]["label"]) == free_label]
-    assert len(erased) == sum(calls)
-    for i, it in enumerate(items):
-        has_defect = bool(defect_pixels(it["mask"].numpy()).any())  # (the letterbox border is ignore, 255)
-        if i in erased or i not in defect:
-            assert int(it["label"]) == free_label and not has_defect
-        else:  # no clean piece beside it: trained as it is
-            assert int(it["label"]) == recs[i].label and has_defect
-    for bad in ({"erase": 0.5, "free_label": free_label, "train": False}, {"erase": 0.5, "train": True},
-                {"erase": 0.6, "paste": 0.5, "free_label": free_label, "train": True}):
-        with pytest.raises(ValueError, match="erase"):
-            ClassifyDataset(recs, imgsz=64, with_mask=True, **bad)
-
-    res = train(TrainConfig(task="classify", data=str(data), epochs=1, imgsz=64, batch=4, out=str(tmp_path / "run"),
-                            workers=0, max_train_batches=2, copy_paste=0.5, erase=0.25), progress=False)
-    assert Path(res["best_dir"]).exists()
-    plain = make_classify(tmp_path / "plain")
-    assert cli_main(["train", "--task", "classify", "--data", str(plain), "--erase", "0.2", "--quiet",
-                     "--out", str(tmp_path / "p")]) == 2
-    assert "--erase needs a data folder" in capsys.readouterr().err
 
 
 def test_defect_keep_reaches_the_training_crop(tmp_path, monkeypatch, capsys):
@@ -677,14 +643,6 @@ def test_select_folders_picks_the_epoch_by_the_mean_of_each_folders_val_metric(t
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"rotate": 30.0}, "--rotate"),  # segment only
     ({"task": "segment", "rotate": 200.0}, "--rotate"),
-    ({"paste_edge": True}, "--paste-edge"),  # needs --copy-paste
-    ({"task": "segment", "copy_paste": 0.5, "paste_edge": True}, "--paste-edge"),  # classify only
-    ({"task": "segment", "erase": 0.2}, "--erase"),  # classify only
-    ({"paste_scale": 0.5}, "--paste-scale"),  # needs --copy-paste
-    ({"copy_paste": 0.5, "paste_scale": 1.5}, "--paste-scale"),
-    ({"copy_paste": 0.5, "paste_scale": 0.0}, "--paste-scale"),
-    ({"erase": 0.2, "aux_mask": False}, "--erase"),  # needs the masks
-    ({"erase": 0.6, "copy_paste": 0.5}, "--erase"),  # the two together are one draw: at most 1
     ({"task": "segment", "defect_keep": 0.2}, "--defect-keep"),  # classify only
     ({"defect_keep": 0.0}, "--defect-keep"),
     ({"defect_keep": 1.5}, "--defect-keep"),
@@ -715,9 +673,7 @@ def test_train_config_errors_name_the_option_before_any_work(overrides, flag, tm
     TrainConfig(task="segment", data=f"{data},{data}", select="folders").resolved().validate()
     TrainConfig(task="segment", data=str(data), rotate=180.0).resolved().validate()
     TrainConfig(task="classify", data=str(data), exposure=1.5).resolved().validate()
-    TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_edge=True).resolved().validate()
-    TrainConfig(task="classify", data=str(data), copy_paste=0.5, erase=0.5).resolved().validate()
-    TrainConfig(task="classify", data=str(data), copy_paste=0.5, paste_scale=0.5).resolved().validate()
+    TrainConfig(task="classify", data=str(data), copy_paste=0.5).resolved().validate()
     TrainConfig(task="classify", data=str(data), defect_keep=0.2).resolved().validate()
     TrainConfig(task="segment", data=str(data), exposure=0.7).resolved().validate()
     assert TrainConfig(task="classify", data=str(data), balance=0.0).resolved().validate().balance == 0.0
@@ -760,7 +716,7 @@ def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path,
 
 def test_train_and_eval_cli_run_without_the_service_dependencies(tmp_path):
     """`s2amnet train` / `eval` (`python -m app.cli`) need only the model's dependencies: a GPU machine's
-    image has torch but not pydantic, FastAPI or redis-py (session 10's first device call failed on it)."""
+    image has torch but not pydantic, FastAPI or redis-py."""
     import subprocess
     import sys
 
