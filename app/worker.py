@@ -6,7 +6,8 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
 - batch: ``XREADGROUP COUNT n BLOCK`` over all its streams (n: the smallest batch size of its models, so
   that a capped model's jobs are not taken in hand far ahead of their forward); once a job is in hand
   the batch of its model is topped up until it is full (``max_batch_size``, or the model's cap in
-  ``model_max_batch_size``) or ``max_delay_ms`` has passed since that first job;
+  ``model_max_batch_size``) or ``max_delay_ms`` has passed since that first job (``app.batching``, the
+  policy of the embedded dispatcher too);
 - jobs whose request went away (the API set ``s2amnet:cancelled:<job id>``, read with the batch) are
   acked without computing or answering;
 - expired jobs (deadline passed) are acked and answered ``expired`` without computing; expiry is judged
@@ -44,6 +45,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from app import metrics
+from app.batching import BatchCollector
 from app.dispatch.base import Job
 from app.queue.connections import CONNECTION_ERRORS, blocking_redis_client, ensure_group_blocking
 from app.queue.constants import (
@@ -97,11 +99,12 @@ class Worker:
         self.models = list(self.predictors)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.max_batch_size = max(1, int(max_batch_size))
-        # most jobs per forward for each model: max_batch_size unless batch_sizes caps the model
-        caps = batch_sizes or {}
-        self.batch_sizes = {m: max(1, min(self.max_batch_size, int(caps.get(m, self.max_batch_size))))
-                            for m in self.models}
-        self.max_delay_s = max(0.0, float(max_delay_ms) / 1000.0)
+        # the jobs in hand, batched by the policy of the embedded dispatcher; most jobs per forward for
+        # each model: max_batch_size unless batch_sizes caps the model
+        self._batches: BatchCollector[JobEntry] = BatchCollector(
+            self.models, self.max_batch_size, float(max_delay_ms) / 1000.0, caps=batch_sizes)
+        self.batch_sizes = self._batches.caps
+        self.max_delay_s = self._batches.max_delay_s
         self.visibility_ms = max(1, int(visibility_timeout_s * 1000))
         self.max_deliveries = max(1, int(max_deliveries))
         self.block_ms = max(1, int(block_ms))
@@ -115,7 +118,6 @@ class Worker:
         self._run_batch = run_batch or _default_run_batch()
         self._r = blocking_redis_client(redis_url, socket_timeout=self.block_ms / 1000 + 5.0)
         self._stop = threading.Event()
-        self._buffers: dict[str, list[JobEntry]] = {m: [] for m in self.models}
         self._held: set[tuple[str, str]] = set()
         self._claim_cursor: dict[str, str] = dict.fromkeys(self.models, "0-0")
         self._next_claim = 0.0
@@ -182,14 +184,14 @@ class Worker:
         if now >= self._next_janitor:
             self._janitor()
             self._next_janitor = now + self.janitor_interval_s
-        if not any(self._buffers.values()):
+        if self._batches.empty():
             self._read(self.models, min(self.batch_sizes.values()), self.block_ms)
-            if not any(self._buffers.values()):
-                return
-        model = min((m for m in self.models if self._buffers[m]), key=lambda m: self._buffers[m][0].arrived)
-        self._top_up(model)
-        batch = self._buffers[model][: self.batch_sizes[model]]
-        self._process(model, batch)
+        model = self._batches.oldest()
+        if model is None:
+            return
+        self._batches.fill(model, lambda left: self._read([model], self._batches.room(model),
+                                                          max(1, int(left * 1000))), self._stop.is_set)
+        self._process(model, self._batches.peek(model))
 
     def _ensure_groups(self) -> None:
         for m in self.models:
@@ -225,7 +227,7 @@ class Worker:
             deliveries += int(text(fields.get(b"attempts", b"0")))
         except ValueError:
             pass
-        self._buffers[model].append(JobEntry(model, eid, fields, deliveries))
+        self._batches.put(model, JobEntry(model, eid, fields, deliveries))
         self._held.add((model, eid))
         return True
 
@@ -244,15 +246,6 @@ class Worker:
                 self._add(model, entry_id, fields, 2 if history else 1)
             if gone:
                 self._r.xack(job_stream(model), GROUP, *gone)
-
-    def _top_up(self, model: str) -> None:
-        buf = self._buffers[model]
-        cap = self.batch_sizes[model]
-        while len(buf) < cap and not self._stop.is_set():
-            left = buf[0].arrived + self.max_delay_s - time.monotonic()
-            if left <= 0:
-                break
-            self._read([model], cap - len(buf), max(1, int(left * 1000)))
 
     def _claim(self) -> None:
         """Take over jobs idle longer than the visibility timeout in any consumer's pending list."""
@@ -413,8 +406,7 @@ class Worker:
                 backoff = min(backoff * 2, 1.0)
         for e in batch:
             self._held.discard((model, e.entry_id))
-        done = {e.entry_id for e in batch}
-        self._buffers[model] = [e for e in self._buffers[model] if e.entry_id not in done]
+        self._batches.discard(model, batch)
         if dead:
             metrics.JOBS_DEAD_LETTERED.labels(model=model).inc(len(dead))
             self.stats["dead"] += len(dead)
@@ -428,9 +420,9 @@ class Worker:
         """The jobs already read are in hand: answer them (best effort) before leaving."""
         end = time.monotonic() + 30.0
         for m in self.models:
-            while self._buffers[m] and time.monotonic() < end:
+            while self._batches.depth(m) and time.monotonic() < end:
                 try:
-                    self._process(m, self._buffers[m][: self.batch_sizes[m]])
+                    self._process(m, self._batches.peek(m))
                 except CONNECTION_ERRORS:
                     return  # they stay pending in Redis: another worker takes them over
                 except RedisError:

@@ -7,7 +7,8 @@
   cores; with forwards on the CPU, the threads that load models and postprocess use one torch thread each
   (`one_torch_thread`), so that no second OpenMP team makes libgomp throttle this one's. The thread picks
   the model whose oldest job has waited longest, waits until `max_batch_size` jobs are queued for it or
-  `max_delay_ms` have passed since its first job was queued, and runs `app.inference.run_forward` (which
+  `max_delay_ms` have passed since its first job was queued (`app.batching`, the policy the Redis worker
+  uses too), and runs `app.inference.run_forward` (which
   drops expired jobs without computing them).
 - Raw outputs go back to the asyncio futures with `loop.call_soon_threadsafe`; each request then
   postprocesses its own output (`app.inference.finish`) on a small pool of threads (`decode_threads`), so a
@@ -28,13 +29,13 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from app import metrics
+from app.batching import BatchCollector
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
 from app.inference import Staged, finish, raise_for_result, run_forward
 
@@ -45,7 +46,7 @@ log = logging.getLogger("s2amnet.dispatch")
 class _Pending:
     job: Job
     future: asyncio.Future
-    put_at: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
 
@@ -169,11 +170,12 @@ class LocalDispatcher(Dispatcher):
     def __init__(self, predictors: Mapping[str, Any], settings: Any):
         self._predictors = dict(predictors)
         self._max_batch = settings.batch_sizes(self._predictors)  # per model
-        self._max_delay = float(settings.max_delay_ms) / 1000.0
         self._max_queue = int(settings.max_queue)
         self._retry_after = float(getattr(settings, "retry_after_s", 1))
         self._settings = settings
-        self._queues: dict[str, deque[_Pending]] = {name: deque() for name in self._predictors}
+        self._batches: BatchCollector[_Pending] = BatchCollector(
+            self._predictors, settings.max_batch_size, float(settings.max_delay_ms) / 1000.0,
+            caps=self._max_batch, dropped=lambda p: p.cancelled)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         # postprocessing (full-size masks of large images can take seconds) on its own bounded pool, not
@@ -227,9 +229,9 @@ class LocalDispatcher(Dispatcher):
                     self._cond.notify_all()
         # Whatever is still queued will not be computed; nor waited for, if still being computed.
         with self._cond:
-            for name, q in self._queues.items():
-                while q:
-                    _fail(q.popleft().future, Unavailable("service is shutting down", self._retry_after))
+            for name in self._predictors:
+                for p in self._batches.clear(name):
+                    _fail(p.future, Unavailable("service is shutting down", self._retry_after))
                 metrics.QUEUE_DEPTH.labels(model=name).set(0)
             if self._abort:
                 for p in self._in_hand:
@@ -243,14 +245,13 @@ class LocalDispatcher(Dispatcher):
         assert self._loop is not None
         pending = _Pending(job, self._loop.create_future())
         with self._cond:
-            q = self._queues[job.model]
-            if len(q) >= self._max_queue:
+            if self._batches.depth(job.model) >= self._max_queue:
                 raise QueueFull(
                     f"queue of model {job.model!r} is full ({self._max_queue} jobs waiting)",
                     self._retry_after,
                 )
-            q.append(pending)
-            metrics.QUEUE_DEPTH.labels(model=job.model).set(len(q))
+            depth = self._batches.put(job.model, pending)
+            metrics.QUEUE_DEPTH.labels(model=job.model).set(depth)
             self._cond.notify()
         timeout = job.deadline - time.time()
         try:
@@ -284,22 +285,18 @@ class LocalDispatcher(Dispatcher):
         job = pending.job
         pending.cancelled = True
         with self._cond:
-            q = self._queues[job.model]
-            try:
-                q.remove(pending)
-            except ValueError:  # already taken by the inference thread
+            if not self._batches.remove(job.model, pending):  # already taken by the inference thread
                 if expired:
                     job.deadline = min(job.deadline, time.time())
                 return
-            metrics.QUEUE_DEPTH.labels(model=job.model).set(len(q))
+            metrics.QUEUE_DEPTH.labels(model=job.model).set(self._batches.depth(job.model))
         (metrics.JOBS_EXPIRED if expired else metrics.JOBS_CANCELLED).labels(model=job.model).inc()
 
     def ready(self) -> bool:
         return self._ready and self._thread is not None and self._thread.is_alive()
 
     def queue_depth(self, model: str) -> int:
-        q = self._queues.get(model)
-        return len(q) if q is not None else 0
+        return self._batches.depth(model)
 
     # ------------------------------------------------------------------ inference thread
     def _post(self, fn: Any, *args: Any) -> None:
@@ -332,40 +329,22 @@ class LocalDispatcher(Dispatcher):
             self._batch_loop()
         log.info("inference thread stopped")
 
-    def _oldest_model(self) -> str | None:
-        best, best_t = None, None
-        for name, q in self._queues.items():
-            while q and q[0].cancelled:  # a request that went away before its batch
-                q.popleft()
-            if q and (best_t is None or q[0].put_at < best_t):
-                best, best_t = name, q[0].put_at
-        return best
-
     def _next_batch(self) -> tuple[str, list[_Pending]] | None:
+        """The next batch (see `app.batching`), waiting for jobs; None once closing with nothing queued,
+        or aborted."""
         with self._cond:
             while True:
                 if self._abort:
                     return None
-                name = self._oldest_model()
+                name = self._batches.oldest()
                 if name is None:
                     if self._closing:
                         return None
                     self._cond.wait()
                     continue
-                q = self._queues[name]
-                first = q[0].put_at
-                cap = self._max_batch[name]
-                while len(q) < cap and not self._closing and not self._abort:
-                    remaining = first + self._max_delay - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                batch: list[_Pending] = []
-                while q and len(batch) < cap:
-                    p = q.popleft()
-                    if not p.cancelled:
-                        batch.append(p)
-                metrics.QUEUE_DEPTH.labels(model=name).set(len(q))
+                self._batches.fill(name, self._cond.wait, lambda: self._closing or self._abort)
+                batch = self._batches.take(name)
+                metrics.QUEUE_DEPTH.labels(model=name).set(self._batches.depth(name))
                 if batch:
                     return name, batch
 

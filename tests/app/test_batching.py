@@ -1,0 +1,52 @@
+"""The batching policy shared by the embedded dispatcher and the Redis worker (app.batching)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from app.batching import BatchCollector, batch_caps
+
+
+@dataclass(eq=False)
+class Item:
+    arrived: float = field(default_factory=time.monotonic)
+    dropped: bool = False
+
+
+def test_caps_never_exceed_the_largest_batch():
+    assert batch_caps(["a", "b", "c"], 8, {"a": 2, "b": 20}) == {"a": 2, "b": 8, "c": 8}
+    assert batch_caps(["a"], 0) == {"a": 1}
+
+
+def test_the_longest_waiting_model_is_served_first_and_skipped_jobs_are_left_out():
+    c: BatchCollector[Item] = BatchCollector(["a", "b"], 2, 0.0, dropped=lambda i: i.dropped)
+    old, new = Item(arrived=1.0), Item(arrived=2.0)
+    c.put("b", Item(arrived=0.5, dropped=True))  # its request went away
+    c.put("b", new)
+    c.put("a", old)
+    assert c.oldest() == "a"
+    c.put("a", Item(dropped=True))
+    c.put("a", Item())
+    c.put("a", Item())
+    batch = c.take("a")
+    assert batch[0] is old and len(batch) == 2 and not any(i.dropped for i in batch)  # skipped, not counted
+    assert c.depth("a") == 1 and c.peek("a") == list(c.queues["a"])
+
+
+def test_a_batch_waits_until_full_or_its_delay_has_passed():
+    c: BatchCollector[Item] = BatchCollector(["a"], 3, 0.05)
+    c.put("a", Item())
+    waits: list[float] = []
+    t0 = time.monotonic()
+    c.fill("a", lambda left: waits.append(left) or time.sleep(left), lambda: False)
+    assert time.monotonic() - t0 >= 0.05 and len(waits) == 1
+    c = BatchCollector(["a"], 3, 30.0)
+    c.put("a", Item())
+    calls: list[object] = []
+    c.fill("a", lambda left: calls.append(left) or c.put("a", Item()), lambda: False)  # fills up at once
+    assert c.depth("a") == 3 and len(calls) <= 2
+    c.discard("a", c.peek("a")[:2])
+    assert c.depth("a") == 1
+    c.fill("a", lambda left: calls.append("never"), lambda: True)  # stopping: no wait
+    assert "never" not in calls
