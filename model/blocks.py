@@ -244,8 +244,6 @@ class PConv(nn.Module):
     -> 1x1 conv with bias.
     """
 
-    PADS = ((3, 0, 1, 0), (0, 3, 0, 1), (0, 1, 3, 0), (1, 0, 0, 3))  # (left, right, top, bottom)
-
     def __init__(self, dim: int):
         super().__init__()
         if dim % 4:
@@ -258,7 +256,8 @@ class PConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each shared unit runs once on a symmetrically padded copy; the two asymmetric paddings
-        # are then two shifted windows of that output (identical values, half the pads/convs):
+        # (left, right, top, bottom) are then two shifted windows of that output (identical values,
+        # half the pads/convs):
         # (3,0,1,0) -> rows [0, H+1), cols [0, W+1);  (0,3,0,1) -> rows [1, H+2), cols [3, W+4)
         # (0,1,3,0) -> rows [0, H+1), cols [1, W+2);  (1,0,0,3) -> rows [3, H+4), cols [0, W+1)
         H, W = x.shape[-2:]
@@ -278,20 +277,6 @@ class PConv(nn.Module):
             fv = cv.act(cv.bn(fv))
             parts = [fh[..., : H + 1, : W + 1], fh[..., 1:, 3:], fv[..., : H + 1, 1:], fv[..., 3:, : W + 1]]
         return self.proj(self.cat(torch.cat(parts, dim=1)))
-
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Literal formulation: four asymmetric zero paddings, each unit applied twice."""
-        p1, p2, p3, p4 = self.PADS
-        y = torch.cat(
-            [
-                self.conv_h(F.pad(x, p1)),
-                self.conv_h(F.pad(x, p2)),
-                self.conv_v(F.pad(x, p3)),
-                self.conv_v(F.pad(x, p4)),
-            ],
-            dim=1,
-        )
-        return self.proj(self.cat(y))
 
 
 def cumulative_offsets(o: torch.Tensor) -> torch.Tensor:

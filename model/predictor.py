@@ -361,12 +361,6 @@ class Predictor:
                 results.append(out)
         return results
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run dummy forwards (first-call allocations, lazy init, cuDNN autotune) before serving."""
-        blank = np.full((3, *self.input_size), self.pad_value, dtype=np.uint8)
-        for b in batch_sizes:
-            self.infer([blank] * int(b))
-
     def tune_forward_batch(self, max_batch: int, *, tolerance: float = 0.05, min_seconds: float = 0.0,
                            clock=time.perf_counter, rounds: int = 3, give_up: float = 0.10) -> dict[int, float]:
         """Measure milliseconds per image of one forward of 1, 2, 4, … images at the input size (at most

@@ -142,9 +142,6 @@ class TrainConfig:
     close_mosaic: int | None = None  # detect: no mosaic in the last N epochs (None/0: mosaic throughout)
     copy_paste: float = 0.0  # classify with masks: paste a defect onto a defect-free image; segment: a donor's
     # defects into the image (probability)
-    paste_edge: bool = False  # classify copy-paste: a defect on an image border is pasted against that border
-    paste_scale: float = 1.0  # classify copy-paste: the pasted piece shrunk by a factor from [paste_scale, 1]
-    erase: float = 0.0  # classify with masks: a defect image trained with its defect covered, as defect-free
     defect_keep: float = DEFECT_KEEP  # classify with masks: least fraction of the defect pixels a random crop keeps
     fg_sampling: float = 0.0  # segment: sample images in proportion to (defect-pixel fraction) ** P; 0 = off
     rotate: float = 0.0  # segment: rotate training images by an angle drawn from [-rotate, rotate] degrees
@@ -198,15 +195,6 @@ class TrainConfig:
                                 or not 0 < self.copy_paste <= 1):
             bad("--copy-paste", "P needs --task segment, or classify with masks (no --no-aux-mask), and "
                 f"0 <= P <= 1, got {self.copy_paste}")
-        if self.paste_edge and (self.task != "classify" or not self.copy_paste):
-            bad("--paste-edge", "needs --task classify with --copy-paste P")
-        if self.paste_scale != 1.0 and (self.task != "classify" or not self.copy_paste
-                                        or not 0 < self.paste_scale < 1):
-            bad("--paste-scale", f"S needs --task classify with --copy-paste P and 0 < S < 1, got {self.paste_scale}")
-        if self.erase and (self.task != "classify" or not self.aux_mask
-                           or not 0 < self.erase <= 1 - self.copy_paste):
-            bad("--erase", "P needs --task classify with masks (no --no-aux-mask) and 0 <= P <= 1 - "
-                f"(--copy-paste), got {self.erase}")
         if self.defect_keep != DEFECT_KEEP and (self.task != "classify" or not 0 < self.defect_keep <= 1):
             bad("--defect-keep", f"F needs --task classify and 0 < F <= 1, got {self.defect_keep}")
         if self.fg_sampling and (self.task != "segment" or not 0 < self.fg_sampling <= 4):
@@ -323,23 +311,15 @@ class _Task:
         if task == "classify":
             have_masks = all(r.has_mask for r in train_recs)
             use_masks = cfg.aux_mask and have_masks and "segment" in info.tasks
-            for flag, used in (("--copy-paste", cfg.copy_paste), ("--erase", cfg.erase)):
-                if used and not use_masks:
-                    raise TrainConfigError(f"{flag} needs a data folder whose images all have defect masks "
-                                           "(magnetic-tile layout)")
+            if cfg.copy_paste and not use_masks:
+                raise TrainConfigError("--copy-paste needs a data folder whose images all have defect masks "
+                                       "(magnetic-tile layout)")
             if cfg.defect_keep != DEFECT_KEEP and not have_masks:
                 raise TrainConfigError("--defect-keep needs a data folder whose images all have defect masks "
                                        "(the crop keeps a fraction of the masked defect)")
-            free_label = None
-            if cfg.erase:
-                if len(info.pass_classes) != 1:
-                    raise TrainConfigError("--erase needs a data folder with one defect-free class, "
-                                           f"got {info.pass_classes}")
-                free_label = info.class_names("classify").index(info.pass_classes[0])
             self.train_ds = ClassifyDataset(train_recs, imgsz=cfg.imgsz, train=True, with_mask=use_masks,
-                                            paste=cfg.copy_paste, paste_edge=cfg.paste_edge,
-                                            paste_scale=cfg.paste_scale, erase=cfg.erase, free_label=free_label,
-                                            exposure=cfg.exposure, min_defect_keep=cfg.defect_keep)
+                                            paste=cfg.copy_paste, exposure=cfg.exposure,
+                                            min_defect_keep=cfg.defect_keep)
             self.collate = collate
             self.loss = nn.CrossEntropyLoss(label_smoothing=RECIPES[task].extra["label_smoothing"])
             if use_masks:
@@ -428,6 +408,22 @@ def _scalar_metrics(metrics: dict) -> dict:
 # the loop
 
 
+# options a saved run configuration may hold that TrainConfig does not have, with the value that leaves
+# training unchanged
+_OPTIONS_WITHOUT_EFFECT = {"paste_edge": False, "paste_scale": 1.0, "erase": 0.0}
+
+
+def _saved_options(saved: dict) -> dict:
+    """A run's saved configuration as `TrainConfig` keywords: the `_OPTIONS_WITHOUT_EFFECT` left out when
+    they hold their no-effect value; a run that set one otherwise cannot be continued as it was trained."""
+    out = dict(saved)
+    for key, neutral in _OPTIONS_WITHOUT_EFFECT.items():
+        if key in out and out.pop(key) != neutral:
+            raise TrainConfigError(f"--resume: the run was trained with --{key.replace('_', '-')} "
+                                   f"{saved[key]}, which s2amnet train does not offer")
+    return out
+
+
 def _close_mosaic(ds, cfg: TrainConfig, epoch: int) -> bool:
     """Detection: turn mosaic off for the last ``cfg.close_mosaic`` epochs (the validation and service
     images are whole images, not 4-image collages). True when it was switched off now."""
@@ -451,7 +447,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         if not last_path.exists():
             raise FileNotFoundError(f"--resume: no {last_path} to resume from")
         state = torch.load(last_path, map_location="cpu", weights_only=True)
-        saved = TrainConfig(**json.loads(state["config"]))
+        saved = TrainConfig(**_saved_options(json.loads(state["config"])))
         # a resumed run keeps its data and architecture; only the length / output options may change
         overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
                                                   "close_mosaic",

@@ -90,10 +90,6 @@ class HaarDown(nn.Module):
         """Subbands interleaved per channel: B x 4*Cin x H' x W' (the grouped conv's input)."""
         return haar_dwt(x, self.filters).flatten(1, 2)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Literal two-step path (DWT, then grouped 1x1 conv); kept for tests and checkpoint checks."""
-        return self.bn(self.conv(self.dwt(x)))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.fused_weight(x.dtype)
         b = self.conv.bias

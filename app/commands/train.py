@@ -50,17 +50,6 @@ def add_parser(sub) -> None:
                         "pasted onto a random defect-free image (more surroundings for rare classes); segment: "
                         "with probability P an image gets a piece of a training image's defects (same data folder, "
                         "donors in proportion to their defect area) pasted in")
-    p.add_argument("--paste-edge", action="store_true",
-                   help="classify --copy-paste: a defect on an image border is pasted against the same border of "
-                        "the defect-free image, elsewhere at random (chips off a part's edge stay on the edge)")
-    p.add_argument("--paste-scale", type=float, default=1.0, metavar="S",
-                   help="classify --copy-paste: shrink each pasted defect piece by a factor drawn from [S, 1] "
-                        "(0 < S < 1): the rare classes' defects also at smaller sizes")
-    p.add_argument("--erase", type=float, default=0.0, metavar="P",
-                   help="classify with masks: with probability P a defect image (defect under 5 %% of it) is "
-                        "trained as defect-free, its defect covered by a clean piece of the same image beside "
-                        "it (the same part with and without its defect: the label cannot be told from the "
-                        "part; at most 1 - the --copy-paste P)")
     p.add_argument("--defect-keep", type=float, default=0.5, metavar="F",
                    help="classify: a random training crop of an image with a defect mask keeps at least this "
                         "fraction of its defect pixels (default 0.5; lower: also defects cut by the frame down "
@@ -114,8 +103,7 @@ def run(args) -> int:
                       init_weights=args.init_weights, close_mosaic=args.close_mosaic,
                       aux_mask=not args.no_aux_mask, export_mask=args.export_mask, max_val_images=args.max_val_images,
                       copy_paste=args.copy_paste, fg_sampling=args.fg_sampling, rotate=args.rotate,
-                      exposure=args.exposure, paste_edge=args.paste_edge, paste_scale=args.paste_scale,
-                      erase=args.erase, defect_keep=args.defect_keep,
+                      exposure=args.exposure, defect_keep=args.defect_keep,
                       select=args.select, keep_epochs=args.keep_epochs, balance=args.balance,
                       command="s2amnet " + shlex.join(sys.argv[1:]))
     try:

@@ -2,7 +2,7 @@
 
 Typical training use::
 
-    from model.data import load_records, split_records, SegmentDataset, collate_segment
+    from model.data import load_records, split_records, SegmentDataset, collate
     info = load_records("../shared/data/deepcrack", task="segment")
     train = SegmentDataset(split_records(info.records, "train"), imgsz=512, crop=256, train=True)
     val = SegmentDataset(split_records(info.records, "val"), imgsz=512)
@@ -27,9 +27,7 @@ from .datasets import (
     SegmentDataset,
     balanced_sampler,
     collate,
-    collate_classify,
     collate_detect,
-    collate_segment,
     decode_image,
     defect_fractions,
     sample_weights,
@@ -45,7 +43,6 @@ from .readers import (
     DatasetFormatError,
     DatasetInfo,
     Record,
-    dataset_dir,
     default_data_root,
     defect_pixels,
     detect_format,
@@ -59,9 +56,9 @@ from .readers import (
 __all__ = [
     "DEFECT_KEEP", "IGNORE_INDEX", "PAD_VALUE", "ClassifyAugment", "DetectAugment", "SegmentAugment", "letterbox",
     "letterbox_boxes", "letterbox_geometry", "mosaic4", "unletterbox_boxes",
-    "ClassifyDataset", "DetectDataset", "SegmentDataset", "balanced_sampler", "collate", "collate_classify",
-    "collate_detect", "collate_segment", "decode_image", "defect_fractions", "sample_weights", "to_chw_tensor",
+    "ClassifyDataset", "DetectDataset", "SegmentDataset", "balanced_sampler", "collate", "collate_detect",
+    "decode_image", "defect_fractions", "sample_weights", "to_chw_tensor",
     "CRACK_CLASSES", "MT_CLASSIFY_CLASSES", "MT_DEFECT_CLASSES", "MT_PASS_CLASS", "MT_SEGMENT_CLASSES",
-    "NEU_CLASSES", "DatasetFormatError", "DatasetInfo", "Record", "dataset_dir", "default_data_root", "defect_pixels",
+    "NEU_CLASSES", "DatasetFormatError", "DatasetInfo", "Record", "default_data_root", "defect_pixels",
     "detect_format", "is_test_stem", "is_val_stem", "load_records", "split_records", "split_of",
 ]

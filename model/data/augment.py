@@ -319,35 +319,23 @@ def _fg_window(mask: np.ndarray, cw: int, ch: int, rng) -> tuple[int, int] | Non
     return x0, y0
 
 
-_NO_EDGES = (False, False, False, False)  # a patch that lay against none of its image's borders
-
-
 def _blend_patch(patch: np.ndarray, pmask: np.ndarray, pfg: np.ndarray, dst_img: np.ndarray,
-                 rng: np.random.Generator, margin: int, feather: float,
-                 edges: tuple[bool, bool, bool, bool] = _NO_EDGES):
+                 rng: np.random.Generator, margin: int, feather: float):
     """The shared core of the copy-paste augmentations: ``patch`` (its labels ``pmask``, defect pixels
-    ``pfg``), randomly h/v-flipped, blended into ``dst_img`` at a random position where it fits. ``edges``
-    (top, bottom, left, right): the image borders the patch lay against in its source; it is put against
-    the same borders of ``dst`` (after the flips), so that a chip off a part's edge stays on the edge.
+    ``pfg``), randomly h/v-flipped, blended into ``dst_img`` at a random position where it fits.
 
     The pasted pixels are shifted so that the mean of the patch's non-defect part matches the part of
     ``dst`` they cover (images differ in brightness), and blended through the defect mask dilated by
     ``margin`` and blurred by ``feather`` (no rectangular seam to learn as a cue); the defect pixels
     themselves are opaque. Returns ``(image, (ty, tx), pmask, pfg, alpha)``: the blended copy of ``dst_img``,
     the patch's top-left corner in it, the (flipped) labels and defect pixels, and the H×W blend weight."""
-    ends = [list(edges[:2]), list(edges[2:])]  # per axis: (low, high) border
     for axis in (0, 1):
         if rng.random() < 0.5:
             patch, pmask, pfg = np.flip(patch, axis), np.flip(pmask, axis), np.flip(pfg, axis)
-            ends[axis].reverse()
     dh, dw = dst_img.shape[:2]
     ph, pw = pfg.shape
-
-    def place(axis: int, room: int) -> int:  # against one border, or anywhere it fits
-        low, high = ends[axis]
-        return 0 if low and not high else room if high and not low else int(rng.integers(0, room + 1))
-
-    ty, tx = place(0, dh - ph), place(1, dw - pw)
+    ty = int(rng.integers(0, dh - ph + 1))
+    tx = int(rng.integers(0, dw - pw + 1))
     region = dst_img[ty:ty + ph, tx:tx + pw]
     patch = patch.astype(np.float32)
     if patch.ndim != region.ndim:  # grayscale source onto a colour image or the reverse
@@ -387,12 +375,10 @@ def _defect_box(fg: np.ndarray, margin: int) -> tuple[int, int, int, int] | None
 
 
 def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray, rng: np.random.Generator,
-                 margin: int = 6, feather: float = 2.0, keep_edge: bool = False, min_scale: float = 1.0):
+                 margin: int = 6, feather: float = 2.0):
     """Copy-paste for mask-supervised classification: the defect of ``src`` (mask > 0, ignore excluded) with
-    a ``margin`` of its surroundings blended into the defect-free ``dst`` (`_blend_patch`). ``keep_edge``: a
-    defect within ``margin`` of an image border is pasted against that border of ``dst`` (magnetic tile's
-    breaks and frays are chips off the tile's edge), elsewhere at random. ``min_scale`` < 1: the piece is
-    first shrunk by a factor drawn uniformly from [min_scale, 1] (the same kind of defect, smaller).
+    a ``margin`` of its surroundings blended into the defect-free ``dst`` at a random position
+    (`_blend_patch`).
 
     Returns ``(img, mask)`` at ``dst``'s size (mask: the pasted defect's class ids, 0 elsewhere), or None
     when ``src`` has no defect pixels or its defect region does not fit into ``dst``.
@@ -402,21 +388,11 @@ def paste_defect(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray,
     if box is None:
         return None
     y0, y1, x0, x1 = box
-    h, w = src_mask.shape
     dh, dw = dst_img.shape[:2]
-    edges = (y0 == 0, y1 == h, x0 == 0, x1 == w) if keep_edge else _NO_EDGES
     patch, pmask, pfg = src_img[y0:y1, x0:x1], src_mask[y0:y1, x0:x1], fg[y0:y1, x0:x1]
-    if min_scale < 1.0:
-        f = rng.uniform(min_scale, 1.0)
-        size = (max(1, round((x1 - x0) * f)), max(1, round((y1 - y0) * f)))
-        small_mask = np.asarray(Image.fromarray(pmask).resize(size, Image.NEAREST))
-        if defect_pixels(small_mask).any():  # (a defect of a pixel or two may vanish: pasted at its size then)
-            patch = np.asarray(Image.fromarray(patch).resize(size, Image.BILINEAR))
-            pmask, pfg = small_mask, defect_pixels(small_mask)
-            margin = max(1, round(margin * f))
     if pfg.shape[0] > dh or pfg.shape[1] > dw:
         return None
-    out, (ty, tx), pmask, pfg, _ = _blend_patch(patch, pmask, pfg, dst_img, rng, margin, feather, edges)
+    out, (ty, tx), pmask, pfg, _ = _blend_patch(patch, pmask, pfg, dst_img, rng, margin, feather)
     mask = np.zeros((dh, dw), np.uint8)
     mask[ty:ty + pfg.shape[0], tx:tx + pfg.shape[1]][pfg] = pmask[pfg]
     return out, mask
@@ -447,52 +423,6 @@ def paste_segment(src_img: np.ndarray, src_mask: np.ndarray, dst_img: np.ndarray
     region[margin_px & (defect_pixels(region) | (pmask == IGNORE_INDEX))] = IGNORE_INDEX
     region[pfg] = pmask[pfg]
     return out, mask
-
-
-def erase_defect(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, margin: int = 6,
-                 feather: float = 2.0, max_fraction: float = 0.05):
-    """The reverse of `paste_defect`: the image's defect covered by a defect-free piece of the same image,
-    so that the same part is also seen without its defect (a classifier cannot tell the class by
-    recognising the part). The piece is the defect's box (plus ``margin``) shifted along the image border
-    the defect touches (a chip off the top edge is covered by the top edge beside it), or along either
-    axis for a defect inside; it must lie inside the image and hold no defect or ignored pixel. Blending is
-    `_blend`'s, as in `_blend_patch`: mean-matched, through the defect mask dilated by ``margin``, blurred by
-    ``feather``.
-
-    Returns ``(img, mask)`` with the defect pixels set to background, or None when the image has no defect
-    pixels, when they cover more than ``max_fraction`` of it (a large area has no plausible cover), or when
-    no clean piece is found.
-    """
-    fg = defect_pixels(mask)
-    box = _defect_box(fg, margin)
-    if box is None or np.count_nonzero(fg) > max_fraction * fg.size:
-        return None
-    y0, y1, x0, x1 = box
-    h, w = fg.shape
-    bh, bw = y1 - y0, x1 - x0
-    along_x = [(0, s * (bw + int(rng.integers(0, bw + 1)))) for s in (-1, 1)]
-    along_y = [(s * (bh + int(rng.integers(0, bh + 1))), 0) for s in (-1, 1)]
-    on_top_or_bottom, on_side = y0 == 0 or y1 == h, x0 == 0 or x1 == w
-    if on_top_or_bottom and not on_side:
-        shifts = along_x
-    elif on_side and not on_top_or_bottom:
-        shifts = along_y
-    else:
-        shifts = along_x + along_y
-    order = rng.permutation(len(shifts))
-    unclean = (mask > 0)  # defect or ignored
-    for k in order:
-        dy, dx = shifts[int(k)]
-        sy, sx = y0 + dy, x0 + dx
-        if sy < 0 or sx < 0 or sy + bh > h or sx + bw > w or unclean[sy:sy + bh, sx:sx + bw].any():
-            continue
-        out = img.copy()
-        out[y0:y1, x0:x1], _ = _blend(img[y0:y1, x0:x1], img[sy:sy + bh, sx:sx + bw], fg[y0:y1, x0:x1],
-                                      margin, feather)
-        new_mask = mask.copy()
-        new_mask[fg] = 0
-        return out, new_mask
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------

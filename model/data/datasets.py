@@ -35,7 +35,6 @@ from .augment import (
     ClassifyAugment,
     DetectAugment,
     SegmentAugment,
-    erase_defect,
     letterbox_geometry,
     paste_defect,
     paste_segment,
@@ -48,8 +47,6 @@ __all__ = [
     "SegmentDataset",
     "DetectDataset",
     "collate",
-    "collate_classify",
-    "collate_segment",
     "collate_detect",
     "sample_weights",
     "balanced_sampler",
@@ -167,20 +164,15 @@ class ClassifyDataset(_Base):
     transformed like the image (for a mask-supervised classifier). In training, masks (when the records
     have them) steer the random crop so that it keeps the defect. ``paste`` (training with masks): the
     probability that a defect image is replaced by its defect pasted onto a random defect-free image of the
-    set (`paste_defect`; same label, the pasted mask) — new surroundings for classes with few images;
-    ``paste_edge``: a defect on an image border is pasted against the same border; ``paste_scale`` < 1: the
-    pasted piece is shrunk by a factor drawn from [paste_scale, 1]. ``erase`` (training with
-    masks): the probability that a defect image is trained with its defect covered (`erase_defect`) as an
-    image of ``free_label`` (the defect-free class): the same part with and without its defect, so that
-    the label cannot be told from the part alone. Extra kwargs go to `ClassifyAugment`."""
+    set (`paste_defect`; same label, the pasted mask) — new surroundings for classes with few images.
+    Extra kwargs go to `ClassifyAugment`."""
 
     task = "classify"
 
     def __init__(self, records: Sequence[Record], imgsz: int = 224, train: bool = False,
                  augment: ClassifyAugment | None = None, cache: bool = True, with_mask: bool = False,
                  grayscale: bool = False, cache_max_side: int | None = None, paste: float = 0.0,
-                 paste_edge: bool = False, paste_scale: float = 1.0, erase: float = 0.0,
-                 free_label: int | None = None, **aug_kwargs):
+                 **aug_kwargs):
         super().__init__(records, imgsz, train, cache, grayscale, cache_max_side)
         if any(r.label is None for r in self.records):
             raise ValueError("ClassifyDataset needs records with a classify label")
@@ -193,19 +185,11 @@ class ClassifyDataset(_Base):
             raise ValueError(f"paste must be a probability in [0, 1], got {paste}")
         if paste and not (train and self._have_masks):
             raise ValueError("paste needs a training set whose records have masks")
-        self.paste, self.paste_edge = float(paste), bool(paste_edge)
-        if not 0.0 < paste_scale <= 1.0:
-            raise ValueError(f"paste_scale must be in (0, 1], got {paste_scale}")
-        self.paste_scale = float(paste_scale)
-        if not 0.0 <= erase <= 1.0 - self.paste:
-            raise ValueError(f"erase must be a probability in [0, 1 - paste], got {erase}")
-        if erase and not (train and self._have_masks and free_label is not None):
-            raise ValueError("erase needs a training set whose records have masks, and free_label")
-        self.erase, self.free_label = float(erase), free_label
+        self.paste = float(paste)
         self._free: list[int] | None = None  # indices of the images without defect pixels (lazily)
 
     def _uses_mask(self) -> bool:
-        return self.with_mask or self.paste > 0 or self.erase > 0 or (self.train and self._have_masks
+        return self.with_mask or self.paste > 0 or (self.train and self._have_masks
                                                     and self.augment.min_defect_keep > 0)
 
     def _has_defect(self, i: int) -> bool:
@@ -220,7 +204,7 @@ class ClassifyDataset(_Base):
         if not self._free:
             return None
         j = self._free[int(rng.integers(len(self._free)))]
-        return paste_defect(img, mask, self.load_image(j), rng, keep_edge=self.paste_edge, min_scale=self.paste_scale)
+        return paste_defect(img, mask, self.load_image(j), rng)
 
     @property
     def labels(self) -> np.ndarray:
@@ -230,17 +214,12 @@ class ClassifyDataset(_Base):
         img = self.load_image(i)
         mask = self.load_mask(i) if self._uses_mask() else None
         rng = self._rng()
-        label = self.records[i].label
-        u = rng.random() if self.paste or self.erase else 1.0
-        if u < self.paste + self.erase and self._has_defect(i):
-            changed = self._pasted(i, img, mask, rng) if u < self.paste else erase_defect(img, mask, rng)
-            if changed is not None:
-                img, mask = changed
-                if u >= self.paste:
-                    label = self.free_label
+        if self.paste and rng.random() < self.paste and self._has_defect(i):
+            pasted = self._pasted(i, img, mask, rng)
+            if pasted is not None:
+                img, mask = pasted
         out_img, out_mask = self.augment(img, rng, mask)
-        label = torch.tensor(label, dtype=torch.int64)
-        item = {"image": to_chw_tensor(out_img), "label": label,
+        item = {"image": to_chw_tensor(out_img), "label": torch.tensor(self.records[i].label, dtype=torch.int64),
                 "index": torch.tensor(i, dtype=torch.int64)}
         if self.with_mask:
             item["mask"] = torch.from_numpy(out_mask.astype(np.int64))
@@ -390,10 +369,6 @@ def collate(batch: list[dict]) -> dict:
         else:
             out[k] = vals
     return out
-
-
-collate_classify = collate
-collate_segment = collate
 
 
 def collate_detect(batch: list[dict]) -> dict:

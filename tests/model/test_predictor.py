@@ -442,7 +442,8 @@ def test_from_folder(tmp_path, predictors):
     p = Predictor.from_folder(folder)
     assert p.name == "t-detect" and p.version == "3" and p.task == "detect"
     assert p.input_size == (64, 96) and p.classes == CLASSES["detect"]
-    p.warmup((1, 2))
+    blank = np.full((3, *p.input_size), p.pad_value, dtype=np.uint8)
+    assert len(p.infer([blank] * 2)) == 2  # a batched forward of the loaded model
     # the service's models are BatchNorm-folded (TaskModel.fuse); fuse=False keeps the module as saved
     assert p.model.is_fused and not any(isinstance(m, torch.nn.BatchNorm2d) for m in p.model.modules())
     plain = Predictor.from_folder(folder, fuse=False)
