@@ -24,11 +24,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# redis-server (queue tests), prometheus/promtool (monitoring tests), nginx (gateway config check), when missing.
+# redis-server (queue tests), prometheus/promtool (monitoring tests), nginx (gateway config check), chromium and
+# chromium-driver (console tests in a real browser), when missing.
 system-deps:
-	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v nginx >/dev/null; then \
+	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v nginx >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus nginx-light >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus \
+	    nginx-light chromium chromium-driver >/dev/null; \
 	fi
 
 serve: install

@@ -3,7 +3,7 @@
 Typical training use::
 
     from model.data import load_records, split_records, SegmentDataset, collate
-    info = load_records("../shared/data/deepcrack", task="segment")
+    info = load_records("datasets/deepcrack", task="segment")
     train = SegmentDataset(split_records(info.records, "train"), imgsz=512, crop=256, train=True)
     val = SegmentDataset(split_records(info.records, "val"), imgsz=512)
 """
