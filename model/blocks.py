@@ -15,6 +15,8 @@ Fixes of the reference defects (DESIGN-model.md §5) implemented here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -462,6 +464,46 @@ class SAMM(nn.Module):
         return F.gelu(self.proj(z)) * u
 
 
+def _dft_mats(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of 2·pi·k·j/n (n × n, float32), computed in float64 and exact at the symmetric points."""
+    k = torch.arange(n, dtype=torch.float64)
+    ang = 2.0 * math.pi * torch.outer(k, k).remainder(n) / n
+    return torch.cos(ang).float().to(device), torch.sin(ang).float().to(device)
+
+
+def rfft2_real(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.fft.rfft2(x, norm="ortho")`` as (real, imaginary) float32 tensors, by matrix products with the
+    DFT's cosine and sine tables: only real-valued ops, so ONNX / OpenVINO exporters and runtimes take it."""
+    h, w = x.shape[-2:]
+    wf = w // 2 + 1
+    cw, sw = _dft_mats(w, x.device)
+    ch, sh = _dft_mats(h, x.device)
+    scale = 1.0 / math.sqrt(h * w)
+    ar = torch.matmul(x, cw[:, :wf]) * scale  # along W: real input, bins 0..W/2
+    ai = -torch.matmul(x, sw[:, :wf]) * scale
+    # along H (complex): (cos - i sin) (ar + i ai)
+    return torch.matmul(ch, ar) + torch.matmul(sh, ai), torch.matmul(ch, ai) - torch.matmul(sh, ar)
+
+
+def irfft2_real(yr: torch.Tensor, yi: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``torch.fft.irfft2(torch.complex(yr, yi), s=size, norm="ortho")`` with real-valued ops only (the
+    imaginary parts of the W bins 0 and W/2 are ignored, as irfft does)."""
+    h, w = size
+    wf = yr.shape[-1]
+    cw, sw = _dft_mats(w, yr.device)
+    ch, sh = _dft_mats(h, yr.device)
+    # along H (complex, inverse): (cos + i sin) (yr + i yi)
+    br = torch.matmul(ch, yr) - torch.matmul(sh, yi)
+    bi = torch.matmul(ch, yi) + torch.matmul(sh, yr)
+    # along W, from the one-sided spectrum: bins 1 .. ceil(W/2)-1 count twice (their mirror images)
+    weight = torch.full((wf, 1), 2.0, device=yr.device)
+    weight[0] = 1.0
+    if w % 2 == 0:
+        weight[-1] = 1.0
+    out = torch.matmul(br, cw[:wf] * weight) - torch.matmul(bi, sw[:wf] * weight)
+    return out / math.sqrt(h * w)
+
+
 class AFMM(nn.Module):
     """Adaptive frequency mixing (§1.7.5): spectrum * complexMLP(spectrum), per channel group.
 
@@ -469,6 +511,10 @@ class AFMM(nn.Module):
     -> multiply by the original spectrum -> irfft2 (ortho, size H x W). Everything inside runs in
     float32 (autocast disabled, weights cast to float32); the result has the input dtype (D3).
     Parameters: w1, w2 (2 x G x D x D, [real/imag, group, in, out]), b1, b2 (2 x G x D); C^2 + 4C.
+
+    ``real_valued`` (set by `use_real_valued_fft`): the same computation with real and imaginary parts as
+    separate tensors and the FFTs as DFT matrix products (`rfft2_real`, `irfft2_real`): outputs agree with
+    the FFT path to float32 rounding, and every op is one that ONNX and OpenVINO export.
     """
 
     def __init__(self, dim: int, groups: int = 4):
@@ -476,6 +522,7 @@ class AFMM(nn.Module):
         if dim % groups:
             raise ValueError(f"AFMM dim {dim} not divisible by {groups}")
         self.dim, self.groups = dim, groups
+        self.real_valued = False
         dg = dim // groups
         self.w1 = nn.Parameter(0.02 * torch.randn(2, groups, dg, dg))
         self.b1 = nn.Parameter(0.02 * torch.randn(2, groups, dg))
@@ -489,9 +536,19 @@ class AFMM(nn.Module):
         bc = torch.complex(b[0].float(), b[1].float()).unsqueeze(-1)  # G x Dout x 1
         return torch.matmul(wc, z) + bc
 
+    @staticmethod
+    def _real_linear(zr, zi, w, b):
+        # (wr + i wi)(zr + i zi) + (br + i bi), on separate real and imaginary parts
+        wr, wi = w[0].float().transpose(1, 2), w[1].float().transpose(1, 2)  # G x Dout x Din
+        br, bi = b[0].float().unsqueeze(-1), b[1].float().unsqueeze(-1)
+        return (torch.matmul(wr, zr) - torch.matmul(wi, zi) + br,
+                torch.matmul(wr, zi) + torch.matmul(wi, zr) + bi)
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         B, C, H, W = v.shape
         with torch.autocast(device_type=v.device.type, enabled=False):
+            if self.real_valued:
+                return self._forward_real(v.float(), B, C, H, W).to(v.dtype)
             spec = torch.fft.rfft2(v.float(), norm="ortho")  # B x C x H x (W//2+1)
             wf = spec.shape[-1]
             spec = spec.reshape(B, self.groups, C // self.groups, H * wf)
@@ -502,8 +559,27 @@ class AFMM(nn.Module):
             out = torch.fft.irfft2(y, s=(H, W), norm="ortho")
         return out.to(v.dtype)
 
+    def _forward_real(self, v: torch.Tensor, B: int, C: int, H: int, W: int) -> torch.Tensor:
+        sr, si = rfft2_real(v)
+        wf = sr.shape[-1]
+        sr = sr.reshape(B, self.groups, C // self.groups, H * wf)
+        si = si.reshape(B, self.groups, C // self.groups, H * wf)
+        zr, zi = self._real_linear(sr, si, self.w1, self.b1)
+        zr, zi = self._real_linear(F.relu(zr), F.relu(zi), self.w2, self.b2)
+        yr = (zr * sr - zi * si).reshape(B, C, H, wf)
+        yi = (zr * si + zi * sr).reshape(B, C, H, wf)
+        return irfft2_real(yr, yi, (H, W))
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, groups={self.groups}"
+        return f"dim={self.dim}, groups={self.groups}" + (", real_valued" if self.real_valued else "")
+
+
+def use_real_valued_fft(model: nn.Module, on: bool = True) -> nn.Module:
+    """Switch every AFMM of ``model`` to the real-valued formulation (for export), or back. In place."""
+    for m in model.modules():
+        if isinstance(m, AFMM):
+            m.real_valued = bool(on)
+    return model
 
 
 class SSAMBlock(nn.Module):

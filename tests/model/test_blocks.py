@@ -23,6 +23,9 @@ from model.blocks import (
     PConv,
     SSAMBlock,
     cumulative_offsets,
+    irfft2_real,
+    rfft2_real,
+    use_real_valued_fft,
 )
 
 torch.set_num_threads(1)
@@ -383,15 +386,40 @@ def afmm_reference(m, v):
     return torch.fft.irfft2(Y, s=(H, W), norm="ortho")
 
 
-@pytest.mark.parametrize("hw", [(6, 8), (5, 7), (1, 1), (1, 4)])
-def test_afmm_matches_reference(hw):
+@pytest.mark.parametrize("real_valued", [False, True])
+@pytest.mark.parametrize("hw", [(6, 8), (5, 7), (1, 1), (1, 4), (2, 3), (24, 24)])
+def test_afmm_matches_reference(hw, real_valued):
     torch.manual_seed(0)
     m = AFMM(16)
+    m.real_valued = real_valued  # the DFT-matrix formulation that exporters take
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.5)
     v = torch.randn(2, 16, *hw)
     assert torch.allclose(m(v).double(), afmm_reference(m, v), atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 2), (2, 3), (7, 4), (12, 12), (13, 9), (32, 32)])
+def test_real_valued_ffts_match_torch_fft(hw):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, *hw)
+    ref = torch.fft.rfft2(x, norm="ortho")
+    re, im = rfft2_real(x)
+    assert torch.allclose(re, ref.real, atol=2e-6) and torch.allclose(im, ref.imag, atol=2e-6)
+    y = torch.complex(torch.randn(2, 3, hw[0], hw[1] // 2 + 1), torch.randn(2, 3, hw[0], hw[1] // 2 + 1))
+    assert torch.allclose(irfft2_real(y.real, y.imag, hw), torch.fft.irfft2(y, s=hw, norm="ortho"), atol=5e-6)
+
+
+def test_use_real_valued_fft_switches_every_afmm_and_back():
+    torch.manual_seed(2)
+    block = SSAMBlock(32).eval()
+    v = torch.randn(2, 32, 9, 10)
+    with torch.no_grad():
+        ref = block(v)
+        assert use_real_valued_fft(block) is block and block.afmm.real_valued and "real_valued" in repr(block)
+        assert (block(v) - ref).abs().max() < 1e-5
+        use_real_valued_fft(block, False)
+        assert not block.afmm.real_valued and torch.equal(block(v), ref)
 
 
 def test_afmm_identity_filter():
