@@ -100,7 +100,7 @@ def load_predictors(settings: Settings) -> dict[str, Any]:
 def _load_beside_the_forwards(settings: Settings) -> dict[str, Any]:
     """`load_predictors` on a thread that will not run the forwards: with one torch thread when the forwards
     run on the CPU (see `one_torch_thread`)."""
-    from app.dispatch.local import one_torch_thread
+    from app.runtime import one_torch_thread
 
     if settings.resolved_device() == "cpu":
         one_torch_thread()

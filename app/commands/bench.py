@@ -446,7 +446,7 @@ def run(args) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from app.dispatch.local import tune_allocator
+    from app.runtime import tune_allocator
 
     allocator_tuned = tune_allocator() if allocator_tuning else False  # as the service does
     progress = not args.json

@@ -24,9 +24,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -38,6 +36,7 @@ from app import metrics
 from app.batching import BatchCollector
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
 from app.inference import Staged, finish, raise_for_result, run_forward
+from app.runtime import configure_runtime, one_torch_thread, prepare_predictors, runs_on_cpu
 
 log = logging.getLogger("s2amnet.dispatch")
 
@@ -60,112 +59,6 @@ def _fail(fut: asyncio.Future, exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
-@functools.cache
-def default_torch_threads() -> int:
-    """torch's intra-op thread count as the process started (read once, before `one_torch_thread`)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
-def configure_torch_threads(num_threads: int | None) -> None:
-    """Set the intra-op threads of the thread that runs the forwards: ``num_threads``, else torch's default
-    (set explicitly: other threads lower the process default, see `one_torch_thread`)."""
-    import torch
-
-    torch.set_num_threads(int(num_threads or default_torch_threads()))
-
-
-def one_torch_thread() -> None:
-    """For threads that run torch ops beside the forwards (model loading, postprocessing): one intra-op
-    thread, so that they start no OpenMP thread team of their own. With such a team idle elsewhere, libgomp
-    counts more threads than cores and throttles the spinning of the inference thread's team: on the 2-core
-    CPU every forward of the embedded service cost about twice as much (mt-classify 61 -> 31 ms). Lowers
-    torch's process default as well; the inference thread then sets its own (`configure_torch_threads`)."""
-    default_torch_threads()  # read it before lowering it
-    import torch
-
-    torch.set_num_threads(1)
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Linux/glibc, process-wide: serve blocks below ``mmap_threshold`` from the heap and keep up to
-    ``trim_threshold`` of freed memory, so that the activations of every forward reuse memory instead of
-    being mapped and page-faulted anew (glibc's defaults map blocks above 128 KiB-32 MiB afresh each time).
-    Measured on the 2-core CPU: crack-segment forwards 1.3-1.6x faster; resident memory stays nearer its
-    peak. Returns whether it was applied: not with another C library, nor when the environment already
-    sets MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (the operator's choice wins)."""
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
-        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-
-
-def configure_runtime(settings: Any) -> None:
-    """Process-wide settings of the process that runs the forwards: torch threads, allocator tuning."""
-    configure_torch_threads(getattr(settings, "torch_threads", None))
-    if getattr(settings, "allocator_tuning", True):
-        log.info("allocator tuning %s", "on" if tune_allocator() else "not applied (not glibc, or MALLOC_* set)")
-
-
-def warm_up(predictor: Any) -> float:
-    """One preprocess + forward + postprocess on a blank image at the model's input size; returns seconds."""
-    from PIL import Image
-
-    t0 = time.perf_counter()
-    h, w = (int(v) for v in predictor.input_size)
-    sample = predictor.preprocess(Image.new("RGB", (w, h), (128, 128, 128)))
-    raws = predictor.infer([sample.array])
-    predictor.postprocess(raws[0], sample.meta)
-    return time.perf_counter() - t0
-
-
-def _runs_on_cpu(predictor: Any) -> bool:
-    return getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
-
-
-def set_forward_batch(name: str, predictor: Any, setting: int | str, max_batch: int, warmed: bool) -> None:
-    """Apply S2AMNET_FORWARD_BATCH to one model (on the thread that runs its forwards): N → at most N images
-    per forward; 'auto' → on a CPU, after warm-up, `Predictor.tune_forward_batch` measures it; otherwise
-    the whole batch in one forward. Logged, and exported as ``s2amnet_forward_batch_size``."""
-    if setting != "auto":
-        predictor.forward_batch = int(setting)
-    elif warmed and _runs_on_cpu(predictor) and max_batch > 1:
-        timings = predictor.tune_forward_batch(max_batch)
-        log.info("forward batch of %s: %d (measured ms per image: %s)", name, predictor.forward_batch,
-                 ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
-    else:
-        predictor.forward_batch = None
-    metrics.FORWARD_BATCH.labels(model=name).set(min(max_batch, predictor.forward_batch or max_batch))
-
-
-def prepare_predictors(predictors: Mapping[str, Any], settings: Any,
-                       batch_sizes: Mapping[str, int]) -> dict[str, float]:
-    """On the thread that will run the forwards (embedded inference thread, Redis worker): warm every model
-    up (unless S2AMNET_WARMUP is off), then apply S2AMNET_FORWARD_BATCH. Returns warm-up seconds per model."""
-    warmed = bool(getattr(settings, "warmup", True))
-    seconds: dict[str, float] = {}
-    if warmed:
-        for name, predictor in predictors.items():
-            seconds[name] = warm_up(predictor)
-            log.info("warmed up %s in %.3f s", name, seconds[name])
-    for name, predictor in predictors.items():
-        set_forward_batch(name, predictor, getattr(settings, "forward_batch", "auto"), batch_sizes[name], warmed)
-    return seconds
-
-
 class LocalDispatcher(Dispatcher):
     def __init__(self, predictors: Mapping[str, Any], settings: Any):
         self._predictors = dict(predictors)
@@ -182,7 +75,7 @@ class LocalDispatcher(Dispatcher):
         # the event loop's default executor, which /metrics and shutdown also use
         # forwards on the CPU: the pool's threads use one torch thread (`one_torch_thread`); with a GPU they
         # keep torch's default, so that large masks resample on every core
-        on_cpu = any(_runs_on_cpu(p) for p in self._predictors.values())
+        on_cpu = any(runs_on_cpu(p) for p in self._predictors.values())
         self._post_pool = ThreadPoolExecutor(max_workers=int(getattr(settings, "decode_threads", 4)),
                                              thread_name_prefix="s2amnet-post",
                                              initializer=one_torch_thread if on_cpu else None)

@@ -573,23 +573,23 @@ def test_fingerprint_ignores_the_multipart_boundary():
 def test_allocator_tuning_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
     import platform
 
-    from app.dispatch import local
+    from app import runtime
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert local.tune_allocator() is (platform.libc_ver()[0] == "glibc")  # mallopt accepted both values
+    assert runtime.tune_allocator() is (platform.libc_ver()[0] == "glibc")  # mallopt accepted both values
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the operator's own setting wins
-    assert local.tune_allocator() is False
+    assert runtime.tune_allocator() is False
 
 
 def test_configure_runtime_follows_the_settings(monkeypatch):
-    from app.dispatch import local
+    from app import runtime
 
     calls = []
-    monkeypatch.setattr(local, "tune_allocator", lambda: calls.append("tuned") or True)
-    monkeypatch.setattr(local, "configure_torch_threads", lambda n: calls.append(("threads", n)))
-    local.configure_runtime(Settings(torch_threads=3))
-    local.configure_runtime(Settings(allocator_tuning=False))
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(runtime, "configure_torch_threads", lambda n: calls.append(("threads", n)))
+    runtime.configure_runtime(Settings(torch_threads=3))
+    runtime.configure_runtime(Settings(allocator_tuning=False))
     assert calls == [("threads", 3), "tuned", ("threads", None)]
 
 
@@ -598,7 +598,7 @@ def test_only_the_inference_thread_runs_torch_with_several_threads(det):
     libgomp throttle the inference thread's team); the inference thread keeps the default, or the setting."""
     import torch
 
-    from app.dispatch.local import default_torch_threads
+    from app.runtime import default_torch_threads
 
     seen = {}
 

@@ -99,11 +99,11 @@ def test_bench_without_weights_needs_a_weights_folder(tmp_path, monkeypatch, cap
 def test_bench_tunes_the_allocator_as_the_service_setting_says(tmp_path, monkeypatch, capsys):
     """The timed forwards run like the service's: S2AMNET_ALLOCATOR_TUNING=false leaves glibc's allocator
     alone (recorded in the results), the default tunes it, and a bad value is an error before any work."""
-    import app.dispatch.local as local
+    import app.runtime as runtime
 
     weights = make_weights(tmp_path / "weights", names=["cls"])
     calls = []
-    monkeypatch.setattr(local, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1) or True)
     argv = ["bench", "--weights", str(weights / "cls"), "--no-http", "--batch-sizes", "1", "--iters", "1",
             "--threads", "1", "--device", "cpu", "--json"]
     for value, tuned in (("false", False), (None, True)):
