@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.codec import decode_base64
 from app.errors import Problem, invalid, too_large, unauthorized, unsupported_media
 from app.schemas import MES_FIELDS, OPTION_FIELDS, InspectOptions, JsonInspectRequest
+from app.state import service_state
 
 FIELDS = set(OPTION_FIELDS) | set(MES_FIELDS)
 
@@ -39,7 +40,7 @@ async def require_api_key(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> str | None:
     """When API keys are configured, the request must carry one (X-API-Key or Authorization: Bearer)."""
-    keys: list[str] = request.app.state.settings.api_keys
+    keys = service_state(request.app).settings.api_keys
     if not keys:
         return None
     given = x_api_key or (credentials.credentials if credentials else None)

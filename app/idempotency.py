@@ -21,9 +21,12 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from python_multipart.multipart import parse_options_header
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 MAX_KEY_LENGTH = 255
 
@@ -122,3 +125,13 @@ def fingerprint(method: str, path: str, query: str, content_type: str, body: byt
             body = body.replace(boundary, b"")
     h.update(body)
     return h.hexdigest()
+
+
+def create_store(settings: Settings) -> IdempotencyStore:
+    """The store of the service: in Redis when it runs in Redis mode (shared by every API instance), else
+    in this process's memory."""
+    if settings.redis_url:
+        from app.idempotency_redis import RedisIdempotencyStore  # noqa: PLC0415 - needs redis
+
+        return RedisIdempotencyStore(settings)
+    return InMemoryIdempotencyStore(settings.idempotency_max_entries, int(settings.idempotency_max_mb * 1024 * 1024))

@@ -229,30 +229,3 @@ def raise_for_result(result: dict[str, Any]) -> dict[str, Any]:
     if error == "failed":
         raise JobFailed(detail)
     raise DispatchError(detail)
-
-
-def assemble_result(
-    out: dict[str, Any], request_id: str, total_ms: float, mes: dict[str, Any]
-) -> dict[str, Any]:
-    """A worker's result + request context -> one InspectionResult dict (the API's answer per image)."""
-    import uuid
-
-    result: dict[str, Any] = {
-        "result_id": str(uuid.uuid4()),
-        "request_id": request_id,
-        "model": out["model"],
-        "task": out["task"],
-        "image": out["image"],
-        "verdict": out["verdict"],
-        "defects": out["defects"],
-    }
-    if "top_k" in out:
-        result["top_k"] = out["top_k"]
-    timing = out.get("timing_ms", {})
-    result["timing_ms"] = {
-        "queue": timing.get("queue", 0.0),
-        "inference": timing.get("inference", 0.0),
-        "total": round(total_ms, 3),
-    }
-    result.update(mes)
-    return result

@@ -7,20 +7,18 @@ import asyncio
 import contextlib
 import re
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from app import metrics
-from app.codec import decode_image
 from app.deps import parse_inspect_body, require_api_key
-from app.dispatch.base import DeadlineExceeded, Job, Unavailable
+from app.dispatch.base import DeadlineExceeded, Dispatcher, Unavailable
 from app.errors import Problem
 from app.idempotency import MAX_KEY_LENGTH, fingerprint, scoped_key
-from app.inference import assemble_result
+from app.pipeline import ImageLimits, inspect_images, via_dispatcher
 from app.schemas import (
     Health,
     InspectionResult,
@@ -31,6 +29,10 @@ from app.schemas import (
     ModelsResponse,
     ProblemDetails,
 )
+from app.state import ServiceState, service_state
+
+if TYPE_CHECKING:
+    from model.predictor import Predictor
 
 router = APIRouter()
 
@@ -84,9 +86,15 @@ def _body_doc() -> dict[str, Any]:
     }
 
 
-def _model_for(request: Request, task: str, name: str | None) -> Any:
-    state = request.app.state
-    predictors: dict[str, Any] = state.predictors
+def _dispatcher(state: ServiceState) -> Dispatcher:
+    if state.dispatcher is None:  # not started yet (`inspect` checks readiness first)
+        raise Unavailable("service is not ready", state.settings.retry_after_s)
+    return state.dispatcher
+
+
+def _model_for(request: Request, task: str, name: str | None) -> Predictor:
+    state = service_state(request.app)
+    predictors = state.predictors or {}
     if name is None:
         default = state.defaults.get(task)
         if default is None:
@@ -111,28 +119,6 @@ def _model_for(request: Request, task: str, name: str | None) -> Any:
     return predictor
 
 
-def _prepare(predictor: Any, data: bytes, index: int, max_pixels: int, min_side: int) -> tuple[Any, Any]:
-    """Worker-thread part: decode (limits, EXIF, mode) and preprocess; returns (array, meta)."""
-    image = decode_image(data, max_pixels=max_pixels, min_side=min_side, index=index)
-    sample = predictor.preprocess(image)
-    return sample.array, sample.meta
-
-
-async def _submit_all(dispatcher: Any, jobs: list[Job]) -> list[dict[str, Any]]:
-    """Submit every job at once (so they can share batches); the first failure cancels the rest."""
-    if len(jobs) == 1:
-        return [await dispatcher.submit(jobs[0])]
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(dispatcher.submit(job)) for job in jobs]
-    except BaseExceptionGroup as group:
-        first = group.exceptions[0]
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
-    return [t.result() for t in tasks]
-
-
 async def _unless_client_gone(request: Request, work: Any, poll_s: float = 0.25) -> Any:
     """Await `work` (a coroutine), cancelling it when the client disconnects: its jobs then leave their
     queues without being computed (the server never cancels a handler by itself), and ClientDisconnect
@@ -153,41 +139,22 @@ async def _unless_client_gone(request: Request, work: Any, poll_s: float = 0.25)
 
 
 async def _compute(request: Request, task: str, body: bytes, deadline: float) -> Any:
-    state = request.app.state
+    state = service_state(request.app)
     settings = state.settings
     parsed = await parse_inspect_body(request, body, settings.max_images)
     predictor = _model_for(request, task, parsed.options.model)
-
-    limiter: anyio.CapacityLimiter = state.decode_limiter
-
-    async def prepare(i: int, data: bytes) -> tuple[Any, Any]:
-        return await anyio.to_thread.run_sync(
-            _prepare, predictor, data, i, settings.max_pixels, settings.min_image_side, limiter=limiter
-        )
-
-    if len(parsed.images) == 1:
-        prepared = [await prepare(0, parsed.images[0])]
-    else:
-        prepared = await asyncio.gather(*(prepare(i, d) for i, d in enumerate(parsed.images)))
-    parsed.images.clear()
-
-    options = parsed.options.inference_options()
-    jobs = [
-        Job(model=predictor.name, array=arr, meta=meta, options=dict(options), deadline=deadline)
-        for arr, meta in prepared
-    ]
-    outputs = await _submit_all(state.dispatcher, jobs)
-
-    total_ms = (time.time() - request.state.start_time) * 1000.0
-    mes = parsed.options.mes()
-    results = [assemble_result(out, request.state.request_id, total_ms, mes) for out in outputs]
+    results = await inspect_images(
+        predictor, parsed.images, parsed.options, via_dispatcher(_dispatcher(state)),
+        limits=ImageLimits(settings.max_pixels, settings.min_image_side), deadline=deadline,
+        request_id=request.state.request_id, started=request.state.start_time, limiter=state.decode_limiter,
+    )
     return results[0] if parsed.single else results
 
 
 async def inspect(
     request: Request, task: str, timeout_s: float | None, idempotency_key: str | None
 ) -> Response:
-    state = request.app.state
+    state = service_state(request.app)
     settings = state.settings
     if not state.ready or state.draining:
         raise Unavailable(
@@ -304,7 +271,7 @@ for _task in TASKS:
 )
 async def models(request: Request, _key: Annotated[str | None, Depends(require_api_key)]) -> Any:
     """The loaded models: task, classes, input size, version, and the metrics from their manifest."""
-    state = request.app.state
+    state = service_state(request.app)
     if state.predictors is None:
         raise Unavailable("models are still loading", state.settings.retry_after_s)
     out = []
@@ -340,14 +307,14 @@ async def livez() -> Any:
 async def readyz(request: Request) -> Any:
     """200 once every model is loaded and warmed up and the dispatcher is ready; 503 before that, while
     shutting down, or when the backend is unreachable."""
-    state = request.app.state
+    state = service_state(request.app)
     if state.draining:
         raise Unavailable("shutting down", state.settings.retry_after_s)
     if state.startup_error:
         raise Unavailable(f"startup failed: {state.startup_error}", state.settings.retry_after_s)
     if not state.ready or state.dispatcher is None or not state.dispatcher.ready():
         raise Unavailable("not ready: models loading or backend unreachable", state.settings.retry_after_s)
-    return Health(status="ready", models=list(state.predictors))
+    return Health(status="ready", models=list(state.predictors or {}))
 
 
 @router.get(
@@ -358,7 +325,7 @@ async def readyz(request: Request) -> Any:
 )
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus metrics (merged over processes in multiprocess mode)."""
-    state = request.app.state
+    state = service_state(request.app)
     if state.dispatcher is not None:
         for name in state.predictors or {}:
             metrics.QUEUE_DEPTH.labels(model=name).set(state.dispatcher.queue_depth(name))

@@ -450,7 +450,7 @@ def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliv
     max_batch_size, max_delay_ms, metrics_port, torch_threads, warmup)."""
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    from app.main import load_predictors  # noqa: PLC0415
+    from app.models import load_predictors  # noqa: PLC0415
     from app.runtime import configure_runtime, prepare_predictors  # noqa: PLC0415
 
     configure_runtime(settings)

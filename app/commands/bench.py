@@ -93,7 +93,7 @@ def _weights(args) -> list[Path]:
     if args.weights:
         folders = [Path(w) for w in args.weights]
     else:
-        from app.main import find_model_folders
+        from app.models import find_model_folders
 
         try:
             folders = [folder for _, folder in find_model_folders(Path("weights"))]

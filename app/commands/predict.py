@@ -1,7 +1,7 @@
 """`s2amnet predict IMAGE... --task detect [--model NAME] [--url URL]`: print the JSON result.
 
-Without --url the models are loaded from --weights-dir and run in this process, through the same code
-as the service (app.codec decode + limits, Predictor.preprocess, app.inference.run_batch); with --url
+Without --url the model is loaded from --weights-dir and run in this process, through the service's
+inspection pipeline (app.pipeline: decode + limits, preprocess, app.inference.run_batch); with --url
 the images are sent to a running server (app.client). Either way the output has the API's format: one
 image -> one JSON object, several -> a JSON list in argument order. Errors go to stderr as problem+json,
 with exit status 1.
@@ -121,10 +121,15 @@ def _remote(args: argparse.Namespace, options: Any, api_key: str | None) -> Any:
 
 
 def _local(args: argparse.Namespace, options: Any) -> Any:
-    from app.codec import decode_image
-    from app.dispatch.base import Job
-    from app.inference import raise_for_result, run_batch
-    from app.main import discover_models
+    """Load the one model needed (the named one, or the task's default: its first by name) and run the
+    service's inspection pipeline on the image files in this process."""
+    import asyncio
+
+    import anyio
+
+    from app.errors import Problem
+    from app.models import discover_models
+    from app.pipeline import ImageLimits, in_process, inspect_images
     from app.settings import Settings
     from model.predictor import Predictor
 
@@ -136,49 +141,27 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
     settings = Settings(**overrides)
     start = time.time()
 
-    # Only the model needed: the named one, or the first of the task by name (the service's default).
-    import json as _json
-
     chosen = None
     for name, folder in discover_models(settings):
-        task = _json.loads((folder / "manifest.json").read_text()).get("task")
+        task = json.loads((folder / "manifest.json").read_text()).get("task")
         if (options.model and name == options.model) or (not options.model and task == args.task):
             chosen = (name, folder, task)
             break
     if chosen is None:
-        from app.errors import Problem
-
         what = f"model {options.model!r}" if options.model else f"{args.task} model"
         raise Problem(404, "unknown_model", f"no {what} in {str(settings.weights_dir)!r}")
     if chosen[2] != args.task:
-        from app.errors import Problem
-
         raise Problem(404, "unknown_model", f"model {chosen[0]!r} is a {chosen[2]} model, not {args.task}")
     predictor = Predictor.from_folder(chosen[1], device=settings.resolved_device())
+    batch_size = settings.batch_sizes([predictor.name], strict=False)[predictor.name]
+    images = [Path(path).read_bytes() for path in args.images]
 
-    jobs = []
-    for i, path in enumerate(args.images):
-        image = decode_image(
-            Path(path).read_bytes(), max_pixels=settings.max_pixels, min_side=settings.min_image_side, index=i
+    async def inspect() -> list[dict[str, Any]]:
+        return await inspect_images(
+            predictor, images, options, in_process(predictor, batch_size),
+            limits=ImageLimits(settings.max_pixels, settings.min_image_side), deadline=float("inf"),
+            request_id=uuid.uuid4().hex, started=start, limiter=anyio.CapacityLimiter(1),
         )
-        sample = predictor.preprocess(image)
-        jobs.append(
-            Job(
-                model=predictor.name,
-                array=sample.array,
-                meta=sample.meta,
-                options=options.inference_options(),
-                deadline=float("inf"),
-            )
-        )
-    results = []
-    request_id = uuid.uuid4().hex
-    step = settings.batch_sizes([predictor.name], strict=False)[predictor.name]
-    for b in range(0, len(jobs), step):
-        for out in run_batch(predictor, jobs[b : b + step]):
-            results.append(raise_for_result(out))
-    from app.inference import assemble_result
 
-    total_ms = (time.time() - start) * 1000.0
-    answer = [assemble_result(out, request_id, total_ms, options.mes()) for out in results]
+    answer = asyncio.run(inspect())
     return answer[0] if len(answer) == 1 else answer

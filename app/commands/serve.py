@@ -17,7 +17,13 @@ import signal
 import tempfile
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from app.settings import Settings
 
 log = logging.getLogger("s2amnet.serve")
 
@@ -65,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_settings(args: argparse.Namespace):
+def build_settings(args: argparse.Namespace) -> Settings:
     from app.settings import settings_from_args
 
     return settings_from_args(args, [dest for _, dest, _, _ in FLAGS])
@@ -75,8 +81,12 @@ class DrainingServer:
     """Factory for a uvicorn.Server subclass (imported lazily so `s2amnet --help` stays fast)."""
 
     @staticmethod
-    def create(config: Any, app: Any, settings: Any):
+    def create(config: uvicorn.Config, app: FastAPI, settings: Settings) -> uvicorn.Server:
         import uvicorn
+
+        from app.state import service_state
+
+        state = service_state(app)
 
         class _Server(uvicorn.Server):
             def __init__(self) -> None:
@@ -106,8 +116,8 @@ class DrainingServer:
                         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._abort()))
                     return
                 self._draining = True
-                app.state.draining = True  # /readyz -> 503, new inspection requests -> 503
-                log.info("%s: draining (%d in flight)", signal.Signals(sig).name, app.state.inflight)
+                state.draining = True  # /readyz -> 503, new inspection requests -> 503
+                log.info("%s: draining (%d in flight)", signal.Signals(sig).name, state.inflight)
                 if self._loop is None or self._loop.is_closed():
                     self.should_exit = True
                     return
@@ -116,24 +126,24 @@ class DrainingServer:
             async def _abort(self) -> None:
                 """Second signal: every request still waiting for its result is answered 503 (its
                 client may retry elsewhere), then the server stops without waiting any longer."""
-                dispatcher = app.state.dispatcher
+                dispatcher = state.dispatcher
                 if dispatcher is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(dispatcher.stop(drain_timeout=0), 5)
                 t0 = time.monotonic()
-                while app.state.inflight > 0 and time.monotonic() - t0 < 2:  # the 503s being written
+                while state.inflight > 0 and time.monotonic() - t0 < 2:  # the 503s being written
                     await asyncio.sleep(0.02)
                 self.should_exit = True
-                self.force_exit = app.state.inflight > 0  # else a normal stop (lifespan shutdown runs)
+                self.force_exit = state.inflight > 0  # else a normal stop (lifespan shutdown runs)
 
             async def _drain(self) -> None:
                 t0 = time.monotonic()
                 while time.monotonic() - t0 < settings.drain_timeout_s:
-                    if app.state.inflight <= 0 and time.monotonic() - t0 >= settings.shutdown_delay_s:
+                    if state.inflight <= 0 and time.monotonic() - t0 >= settings.shutdown_delay_s:
                         break
                     await asyncio.sleep(0.02)
-                if app.state.inflight > 0:
-                    log.warning("drain timeout: %d request(s) still in flight", app.state.inflight)
+                if state.inflight > 0:
+                    log.warning("drain timeout: %d request(s) still in flight", state.inflight)
                 self.should_exit = True
 
         return _Server()
@@ -162,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     server = DrainingServer.create(config, app, settings)
-    app.state.on_startup_failure = server.startup_failed
+    from app.state import service_state
+
+    service_state(app).on_startup_failure = server.startup_failed
     server.run()
     return server.exit_code
 
 
-def _run_multiprocess(args: argparse.Namespace, settings: Any) -> int:
+def _run_multiprocess(args: argparse.Namespace, settings: Settings) -> int:
     """Several uvicorn worker processes; settings travel as S2AMNET_* variables."""
     import uvicorn
 

@@ -1,0 +1,135 @@
+"""The inspection pipeline: image bytes -> decoded, preprocessed jobs -> results -> the API's answer.
+
+`inspect_images` is what `POST /classify|/detect|/segment` does once the request is parsed and its model
+chosen, and what `s2amnet predict` does with image files; the two differ only in how jobs are submitted
+(the service's dispatcher, or `run_batch` in the calling process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from app.codec import decode_image
+from app.dispatch.base import Dispatcher, Job
+from app.inference import raise_for_result, run_batch
+from app.schemas import InspectOptions
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from model.predictor import Predictor
+
+SubmitAll = Callable[[list[Job]], Awaitable[list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int
+    min_side: int
+
+
+def prepare(predictor: Predictor, data: bytes, index: int, limits: ImageLimits) -> tuple[np.ndarray, dict]:
+    """Decode one image (limits, EXIF, mode) and preprocess it for ``predictor``: (array, meta)."""
+    image = decode_image(data, max_pixels=limits.max_pixels, min_side=limits.min_side, index=index)
+    sample = predictor.preprocess(image)
+    return sample.array, sample.meta
+
+
+def via_dispatcher(dispatcher: Dispatcher) -> SubmitAll:
+    """Submit every job at once (so they can share batches); the first failure cancels the rest."""
+
+    async def submit_all(jobs: list[Job]) -> list[dict[str, Any]]:
+        if len(jobs) == 1:
+            return [await dispatcher.submit(jobs[0])]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(dispatcher.submit(job)) for job in jobs]
+        except BaseExceptionGroup as group:
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        return [t.result() for t in tasks]
+
+    return submit_all
+
+
+def in_process(predictor: Predictor, batch_size: int) -> SubmitAll:
+    """Compute the jobs here, ``batch_size`` per forward, with the service's batch pipeline."""
+
+    async def submit_all(jobs: list[Job]) -> list[dict[str, Any]]:
+        results = []
+        for b in range(0, len(jobs), batch_size):
+            results.extend(raise_for_result(out) for out in run_batch(predictor, jobs[b : b + batch_size]))
+        return results
+
+    return submit_all
+
+
+def assemble_result(
+    out: dict[str, Any], request_id: str, total_ms: float, mes: dict[str, Any]
+) -> dict[str, Any]:
+    """A computed result + request context -> one InspectionResult dict (the API's answer per image)."""
+    result: dict[str, Any] = {
+        "result_id": str(uuid.uuid4()),
+        "request_id": request_id,
+        "model": out["model"],
+        "task": out["task"],
+        "image": out["image"],
+        "verdict": out["verdict"],
+        "defects": out["defects"],
+    }
+    if "top_k" in out:
+        result["top_k"] = out["top_k"]
+    timing = out.get("timing_ms", {})
+    result["timing_ms"] = {
+        "queue": timing.get("queue", 0.0),
+        "inference": timing.get("inference", 0.0),
+        "total": round(total_ms, 3),
+    }
+    result.update(mes)
+    return result
+
+
+async def inspect_images(
+    predictor: Predictor,
+    images: list[bytes],
+    options: InspectOptions,
+    submit_all: SubmitAll,
+    *,
+    limits: ImageLimits,
+    deadline: float,
+    request_id: str,
+    started: float,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> list[dict[str, Any]]:
+    """Decode and preprocess ``images`` on worker threads (at most ``limiter``'s at a time; the list is
+    emptied once they are decoded, freeing the bytes), submit one job per image, and return one
+    InspectionResult dict per image, in order. ``started``: the request's start (epoch seconds), for
+    ``timing_ms.total``. Raises the decoder's Problem or the submitter's DispatchError."""
+
+    async def prepare_one(i: int, data: bytes) -> tuple[Any, Any]:
+        return await anyio.to_thread.run_sync(prepare, predictor, data, i, limits, limiter=limiter)
+
+    prepared: Sequence[tuple[Any, Any]]
+    if len(images) == 1:
+        prepared = [await prepare_one(0, images[0])]
+    else:
+        prepared = await asyncio.gather(*(prepare_one(i, d) for i, d in enumerate(images)))
+    images.clear()
+
+    inference = options.inference_options()
+    jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(inference), deadline=deadline)
+            for arr, meta in prepared]
+    outputs = await submit_all(jobs)
+
+    total_ms = (time.time() - started) * 1000.0
+    mes = options.mes()
+    return [assemble_result(out, request_id, total_ms, mes) for out in outputs]

@@ -1,0 +1,39 @@
+"""The state of a running service, one typed object (`app.state.service`): set up by `app.main`, read
+by the routes, and by `s2amnet serve` while it drains."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import anyio
+    from starlette.applications import Starlette
+
+    from app.dispatch.base import Dispatcher
+    from app.idempotency import IdempotencyStore
+    from app.settings import Settings
+    from model.predictor import Predictor
+
+
+@dataclass(eq=False)
+class ServiceState:
+    settings: Settings
+    idempotency: IdempotencyStore
+    predictors: dict[str, Predictor] | None = None  # None until every model is loaded
+    defaults: dict[str, str] = field(default_factory=dict)  # task -> its default model
+    dispatcher: Dispatcher | None = None
+    ready: bool = False
+    draining: bool = False  # shutting down: new inspection requests get 503
+    startup_error: str | None = None
+    on_startup_failure: Callable[[str], None] | None = None  # `s2amnet serve`: exit when start-up fails
+    inflight: int = 0  # inspection requests being answered
+    decode_limiter: anyio.CapacityLimiter | None = None  # images decoded at the same time
+    startup_task: asyncio.Task | None = None
+
+
+def service_state(app: Starlette) -> ServiceState:
+    """The state of the service ``app`` runs (see `app.main.create_app`)."""
+    return app.state.service
