@@ -170,21 +170,16 @@ class Settings(BaseSettings):
 
     def resolved_device(self) -> str:
         """The torch device to load models on: `device` if set (RuntimeError if it names CUDA and torch
-        has no usable GPU), else cuda when torch sees a GPU, else cpu."""
-        if self.device:
-            if self.device.startswith("cuda"):
-                import torch
+        has no usable GPU), else cuda when torch sees a GPU, else cpu (`model.device.resolve_device`)."""
+        from model.device import missing_gpu, resolve_device  # noqa: PLC0415 - imports torch
 
-                if not torch.cuda.is_available():
-                    raise RuntimeError(f"device {self.device!r}: torch sees no CUDA GPU here "
-                                       f"(torch {torch.__version__}); use --device cpu")
-            return self.device
-        try:
-            import torch
+        device = resolve_device(self.device)
+        if self.device and missing_gpu(device):
+            import torch  # noqa: PLC0415
 
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        except Exception:  # pragma: no cover - torch is a hard dependency
-            return "cpu"
+            raise RuntimeError(f"device {self.device!r}: torch sees no CUDA GPU here "
+                               f"(torch {torch.__version__}); use --device cpu")
+        return device
 
 
 def settings_from_args(args: Any, names: list[str] | None = None) -> Settings:

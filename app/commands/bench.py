@@ -422,6 +422,8 @@ def plot(result: dict[str, Any], path: str) -> None:
 def run(args) -> int:
     import torch
 
+    from model.device import missing_gpu, resolve_device
+
     try:
         sizes = _batch_sizes(args.batch_sizes)
         folders = _weights(args)
@@ -437,8 +439,8 @@ def run(args) -> int:
                         ("--threads", args.threads)):
             if v is not None and v < 1:
                 raise BenchError(f"{flag} must be >= 1, got {v}")
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        device = resolve_device(args.device)
+        if missing_gpu(device):
             raise BenchError(f"--device {device}: no CUDA device here")
         allocator_tuning = _allocator_tuning_setting()
     except BenchError as exc:

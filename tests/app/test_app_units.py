@@ -618,3 +618,17 @@ def test_only_the_inference_thread_runs_torch_with_several_threads(det):
     assert seen == {"inference": default_torch_threads(), "post": 1}
     asyncio.run(go(torch_threads=3))
     assert seen == {"inference": 3, "post": 1}
+
+
+def test_device_auto_is_cuda_only_when_torch_sees_a_gpu(monkeypatch):
+    import torch
+
+    from model.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == Settings().resolved_device() == "cpu"
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(RuntimeError, match="torch sees no CUDA GPU"):
+        Settings(device="cuda:0").resolved_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings().resolved_device() == "cuda" and Settings(device="cuda:1").resolved_device() == "cuda:1"
