@@ -42,7 +42,10 @@ __all__ = [
 
 
 def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting()
+    """Inside a trace, script, torch.compile or torch.export (ONNX export): tensors made there must not be
+    kept in a process-wide cache, where a later eager forward would find a placeholder tensor."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -108,6 +108,9 @@ class Predictor:
         # most images per forward pass; None = a whole batch at once. On a CPU, large activations make a
         # batch slower per image than single images for some models (tune_forward_batch measures it)
         self.forward_batch: int | None = None
+        # what runs the forward: None = the PyTorch module; else a callable from model.backends (e.g. ONNX
+        # Runtime) taking the normalised batch and returning the module's outputs (detect: boxes, scores)
+        self.runner: Any = None
         self.device = torch.device(device)
         # NB: switches the given module to eval mode and moves it to `device` (in place, like nn.Module.to);
         # requires_grad is untouched (infer uses inference_mode): an EMA copy can be wrapped in training.
@@ -200,6 +203,8 @@ class Predictor:
             x = x.float().mul_(self._scale).add_(self._shift)
             if dims:
                 x = torch.cat([x] + [x.flip(d) for d in dims])
+            if self.runner is not None and not dims:
+                return self._forward_runner(x, b)
             y = self.model(x)
             if self.task == "classify":
                 probs = torch.softmax(y.float(), dim=1)
@@ -222,6 +227,22 @@ class Predictor:
             cpu = {k: v.to("cpu") for k, v in out.items()}
         # clone per sample: a sample's raw must not keep the whole batch alive
         return [{k: v[i].clone() for k, v in cpu.items()} for i in range(b)]
+
+    def _forward_runner(self, x: torch.Tensor, b: int) -> list[dict[str, torch.Tensor]]:
+        outs = self.runner(x)
+        if self.task == "classify":
+            out = {"probs": torch.softmax(outs[0].float(), dim=1)}
+        elif self.task == "segment":
+            out = {"logits": outs[0].float()}
+        else:
+            out = {"boxes": outs[0].float(), "scores": outs[1].float()}
+        cpu = {k: v.to("cpu") for k, v in out.items()}
+        return [{k: v[i].clone() for k, v in cpu.items()} for i in range(b)]
+
+    @property
+    def backend(self) -> str:
+        """Which backend runs the forward: ``eager`` or the runner's name (see model.backends)."""
+        return "eager" if self.runner is None else str(getattr(self.runner, "name", "custom"))
 
     # ------------------------------------------------------------------------------------------------
     # postprocess

@@ -1,0 +1,286 @@
+"""Inference backends behind the `Predictor`: the same forward, run by eager PyTorch or by ONNX Runtime.
+
+- ``eager``: the PyTorch module (BatchNorm folded), as trained.
+- ``onnxruntime``: the module exported to ONNX (`export_onnx`: the frequency blocks switched to their
+  real-valued formulation, detect with its box decoding inside the graph, a dynamic batch dimension) and
+  run by ONNX Runtime's CPU provider (or CUDA where it is installed and the device is a GPU).
+
+`choose_backend` picks one for a Predictor: the requested backend, or with ``auto`` the fastest one, at
+the Predictor's forward batch, whose outputs agree with eager on a fixed check set (`check_parity`).
+Exported graphs are cached (`cache_key`: weights sha256, backend, input size, the versions of torch, the
+runtime and this package's model code), so only the first start of a model pays for the export.
+
+Test-time augmentation runs only in eager (the flipped views are averaged between the forward and NMS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.blocks import use_real_valued_fft
+
+__all__ = ["BACKENDS", "OnnxRuntimeRunner", "export_onnx", "cache_key", "check_parity", "choose_backend",
+           "BackendReport", "default_cache_dir"]
+
+BACKENDS = ("eager", "onnxruntime")
+MAX_EXPORT_BATCH = 256
+
+log = logging.getLogger("s2amnet.backends")
+
+
+def default_cache_dir() -> Path:
+    """``$S2AMNET_CACHE_DIR``, else ``$XDG_CACHE_HOME/s2amnet``, else ``~/.cache/s2amnet``."""
+    if os.environ.get("S2AMNET_CACHE_DIR"):
+        return Path(os.environ["S2AMNET_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "s2amnet"
+
+
+def _model_code_hash() -> str:
+    """sha1 of this package's model sources: an exported graph is stale once the model code changes."""
+    h = hashlib.sha1()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cache_key(sha256: str, backend: str, input_size: Sequence[int]) -> str:
+    import onnxruntime
+
+    versions = f"torch{torch.__version__}-ort{onnxruntime.__version__}-model{_model_code_hash()}"
+    tag = hashlib.sha1(f"{sha256}|{backend}|{tuple(input_size)}|{versions}".encode()).hexdigest()[:16]
+    return f"{sha256[:16]}-{backend}-{input_size[0]}x{input_size[1]}-{tag}"
+
+
+class _Exported(torch.nn.Module):
+    """What the graph computes: normalised input → classify / segment logits, detect (boxes, scores)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        y = self.model(x)
+        if getattr(self.model, "task", "") == "detect":
+            return self.model.decode(y)
+        return y
+
+
+def export_onnx(model: torch.nn.Module, input_size: Sequence[int], path: str | os.PathLike) -> Path:
+    """Export ``model`` (eval mode, BatchNorm folded or not) to an ONNX file with a dynamic batch dimension.
+    The frequency blocks are switched to their real-valued formulation for the export and back after."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = (int(v) for v in input_size)
+    wrapped = _Exported(model).eval()
+    x = torch.zeros(2, 3, h, w)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    use_real_valued_fft(model, True)
+    try:
+        import logging as _logging
+
+        quiet = _logging.getLogger("torch.onnx")
+        level = quiet.level
+        quiet.setLevel(_logging.ERROR)
+        try:
+            torch.onnx.export(wrapped, (x,), str(tmp), dynamo=True, verbose=False, input_names=["x"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}})
+        finally:
+            quiet.setLevel(level)
+    finally:
+        use_real_valued_fft(model, False)
+    data = tmp.with_name(tmp.name + ".data")
+    if data.exists():  # weights stored beside the graph: keep them inside one file instead
+        import onnx
+
+        onnx.save_model(onnx.load(str(tmp)), str(tmp), save_as_external_data=False)
+        data.unlink()
+    os.replace(tmp, path)  # atomic: a concurrent start never loads half a file
+    return path
+
+
+class OnnxRuntimeRunner:
+    """Runs an exported graph: ``runner(x)`` with ``x`` the normalised float32 batch on the CPU → tuple of
+    float32 CPU tensors, as `_Exported` returns them."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.session.run(None, {self.input: x.detach().to("cpu", torch.float32).contiguous().numpy()})
+        return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# choosing a backend
+
+
+def _check_images(predictor, n: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """A fixed check set: smooth random images with bright and dark blobs, at the input size."""
+    rng = np.random.default_rng(seed)
+    h, w = predictor.input_size
+    out = []
+    for _ in range(n):
+        base = rng.normal(128, 20, (h // 8 + 1, w // 8 + 1)).clip(0, 255)
+        img = np.kron(base, np.ones((8, 8)))[:h, :w]
+        for _ in range(3):
+            y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+            img[y:y + rng.integers(4, h // 4 + 5), x:x + rng.integers(4, w // 4 + 5)] = rng.choice([10, 245])
+        out.append(np.repeat(img.astype(np.uint8)[None], 3, axis=0))
+    return out
+
+
+def check_parity(predictor, runner: Callable, images: Sequence[np.ndarray] | None = None) -> tuple[bool, str]:
+    """Whether ``runner`` gives what eager gives on ``images`` (default: the fixed check set): classify
+    probabilities within 1e-3; detect the same detections after NMS (labels, scores within 1e-3, boxes
+    within 0.5 px); segment label maps agreeing on ≥ 99.9 % of the pixels. Returns (ok, why)."""
+    images = list(images if images is not None else _check_images(predictor))
+    saved = predictor.runner
+    try:
+        predictor.runner = None
+        ref = predictor.infer(images)
+        predictor.runner = runner
+        got = predictor.infer(images)
+    finally:
+        predictor.runner = saved
+    meta = predictor.preprocess(np.zeros((*predictor.input_size, 3), np.uint8)).meta
+    worst = 0.0
+    for a, b in zip(ref, got, strict=True):
+        if predictor.task == "classify":
+            worst = max(worst, float((a["probs"] - b["probs"]).abs().max()))
+            if worst > 1e-3:
+                return False, f"class probabilities differ by {worst:.2e} (allowed 1e-3)"
+        elif predictor.task == "segment":
+            agree = float((a["logits"].argmax(0) == b["logits"].argmax(0)).float().mean())
+            worst = max(worst, 1.0 - agree)
+            if agree < 0.999:
+                return False, f"label maps agree on {agree:.4%} of the pixels (needed 99.9 %)"
+        else:
+            da = predictor.postprocess(a, meta)["defects"]
+            db = predictor.postprocess(b, meta)["defects"]
+            if [d["label"] for d in da] != [d["label"] for d in db]:
+                return False, f"detections differ after NMS ({len(da)} vs {len(db)})"
+            for x, y in zip(da, db, strict=True):
+                if abs(x["score"] - y["score"]) > 1e-3 or any(abs(x["box"][k] - y["box"][k]) > 0.5 for k in x["box"]):
+                    return False, "a detection's score or box differs after NMS"
+    return True, f"outputs agree on {len(images)} check images"
+
+
+def _ms_per_image(predictor, runner, batch: int, rounds: int = 3) -> float:
+    images = _check_images(predictor, n=batch, seed=1)
+    saved = predictor.runner
+    predictor.runner = runner
+    try:
+        predictor.infer(images)  # warm-up
+        best = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            predictor.infer(images)
+            best = min(best, (time.perf_counter() - t) * 1000.0 / batch)
+        return best
+    finally:
+        predictor.runner = saved
+
+
+@dataclass
+class BackendReport:
+    """What `choose_backend` chose and why."""
+
+    model: str
+    requested: str
+    chosen: str = "eager"
+    reason: str = ""
+    ms_per_image: dict[str, float] = field(default_factory=dict)
+    export_s: float | None = None
+    cached: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "requested": self.requested, "chosen": self.chosen, "reason": self.reason,
+                "ms_per_image": {k: round(v, 2) for k, v in self.ms_per_image.items()},
+                "export_s": None if self.export_s is None else round(self.export_s, 1), "cached": self.cached}
+
+
+def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
+                threads: int | None = None) -> tuple[Callable, float | None, bool]:
+    """(runner, seconds spent exporting or None, whether the graph came from the cache) for ``backend``."""
+    if backend != "onnxruntime":
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, not {backend!r}")
+    sha = str(predictor.manifest.get("sha256") or "")
+    if not sha:
+        raise ValueError("the weights have no sha256 in their manifest: nothing to key a cached export by")
+    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, backend, predictor.input_size)}.onnx"
+    spent, cached = None, path.exists()
+    if not cached:
+        t = time.perf_counter()
+        export_onnx(predictor.model, predictor.input_size, path)
+        spent = time.perf_counter() - t
+    return OnnxRuntimeRunner(path, threads=threads, device=str(predictor.device)), spent, cached
+
+
+def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.PathLike | None = None,
+                   threads: int | None = None, batch: int | None = None) -> BackendReport:
+    """Set ``predictor.runner`` by ``requested`` (eager | onnxruntime | auto) and say why.
+
+    A requested backend that cannot be used (no runtime installed, export failed, outputs disagree with
+    eager) falls back to eager, with the reason. ``auto`` also times each usable backend at ``batch``
+    images per forward (default: the Predictor's forward batch, else 4) and keeps the fastest.
+    """
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {requested!r}")
+    report = BackendReport(model=predictor.name, requested=requested)
+    predictor.runner = None
+    if requested == "eager":
+        report.reason = "requested"
+        return report
+    if predictor.tta:
+        report.reason = "test-time augmentation runs in eager only"
+        return report
+    try:
+        runner, report.export_s, report.cached = load_runner(predictor, "onnxruntime", cache_dir, threads)
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional backend leaves eager serving
+        report.reason = f"onnxruntime unavailable: {type(exc).__name__}: {exc}"[:300]
+        log.warning("%s: %s", predictor.name, report.reason)
+        return report
+    ok, why = check_parity(predictor, runner)
+    if not ok:
+        report.reason = f"onnxruntime disagrees with eager: {why}"
+        log.warning("%s: %s", predictor.name, report.reason)
+        return report
+    if requested == "onnxruntime":
+        predictor.runner = runner
+        report.chosen, report.reason = "onnxruntime", f"requested; {why}"
+        return report
+    k = batch or predictor.forward_batch or 4
+    report.ms_per_image = {"eager": _ms_per_image(predictor, None, k),
+                           "onnxruntime": _ms_per_image(predictor, runner, k)}
+    if report.ms_per_image["onnxruntime"] < report.ms_per_image["eager"]:
+        predictor.runner = runner
+        report.chosen = "onnxruntime"
+    report.reason = (f"fastest at {k} images per forward ({report.ms_per_image['eager']:.1f} ms eager, "
+                     f"{report.ms_per_image['onnxruntime']:.1f} ms onnxruntime per image); {why}")
+    return report

@@ -1,0 +1,102 @@
+"""Inference backends (model.backends): ONNX export with the real-valued frequency blocks, ONNX Runtime
+runs that agree with eager, the export cache, and the choice a Predictor is given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import backends
+from model.checkpoint import save_model
+from model.predictor import Predictor
+from model.registry import build_model
+
+pytest.importorskip("onnxruntime")
+
+SIZE = 64
+CLASSES = {"classify": ["ok", "scratch", "dent"], "segment": ["background", "crack"], "detect": ["a", "b"]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    out = {}
+    for task, classes in CLASSES.items():
+        torch.manual_seed(0)
+        model = build_model(task, "tiny", len(classes)).eval()
+        verdict = ({"type": "classify", "pass_labels": ["ok"], "min_score": 0.5} if task == "classify"
+                   else {"type": "any_defect", "min_score": 0.5, "min_area": 0})
+        out[task] = save_model(model, root / task, {"name": f"t-{task}", "version": "1", "classes": classes,
+                                                    "arch": {"input_size": [SIZE, SIZE]}, "verdict": verdict})
+    return out
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One export cache for the module: each model is exported once (an export takes tens of seconds)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _images(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("task", ["classify", "detect"])  # segment's graph is classify's backbone + a decoder
+def test_onnxruntime_agrees_with_eager_and_the_export_is_cached(task, folders, cache):
+    p = Predictor.from_folder(folders[task])
+    imgs = _images()
+    before = p.predict(imgs, conf=0.01)
+    report = backends.choose_backend(p, "onnxruntime", cache_dir=cache, threads=1)
+    assert report.chosen == "onnxruntime" and p.backend == "onnxruntime" and not report.cached
+    assert report.export_s is not None and "agree" in report.reason
+    files = list(cache.glob(f"{p.manifest['sha256'][:16]}-onnxruntime-64x64-*.onnx"))
+    assert len(files) == 1
+    after = p.predict(imgs, conf=0.01)
+    for a, b in zip(before, after, strict=True):
+        assert a["verdict"] == b["verdict"] and [d["label"] for d in a["defects"]] == [d["label"] for d in b["defects"]]
+        if task == "classify":
+            assert [t["score"] for t in a["top_k"]] == pytest.approx([t["score"] for t in b["top_k"]], abs=1e-4)
+    # the export left the eager module intact: no placeholder tensors of the trace in its caches
+    p.runner = None
+    raw = p.infer([p.preprocess(imgs[0])])[0]
+    assert all(type(v) is torch.Tensor for v in raw.values())
+    # a second start loads the cached graph: no export
+    again = Predictor.from_folder(folders[task])
+    report = backends.choose_backend(again, "onnxruntime", cache_dir=cache, threads=1)
+    assert report.cached and report.export_s is None and again.backend == "onnxruntime"
+
+
+def test_auto_times_both_and_eager_stays_when_asked_or_when_the_runtime_fails(folders, cache, tmp_path,
+                                                                           monkeypatch):
+    p = Predictor.from_folder(folders["classify"])
+    report = backends.choose_backend(p, "auto", cache_dir=cache, threads=1, batch=2)  # cached by the test above
+    assert set(report.ms_per_image) == {"eager", "onnxruntime"} and report.chosen in ("eager", "onnxruntime")
+    fastest = min(report.ms_per_image, key=report.ms_per_image.get)
+    assert report.chosen == fastest and p.backend == fastest and "fastest" in report.reason
+    assert backends.choose_backend(p, "eager").chosen == "eager" and p.runner is None
+
+    def broken(*a, **k):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(backends, "export_onnx", broken)
+    report = backends.choose_backend(p, "onnxruntime", cache_dir=tmp_path / "empty")
+    assert report.chosen == "eager" and p.runner is None and "no exporter here" in report.reason
+    with pytest.raises(ValueError, match="backend"):
+        backends.choose_backend(p, "tensorrt")
+
+
+def test_a_runner_that_disagrees_is_refused(folders, tmp_path):
+    p = Predictor.from_folder(folders["segment"])
+
+    class Wrong:
+        name = "wrong"
+
+        def __call__(self, x):
+            return (torch.zeros(x.shape[0], 2, SIZE, SIZE).index_fill_(1, torch.tensor([1]), 1.0),)
+
+    ok, why = backends.check_parity(p, Wrong())
+    assert not ok and "agree on" in why and p.runner is None
+    p2 = Predictor.from_folder(folders["segment"], tta=["hflip"])
+    assert backends.choose_backend(p2, "auto", cache_dir=tmp_path).reason.startswith("test-time augmentation")
