@@ -8,7 +8,10 @@ List settings (`models`, `api_keys`) are comma-separated in the environment; `mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import argparse
+import types
+import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,20 +33,20 @@ class Settings(BaseSettings):
     # --- where the API listens
     host: str = Field("0.0.0.0", description="Interface the HTTP API binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API.")
-    log_level: str = Field("info", description="uvicorn / service log level.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     # --- models
     weights_dir: Path = Field(Path("weights"), description="Folder of model folders to load.")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated model names to load; empty = all in weights_dir."
     )
-    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1'...; unset = cuda if available.")
+    device: str | None = Field(None, description="torch device: 'cpu', 'cuda', 'cuda:1'...; unset = cuda if available.")
     warmup: bool = Field(True, description="Run one forward per model before reporting ready.")
     allocator_tuning: bool = Field(
         True,
         description="Linux/glibc: blocks below 32 MiB from the heap and up to 256 MiB of freed memory kept "
-        "(mallopt), so that each forward's activations reuse memory instead of page-faulting anew: CPU forwards "
-        "1.3-1.6x faster, resident memory nearer its peak. Skipped when MALLOC_MMAP_THRESHOLD_ or "
+        "(mallopt), so that each forward's activations reuse memory instead of page-faulting anew (faster CPU "
+        "forwards; resident memory nearer its peak). Skipped when MALLOC_MMAP_THRESHOLD_ or "
         "MALLOC_TRIM_THRESHOLD_ is set.",
     )
     torch_threads: int | None = Field(
@@ -52,7 +55,7 @@ class Settings(BaseSettings):
     )
 
     # --- batching / queueing
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Most images per forward pass.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most images (jobs) per batch.")
     model_max_batch_size: Annotated[dict[str, Annotated[int, Field(ge=1)]], NoDecode] = Field(
         default_factory=dict,
         description="Per-model caps below max_batch_size, 'name=N,name=N' (e.g. 'crack-segment=1' for lower "
@@ -80,7 +83,7 @@ class Settings(BaseSettings):
     )
 
     # --- redis mode (another implementation of the dispatcher)
-    redis_url: str | None = Field(None, description="Set: Redis Streams mode; unset: embedded batching.")
+    redis_url: str | None = Field(None, description="Redis URL: set, Redis Streams mode; unset, embedded batching.")
 
     # --- security / input limits
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -110,7 +113,7 @@ class Settings(BaseSettings):
     )
 
     # --- worker
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Where a worker exports its metrics.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Port of a worker's Prometheus metrics; 0 = off.")
     visibility_timeout_s: float = Field(
         30.0, gt=0, description="Redis mode: seconds a job may stay unacked before another worker takes it over."
     )
@@ -182,7 +185,38 @@ class Settings(BaseSettings):
         return device
 
 
-def settings_from_args(args: Any, names: list[str] | None = None) -> Settings:
+# The settings `s2amnet serve` and `s2amnet worker` also take as flags (--field-name); each flag's help is
+# its field's description.
+SERVE_FLAGS = ("host", "port", "weights_dir", "models", "device", "max_batch_size", "model_max_batch_size",
+               "forward_batch", "max_delay_ms", "max_queue", "request_timeout_s", "redis_url", "api_keys",
+               "torch_threads", "drain_timeout_s", "log_level")
+WORKER_FLAGS = ("redis_url", "device", "models", "weights_dir", "max_batch_size", "model_max_batch_size",
+                "forward_batch", "max_delay_ms", "metrics_port", "torch_threads", "visibility_timeout_s",
+                "max_deliveries", "log_level")
+_FLAG_NAMES = {"visibility_timeout_s": "--visibility-timeout"}  # flags not named after their field
+
+
+def _flag_type(annotation: Any) -> type:
+    """int or float for numeric fields (optional ones included); str for the rest, which the field's
+    validators parse (lists, name=N maps, paths, 'auto')."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = args[0] if len(args) == 1 else str
+    return annotation if annotation in (int, float) else str
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """One flag per setting in ``names``: its type and help come from the Settings field."""
+    for name in names:
+        field = Settings.model_fields[name]
+        default = field.get_default(call_default_factory=True)
+        shown = "none" if default in (None, [], {}) else str(default)
+        parser.add_argument(_FLAG_NAMES.get(name, "--" + name.replace("_", "-")), dest=name,
+                            type=_flag_type(field.annotation), default=None,
+                            help=f"{field.description} (S2AMNET_{name.upper()}, default {shown})".replace("%", "%%"))
+
+
+def settings_from_args(args: Any, names: Sequence[str] | None = None) -> Settings:
     """Settings from the environment, overridden by every argparse attribute that is not None."""
     fields = names or list(Settings.model_fields)
     overrides = {}

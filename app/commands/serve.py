@@ -19,6 +19,8 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from app.commands import add_service_flags
+
 if TYPE_CHECKING:
     import uvicorn
     from fastapi import FastAPI
@@ -26,29 +28,6 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 log = logging.getLogger("s2amnet.serve")
-
-# (flag, settings field, type, help)
-FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--host", "host", str, "interface to bind (S2AMNET_HOST, default 0.0.0.0)"),
-    ("--port", "port", int, "port (S2AMNET_PORT, default 8000)"),
-    ("--weights-dir", "weights_dir", str, "folder of model folders (S2AMNET_WEIGHTS_DIR, default weights)"),
-    ("--models", "models", str, "comma-separated model names to load (S2AMNET_MODELS, default all)"),
-    ("--device", "device", str, "cpu, cuda, cuda:N (S2AMNET_DEVICE, default cuda if available)"),
-    ("--max-batch-size", "max_batch_size", int, "most images per forward (default 16)"),
-    ("--model-max-batch-size", "model_max_batch_size", str,
-     "per-model caps below --max-batch-size, name=N,name=N (S2AMNET_MODEL_MAX_BATCH_SIZE)"),
-    ("--forward-batch", "forward_batch", str,
-     "most images per forward within a batch: N, or auto (measured per model at warm-up on a CPU; "
-     "S2AMNET_FORWARD_BATCH, default auto)"),
-    ("--max-delay-ms", "max_delay_ms", float, "longest wait for a batch to fill (default 5)"),
-    ("--max-queue", "max_queue", int, "backlog per model before 503 (default 256)"),
-    ("--request-timeout-s", "request_timeout_s", float, "default request deadline (default 10)"),
-    ("--redis-url", "redis_url", str, "Redis URL: Redis Streams mode (default: embedded batching)"),
-    ("--api-keys", "api_keys", str, "comma-separated API keys (default: no auth)"),
-    ("--torch-threads", "torch_threads", int, "torch intra-op threads (default: torch's choice)"),
-    ("--drain-timeout-s", "drain_timeout_s", float, "longest drain on SIGTERM (default 30)"),
-    ("--log-level", "log_level", str, "debug, info, warning, error (default info)"),
-]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,8 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Serve /classify, /detect, /segment, /models, /livez, /readyz, /metrics and /docs. "
         "Every flag overrides the S2AMNET_* environment variable of the same name.",
     )
-    for flag, dest, typ, help_ in FLAGS:
-        p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    add_service_flags(p, "serve")
     p.add_argument(
         "--workers",
         type=int,
@@ -72,9 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
-    from app.settings import settings_from_args
+    from app.settings import SERVE_FLAGS, settings_from_args  # noqa: PLC0415
 
-    return settings_from_args(args, [dest for _, dest, _, _ in FLAGS])
+    return settings_from_args(args, SERVE_FLAGS)
 
 
 class DrainingServer:
@@ -183,7 +161,9 @@ def _run_multiprocess(args: argparse.Namespace, settings: Settings) -> int:
     """Several uvicorn worker processes; settings travel as S2AMNET_* variables."""
     import uvicorn
 
-    for _, dest, _, _ in FLAGS:
+    from app.settings import SERVE_FLAGS  # noqa: PLC0415
+
+    for dest in SERVE_FLAGS:
         value = getattr(args, dest, None)
         if value is not None:
             os.environ[f"S2AMNET_{dest.upper()}"] = str(value)

@@ -632,3 +632,25 @@ def test_device_auto_is_cuda_only_when_torch_sees_a_gpu(monkeypatch):
         Settings(device="cuda:0").resolved_device()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert Settings().resolved_device() == "cuda" and Settings(device="cuda:1").resolved_device() == "cuda:1"
+
+
+def test_serve_and_worker_flags_come_from_the_settings():
+    """Each flag of `s2amnet serve` / `s2amnet worker` is a Settings field: its help is the field's
+    description, its value is parsed like the environment's."""
+    from app.cli import build_parser
+    from app.settings import SERVE_FLAGS, WORKER_FLAGS
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--port", "8123", "--max-delay-ms", "2.5", "--models", "a,b",
+                              "--forward-batch", "auto", "--model-max-batch-size", "a=2", "--torch-threads", "2"])
+    s = settings_from_args(args, SERVE_FLAGS)
+    assert (s.port, s.max_delay_ms, s.models, s.forward_batch, s.model_max_batch_size, s.torch_threads) == (
+        8123, 2.5, ["a", "b"], "auto", {"a": 2}, 2)
+    args = parser.parse_args(["worker", "--visibility-timeout", "4", "--max-deliveries", "5", "--name", "w1"])
+    s = settings_from_args(args, WORKER_FLAGS)
+    assert (s.visibility_timeout_s, s.max_deliveries, args.name) == (4.0, 5, "w1")
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command, names in (("serve", SERVE_FLAGS), ("worker", WORKER_FLAGS)):
+        helps = {a.dest: a.help for a in sub[command]._actions}
+        for name in names:
+            assert helps[name].startswith(Settings.model_fields[name].description.replace("%", "%%")), name
