@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "serve", "worker", "predict", "train", "eval", "calibrate", "bench"]
+COMMANDS = ["info", "serve", "worker", "predict", "train", "eval", "calibrate", "export", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
                         "views (hflip, vflip) or 'none'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="eager", choices=["eager", "onnxruntime"],
+                   help="what runs the forward (default eager): evaluate the model as a service started with "
+                        "S2AMNET_BACKEND=onnxruntime serves it (the export is cached, as the service caches it)")
     p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here, and beside it "
                                   "<name>-verdict.png: escape and false-reject rates over the threshold")
     p.add_argument("--record", action="store_true",
@@ -36,13 +39,12 @@ def add_parser(sub) -> None:
 def load_inputs(weights: str, data: str, split: str, device: str = "auto", tta: list[str] | None = None):
     """(predictor, records) for evaluating ``weights`` on ``data``'s ``split``; raises SystemExit(2) with a
     message on stderr when either cannot be used."""
-    import torch
-
     from model.checkpoint import CheckpointError
     from model.data import DatasetFormatError, load_records, split_records
+    from model.device import resolve_device
     from model.predictor import Predictor
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     try:  # fused, as the service loads it: evaluate what is served
         predictor = Predictor.from_folder(weights, device=device, tta=tta)
         info = load_records(data, predictor.task)
@@ -88,6 +90,13 @@ def run(args) -> int:
         predictor, records = load_inputs(args.weights, args.data, args.split, args.device, tta)
     except SystemExit as exc:
         return int(exc.code or 2)
+    if args.backend != "eager":
+        from model.backends import choose_backend
+
+        report = choose_backend(predictor, args.backend)
+        if report.chosen != args.backend:
+            print(f"error: {args.backend} cannot run this model: {report.reason}", file=sys.stderr)
+            return 2
     metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json,
                        keep_predictions=bool(args.plot), keep_outcomes=bool(args.plot))
     preds = metrics.pop("predictions", None)
@@ -103,7 +112,8 @@ def run(args) -> int:
                      title=f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} "
                            f"({len(records)} images)")
     metrics = {"model": predictor.name, "version": predictor.version, "task": predictor.task,
-               "data": str(args.data), "split": args.split, "tta": predictor.tta, **metrics}
+               "data": str(args.data), "split": args.split, "tta": predictor.tta, "backend": predictor.backend,
+               **metrics}
     if args.record:
         from model.checkpoint import record_metrics
 
