@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
@@ -24,6 +24,9 @@ from app.dispatch.base import Unavailable
 from app.idempotency import IdempotencyStore
 from app.queue.connections import CONNECTION_ERRORS, redis_client
 from app.queue.constants import idempotency_key, idempotency_lock_key
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 _RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -35,17 +38,19 @@ class RedisIdempotencyStore(IdempotencyStore):
     """``RedisIdempotencyStore(settings)`` (uses ``redis_url``, ``request_timeout_s``, ``retry_after_s``)
     or ``RedisIdempotencyStore(redis_url=...)``. The client is created on first use, in the running loop."""
 
-    def __init__(self, settings: Any = None, *, redis_url: str | None = None,
+    def __init__(self, settings: Settings | None = None, *, redis_url: str | None = None,
                  lock_wait_s: float | None = None, lock_ttl_s: float | None = None,
                  retry_after_s: float | None = None):
-        self.redis_url = redis_url or getattr(settings, "redis_url", None)
+        # without settings: the defaults of Settings
+        self.redis_url = redis_url or (settings.redis_url if settings is not None else None)
         if not self.redis_url:
             raise ValueError("RedisIdempotencyStore needs a Redis URL")
-        timeout = float(getattr(settings, "request_timeout_s", 10.0))
+        timeout = float(settings.request_timeout_s) if settings is not None else 10.0
         self.lock_wait_s = lock_wait_s if lock_wait_s is not None else timeout
         self.lock_ttl_s = lock_ttl_s if lock_ttl_s is not None else timeout + 5.0
-        self.retry_after_s = retry_after_s if retry_after_s is not None else float(
-            getattr(settings, "retry_after_s", 1))
+        if retry_after_s is None:
+            retry_after_s = float(settings.retry_after_s) if settings is not None else 1.0
+        self.retry_after_s = retry_after_s
         self._r = None
         self._release = None
 

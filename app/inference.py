@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app import metrics
 from app.dispatch.base import DeadlineExceeded, DispatchError, Job, JobFailed
+
+if TYPE_CHECKING:
+    from model.predictor import Predictor
 
 log = logging.getLogger("s2amnet.inference")
 
@@ -108,7 +111,7 @@ def _defect(defect: dict[str, Any], mask_format: str, size: tuple[int, int] | No
     return out
 
 
-def format_result(predictor: Any, job: Job, out: dict[str, Any]) -> dict[str, Any]:
+def format_result(predictor: Predictor, job: Job, out: dict[str, Any]) -> dict[str, Any]:
     """Predictor.postprocess output -> the JSON-ready part of an InspectionResult computed by a worker."""
     mask_format = job.options.get("mask_format") or "rle"
     meta = job.meta
@@ -128,7 +131,7 @@ def format_result(predictor: Any, job: Job, out: dict[str, Any]) -> dict[str, An
     return _plain(result)
 
 
-def _record_outcome(predictor: Any, result: dict[str, Any]) -> None:
+def _record_outcome(predictor: Predictor, result: dict[str, Any]) -> None:
     name = str(predictor.name)
     metrics.IMAGES.labels(model=name, task=str(predictor.task)).inc()
     metrics.VERDICTS.labels(model=name, verdict=result["verdict"]).inc()
@@ -145,7 +148,7 @@ class Staged:
     forward_s: float  # duration of its batch's forward pass
 
 
-def run_forward(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> list[Staged | dict[str, Any]]:
+def run_forward(predictor: Predictor, jobs: Sequence[Job], now: float | None = None) -> list[Staged | dict[str, Any]]:
     """Stage 1: one forward pass over the live jobs of `jobs`; see the module docstring."""
     name = str(predictor.name)
     start = time.time() if now is None else now
@@ -182,7 +185,7 @@ def run_forward(predictor: Any, jobs: Sequence[Job], now: float | None = None) -
     return results  # type: ignore[return-value]
 
 
-def finish(predictor: Any, job: Job, staged: Staged) -> dict[str, Any]:
+def finish(predictor: Predictor, job: Job, staged: Staged) -> dict[str, Any]:
     """Stage 2: postprocess and format one job (thread-safe: any thread may call it)."""
     import torch  # noqa: PLC0415 - torch-heavy; loaded by the predictor already
 
@@ -212,7 +215,7 @@ def finish(predictor: Any, job: Job, staged: Staged) -> dict[str, Any]:
     return result
 
 
-def run_batch(predictor: Any, jobs: Sequence[Job], now: float | None = None) -> list[dict[str, Any]]:
+def run_batch(predictor: Predictor, jobs: Sequence[Job], now: float | None = None) -> list[dict[str, Any]]:
     """Both stages on this thread: `run_forward`, then `finish` for each computed job, in job order."""
     return [finish(predictor, job, r) if isinstance(r, Staged) else r
             for job, r in zip(jobs, run_forward(predictor, jobs, now), strict=True)]
@@ -229,3 +232,31 @@ def raise_for_result(result: dict[str, Any]) -> dict[str, Any]:
     if error == "failed":
         raise JobFailed(detail)
     raise DispatchError(detail)
+
+
+RunBatch = Callable[["Predictor", list[Job]], list[dict[str, Any]]]
+
+
+def _guarded(run: RunBatch, predictor: Predictor, jobs: list[Job]) -> list[dict[str, Any]]:
+    """``run`` that never raises: a failure or a malformed answer becomes a ``failed`` result per job."""
+    try:
+        results = list(run(predictor, jobs))
+        if len(results) != len(jobs):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
+        return [r if isinstance(r, dict) else {"error": "failed", "detail": f"bad result {r!r}"} for r in results]
+    except Exception as exc:  # noqa: BLE001 - reported per job
+        log.exception("run_batch raised")
+        return [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"} for _ in jobs]
+
+
+def run_batch_isolating_failures(predictor: Predictor, jobs: list[Job], run: RunBatch = run_batch
+                                 ) -> list[dict[str, Any]]:
+    """``run`` (`run_batch`) over the batch; when jobs of a batch fail, each of them is tried once more
+    alone, so that one bad job does not fail the others. Never raises."""
+    results = _guarded(run, predictor, jobs)
+    failed = [i for i, r in enumerate(results) if r.get("error") == "failed"]
+    if len(jobs) > 1 and failed:
+        log.warning("%d of a batch of %d failed; retrying them one by one", len(failed), len(jobs))
+        for i in failed:
+            results[i] = _guarded(run, predictor, [jobs[i]])[0]
+    return results

@@ -97,7 +97,8 @@ def warm_up(predictor: Predictor) -> float:
 
 
 def runs_on_cpu(predictor: Predictor) -> bool:
-    return getattr(getattr(predictor, "device", None), "type", "cpu") == "cpu"
+    """Whether the model's forwards run on the CPU."""
+    return predictor.device.type == "cpu"
 
 
 def set_forward_batch(name: str, predictor: Predictor, setting: int | str, max_batch: int, warmed: bool) -> None:

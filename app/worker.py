@@ -14,7 +14,7 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
   on Redis's clock (the entry ID's milliseconds + the job's ``ttl_ms`` against ``TIME``), so a worker
   whose clock differs from the API host's neither drops live jobs nor computes dead ones;
 - the batch goes through ``app.inference.run_batch`` (the pipeline shared with the embedded dispatcher);
-  when a batch fails, its jobs are retried one by one so that one bad job does not fail the others;
+  when a batch fails, its jobs are retried one by one (``run_batch_isolating_failures``);
 - replies are written (``XADD`` to the asking API instance's reply stream, ``MAXLEN ~`` + ``EXPIRE``)
   and *then* the jobs are acked and deleted, in one ``MULTI`` — at-least-once delivery;
 - jobs idle longer than the visibility timeout in any consumer's pending list (a dead or stuck worker)
@@ -25,8 +25,8 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
   returns;
 - SIGTERM/SIGINT: stop reading, finish, reply and ack the jobs in hand, leave the group, exit 0.
 
-The worker exports its own Prometheus metrics on ``metrics_port`` and keeps a heartbeat key
-``s2amnet:worker:<consumer>`` (with a TTL) in Redis.
+The worker keeps a heartbeat key ``s2amnet:worker:<consumer>`` (with a TTL) in Redis. `s2amnet worker`
+(app/commands/worker.py) loads the models, exports the worker's metrics and runs it.
 """
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from app import metrics
 from app.batching import BatchCollector
 from app.dispatch.base import Job
+from app.inference import RunBatch, run_batch_isolating_failures
+from app.inference import run_batch as default_run_batch
 from app.queue.connections import CONNECTION_ERRORS, blocking_redis_client, ensure_group_blocking
 from app.queue.constants import (
     DEFAULT_DEAD_MAXLEN,
@@ -62,13 +64,8 @@ from app.queue.jobs import DEAD, EXPIRED, OK, JobEntry, encode_reply, text
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[Any, list[Job]], list[dict]]
-
-
-def _default_run_batch() -> RunBatch:
-    from app.inference import run_batch  # noqa: PLC0415 - torch-heavy, imported when a worker runs
-
-    return run_batch
+if TYPE_CHECKING:
+    from model.predictor import Predictor
 
 
 class Worker:
@@ -77,7 +74,7 @@ class Worker:
     def __init__(
         self,
         redis_url: str,
-        predictors: dict[str, Any],
+        predictors: dict[str, Predictor],
         *,
         consumer: str | None = None,
         max_batch_size: int = 16,
@@ -115,7 +112,7 @@ class Worker:
         self.claim_interval_s = max(0.2, visibility_timeout_s / 4)
         self.janitor_interval_s = 60.0
         self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
-        self._run_batch = run_batch or _default_run_batch()
+        self._run_batch = run_batch or default_run_batch
         self._r = blocking_redis_client(redis_url, socket_timeout=self.block_ms / 1000 + 5.0)
         self._stop = threading.Event()
         self._held: set[tuple[str, str]] = set()
@@ -321,7 +318,9 @@ class Worker:
                     dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
 
         if live:
-            results = self._compute(self.predictors[model], [j for _, j in live])
+            results = run_batch_isolating_failures(self.predictors[model], [j for _, j in live], self._run_batch)
+            self.stats["batches"] += 1
+            self.stats["jobs"] += len(live)
             for (e, _job), res in zip(live, results, strict=True):
                 error = res.get("error")
                 if not error:
@@ -338,31 +337,6 @@ class Worker:
         for e, reason in dead:
             replies.append((e, encode_reply(e.job_id, DEAD, detail=f"job dead-lettered: {reason}")))
         self._commit(model, batch, replies, dead, requeue)
-
-    def _compute(self, predictor: Any, jobs: list[Job]) -> list[dict]:
-        """``run_batch`` over the batch (it records the batch metrics and answers expired jobs). When
-        jobs of a batch fail, each of them is tried once more alone, so one bad job does not fail the
-        others. A result is a success dict or ``{"error": "expired"|"failed", "detail"}``."""
-        results = self._safe_run(predictor, jobs)
-        failed = [i for i, r in enumerate(results) if r.get("error") == "failed"]
-        if len(jobs) > 1 and failed:
-            log.warning("%d of a batch of %d failed; retrying them one by one", len(failed), len(jobs))
-            for i in failed:
-                results[i] = self._safe_run(predictor, [jobs[i]])[0]
-        self.stats["batches"] += 1
-        self.stats["jobs"] += len(jobs)
-        return results
-
-    def _safe_run(self, predictor: Any, jobs: list[Job]) -> list[dict]:
-        try:
-            results = list(self._run_batch(predictor, jobs))
-            if len(results) != len(jobs):
-                raise RuntimeError(f"run_batch returned {len(results)} results for {len(jobs)} jobs")
-            return [r if isinstance(r, dict) else {"error": "failed", "detail": f"bad result {r!r}"}
-                    for r in results]
-        except Exception as exc:  # noqa: BLE001 - reported per job
-            log.exception("run_batch raised")
-            return [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"} for _ in jobs]
 
     def _commit(self, model: str, batch: list[JobEntry], replies: list[tuple[JobEntry, dict]],
                 dead: list[tuple[JobEntry, str]], requeue: list[JobEntry]) -> None:
@@ -384,15 +358,10 @@ class Worker:
                 for reply_to in {e.reply_to for e, _ in replies if e.reply_to}:
                     pipe.expire(reply_to, self.reply_ttl_s)
                 for e, reason in dead:
-                    fields = {k: v for k, v in e.fields.items() if k != b"array"}
-                    fields.update({b"model": model, b"error": reason, b"deliveries": str(e.deliveries),
-                                   b"consumer": self.consumer, b"dead_at": repr(time.time()),
-                                   b"entry_id": e.entry_id})
-                    pipe.xadd(dead_stream(model), fields, maxlen=self.dead_maxlen, approximate=True)
+                    pipe.xadd(dead_stream(model), e.dead_letter(reason, self.consumer), maxlen=self.dead_maxlen,
+                              approximate=True)
                 for e in requeue:  # a fresh entry, delivered again at once, carrying its tries so far
-                    fields = dict(e.fields)
-                    fields[b"attempts"] = str(e.deliveries)
-                    pipe.xadd(stream, fields)
+                    pipe.xadd(stream, e.requeued())
                 pipe.xack(stream, GROUP, *ids)
                 pipe.xdel(stream, *ids)
                 pipe.execute()
@@ -438,46 +407,3 @@ class Worker:
             self._r.delete(worker_key(self.consumer))
         except (RedisError, *CONNECTION_ERRORS) as exc:
             log.info("could not leave the group cleanly (%s)", exc)
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def serve_worker(settings: Any, *, visibility_timeout_s: float = 30.0, max_deliveries: int = 3,
-                 consumer: str | None = None) -> int:
-    """Entry point of ``s2amnet worker``: load and warm up the models, export metrics, consume until
-    SIGTERM. ``settings``: an ``app.settings.Settings`` (redis_url, weights_dir, models, device,
-    max_batch_size, max_delay_ms, metrics_port, torch_threads, warmup)."""
-    stop_early = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
-    from app.models import load_predictors  # noqa: PLC0415
-    from app.runtime import configure_runtime, prepare_predictors  # noqa: PLC0415
-
-    configure_runtime(settings)
-    try:
-        predictors = load_predictors(settings)
-    except (RuntimeError, OSError, ValueError) as exc:  # missing models, unusable device, bad weights
-        log.error("start-up failed: %s: %s", type(exc).__name__, exc)
-        return 1
-    for name, predictor in predictors.items():
-        metrics.init_model_series(name, predictor.task)
-    batch_sizes = settings.batch_sizes(predictors, strict=False)
-    prepare_predictors(predictors, settings, batch_sizes)
-    if settings.metrics_port:
-        metrics.start_metrics_server(int(settings.metrics_port))
-        log.info("worker metrics on :%d/metrics", settings.metrics_port)
-    unknown = sorted(set(settings.model_max_batch_size) - set(predictors))
-    if unknown:  # workers may each serve a part of the models; the same settings may name the others
-        log.warning("S2AMNET_MODEL_MAX_BATCH_SIZE names %s, not served by this worker", ", ".join(unknown))
-    worker = Worker(settings.redis_url, predictors, consumer=consumer,
-                    max_batch_size=settings.max_batch_size,
-                    batch_sizes=batch_sizes, max_delay_ms=settings.max_delay_ms,
-                    visibility_timeout_s=visibility_timeout_s, max_deliveries=max_deliveries)
-    worker.install_signal_handlers()
-    if stop_early.is_set():
-        worker.request_stop()
-    import torch  # noqa: PLC0415
-
-    with torch.inference_mode():
-        worker.run()
-    return 0

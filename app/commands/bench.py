@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import resource
 import shlex
 import socket
@@ -308,120 +307,10 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2)}
 
 
-# ------------------------------------------------------------------------------------------------- reporting
-def _machine(device: str) -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads":
-            torch.get_num_threads(), "device": device, "python": platform.python_version()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
-    lines = ["# Benchmarks", "",
-             f"`{result['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(result['time']))}: "
-             f"{m['cpu']} ({m['cores']} cores), torch {m['torch']} with {m['torch_threads']} thread(s), "
-             f"device {m.get('gpu', m['device'])}; glibc allocator tuning "
-             f"{'on' if m.get('allocator_tuning') else 'off'} (as in the service).", "",
-             "Every figure that compares is a ratio of two numbers measured in this same run; absolute "
-             "times move between runs on a shared machine.", "",
-             "## Models: `Predictor.infer` on random images at the model's input size", "",
-             "| model | task | input | TTA | batch | ms / image | images / s | gain vs batch 1 |"
-             + (" peak GPU MiB |" if m["device"].startswith("cuda") else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if m["device"].startswith("cuda") else "")]
-    for r in result["models"]:
-        for row in r["rows"]:
-            gain = row["gain_vs_batch1"]
-            lines.append(f"| {r['model']} {r['version']} | {r['task']} | {r['input_size'][1]}x{r['input_size'][0]} "
-                         f"| {'+'.join(r['tta']) or 'none'} | {row['batch']} | {row['ms_per_image']:.1f} "
-                         f"| {row['images_per_s']:.1f} | {gain:.2f}× |"
-                         + (f" {row['peak_gpu_mib']} |" if "peak_gpu_mib" in row else ""))
-    folded = [r for r in result["models"] if r.get("batchnorm_folding")]
-    if folded:
-        gains = ", ".join(f"{r['model']} {r['batchnorm_folding']['gain']:.2f}×" for r in folded)
-        lines += ["", f"BatchNorm folded into the convs (`TaskModel.fuse`, as the service loads every model), "
-                  f"ms / image at batch {folded[0]['batchnorm_folding']['batch']} unfused ÷ folded, timed in the "
-                  f"same rounds: {gains}."]
-    tuned = [r for r in result["models"] if r.get("forward_batch")]
-    if tuned:
-        lines += ["", "## Forward batch: what `S2AMNET_FORWARD_BATCH=auto` picks on this CPU", "",
-                  "`Predictor.tune_forward_batch` (run by the service after warm-up): forwards of 1, 2, 4, … "
-                  "images, the size with the fewest ms per image; then the largest batch above timed in the "
-                  "same rounds as one forward and as forwards of that size.", "",
-                  "| model | ms / image measured at 1, 2, 4, … | chosen | batch | ms / image, one forward "
-                  "| ms / image, forwards of the chosen size | gain |", "|---|---|---|---|---|---|---|"]
-        for r in tuned:
-            f = r["forward_batch"]
-            measured = ", ".join(f"{v:.1f}" for v in f["measured_ms_per_image"].values())
-            lines.append(f"| {r['model']} | {measured} | {f['chosen']} | {f['batch']} | {f['ms_per_image_whole']:.1f} "
-                         f"| {f['ms_per_image_chosen']:.1f} | {f['gain']:.2f}× |")
-    lines += ["", f"Peak RSS of the benchmark process: {result['peak_rss_mib']:.0f} MiB (all models loaded one "
-              "after another, each also unfused for the BatchNorm ratio).", ""]
-    s = result.get("service")
-    if s:
-        lines += [f"## Service: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "
-                  f"{s['image']} per request, model {s['model']}", "",
-                  "| requests in flight | max batch | requests | 200 OK | p50 ms | p95 ms | requests / s |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in s["rounds"]:
-            lines.append(f"| {r['concurrency']} | {r['max_batch_size']} | {r['requests']} | {r['ok']} | "
-                         f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['requests_per_s']:.1f} |")
-        c = s["rounds"][1]["concurrency"]
-        lines += ["", f"- Dynamic batching gain (req/s at {c} in flight ÷ req/s at {c} in flight with "
-                  f"`--max-batch-size 1`): **{s['batching_gain']:.2f}×**.",
-                  f"- Concurrency gain (req/s at {c} in flight ÷ req/s one at a time): "
-                  f"**{s['concurrency_gain']:.2f}×**.",
-                  f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
-                  f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON).", ""]
-    return "\n".join(lines)
-
-
-def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = 2 if result.get("service") else 1
-    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.2), squeeze=False)
-    ax = axes[0][0]
-    models = result["models"]
-    sizes = sorted({row["batch"] for r in models for row in r["rows"]})
-    width = 0.8 / max(1, len(sizes))
-    for j, b in enumerate(sizes):
-        vals = [next((row["ms_per_image"] for row in r["rows"] if row["batch"] == b), 0.0) for r in models]
-        ax.bar([i + j * width for i in range(len(models))], vals, width, label=f"batch {b}")
-    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(models))],
-                  [r["model"] for r in models], rotation=15)
-    ax.set_ylabel("ms per image (lower is better)")
-    ax.set_title(f"Predictor.infer, {result['machine'].get('gpu', result['machine']['device'])}")
-    ax.legend()
-    if n == 2:
-        s = result["service"]
-        ax = axes[0][1]
-        labels = [f"{r['concurrency']} in flight" + (", max batch 1" if r["max_batch_size"] == "1" else "")
-                  for r in s["rounds"]]
-        ax.bar(labels, [r["requests_per_s"] for r in s["rounds"]], color=["#999", "#2a7", "#c84"])
-        ax.set_ylabel("requests / s (higher is better)")
-        ax.set_title(f"service, {s['model']}: batching gain {s['batching_gain']:.2f}×")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def run(args) -> int:
     import torch
 
+    from app.commands.bench_report import machine, plot, to_markdown
     from model.device import missing_gpu, resolve_device
 
     try:
@@ -465,7 +354,7 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
-                              "machine": {**_machine(device), "allocator_tuning": allocator_tuned}, "models": models,
+                              "machine": {**machine(device), "allocator_tuning": allocator_tuned}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if args.http:
         forward_ms = ref["rows"][0]["ms_per_image"]  # batch 1

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
+from typing import TYPE_CHECKING
 
 from app.commands import add_service_flags
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+log = logging.getLogger("app.worker")  # the worker's own logger: its start-up lines read like its others
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +37,44 @@ def run(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
         raise SystemExit("s2amnet worker: no Redis URL (--redis-url or S2AMNET_REDIS_URL)")
-    from app.worker import serve_worker  # noqa: PLC0415 - torch import only when the command runs
+    return serve_worker(settings, consumer=args.name)
 
-    return serve_worker(settings, visibility_timeout_s=settings.visibility_timeout_s,
-                        max_deliveries=settings.max_deliveries,
-                        consumer=args.name)
+
+def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
+    """Load and warm up the models, export metrics, consume until SIGTERM (``app.worker.Worker``)."""
+    stop_early = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
+    # torch-heavy imports only when the command runs
+    from app import metrics  # noqa: PLC0415
+    from app.models import load_predictors  # noqa: PLC0415
+    from app.runtime import configure_runtime, prepare_predictors  # noqa: PLC0415
+    from app.worker import Worker  # noqa: PLC0415
+
+    configure_runtime(settings)
+    try:
+        predictors = load_predictors(settings)
+    except (RuntimeError, OSError, ValueError) as exc:  # missing models, unusable device, bad weights
+        log.error("start-up failed: %s: %s", type(exc).__name__, exc)
+        return 1
+    for name, predictor in predictors.items():
+        metrics.init_model_series(name, predictor.task)
+    batch_sizes = settings.batch_sizes(predictors, strict=False)
+    prepare_predictors(predictors, settings, batch_sizes)
+    if settings.metrics_port:
+        metrics.start_metrics_server(int(settings.metrics_port))
+        log.info("worker metrics on :%d/metrics", settings.metrics_port)
+    unknown = sorted(set(settings.model_max_batch_size) - set(predictors))
+    if unknown:  # workers may each serve a part of the models; the same settings may name the others
+        log.warning("S2AMNET_MODEL_MAX_BATCH_SIZE names %s, not served by this worker", ", ".join(unknown))
+    worker = Worker(settings.redis_url, predictors, consumer=consumer,
+                    max_batch_size=settings.max_batch_size,
+                    batch_sizes=batch_sizes, max_delay_ms=settings.max_delay_ms,
+                    visibility_timeout_s=settings.visibility_timeout_s, max_deliveries=settings.max_deliveries)
+    worker.install_signal_handlers()
+    if stop_early.is_set():
+        worker.request_stop()
+    import torch  # noqa: PLC0415
+
+    with torch.inference_mode():
+        worker.run()
+    return 0

@@ -30,13 +30,17 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import metrics
 from app.batching import BatchCollector
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
 from app.inference import Staged, finish, raise_for_result, run_forward
 from app.runtime import configure_runtime, one_torch_thread, prepare_predictors, runs_on_cpu
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+    from model.predictor import Predictor
 
 log = logging.getLogger("s2amnet.dispatch")
 
@@ -60,11 +64,11 @@ def _fail(fut: asyncio.Future, exc: BaseException) -> None:
 
 
 class LocalDispatcher(Dispatcher):
-    def __init__(self, predictors: Mapping[str, Any], settings: Any):
+    def __init__(self, predictors: Mapping[str, Predictor], settings: Settings):
         self._predictors = dict(predictors)
         self._max_batch = settings.batch_sizes(self._predictors)  # per model
         self._max_queue = int(settings.max_queue)
-        self._retry_after = float(getattr(settings, "retry_after_s", 1))
+        self._retry_after = float(settings.retry_after_s)
         self._settings = settings
         self._batches: BatchCollector[_Pending] = BatchCollector(
             self._predictors, settings.max_batch_size, float(settings.max_delay_ms) / 1000.0,
@@ -76,7 +80,7 @@ class LocalDispatcher(Dispatcher):
         # forwards on the CPU: the pool's threads use one torch thread (`one_torch_thread`); with a GPU they
         # keep torch's default, so that large masks resample on every core
         on_cpu = any(runs_on_cpu(p) for p in self._predictors.values())
-        self._post_pool = ThreadPoolExecutor(max_workers=int(getattr(settings, "decode_threads", 4)),
+        self._post_pool = ThreadPoolExecutor(max_workers=settings.decode_threads,
                                              thread_name_prefix="s2amnet-post",
                                              initializer=one_torch_thread if on_cpu else None)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -53,6 +53,10 @@ from app.dispatch.base import (
 from app.queue.connections import CONNECTION_ERRORS, ensure_group, redis_client
 from app.queue.constants import GROUP, cancel_key, job_stream, reply_stream
 from app.queue.jobs import DEAD, EXPIRED, OK, decode_reply, encode_job, reply_result, text
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+    from model.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +83,8 @@ class RedisDispatcher(Dispatcher):
 
     def __init__(
         self,
-        predictors: Mapping[str, Any] | Iterable[str],
-        settings: Any = None,
+        predictors: Mapping[str, Predictor] | Iterable[str],
+        settings: Settings | None = None,
         *,
         redis_url: str | None = None,
         max_queue: int | None = None,
@@ -91,13 +95,14 @@ class RedisDispatcher(Dispatcher):
         command_timeout_s: float = 2.0,
         max_connections: int = 64,
     ):
-        redis_url = redis_url or getattr(settings, "redis_url", None)
+        if settings is not None:
+            redis_url = redis_url or settings.redis_url
+            max_queue = settings.max_queue if max_queue is None else max_queue
+            retry_after_s = float(settings.retry_after_s) if retry_after_s is None else retry_after_s
         if not redis_url:
             raise ValueError("RedisDispatcher needs a Redis URL (S2AMNET_REDIS_URL)")
-        if max_queue is None:
-            max_queue = int(getattr(settings, "max_queue", 256))
-        if retry_after_s is None:
-            retry_after_s = float(getattr(settings, "retry_after_s", 1))
+        max_queue = 256 if max_queue is None else max_queue  # the defaults of Settings
+        retry_after_s = 1.0 if retry_after_s is None else retry_after_s
         models = list(predictors)
         self.redis_url = redis_url
         self.models = models

@@ -154,3 +154,17 @@ class JobEntry:
         age_ms, left_ms = times
         now = time.time()
         return replace(job, deadline=now + left_ms / 1000.0, enqueued_at=now - age_ms / 1000.0)
+
+    def dead_letter(self, reason: str, consumer: str) -> dict[bytes, Any]:
+        """The fields of its dead-letter entry: the job's own without the image bytes, plus why, after how
+        many deliveries, by which consumer and when."""
+        fields: dict[bytes, Any] = {k: v for k, v in self.fields.items() if k != b"array"}
+        fields.update({b"model": self.model, b"error": reason, b"deliveries": str(self.deliveries),
+                       b"consumer": consumer, b"dead_at": repr(time.time()), b"entry_id": self.entry_id})
+        return fields
+
+    def requeued(self) -> dict[bytes, Any]:
+        """The fields of a fresh entry for another try, carrying its tries so far."""
+        fields: dict[bytes, Any] = dict(self.fields)
+        fields[b"attempts"] = str(self.deliveries)
+        return fields
