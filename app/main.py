@@ -14,7 +14,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from app import errors
+from app import console, errors
 from app.dispatch import create_dispatcher
 from app.idempotency import create_store
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     errors.install(app, retry_after=settings.retry_after_s)
     app.include_router(router)
+    app.include_router(console.router)  # the inspection console at /
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)  # outermost: sees every answer, 413s included
     app.openapi = custom_openapi(app)  # type: ignore[method-assign]
