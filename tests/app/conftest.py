@@ -1,4 +1,4 @@
-"""Fixtures of the API suite (the servers themselves: apiserver.py)."""
+"""Fixtures of the API suite: tiny models, the shared server (tests/support/harness.py), clients."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apiserver import API_KEY, MAIN_SERVER_ENV, MODES, Server, make_weights, running_server
+from support.harness import API_KEY, MAIN_SERVER_ENV, MODES, Server, running_server
+from support.weights import make_weights
 
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny random-weight classify (cls), detect (det) and segment (seg) models at 64x64."""
     return make_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def det(weights_dir: Path):
+    """The tiny detect model, loaded in this process."""
+    from model.predictor import Predictor
+
+    return Predictor.from_folder(weights_dir / "det")
 
 
 @pytest.fixture(scope="session", params=MODES)

@@ -8,20 +8,13 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from apiserver import API_KEY, OTHER_API_KEY, TEST_MODELS
-from apitest_helpers import (
-    assert_problem,
-    encode,
-    exif_rotated,
-    jpeg,
-    metric,
-    pattern,
-    png,
-    png_bomb_header,
-    real_png_bomb,
-)
 from PIL import Image
 from pycocotools import mask as coco_mask
+from support.harness import API_KEY, OTHER_API_KEY
+from support.images import encode, exif_rotated, jpeg, pattern, png, png_bomb_header, real_png_bomb
+from support.metrics import metric, metric_delta
+from support.problems import assert_problem
+from support.weights import TEST_MODELS
 
 from model.masks import png_b64_to_mask
 
@@ -601,9 +594,7 @@ def test_metrics_count_requests_defects_and_verdicts(client: httpx.Client, serve
     r = client.post("/detect", files=files(png(seed=30)), params={"conf": 0.0}).json()
     client.post("/detect", files=files(b"garbage"))
     after = server.metrics()
-
-    def delta(name, **labels):
-        return metric(after, name, **labels) - metric(before, name, **labels)
+    delta = metric_delta(before, after)
 
     assert delta("s2amnet_requests_total", endpoint="/detect", status="200") == 1
     assert delta("s2amnet_requests_total", endpoint="/detect", status="415") == 1

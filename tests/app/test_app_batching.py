@@ -9,8 +9,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from apiserver import API_KEY, MODES, Server, start_server, wait_until_ready
-from apitest_helpers import assert_problem, histogram_buckets, metric, png
+from support.harness import API_KEY, MODES, Server, start_server, wait_ready
+from support.images import png
+from support.metrics import histogram_buckets, metric, metric_delta
+from support.problems import assert_problem
 
 
 def files(data: bytes):
@@ -139,12 +141,12 @@ def test_readiness_while_starting(slow_server: Server):
         pytest.skip("the start-up ended between the two checks (a loaded machine: the window is ~2 s)")
     assert_problem(early, 503, "unavailable")
     assert early.headers["retry-after"] == "3"
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     assert httpx.get(slow_server.url + "/readyz").json()["status"] == "ready"
 
 
 def test_full_queue_answers_503_with_retry_after(slow_server: Server):
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     url = slow_server.url + "/detect"
     before = slow_server.metrics()
     first = Background(url, files=files(png(seed=1)))
@@ -171,7 +173,7 @@ def test_full_queue_answers_503_with_retry_after(slow_server: Server):
 
 
 def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: Server):
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     url = slow_server.url + "/detect"
     before = slow_server.metrics()
     busy = Background(url, files=files(png(seed=4)))
@@ -209,7 +211,7 @@ def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: S
 
 
 def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Server):
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
     t0 = time.monotonic()
     resp = httpx.post(
@@ -222,7 +224,7 @@ def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Ser
 
 def test_deadline_holds_while_waiting_for_the_same_idempotency_key(slow_server: Server):
     """A retry with the key of a request still running waits for it, but not past its own deadline."""
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
     url = slow_server.url + "/detect"
     key = {"Idempotency-Key": f"lock-deadline-{slow_server.mode}"}
@@ -243,7 +245,7 @@ def test_deadline_holds_while_waiting_for_the_same_idempotency_key(slow_server: 
 def test_a_client_that_hangs_up_is_499_and_its_queued_job_is_not_computed(slow_server: Server):
     """A client that gives up (its own timeout) while its job waits: logged and counted as 499
     client_closed, never as a server error; in embedded mode its job leaves the queue uncomputed."""
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     url = slow_server.url + "/detect"
     assert httpx.post(url, files=files(png(seed=9)), timeout=30).status_code == 200  # the engine is free
     before = slow_server.metrics()
@@ -261,8 +263,7 @@ def test_a_client_that_hangs_up_is_499_and_its_queued_job_is_not_computed(slow_s
         pytest.fail("the second request was never queued")
     assert busy.result().status_code == 200
 
-    def delta(name: str, **labels: str) -> float:
-        return metric(slow_server.metrics(), name, **labels) - metric(before, name, **labels)
+    delta = metric_delta(before, slow_server.metrics)
 
     wait_for(lambda: delta("s2amnet_requests_total", endpoint="/detect", status="499") == 1,
              what="the hang-up to be counted")
@@ -280,7 +281,7 @@ def test_a_client_that_hangs_up_during_its_upload_is_499(slow_server: Server):
     import socket
     from urllib.parse import urlsplit
 
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     before = slow_server.metrics()
     host = urlsplit(slow_server.url)
     with socket.create_connection((host.hostname, host.port), timeout=5) as sock:
@@ -288,8 +289,7 @@ def test_a_client_that_hangs_up_during_its_upload_is_499(slow_server: Server):
                      b"Content-Length: 100000\r\n\r\n" + png(seed=3)[:500])
         time.sleep(0.3)  # the server is reading the body when the client goes
 
-    def delta(name: str, **labels: str) -> float:
-        return metric(slow_server.metrics(), name, **labels) - metric(before, name, **labels)
+    delta = metric_delta(before, slow_server.metrics)
 
     wait_for(lambda: delta("s2amnet_requests_total", endpoint="/detect", status="499") == 1,
              what="the hang-up to be counted")
@@ -299,7 +299,7 @@ def test_a_client_that_hangs_up_during_its_upload_is_499(slow_server: Server):
 
 def test_metrics_in_multiprocess_mode(slow_server: Server):
     """PROMETHEUS_MULTIPROC_DIR set: values live in mmap files and /metrics merges them."""
-    wait_until_ready(slow_server)
+    wait_ready(slow_server)
     files_written = sorted(p.name for p in slow_server.mp_dir.iterdir())
     assert any(name.startswith("counter_") for name in files_written), files_written
     assert any(name.startswith("histogram_") for name in files_written), files_written
@@ -310,5 +310,5 @@ def test_metrics_in_multiprocess_mode(slow_server: Server):
 
 
 def test_a_queue_smaller_than_a_request_is_warned_about(slow_server: Server):
-    wait_until_ready(slow_server)  # S2AMNET_MAX_QUEUE=1 with the default 16 images per request
+    wait_ready(slow_server)  # S2AMNET_MAX_QUEUE=1 with the default 16 images per request
     assert "S2AMNET_MAX_QUEUE (1) is below S2AMNET_MAX_IMAGES (16)" in slow_server.log()

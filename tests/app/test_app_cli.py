@@ -7,9 +7,9 @@ import json
 import httpx
 import numpy as np
 import pytest
-from apiserver import API_KEY, Server
-from apitest_helpers import jpeg, pattern, png
 from PIL import Image
+from support.harness import API_KEY, Server
+from support.images import jpeg, pattern, png
 
 from app.cli import main
 from app.client import S2AMNetClient, S2AMNetError

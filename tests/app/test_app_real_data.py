@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from apiserver import MODES, ROOT, running_server
+from support.harness import MODES, ROOT, running_server
 
 DATA = Path(os.environ.get("S2AMNET_DATA_DIR", ROOT.parent / "shared" / "data"))
 SHIPPED_DETECTOR = ROOT / "weights" / "neu-det-detect"

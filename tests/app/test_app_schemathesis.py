@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from apiserver import API_KEY, Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from support.harness import API_KEY, Server
 
 MAX_EXAMPLES = 25  # per operation
 

@@ -8,8 +8,10 @@ import time
 
 import httpx
 import pytest
-from apiserver import MODES, start_server
-from apitest_helpers import assert_problem, metric, png
+from support.harness import MODES, start_server
+from support.images import png
+from support.metrics import metric
+from support.problems import assert_problem
 
 DELAY = 2.0
 

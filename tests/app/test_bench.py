@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from apiserver import ROOT, make_weights, server_env
+from support.harness import ROOT, process_env
+from support.weights import make_weights
 
 from app.cli import main
 
@@ -19,7 +20,7 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
         [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), str(weights / "det"),
          "--batch-sizes", "2", "--iters", "2", "--requests", "6", "--concurrency", "3", "--threads", "1",
          "--device", "cpu", "--out", str(out), "--plot", str(png), "--json"],
-        cwd=ROOT, env=server_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -255,11 +255,9 @@ def test_healthcheck_script_follows_readyz(status, expected):
 
 
 def test_healthcheck_script_fails_when_nothing_listens():
-    import socket  # noqa: PLC0415
+    from support.harness import free_port  # noqa: PLC0415
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = subprocess.run(
         [sys.executable, str(DOCKER / "healthcheck.py"), f"http://127.0.0.1:{port}/readyz"],
         capture_output=True,

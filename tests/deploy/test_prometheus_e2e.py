@@ -22,7 +22,6 @@ except under CI=true, where that fails (tests/deploy/helpers.missing)."""
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,10 +30,12 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from support.harness import GROUP, JOBS, Stack, free_port, redis_stack
+from support.images import png
+from support.weights import SMALLEST_INPUT_SIZE, make_weights
 
 from .helpers import (
     PROMETHEUS_CONFIG,
-    ROOT,
     RULES_FILE,
     dashboard_targets,
     dashboards,
@@ -47,15 +48,8 @@ from .helpers import (
 )
 from .prometheus_server import Prometheus, derive_config, finite, sample_values
 
-# The process harnesses of the Redis-mode suite and the API suite (module names are unique on purpose).
-for _folder in ("e2e", "app"):
-    if str(ROOT / "tests" / _folder) not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests" / _folder))
-from apiserver import make_weights  # noqa: E402
-from e2e_helpers import png_bytes  # noqa: E402
-from redis_harness import GROUP, JOBS, Stack, free_port, redis_stack  # noqa: E402
+INPUT_SIZE = SMALLEST_INPUT_SIZE
 
-INPUT_SIZE = 32  # smallest input the model family supports: cheapest forwards
 API_KEY = "e2e-monitoring-key"
 SCRAPE_S = 1.0
 RATE_INTERVAL = f"{int(4 * SCRAPE_S)}s"  # Grafana: max($__interval + scrape, 4 x scrape), scrape = 1 s
@@ -147,7 +141,7 @@ def traffic_wave(api: str, r: redis.Redis, i: int) -> None:
     redelivered, then dead-lettered)."""
 
     def files(n: int, seed: int) -> list[tuple[str, tuple[str, bytes, str]]]:
-        return [("file", (f"{seed + k}.png", png_bytes(seed + k), "image/png")) for k in range(n)]
+        return [("file", (f"{seed + k}.png", png(48, 40, seed + k), "image/png")) for k in range(n)]
 
     with httpx.Client(base_url=api, headers={"X-API-Key": API_KEY}, timeout=60) as c:
         for task in ("classify", "detect", "segment"):

@@ -1,7 +1,6 @@
 """Fixtures of the Redis-mode end-to-end tests: tiny random-weight models and a real redis-server.
 
-Process helpers live in redis_harness.py, models/images/reference answers in e2e_helpers.py (unique
-module names: tests/app has its own conftest.py)."""
+Processes, models, images and reference answers: tests/support."""
 
 from __future__ import annotations
 
@@ -9,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_helpers import make_weights
-from redis_harness import RedisServer
+from support.harness import RedisServer
+from support.weights import SMALLEST_INPUT_SIZE, make_weights
 
 
 @pytest.fixture(scope="session")
 def e2e_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_weights(tmp_path_factory.mktemp("e2e-weights"))
+    return make_weights(tmp_path_factory.mktemp("e2e-weights"), SMALLEST_INPUT_SIZE, names=["cls", "det"])
 
 
 @pytest.fixture

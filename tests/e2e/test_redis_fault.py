@@ -9,8 +9,10 @@ import threading
 import time
 
 import httpx
-from e2e_helpers import Reference, assert_same_answer, metric, png_bytes, size_for
-from redis_harness import GROUP, JOBS, group_pending, redis_stack
+from support.answers import Reference, assert_same_answer, size_for
+from support.harness import GROUP, JOBS, group_pending, redis_stack
+from support.images import png
+from support.metrics import metric
 
 N = 200
 VISIBILITY_S = 2.0
@@ -25,7 +27,7 @@ def consumer_of(r, pid: int) -> str:
 
 
 def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e_weights):
-    bodies = [png_bytes(i, *size_for(i)) for i in range(N)]
+    bodies = [png(*size_for(i), seed=i) for i in range(N)]
     ref = Reference(e2e_weights, "cls")
     want = ref.answers(bodies)
 

@@ -12,8 +12,8 @@ import time
 
 import httpx
 import pytest
-from e2e_helpers import png_bytes
-from redis_harness import group_pending, key_report, redis_stack
+from support.harness import group_pending, key_report, redis_stack
+from support.images import png
 
 N = int(os.environ.get("S2AMNET_E2E_LOAD_REQUESTS", "2000"))
 WARMUP = 200
@@ -51,7 +51,7 @@ async def _blast(url: str, start: int, count: int, bodies: list[bytes]) -> list[
 
 @pytest.mark.slow
 def test_load_run_leaves_redis_bounded_and_api_rss_flat(tmp_path, e2e_weights):
-    bodies = [png_bytes(i) for i in range(64)]
+    bodies = [png(48, 40, seed=i) for i in range(64)]
     # batches of up to 32 with 20 ms to fill them: forwards have a high fixed cost on the CPU
     with redis_stack(tmp_path, e2e_weights, workers=1, models="cls", S2AMNET_MAX_QUEUE="1000",
                      S2AMNET_REQUEST_TIMEOUT_S="60", S2AMNET_MAX_BATCH_SIZE="32", S2AMNET_MAX_DELAY_MS="20",

@@ -18,9 +18,8 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from e2e_helpers import INPUT_SIZE, metric, png_bytes
 from prometheus_client.parser import text_string_to_metric_families
-from redis_harness import (
+from support.harness import (
     GROUP,
     JOBS,
     RedisServer,
@@ -32,6 +31,9 @@ from redis_harness import (
     start_worker,
     wait_workers,
 )
+from support.images import png
+from support.metrics import metric
+from support.weights import SMALLEST_INPUT_SIZE as INPUT_SIZE
 
 from app.dispatch.base import DeadlineExceeded, Job, JobFailed, QueueFull, Unavailable
 from app.dispatch.redis_streams import RedisDispatcher
@@ -344,7 +346,7 @@ def test_job_delivered_too_often_is_dead_lettered_without_computing(stack: Stack
 
 
 def test_worker_metrics_and_heartbeat(stack: Stack):
-    assert httpx.post(stack.api.url + "/classify", files=[("file", ("a.png", png_bytes(1), "image/png"))],
+    assert httpx.post(stack.api.url + "/classify", files=[("file", ("a.png", png(seed=1), "image/png"))],
                       timeout=30).status_code == 200
     text = worker_metrics(stack)
     heartbeat = [s for f in text_string_to_metric_families(text) for s in f.samples
@@ -378,7 +380,7 @@ def test_sigterm_finishes_the_batch_in_hand_then_exits(stack: Stack, e2e_weights
         async def go():
             async with httpx.AsyncClient(base_url=stack.api.url, timeout=60) as c:
                 async def one(i):
-                    return await c.post("/detect", files=[("file", ("a.png", png_bytes(i), "image/png"))])
+                    return await c.post("/detect", files=[("file", ("a.png", png(seed=i), "image/png"))])
 
                 tasks = [asyncio.create_task(one(i)) for i in range(3)]
                 end = time.monotonic() + 20
@@ -415,7 +417,7 @@ def test_a_request_whose_client_left_is_not_computed(stack: Stack, e2e_weights: 
     assert r.xlen(stream) == 0
     before = set(r.scan_iter("s2amnet:cancelled:*"))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png_bytes(7), "image/png"))], timeout=1.0)
+        httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png(seed=7), "image/png"))], timeout=1.0)
     end = time.monotonic() + 10
     while time.monotonic() < end and not set(r.scan_iter("s2amnet:cancelled:*")) - before:
         time.sleep(0.05)
@@ -431,7 +433,7 @@ def test_a_request_whose_client_left_is_not_computed(stack: Stack, e2e_weights: 
         text = httpx.get(w.url, timeout=10).text
         assert metric(text, "s2amnet_batches_total", model="det") == 0
         assert metric(text, "s2amnet_jobs_cancelled_total", model="det") == 1
-        ok = httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png_bytes(8), "image/png"))],
+        ok = httpx.post(stack.api.url + "/detect", files=[("file", ("a.png", png(seed=8), "image/png"))],
                         timeout=60)
         assert ok.status_code == 200, ok.text
         assert metric(httpx.get(w.url, timeout=10).text, "s2amnet_batches_total", model="det") == 1
@@ -450,7 +452,7 @@ def test_worker_caps_the_batch_of_a_model(stack: Stack, e2e_weights: Path):
 
         async def go():
             async with httpx.AsyncClient(base_url=stack.api.url, timeout=60) as c:
-                return await asyncio.gather(*(c.post("/detect", files=[("file", ("a.png", png_bytes(i), "image/png"))])
+                return await asyncio.gather(*(c.post("/detect", files=[("file", ("a.png", png(seed=i), "image/png"))])
                                               for i in range(5)))
 
         assert [x.status_code for x in asyncio.run(go())] == [200] * 5
@@ -470,7 +472,7 @@ def test_redis_coming_back_empty_recreates_the_group(stack: Stack):
     r = stack.r()
     r.flushall()
     t0 = time.monotonic()
-    resp = httpx.post(stack.api.url + "/classify", files=[("file", ("a.png", png_bytes(7), "image/png"))],
+    resp = httpx.post(stack.api.url + "/classify", files=[("file", ("a.png", png(seed=7), "image/png"))],
                       timeout=30)
     assert resp.status_code == 200, resp.text
     assert time.monotonic() - t0 < 8
@@ -487,7 +489,7 @@ def test_two_api_processes_report_the_backlog_once(redis_server: RedisServer, e2
 
     prom = tmp_path / "prom"
     prom.mkdir()
-    api = start_api(redis_server.url, e2e_weights, tmp_path, args=("--workers", "2"),
+    api = start_api(e2e_weights, tmp_path, args=("--workers", "2"), S2AMNET_REDIS_URL=redis_server.url,
                     S2AMNET_MODELS="cls", PROMETHEUS_MULTIPROC_DIR=str(prom))
     try:
         r = redis_server.client()

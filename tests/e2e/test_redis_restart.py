@@ -10,15 +10,15 @@ import threading
 import time
 
 import httpx
-from e2e_helpers import png_bytes
-from redis_harness import group_pending, live_worker_pids, redis_stack
+from support.harness import group_pending, live_worker_pids, redis_stack
+from support.images import png
 
 TIMEOUT_S = 5.0
 
 
 def post(client: httpx.Client, seed: int) -> tuple[int, float, httpx.Response]:
     t0 = time.monotonic()
-    resp = client.post("/classify", files=[("file", ("x.png", png_bytes(seed), "image/png"))])
+    resp = client.post("/classify", files=[("file", ("x.png", png(48, 40, seed=seed), "image/png"))])
     return resp.status_code, time.monotonic() - t0, resp
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 import pytest
-from apitest_helpers import encode, exif_rotated, jpeg, pattern, png, png_bomb_header, real_png_bomb
 from PIL import Image
+from support.images import encode, exif_rotated, jpeg, pattern, png, png_bomb_header, real_png_bomb
 
 from app.codec import decode_base64, decode_image
 from app.errors import Problem
@@ -173,9 +172,7 @@ def test_bad_bytes(data, status, code):
 def test_undocumented_formats_are_415_without_their_parser(fmt, monkeypatch):
     """Only the documented formats are opened: EPS would go through Ghostscript, ICO is not promised."""
     if fmt == "ICO":
-        buf = io.BytesIO()
-        Image.fromarray(pattern(32, 32)).save(buf, "ICO")
-        data = buf.getvalue()
+        data = encode(pattern(32, 32), "ICO")
     else:
         data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n0 0 moveto 32 32 lineto stroke\n%%EOF\n"
     from PIL import EpsImagePlugin

@@ -1,55 +1,10 @@
-"""Tiny models, synthetic images and reference answers for the Redis-mode tests."""
+"""Reference answers computed in the test process, to check what a service answered."""
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from PIL import Image
-from promtext import metric  # noqa: F401  (re-exported: the e2e tests import it from here)
-
-INPUT_SIZE = 32  # the smallest input the model family supports: cheapest forwards
-
-# name -> (task, classes, verdict rule): the cheapest models that still exercise the whole pipeline.
-E2E_MODELS = {
-    "cls": ("classify", ["good", "scratch", "dent"],
-            {"type": "classify", "pass_labels": ["good"], "min_score": 0.5}),
-    "det": ("detect", ["scratch", "dent"], {"type": "any_defect", "min_score": 0.5, "min_area": 0}),
-}
-
-
-def make_weights(root: Path, names: list[str] | None = None) -> Path:
-    import torch
-
-    from model.checkpoint import save_model
-    from model.registry import build_model
-
-    torch.manual_seed(0)
-    for name, (task, classes, verdict) in E2E_MODELS.items():
-        if names and name not in names:
-            continue
-        model = build_model(task, "tiny", len(classes))
-        save_model(model, Path(root) / name, {
-            "name": name, "version": "1", "classes": classes, "verdict": verdict,
-            "arch": {"variant": "tiny", "input_size": [INPUT_SIZE, INPUT_SIZE]},
-            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-        })
-    return Path(root)
-
-
-def image_array(seed: int, w: int = 48, h: int = 40) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, size=(h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
-    return np.kron(base, np.ones((4, 4, 1), dtype=np.uint8))[:h, :w]  # blocky, distinct per seed
-
-
-def png_bytes(seed: int, w: int = 48, h: int = 40) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image_array(seed, w, h)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def size_for(i: int) -> tuple[int, int]:
@@ -95,5 +50,3 @@ def assert_same_answer(got: dict[str, Any], want: dict[str, Any], tol: float = 1
             if "box" in b:
                 for c in ("x1", "y1", "x2", "y2"):
                     assert abs(a["box"][c] - b["box"][c]) <= 0.05, (a, b)
-
-

@@ -2,7 +2,7 @@
 
 Fault injection for tests, and nothing else: when S2AMNET_TEST_INFER_DELAY_S is set, every
 `Predictor.infer` call first sleeps that long, so that tests can hold a batch "in flight" (SIGTERM drain,
-full queue, deadlines) with tiny models. Usage: python tests/app/_launch.py serve --port ... (or worker).
+full queue, deadlines) with tiny models. Usage: python tests/support/launch.py serve --port ... (or worker).
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""app.settings: environment, flags, per-model caps, defaults, and the device rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings, settings_from_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_settings_env_csv_and_cli_override(monkeypatch):
+    monkeypatch.setenv("S2AMNET_MODELS", "a, b,,c")
+    monkeypatch.setenv("S2AMNET_API_KEYS", "k1,k2")
+    monkeypatch.setenv("S2AMNET_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("S2AMNET_PORT", "9000")
+    s = Settings()
+    assert s.models == ["a", "b", "c"] and s.api_keys == ["k1", "k2"] and s.max_batch_size == 32
+    assert s.max_body_bytes == 20 * 1024 * 1024 and s.max_pixels == 40_000_000 and s.max_images == 16
+
+    class Args:
+        port = 8123
+        models = "x"
+        max_batch_size = None
+
+    s = settings_from_args(Args())
+    assert (s.port, s.models, s.max_batch_size) == (8123, ["x"], 32)  # flag > env > default
+    monkeypatch.setenv("S2AMNET_MAX_QUEUE", "0")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_settings_per_model_batch_caps(monkeypatch):
+    monkeypatch.setenv("S2AMNET_MODEL_MAX_BATCH_SIZE", "crack-segment=1, mt-segment = 4")
+    s = Settings(max_batch_size=8)
+    assert s.model_max_batch_size == {"crack-segment": 1, "mt-segment": 4}
+    assert s.batch_sizes(["crack-segment", "mt-segment", "neu-det-detect"]) == {
+        "crack-segment": 1, "mt-segment": 4, "neu-det-detect": 8}
+    assert Settings(max_batch_size=2).batch_sizes(["mt-segment"], strict=False) == {"mt-segment": 2}  # never above
+    with pytest.raises(RuntimeError, match="crack-segment"):
+        s.batch_sizes(["mt-segment"])
+    for bad in ("crack-segment", "crack-segment=0", "=3", "a=x"):
+        monkeypatch.setenv("S2AMNET_MODEL_MAX_BATCH_SIZE", bad)
+        with pytest.raises(ValueError):
+            Settings()
+    monkeypatch.delenv("S2AMNET_MODEL_MAX_BATCH_SIZE")
+    assert Settings().model_max_batch_size == {}
+
+
+def test_settings_defaults_match_the_design():
+    s = Settings(_env_file=None)
+    assert (
+        s.host,
+        s.port,
+        str(s.weights_dir),
+        s.models,
+        s.max_batch_size,
+        s.max_delay_ms,
+        s.max_queue,
+        s.request_timeout_s,
+        s.redis_url,
+        s.api_keys,
+        s.max_body_mb,
+        s.max_pixels,
+        s.max_images,
+        s.metrics_port,
+    ) == ("0.0.0.0", 8000, "weights", [], 16, 5.0, 256, 10.0, None, [], 20.0, 40_000_000, 16, 9100)
+
+
+def test_device_auto_is_cuda_only_when_torch_sees_a_gpu(monkeypatch):
+    import torch
+
+    from model.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == Settings().resolved_device() == "cpu"
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(RuntimeError, match="torch sees no CUDA GPU"):
+        Settings(device="cuda:0").resolved_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings().resolved_device() == "cuda" and Settings(device="cuda:1").resolved_device() == "cuda:1"
+
+
+def test_serve_and_worker_flags_come_from_the_settings():
+    """Each flag of `s2amnet serve` / `s2amnet worker` is a Settings field: its help is the field's
+    description, its value is parsed like the environment's."""
+    from app.cli import build_parser
+    from app.settings import SERVE_FLAGS, WORKER_FLAGS
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--port", "8123", "--max-delay-ms", "2.5", "--models", "a,b",
+                              "--forward-batch", "auto", "--model-max-batch-size", "a=2", "--torch-threads", "2"])
+    s = settings_from_args(args, SERVE_FLAGS)
+    assert (s.port, s.max_delay_ms, s.models, s.forward_batch, s.model_max_batch_size, s.torch_threads) == (
+        8123, 2.5, ["a", "b"], "auto", {"a": 2}, 2)
+    args = parser.parse_args(["worker", "--visibility-timeout", "4", "--max-deliveries", "5", "--name", "w1"])
+    s = settings_from_args(args, WORKER_FLAGS)
+    assert (s.visibility_timeout_s, s.max_deliveries, args.name) == (4.0, 5, "w1")
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command, names in (("serve", SERVE_FLAGS), ("worker", WORKER_FLAGS)):
+        helps = {a.dest: a.help for a in sub[command]._actions}
+        for name in names:
+            assert helps[name].startswith(Settings.model_fields[name].description.replace("%", "%%")), name
