@@ -164,6 +164,13 @@ MODEL_LOAD_SECONDS = Gauge(
     namespace=PREFIX,
     multiprocess_mode="livemax",
 )
+MODEL_BACKEND = Gauge(
+    "model_backend",
+    "1 for the backend that runs the model's forwards (eager, onnxruntime; S2AMNET_BACKEND).",
+    ["model", "backend"],
+    namespace=PREFIX,
+    multiprocess_mode="livemax",
+)
 FORWARD_BATCH = Gauge(
     "forward_batch_size",
     "Most images per forward pass of the model within a batch (S2AMNET_FORWARD_BATCH; 'auto' measures it "

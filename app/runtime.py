@@ -3,7 +3,8 @@
 - torch intra-op threads: the thread that runs the forwards keeps torch's default (or
   S2AMNET_TORCH_THREADS); threads that run torch beside it (model loading, postprocessing) use one;
 - allocator tuning (glibc's mallopt), so that every forward's activations reuse memory;
-- warm-up (one blank image per model) and the per-model forward-batch size (S2AMNET_FORWARD_BATCH).
+- warm-up (one blank image per model), the per-model forward-batch size (S2AMNET_FORWARD_BATCH) and
+  backend (S2AMNET_BACKEND: eager PyTorch or ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -128,4 +129,18 @@ def prepare_predictors(predictors: Mapping[str, Predictor], settings: Settings,
             log.info("warmed up %s in %.3f s", name, seconds[name])
     for name, predictor in predictors.items():
         set_forward_batch(name, predictor, settings.forward_batch, batch_sizes[name], warmed)
+        set_backend(name, predictor, settings)
     return seconds
+
+
+def set_backend(name: str, predictor: Predictor, settings: Settings) -> None:
+    """Apply S2AMNET_BACKEND / S2AMNET_MODEL_BACKEND to one model (`model.backends.choose_backend`: a graph
+    exported once and cached, checked against eager; 'auto' keeps the faster at the model's forward batch).
+    Logged with the reason, and exported as ``s2amnet_model_backend{model,backend} 1``."""
+    from model.backends import choose_backend
+
+    requested = settings.model_backend.get(name, settings.backend)
+    report = choose_backend(predictor, requested, cache_dir=settings.cache_dir,
+                            threads=settings.torch_threads or default_torch_threads(), batch=predictor.forward_batch)
+    log.info("backend of %s: %s (%s)", name, report.chosen, report.reason)
+    metrics.MODEL_BACKEND.labels(model=name, backend=report.chosen).set(1)

@@ -70,6 +70,18 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
     )
+    backend: Literal["eager", "onnxruntime", "auto"] = Field(
+        "eager",
+        description="What runs each model's forward: 'eager' PyTorch; 'onnxruntime' (the model exported to ONNX "
+        "once and cached, checked against eager before use); 'auto': at start-up the faster of the two whose "
+        "outputs agree with eager. A backend that cannot run a model leaves it on eager, logged.",
+    )
+    model_backend: Annotated[dict[str, Literal["eager", "onnxruntime", "auto"]], NoDecode] = Field(
+        default_factory=dict, description="Per-model backend overriding `backend`, 'name=auto,name=eager'."
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder of exported models (ONNX); unset = $XDG_CACHE_HOME/s2amnet or ~/.cache/s2amnet."
+    )
     max_queue: int = Field(256, ge=1, description="Backlog per model above which new work gets 503.")
     request_timeout_s: float = Field(
         10.0, gt=0, description="Default deadline of a request; the X-Request-Timeout header lowers it."
@@ -141,20 +153,20 @@ class Settings(BaseSettings):
             raise ValueError("expected auto or a whole number >= 1")
         return number
 
-    @field_validator("model_max_batch_size", mode="before")
+    @field_validator("model_max_batch_size", "model_backend", mode="before")
     @classmethod
-    def _caps(cls, value: Any) -> Any:
+    def _per_model(cls, value: Any) -> Any:
         if value is None:
             return {}
         if not isinstance(value, str):
             return value
-        caps: dict[str, str] = {}
+        per: dict[str, str] = {}
         for item in _split_csv(value):
-            name, sep, n = item.partition("=")
+            name, sep, v = item.partition("=")
             if not sep or not name.strip():
-                raise ValueError(f"expected name=N, got {item!r}")
-            caps[name.strip()] = n.strip()
-        return caps
+                raise ValueError(f"expected name=value, got {item!r}")
+            per[name.strip()] = v.strip()
+        return per
 
     def batch_sizes(self, models: Iterable[str], strict: bool = True) -> dict[str, int]:
         """Most images per forward for each of ``models``: ``max_batch_size``, lowered where
@@ -188,10 +200,10 @@ class Settings(BaseSettings):
 # The settings `s2amnet serve` and `s2amnet worker` also take as flags (--field-name); each flag's help is
 # its field's description.
 SERVE_FLAGS = ("host", "port", "weights_dir", "models", "device", "max_batch_size", "model_max_batch_size",
-               "forward_batch", "max_delay_ms", "max_queue", "request_timeout_s", "redis_url", "api_keys",
+               "forward_batch", "backend", "max_delay_ms", "max_queue", "request_timeout_s", "redis_url", "api_keys",
                "torch_threads", "drain_timeout_s", "log_level")
 WORKER_FLAGS = ("redis_url", "device", "models", "weights_dir", "max_batch_size", "model_max_batch_size",
-                "forward_batch", "max_delay_ms", "metrics_port", "torch_threads", "visibility_timeout_s",
+                "forward_batch", "backend", "max_delay_ms", "metrics_port", "torch_threads", "visibility_timeout_s",
                 "max_deliveries", "log_level")
 _FLAG_NAMES = {"visibility_timeout_s": "--visibility-timeout"}  # flags not named after their field
 
