@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from app import metrics
@@ -30,6 +31,7 @@ from app.schemas import (
     ProblemDetails,
 )
 from app.state import ServiceState, service_state
+from model.checkpoint import CARD_FILE
 
 if TYPE_CHECKING:
     from model.predictor import Predictor
@@ -291,9 +293,34 @@ async def models(request: Request, _key: Annotated[str | None, Depends(require_a
                 verdict=manifest.get("verdict"),
                 metrics=manifest.get("metrics"),
                 trained_on=manifest.get("trained_on"),
+                card=f"/models/{name}/card" if _card_path(p) else None,
             )
         )
     return ModelsResponse(models=out)
+
+
+def _card_path(predictor: Predictor) -> Path | None:
+    path = predictor.folder / CARD_FILE if predictor.folder is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+@router.get(
+    "/models/{name}/card",
+    tags=["service"],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/markdown": {}}}, 401: ERROR_RESPONSES[401], 404: ERROR_RESPONSES[404],
+               503: ERROR_RESPONSES[503]},
+)
+async def model_card(request: Request, name: str, _key: Annotated[str | None, Depends(require_api_key)]) -> Any:
+    """The model card of a loaded model (Markdown): its data and split, recipe, figures and known limits."""
+    state = service_state(request.app)
+    if state.predictors is None:
+        raise Unavailable("models are still loading", state.settings.retry_after_s)
+    predictor = state.predictors.get(name)
+    path = _card_path(predictor) if predictor is not None else None
+    if path is None:
+        raise Problem(404, "not_found", f"no model card for {name!r}" if predictor else f"no model named {name!r}")
+    return PlainTextResponse(path.read_text(encoding="utf-8"), media_type="text/markdown; charset=utf-8")
 
 
 @router.api_route("/livez", methods=["GET", "HEAD"], response_model=Health, tags=["service"])

@@ -149,6 +149,8 @@ class ModelInfo(BaseModel):
     verdict: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     trained_on: Any = None
+    card: str | None = Field(None, description="Path of the model card (Markdown: data, recipe, figures, "
+                                               "known limits), when the weights folder has one.")
 
 
 class ModelsResponse(BaseModel):

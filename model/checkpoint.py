@@ -48,6 +48,7 @@ __all__ = [
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+CARD_FILE = "MODEL_CARD.md"  # the model card beside the weights: data, recipe, figures, known limits
 FORMAT = "s2amnet/1"
 # test-time augmentation: extra views the Predictor averages with the plain image (input dims flipped)
 TTA_VIEWS = {"hflip": (3,), "vflip": (2,)}

@@ -46,6 +46,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,7 @@ class Predictor:
         # what runs the forward: None = the PyTorch module; else a callable from model.backends (e.g. ONNX
         # Runtime) taking the normalised batch and returning the module's outputs (detect: boxes, scores)
         self.runner: Any = None
+        self.folder: Path | None = None  # the weights folder, when loaded by from_folder
         self.device = torch.device(device)
         # NB: switches the given module to eval mode and moves it to `device` (in place, like nn.Module.to);
         # requires_grad is untouched (infer uses inference_mode): an EMA copy can be wrapped in training.
@@ -139,7 +141,9 @@ class Predictor:
             manifest = {**manifest, "tta": list(tta)}
         if fuse:
             model.fuse()
-        return cls(model, manifest, device=device)
+        predictor = cls(model, manifest, device=device)
+        predictor.folder = Path(path)
+        return predictor
 
     def __repr__(self) -> str:
         return (

@@ -555,6 +555,22 @@ def test_models(client: httpx.Client):
         assert m["tta"] == []
 
 
+def test_model_cards(client: httpx.Client, anon: httpx.Client, weights_dir):
+    card = weights_dir / "det" / "MODEL_CARD.md"
+    card.write_text("# det — model card\n\nFinds scratches and dents.\n", encoding="utf-8")
+    try:
+        models = {m["name"]: m for m in client.get("/models").json()["models"]}
+        assert models["det"]["card"] == "/models/det/card" and models["cls"]["card"] is None
+        r = client.get("/models/det/card")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
+        assert r.text.startswith("# det — model card")
+        assert_problem(client.get("/models/cls/card"), 404, "not_found")  # no card in its folder
+        assert_problem(client.get("/models/nope/card"), 404, "not_found")
+        assert_problem(anon.get("/models/det/card"), 401)
+    finally:
+        card.unlink()
+
+
 def test_openapi_documents_the_contract(client: httpx.Client):
     spec = client.get("/openapi.json").json()
     for task in ("classify", "detect", "segment"):
