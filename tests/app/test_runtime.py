@@ -30,3 +30,33 @@ def test_configure_runtime_follows_the_settings(monkeypatch):
     runtime.configure_runtime(Settings(torch_threads=3))
     runtime.configure_runtime(Settings(allocator_tuning=False))
     assert calls == [("threads", 3), "tuned", ("threads", None)]
+
+
+def test_the_service_runs_a_model_on_onnxruntime_when_asked(tmp_path):
+    """S2AMNET_MODEL_BACKEND puts one model on ONNX Runtime (exported into S2AMNET_CACHE_DIR at start-up),
+    the others stay eager; /metrics says which; the answers are those of the eager model."""
+    import httpx
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from model.predictor import Predictor
+    from support.harness import running_server
+    from support.images import encode, pattern
+    from support.metrics import metric
+    from support.weights import make_weights
+
+    weights = make_weights(tmp_path / "weights", names=["cls", "det"])
+    upright = pattern(64, 64, seed=4)
+    image = encode(upright)
+    with running_server("embedded", weights, S2AMNET_MODEL_BACKEND="cls=onnxruntime",
+                        S2AMNET_CACHE_DIR=str(tmp_path / "cache")) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        text = client.get("/metrics").text
+        assert metric(text, "s2amnet_model_backend", model="cls", backend="onnxruntime") == 1
+        assert metric(text, "s2amnet_model_backend", model="det", backend="eager") == 1
+        got = client.post("/classify", files={"file": ("a.png", image)}).json()
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
+    want = Predictor.from_folder(weights / "cls").predict([upright], top_k=5)[0]
+    assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"][:len(got["top_k"])]]
+    assert [t["score"] for t in got["top_k"]] == pytest.approx([t["score"] for t in want["top_k"]][:len(got["top_k"])],
+                                                               abs=1e-4)
