@@ -39,11 +39,12 @@ def test_the_service_runs_a_model_on_onnxruntime_when_asked(tmp_path):
     import pytest
 
     pytest.importorskip("onnxruntime")
-    from model.predictor import Predictor
     from support.harness import running_server
     from support.images import encode, pattern
     from support.metrics import metric
     from support.weights import make_weights
+
+    from model.predictor import Predictor
 
     weights = make_weights(tmp_path / "weights", names=["cls", "det"])
     upright = pattern(64, 64, seed=4)
