@@ -45,7 +45,7 @@ lint: install-dev
 
 # Times the shipped models and the service (ratios in one run); writes BENCHMARKS.md and its plot.
 bench: install-dev
-	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --out BENCHMARKS.md --plot docs/bench.png
+	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --backends --out BENCHMARKS.md --plot docs/bench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -55,6 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--http-model", help="weights folder the service part uses (default: the first --weights)")
     p.add_argument("--requests", type=int, default=48, help="requests at each concurrency level (default 48)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round")
+    p.add_argument("--backends", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time each model under ONNX Runtime beside eager PyTorch (exports are cached)")
     p.add_argument("--out", help="write the results as Markdown here (e.g. BENCHMARKS.md)")
     p.add_argument("--plot", help="write a PNG of the results here")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
@@ -347,6 +349,10 @@ def run(args) -> int:
     try:
         for folder in tqdm(folders, desc="models", unit="model", disable=not progress, leave=False):
             models.append(bench_model(folder, sizes, args.iters, device))
+        if args.backends:
+            from app.commands.bench_backends import bench_backends
+
+            result_backends = [bench_backends(folder, args.iters, device, args.threads) for folder in folders]
         ref = next((m for m in models if Path(m["folder"]) == http_folder), None)
         if args.http and ref is None:
             ref = bench_model(http_folder, [1], args.iters, device)
@@ -356,6 +362,8 @@ def run(args) -> int:
     result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
                               "machine": {**machine(device), "allocator_tuning": allocator_tuned}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
+    if args.backends:
+        result["backends"] = result_backends
     if args.http:
         forward_ms = ref["rows"][0]["ms_per_image"]  # batch 1
         try:

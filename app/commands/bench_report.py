@@ -69,6 +69,10 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"| {f['ms_per_image_chosen']:.1f} | {f['gain']:.2f}× |")
     lines += ["", f"Peak RSS of the benchmark process: {result['peak_rss_mib']:.0f} MiB (all models loaded one "
               "after another, each also unfused for the BatchNorm ratio).", ""]
+    if result.get("backends"):
+        from app.commands.bench_backends import backends_markdown
+
+        lines += backends_markdown(result["backends"])
     s = result.get("service")
     if s:
         lines += [f"## Service: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "

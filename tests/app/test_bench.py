@@ -121,3 +121,25 @@ def test_bench_tunes_the_allocator_as_the_service_setting_says(tmp_path, monkeyp
     assert main(argv) == 2 and not calls
     err = capsys.readouterr().err
     assert err.startswith("error: service settings from the environment") and "allocator_tuning" in err
+
+
+def test_bench_backends_times_eager_and_onnxruntime_in_the_same_rounds(tmp_path):
+    pytest.importorskip("onnxruntime")
+    weights = make_weights(tmp_path / "weights", names=["cls"])
+    out = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), "--no-http", "--backends",
+         "--batch-sizes", "1", "--iters", "2", "--threads", "1", "--device", "cpu", "--out", str(out), "--json"],
+        cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT), S2AMNET_CACHE_DIR=str(tmp_path / "cache")),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (b,) = json.loads(proc.stdout.strip().splitlines()[-1])["backends"]
+    assert b["model"] == "cls" and b["parity"] and not b["cached"] and b["export_s"] > 0
+    assert b["rows"][0]["batch"] == 1 and {r["batch"] for r in b["rows"]} == {1, b["forward_batch"]}
+    for r in b["rows"]:
+        ms = r["ms_per_image"]
+        assert ms["eager"] > 0 and ms["onnxruntime"] > 0
+        assert r["gain"] == pytest.approx(ms["eager"] / ms["onnxruntime"], abs=0.01)
+    text = out.read_text()
+    assert "## Backends" in text and "| cls 1 | 1 |" in text
