@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from apiserver import API_KEY, MAIN_SERVER_ENV, make_weights, running_server
-from apitest_helpers import encode, exif_rotated, pattern
 from PIL import Image
+from support.harness import API_KEY, MAIN_SERVER_ENV, running_server
+from support.images import encode, exif_rotated, pattern
+from support.weights import make_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
