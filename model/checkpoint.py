@@ -102,7 +102,7 @@ def _task_cfg(task: str) -> dict:
 
 def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) -> dict:
     """Check a manifest and return a normalised copy with defaults filled in (CheckpointError if bad)."""
-    from model.registry import MIN_INPUT_SIZE, TASKS, canonical_variant
+    from model.registry import TASKS
 
     if not isinstance(manifest, Mapping):
         raise CheckpointError(f"manifest must be a JSON object, got {type(manifest).__name__}")
@@ -110,7 +110,28 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
     task = m.get("task")
     if task not in TASKS:
         raise CheckpointError(f"manifest task {task!r} is not one of {', '.join(TASKS)}")
-    arch = m.get("arch")
+    cfg = _task_cfg(task)
+    m["arch"] = _checked_arch(m.get("arch"), cfg)
+    m["classes"] = _checked_classes(m.get("classes"), task, m["arch"]["num_classes"])
+    for key in ("mean", "std"):
+        m[key] = _checked_norm(key, m.get(key, list(cfg[key])))
+    m["preprocess"] = _checked_preprocess(m.get("preprocess"), cfg)
+    m["verdict"] = _checked_verdict(m.get("verdict") or default_verdict(task), task, m["classes"])
+    m["tta"] = _checked_tta(m.get("tta"), task, m["arch"]["input_size"])
+    m.setdefault("name", "model")
+    m.setdefault("version", "0")
+    m["version"] = str(m["version"])
+    m.setdefault("metrics", {})
+    m.setdefault("trained_on", None)
+    m.setdefault("train_command", None)
+    if require_sha and not isinstance(m.get("sha256"), str):
+        raise CheckpointError("manifest has no sha256 of model.safetensors")
+    return m
+
+
+def _checked_arch(arch: Any, cfg: Mapping[str, Any]) -> dict:
+    from model.registry import MIN_INPUT_SIZE, canonical_variant
+
     if not isinstance(arch, Mapping):
         raise CheckpointError("manifest has no 'arch' object {variant, input_size, num_classes}")
     arch = dict(arch)
@@ -118,7 +139,6 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
         arch["variant"] = canonical_variant(arch.get("variant", ""))
     except ValueError as exc:
         raise CheckpointError(f"manifest arch.variant: {exc}") from None
-    cfg = _task_cfg(task)
     nc = arch.get("num_classes")
     if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
         raise CheckpointError(f"manifest arch.num_classes must be a positive integer, got {nc!r}")
@@ -133,9 +153,10 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
         raise CheckpointError(f"manifest arch.input_size must be [H, W] integers >= {MIN_INPUT_SIZE}, got {size!r}")
     arch["input_size"] = [int(size[0]), int(size[1])]
     arch.setdefault("in_chans", 3)
-    m["arch"] = arch
+    return arch
 
-    classes = m.get("classes")
+
+def _checked_classes(classes: Any, task: str, nc: int) -> list[str]:
     if classes is None:
         classes = (
             (["background"] + [f"class{i}" for i in range(1, nc)])
@@ -153,20 +174,22 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
         raise CheckpointError(f"manifest classes are not unique: {classes}")
     if task == "segment" and classes[0] != "background":
         raise CheckpointError(f"segment manifests need classes[0] == 'background', got {classes[0]!r}")
-    m["classes"] = classes
+    return classes
 
-    for key in ("mean", "std"):
-        val = m.get(key, list(cfg[key]))
-        if isinstance(val, (int, float)) and not isinstance(val, bool):
-            val = [float(val)] * 3
-        if not isinstance(val, (list, tuple)) or len(val) not in (1, 3):
-            raise CheckpointError(f"manifest {key} must be 1 or 3 numbers (0..1 scale), got {val!r}")
-        val = [float(v) for v in val] * (3 if len(val) == 1 else 1)
-        if key == "std" and any(v <= 0 for v in val):
-            raise CheckpointError(f"manifest std must be > 0, got {val}")
-        m[key] = val
 
-    pre = dict(m.get("preprocess") or {})
+def _checked_norm(key: str, val: Any) -> list[float]:
+    if isinstance(val, (int, float)) and not isinstance(val, bool):
+        val = [float(val)] * 3
+    if not isinstance(val, (list, tuple)) or len(val) not in (1, 3):
+        raise CheckpointError(f"manifest {key} must be 1 or 3 numbers (0..1 scale), got {val!r}")
+    val = [float(v) for v in val] * (3 if len(val) == 1 else 1)
+    if key == "std" and any(v <= 0 for v in val):
+        raise CheckpointError(f"manifest std must be > 0, got {val}")
+    return val
+
+
+def _checked_preprocess(pre: Any, cfg: Mapping[str, Any]) -> dict:
+    pre = dict(pre or {})
     pre.setdefault("resize", cfg.get("resize", "resize"))
     pre.setdefault("pad_value", int(cfg.get("pad_value", 114)))
     if pre["resize"] not in ("resize", "stretch", "letterbox"):
@@ -175,9 +198,11 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
             f"got {pre['resize']!r}"
         )
     pre["resize"] = "resize" if pre["resize"] == "stretch" else pre["resize"]
-    m["preprocess"] = pre
+    return pre
 
-    verdict = m.get("verdict") or default_verdict(task)
+
+def _checked_verdict(verdict: Any, task: str, classes: list[str]) -> dict:
+    """The verdict rule (see model.verdict), with its defaults."""
     if not isinstance(verdict, Mapping):
         raise CheckpointError("manifest verdict must be an object")
     verdict = dict(verdict)
@@ -207,27 +232,20 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
             raise CheckpointError(f"verdict classes.{name} must be an object with min_score and/or min_area")
         if not 0.0 <= float(per.get("min_score", 0.5)) <= 1.0 or float(per.get("min_area", 0)) < 0:
             raise CheckpointError(f"verdict classes.{name}: min_score must be within [0, 1] and min_area >= 0")
-    m["verdict"] = verdict
+    return verdict
 
-    tta = m.get("tta") or []
-    if not isinstance(tta, (list, tuple)) or any(v not in TTA_VIEWS for v in tta) or len(set(tta)) != len(tta):
-        raise CheckpointError(f"manifest tta must be a list of distinct views from {sorted(TTA_VIEWS)}, "
-                              f"got {m.get('tta')!r}")
+
+def _checked_tta(tta: Any, task: str, input_size: list[int]) -> list[str]:
+    from model.registry import MIN_INPUT_SIZE
+
+    views = tta or []
+    if not isinstance(views, (list, tuple)) or any(v not in TTA_VIEWS for v in views) or len(set(views)) != len(views):
+        raise CheckpointError(f"manifest tta must be a list of distinct views from {sorted(TTA_VIEWS)}, got {tta!r}")
     # MIN_INPUT_SIZE is the network's total stride: mirrored anchors line up only on whole stride cells
-    if tta and task == "detect" and any(int(s) % MIN_INPUT_SIZE for s in m["arch"]["input_size"]):
+    if views and task == "detect" and any(int(s) % MIN_INPUT_SIZE for s in input_size):
         raise CheckpointError(f"manifest tta for a detector needs an input size that is a multiple of "
-                              f"{MIN_INPUT_SIZE} (the largest stride), got {m['arch']['input_size']}")
-    m["tta"] = list(tta)
-
-    m.setdefault("name", "model")
-    m.setdefault("version", "0")
-    m["version"] = str(m["version"])
-    m.setdefault("metrics", {})
-    m.setdefault("trained_on", None)
-    m.setdefault("train_command", None)
-    if require_sha and not isinstance(m.get("sha256"), str):
-        raise CheckpointError("manifest has no sha256 of model.safetensors")
-    return m
+                              f"{MIN_INPUT_SIZE} (the largest stride), got {input_size}")
+    return list(views)
 
 
 def _model_arch(model) -> dict:

@@ -196,20 +196,12 @@ def _boxes(x) -> np.ndarray:
     return _np(x).astype(np.float64).reshape(-1, 4) if x is not None else np.zeros((0, 4))
 
 
-def coco_map(predictions: Sequence[dict], ground_truths: Sequence[dict], num_classes: int,
-             class_names: Sequence[str] | None = None, max_dets: int = 100) -> dict:
-    """COCO bbox mAP via pycocotools for per-image predictions and ground truths (same order/length).
-
-    Boxes are xyxy in pixels. Images without ground truth count (their detections are false positives);
-    images without predictions are fine. Returns ``map50``, ``map50_95``, ``map75``, ``ap50_per_class``,
-    ``ap_per_class`` (None for classes with no ground truth), ``num_images``, ``num_gt``, ``num_pred``.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if len(predictions) != len(ground_truths):
-        raise ValueError("predictions and ground_truths must have one entry per image")
-    images, anns, dets = [], [], []
+def _coco_records(predictions: Sequence[dict], ground_truths: Sequence[dict], num_classes: int
+                  ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(images, annotations, detections) in COCO's form; category ids are class + 1."""
+    images: list[dict] = []
+    anns: list[dict] = []
+    dets: list[dict] = []
     for img_id, (pred, gt) in enumerate(zip(predictions, ground_truths, strict=True), start=1):
         gb = _boxes(gt.get("boxes"))
         gc = _np(gt.get("classes", np.zeros(0))).reshape(-1).astype(np.int64)
@@ -232,6 +224,23 @@ def coco_map(predictions: Sequence[dict], ground_truths: Sequence[dict], num_cla
             dets.append({"image_id": img_id, "category_id": int(c) + 1,
                          "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
                          "score": float(s)})
+    return images, anns, dets
+
+
+def coco_map(predictions: Sequence[dict], ground_truths: Sequence[dict], num_classes: int,
+             class_names: Sequence[str] | None = None, max_dets: int = 100) -> dict:
+    """COCO bbox mAP via pycocotools for per-image predictions and ground truths (same order/length).
+
+    Boxes are xyxy in pixels. Images without ground truth count (their detections are false positives);
+    images without predictions are fine. Returns ``map50``, ``map50_95``, ``map75``, ``ap50_per_class``,
+    ``ap_per_class`` (None for classes with no ground truth), ``num_images``, ``num_gt``, ``num_pred``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(predictions) != len(ground_truths):
+        raise ValueError("predictions and ground_truths must have one entry per image")
+    images, anns, dets = _coco_records(predictions, ground_truths, num_classes)
     n_gt = sum(1 for a in anns if not a["iscrowd"])
     out = {"map50": 0.0, "map50_95": 0.0, "map75": 0.0, "ap50_per_class": [None] * num_classes,
            "ap_per_class": [None] * num_classes, "num_images": len(images), "num_gt": n_gt,

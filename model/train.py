@@ -437,43 +437,28 @@ def _close_mosaic(ds, cfg: TrainConfig, epoch: int) -> bool:
     return True
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) and return ``{"best": {...metrics}, "best_epoch": n, "export": path}``."""
-    out = Path(cfg.out or Path("runs") / (cfg.name or f"{Path(cfg.data).name}-{cfg.task}"))
-    last_path = out / "last.pt"
-    state = None
-    resumed_with: list[str] = []  # the commands that resumed this run, recorded in the manifest
-    if cfg.resume:
-        if not last_path.exists():
-            raise FileNotFoundError(f"--resume: no {last_path} to resume from")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        saved = TrainConfig(**_saved_options(json.loads(state["config"])))
-        # a resumed run keeps its data and architecture; only the length / output options may change
-        overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
-                                                  "close_mosaic",
-                                                  "max_train_batches", "max_val_images", "time_limit")
-                     if getattr(cfg, k) is not None}
-        resumed_with = json.loads(state.get("resumed_with", "[]")) + ([cfg.command] if cfg.command else [])
-        # the machine may differ from the one that started the run: device / mixed precision / validation
-        # cadence are taken from this invocation
-        cfg = dataclasses.replace(saved, **overrides, resume=True, device=cfg.device, amp=cfg.amp,
-                                  val_every=cfg.val_every)
-    cfg = cfg.resolved().validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes in training and validation
-    recipe = RECIPES[cfg.task]
+def _resume(cfg: TrainConfig, last_path: Path) -> tuple[TrainConfig, dict | None, list[str]]:
+    """(config, saved state or None, the commands that resumed the run): ``--resume`` continues the saved
+    run with its data and architecture; only the length / output options may change."""
+    if not cfg.resume:
+        return cfg, None, []
+    if not last_path.exists():
+        raise FileNotFoundError(f"--resume: no {last_path} to resume from")
+    state = torch.load(last_path, map_location="cpu", weights_only=True)
+    saved = TrainConfig(**_saved_options(json.loads(state["config"])))
+    overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
+                                              "close_mosaic", "max_train_batches", "max_val_images", "time_limit")
+                 if getattr(cfg, k) is not None}
+    resumed_with = json.loads(state.get("resumed_with", "[]")) + ([cfg.command] if cfg.command else [])
+    # the machine may differ from the one that started the run: device / mixed precision / validation
+    # cadence are taken from this invocation
+    cfg = dataclasses.replace(saved, **overrides, resume=True, device=cfg.device, amp=cfg.amp,
+                              val_every=cfg.val_every)
+    return cfg, state, resumed_with
 
-    info, source = _load_data(cfg.data, cfg.task)
-    data_name = "+".join(Path(d).name for d in cfg.data.split(","))
-    classes = info.class_names(cfg.task)
-    nc = len(classes)
-    records = info.records_for(cfg.task)
+
+def _splits(cfg: TrainConfig, records: list, source: dict) -> tuple[list, list, list[str] | None]:
+    """(train records, val records, val groups for --select folders)."""
     train_recs = split_records(records, "train")
     val_recs = split_records(records, "val")
     if cfg.max_val_images:
@@ -484,15 +469,174 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     # --select folders: each val record's folder name, so validation also scores every folder on its own
     labels = _folder_labels(source)
     val_groups = [labels[source[id(r)]] for r in val_recs] if cfg.select == "folders" else None
+    return train_recs, val_recs, val_groups
+
+
+@dataclasses.dataclass
+class _Models:
+    """The trained modules: the task model and its EMA; with an auxiliary mask head also the segment model
+    it forms with the shared backbone, and that model's EMA."""
+
+    model: nn.Module
+    ema: Any
+    trained: nn.ModuleList
+    mask_model: nn.Module | None = None
+    ema_mask: Any = None
+
+
+def _build_models(cfg: TrainConfig, task: _Task, info, classes: list[str], device, fresh: bool) -> _Models:
+    model = build_model(cfg.task, cfg.variant, len(classes)).to(device)
+    if cfg.init_backbone and fresh:
+        from model.checkpoint import load_backbone_from
+
+        loaded = load_backbone_from(model, cfg.init_backbone)
+        print(f"initialised {len(loaded['loaded'])} backbone tensors from {cfg.init_backbone}")
+    if cfg.init_weights and fresh:
+        _init_weights(model, cfg, classes)
+    out = _Models(model, _ema(model, cfg.ema_decay),
+                  nn.ModuleList([model] + ([task.aux.to(device)] if task.aux is not None else [])))
+    # classify with masks: the same backbone + the auxiliary decoder form a segment model; it gets its
+    # own EMA and validation, so one run also yields a segmenter (the backbone is shared, not copied)
+    if task.aux is not None:
+        # built with the classifier's layer scale (on in base/large): its manifest must describe that backbone
+        mask_model = build_model("segment", cfg.variant, task.aux_nc, layer_scale=model.layer_scale).to(device)
+        mask_model.backbone, mask_model.decoder = model.backbone, task.aux
+        if cfg.init_backbone and fresh:
+            _init_aux_decoder(task.aux, cfg.init_backbone, info.class_names("segment"))
+        out.mask_model, out.ema_mask = mask_model, _ema(mask_model, cfg.ema_decay)
+    return out
+
+
+def _train_epoch(cfg: TrainConfig, task: _Task, m: _Models, loader, opt, sched, iters: int, epoch: int,
+                 norm: tuple[torch.Tensor, torch.Tensor], device, progress: bool) -> tuple[float, dict, int]:
+    """One pass over the training data: (summed loss, summed loss parts, batches)."""
+    m.trained.train()
+    mean, std = norm
+    loss_sum, parts_sum, n = 0.0, {}, 0
+    bar = tqdm(total=iters, desc=f"{cfg.name} {epoch}/{cfg.epochs}", disable=not progress, leave=False,
+               unit="batch")
+    for i, batch in enumerate(loader):
+        if i >= iters:
+            break
+        x = (batch["image"].to(device, non_blocking=True).float() / 255.0 - mean) / std
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            loss, parts = task.step_loss(m.model, batch, x, device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {i}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.trained.parameters(), 10.0)
+        opt.step()
+        sched.step()
+        m.ema.update_parameters(m.model)
+        if m.ema_mask is not None:
+            m.ema_mask.update_parameters(m.mask_model)
+        loss_sum += loss.item()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + v
+        n += 1
+        bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        bar.update(1)
+    bar.close()
+    return loss_sum, parts_sum, n
+
+
+def _manifest_base(cfg: TrainConfig, info, classes, mean, std, data_name: str, train_count: int,
+                   resumed_with: list[str], lineage: list) -> dict[str, Any]:
+    return {
+        "name": cfg.name,
+        "version": "1.0.0",
+        "task": cfg.task,
+        "arch": {"variant": cfg.variant, "input_size": [cfg.imgsz, cfg.imgsz], "num_classes": len(classes)},
+        "classes": classes,
+        "mean": mean,
+        "std": std,
+        "preprocess": {"resize": "letterbox", "pad_value": 114},
+        "verdict": _verdict_rule(cfg.task, info.pass_classes),
+        "trained_on": f"{info.format}: {data_name}, {train_count} train images "
+                      f"(split train: sha1('val:'+stem) % 5 != 0; the epoch picked on split val)",
+        "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
+        **({"resumed_with": resumed_with} if resumed_with else {}),
+        **({"initialised_from": lineage} if lineage else {}),
+    }
+
+
+def _save_last(path: Path, cfg: TrainConfig, m: _Models, opt, sched, progress_state: dict[str, Any]) -> None:
+    """The resumable state (`--resume`), written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": m.trained.state_dict(), "ema": m.ema.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), **({"ema_mask": m.ema_mask.state_dict()} if m.ema_mask else {}),
+                "config": json.dumps(dataclasses.asdict(cfg)), "rng": torch.get_rng_state(), **progress_state}, tmp)
+    os.replace(tmp, path)
+
+
+def _setup_process(cfg: TrainConfig) -> torch.device:
+    """Threads, seeds and cuDNN for the run; returns its device."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes in training and validation
+    return device
+
+
+def _optimizer(cfg: TrainConfig, m: _Models, iters_per_epoch: int, device) -> tuple[Any, Any, int]:
+    """AdamW with warm-up + cosine schedule: (optimizer, scheduler, warm-up iterations)."""
+    opt = torch.optim.AdamW(_param_groups(m.trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")  # one kernel per step: small models are launch-bound
+    warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(cfg.epochs * iters_per_epoch, warmup_iters, cfg.lr_final))
+    return opt, sched, warmup_iters
+
+
+def _restore(state: dict | None, m: _Models, opt, sched) -> tuple[int, list, float, int, float]:
+    """Load a resumed run's modules, optimiser, schedule and RNG; (first epoch, history, best, best epoch,
+    best mask score) — a fresh run: (1, [], -1, 0, -1)."""
+    if state is None:
+        return 1, [], -1.0, 0, -1.0
+    m.trained.load_state_dict(state["model"])
+    m.ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if m.ema_mask is not None and "ema_mask" in state:
+        m.ema_mask.load_state_dict(state["ema_mask"])
+    return (int(state["epoch"]) + 1, json.loads(state["history"]), float(state["best"]), int(state["best_epoch"]),
+            float(state.get("best_mask", -1.0)))
+
+
+def _write_log(out: Path, history: list[dict], metric: str, cfg: TrainConfig) -> None:
+    """log.csv and curves.png of the run so far (a failing plot never stops training)."""
+    _write_csv(out / "log.csv", history)
+    try:
+        _plot(out / "curves.png", history, metric, f"{cfg.name} ({cfg.task}, {cfg.variant})")
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not draw curves: {exc}", file=sys.stderr)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) and return ``{"best": {...metrics}, "best_epoch": n, "export": path}``."""
+    out = Path(cfg.out or Path("runs") / (cfg.name or f"{Path(cfg.data).name}-{cfg.task}"))
+    last_path = out / "last.pt"
+    cfg, state, resumed_with = _resume(cfg, last_path)
+    cfg = cfg.resolved().validate()
+    device = _setup_process(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = RECIPES[cfg.task]
+
+    info, source = _load_data(cfg.data, cfg.task)
+    data_name = "+".join(Path(d).name for d in cfg.data.split(","))
+    classes = info.class_names(cfg.task)
+    train_recs, val_recs, val_groups = _splits(cfg, info.records_for(cfg.task), source)
     # segment copy-paste draws its donors from the image's own data folder
-    task = _Task(cfg, info, train_recs, nc, groups=[source[id(r)] for r in train_recs])
+    task = _Task(cfg, info, train_recs, len(classes), groups=[source[id(r)] for r in train_recs])
     task.train_ds.preload(progress=progress)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
-    if state is not None:
-        mean, std = state["mean"], state["std"]
-    else:
-        mean, std = _mean_std(task.train_ds)
+    mean, std = (state["mean"], state["std"]) if state is not None else _mean_std(task.train_ds)
     fg = defect_fractions(task.train_ds) if cfg.fg_sampling else None
     sampler = _sampler(train_recs, cfg.task, cfg.balance, source, fg=fg, fg_power=cfg.fg_sampling)
 
@@ -503,102 +647,24 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
 
     loader = make_loader()
     iters_per_epoch = len(loader) if cfg.max_train_batches is None else min(len(loader), cfg.max_train_batches)
-
-    model = build_model(cfg.task, cfg.variant, nc).to(device)
-    if cfg.init_backbone and state is None:
-        from model.checkpoint import load_backbone_from
-
-        loaded = load_backbone_from(model, cfg.init_backbone)
-        print(f"initialised {len(loaded['loaded'])} backbone tensors from {cfg.init_backbone}")
-    if cfg.init_weights and state is None:
-        _init_weights(model, cfg, classes)
-    ema = _ema(model, cfg.ema_decay)
-    trained = nn.ModuleList([model] + ([task.aux.to(device)] if task.aux is not None else []))
-    # classify with masks: the same backbone + the auxiliary decoder form a segment model; it gets its
-    # own EMA and validation, so one run also yields a segmenter (the backbone is shared, not copied)
-    mask_model = ema_mask = None
-    if task.aux is not None:
-        # built with the classifier's layer scale (on in base/large): its manifest must describe that backbone
-        mask_model = build_model("segment", cfg.variant, task.aux_nc, layer_scale=model.layer_scale).to(device)
-        mask_model.backbone, mask_model.decoder = model.backbone, task.aux
-        if cfg.init_backbone and state is None:
-            _init_aux_decoder(task.aux, cfg.init_backbone, info.class_names("segment"))
-        ema_mask = _ema(mask_model, cfg.ema_decay)
-    opt = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=device.type == "cuda")  # one kernel per step: small models are launch-bound
-    warmup_iters = int(cfg.warmup_epochs * iters_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(cfg.epochs * iters_per_epoch, warmup_iters, cfg.lr_final))
-    start_epoch, history, best, best_epoch = 1, [], -1.0, 0
-    best_mask = -1.0
-    if state is not None:
-        trained.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history"])
-        best, best_epoch = float(state["best"]), int(state["best_epoch"])
-        best_mask = float(state.get("best_mask", -1.0))
-        torch.set_rng_state(state["rng"])
-        if ema_mask is not None and "ema_mask" in state:
-            ema_mask.load_state_dict(state["ema_mask"])
+    m = _build_models(cfg, task, info, classes, device, fresh=state is None)
+    opt, sched, warmup_iters = _optimizer(cfg, m, iters_per_epoch, device)
+    start_epoch, history, best, best_epoch, best_mask = _restore(state, m, opt, sched)
 
     # read at the start: on resume the folders may since hold other weights (e.g. --export to the source)
     lineage = json.loads(state["lineage"]) if state is not None and "lineage" in state else _lineage(cfg)
-    manifest_base = {
-        "name": cfg.name,
-        "version": "1.0.0",
-        "task": cfg.task,
-        "arch": {"variant": cfg.variant, "input_size": [cfg.imgsz, cfg.imgsz], "num_classes": nc},
-        "classes": classes,
-        "mean": mean,
-        "std": std,
-        "preprocess": {"resize": "letterbox", "pad_value": 114},
-        "verdict": _verdict_rule(cfg.task, info.pass_classes),
-        "trained_on": f"{info.format}: {data_name}, {len(train_recs)} train images "
-                      f"(split train: sha1('val:'+stem) % 5 != 0; the epoch picked on split val)",
-        "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
-        **({"resumed_with": resumed_with} if resumed_with else {}),
-        **({"initialised_from": lineage} if lineage else {}),
-    }
+    manifest_base = _manifest_base(cfg, info, classes, mean, std, data_name, len(train_recs), resumed_with,
+                                   lineage)
+    norm = (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
     best_dir = out / "best"
-    amp_dtype = torch.bfloat16
     t_start, epoch, requested = time.time(), start_epoch - 1, cfg.epochs
     while epoch < cfg.epochs:
         epoch += 1
         if _close_mosaic(task.train_ds, cfg, epoch):
             loader = make_loader()  # persistent workers hold their own copy of the dataset
-        trained.train()
         t0 = time.time()
-        loss_sum, parts_sum, n = 0.0, {}, 0
-        bar = tqdm(total=iters_per_epoch, desc=f"{cfg.name} {epoch}/{cfg.epochs}", disable=not progress,
-                   leave=False, unit="batch")
-        for i, batch in enumerate(loader):
-            if i >= iters_per_epoch:
-                break
-            x = batch["image"].to(device, non_blocking=True).float()
-            x = (x / 255.0 - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / \
-                torch.tensor(std, device=device).view(1, 3, 1, 1)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                loss, parts = task.step_loss(model, batch, x, device)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, batch {i}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 10.0)
-            opt.step()
-            sched.step()
-            ema.update_parameters(model)
-            if ema_mask is not None:
-                ema_mask.update_parameters(mask_model)
-            loss_sum += loss.item()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v
-            n += 1
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-            bar.update(1)
-        bar.close()
+        loss_sum, parts_sum, n = _train_epoch(cfg, task, m, loader, opt, sched, iters_per_epoch, epoch, norm,
+                                              device, progress)
         if cfg.time_limit:
             _fit_time_limit(cfg, epoch, start_epoch, requested, t_start, t0, history, sched, iters_per_epoch,
                             warmup_iters)
@@ -609,39 +675,37 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         improved = False
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             t1 = time.time()
-            score = _validate(ema.module, manifest_base, val_recs, recipe.metric, "val_", row, best_dir, best,
+            score = _validate(m.ema.module, manifest_base, val_recs, recipe.metric, "val_", row, best_dir, best,
                               epoch, data_name, cfg, device, progress, groups=val_groups,
                               keep_dir=out / "epochs" / f"{epoch:03d}" if cfg.keep_epochs else None)
             if score > best:
                 best, best_epoch, improved = score, epoch, True
-            if ema_mask is not None:
-                mask_score = _validate_mask(ema_mask.module, manifest_base, info, cfg, device, progress, row,
-                                            out / "best-mask", best_mask, epoch, data_name)
-                best_mask = max(best_mask, mask_score)
+            if m.ema_mask is not None:
+                best_mask = max(best_mask, _validate_mask(m.ema_mask.module, manifest_base, info, cfg, device,
+                                                          progress, row, out / "best-mask", best_mask, epoch,
+                                                          data_name))
             row["val_s"] = round(time.time() - t1, 1)  # both validations
         history.append(row)
-        _write_csv(out / "log.csv", history)
-        try:
-            _plot(out / "curves.png", history, recipe.metric, f"{cfg.name} ({cfg.task}, {cfg.variant})")
-        except Exception as exc:  # plotting must never stop a training run
-            print(f"warning: could not draw curves: {exc}", file=sys.stderr)
-        tmp = last_path.with_suffix(".tmp")
-        torch.save({"model": trained.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-                    "best_mask": best_mask, **({"ema_mask": ema_mask.state_dict()} if ema_mask else {}),
-                    "history": json.dumps(history), "config": json.dumps(dataclasses.asdict(cfg)),
-                    "resumed_with": json.dumps(resumed_with), "lineage": json.dumps(lineage),
-                    "mean": mean, "std": std, "rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, last_path)
+        _write_log(out, history, recipe.metric, cfg)
+        _save_last(last_path, cfg, m, opt, sched, {
+            "epoch": epoch, "best": best, "best_epoch": best_epoch, "best_mask": best_mask,
+            "history": json.dumps(history), "resumed_with": json.dumps(resumed_with),
+            "lineage": json.dumps(lineage), "mean": mean, "std": std})
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))  # epochs may shrink
         msg = " ".join(f"{k}={v}" for k, v in row.items())
         print(f"[{cfg.name}] {msg}{'  *best*' if improved else ''}", flush=True)
 
-    export = _copy_folder(best_dir, cfg.export)
+    return _finish(cfg, out, recipe.metric, best, best_epoch, best_mask if m.ema_mask is not None else None)
+
+
+def _finish(cfg: TrainConfig, out: Path, metric: str, best: float, best_epoch: int,
+            best_mask: float | None) -> dict[str, Any]:
+    """Copy the best weights (and mask model) to --export / --export-mask; the run's result."""
+    export = _copy_folder(out / "best", cfg.export)
     export_mask = _copy_folder(out / "best-mask", cfg.export_mask)
-    result = {"best": {recipe.metric: best}, "best_epoch": best_epoch, "out": str(out),
-              "best_dir": str(best_dir), "export": str(export) if export else None}
-    if ema_mask is not None:
+    result = {"best": {metric: best}, "best_epoch": best_epoch, "out": str(out),
+              "best_dir": str(out / "best"), "export": str(export) if export else None}
+    if best_mask is not None:
         result.update(best_mask={"miou": best_mask}, export_mask=str(export_mask) if export_mask else None)
     return result
 
