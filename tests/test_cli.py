@@ -90,7 +90,7 @@ def test_info_unknown_variant_is_an_error(bad):
 
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["serve", "--max-queue", "0"], {}, "max_queue: Input should be greater than or equal to 1"),
-    (["serve"], {"S2AMNET_MODEL_MAX_BATCH_SIZE": "crack-segment"}, "expected name=N, got 'crack-segment'"),
+    (["serve"], {"S2AMNET_MODEL_MAX_BATCH_SIZE": "crack-segment"}, "expected name=value, got 'crack-segment'"),
     (["worker", "--redis-url", "redis://127.0.0.1:1", "--model-max-batch-size", "det=0"], {},
      "model_max_batch_size.det: Input should be greater than or equal to 1"),
 ])
