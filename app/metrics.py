@@ -5,8 +5,9 @@ Naming: prefix `s2amnet_`, base units (seconds), `_total` for counters (promethe
 Multiprocess mode: when `PROMETHEUS_MULTIPROC_DIR` is set in the environment *before* this module is
 first imported, prometheus-client keeps every value in mmap files in that folder, and `render()` merges
 the files of all processes (several API processes, or a worker's processes). Each gauge declares how its
-values from several processes combine (`multiprocess_mode`). A supervisor should call
-`mark_process_dead(pid)` for a child that exited so that its live gauges disappear.
+values from several processes combine (`multiprocess_mode`). A supervisor that restarts children calls
+`prometheus_client.multiprocess.mark_process_dead(pid)` for a child that exited, so that its live gauges
+disappear.
 """
 
 from __future__ import annotations
@@ -216,12 +217,6 @@ def registry() -> CollectorRegistry:
 def render() -> tuple[bytes, str]:
     """Prometheus text exposition of every metric: (body, content type)."""
     return generate_latest(registry()), CONTENT_TYPE_LATEST
-
-
-def mark_process_dead(pid: int) -> None:
-    """Forget the live gauges of a dead process (multiprocess mode only)."""
-    if multiprocess_enabled():
-        _mp.mark_process_dead(pid)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0"):

@@ -64,9 +64,10 @@ def test_multiprocess_mode_merges_processes(tmp_path):
         pids.append(int(proc.stdout))
 
     def render(dead=()) -> str:
-        mark = "".join(f"metrics.mark_process_dead({pid})\n" for pid in dead)
+        mark = "".join(f"multiprocess.mark_process_dead({pid})\n" for pid in dead)
         return subprocess.run(
-            [sys.executable, "-c", f"from app import metrics\n{mark}print(metrics.render()[0].decode())"],
+            [sys.executable, "-c", "from app import metrics\nfrom prometheus_client import multiprocess\n"
+             f"{mark}print(metrics.render()[0].decode())"],
             env=env,
             cwd=ROOT,
             check=True,
