@@ -165,6 +165,12 @@ MODEL_LOAD_SECONDS = Gauge(
     namespace=PREFIX,
     multiprocess_mode="livemax",
 )
+FAIL_SAFE = Counter(
+    "fail_safe_answers",
+    "Parts answered verdict fail without being inspected (on_timeout=fail), by reason (timeout, unavailable).",
+    ["model", "reason"],
+    namespace=PREFIX,
+)
 MODEL_BACKEND = Gauge(
     "model_backend",
     "1 for the backend that runs the model's forwards (eager, onnxruntime; S2AMNET_BACKEND).",
@@ -236,6 +242,8 @@ def init_model_series(model: str, task: str) -> None:
     IMAGES.labels(model=model, task=task)
     for verdict in ("pass", "fail"):
         VERDICTS.labels(model=model, verdict=verdict)
+    for reason in ("timeout", "unavailable"):
+        FAIL_SAFE.labels(model=model, reason=reason)
     for counter in (BATCHES, JOBS_EXPIRED, JOBS_CANCELLED, JOBS_REDELIVERED, JOBS_DEAD_LETTERED):
         counter.labels(model=model)
     for histogram in (QUEUE_WAIT, INFERENCE_DURATION, POSTPROCESS_DURATION, BATCH_SIZE):

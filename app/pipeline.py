@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from app import metrics
 from app.codec import decode_image
-from app.dispatch.base import Dispatcher, Job
+from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable
 from app.inference import raise_for_result, run_batch
 from app.schemas import InspectOptions
 
@@ -84,6 +85,7 @@ def assemble_result(
         "task": out["task"],
         "image": out["image"],
         "verdict": out["verdict"],
+        "decided_by": out.get("decided_by", "model"),
         "defects": out["defects"],
     }
     if "top_k" in out:
@@ -128,8 +130,23 @@ async def inspect_images(
     inference = options.inference_options()
     jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(inference), deadline=deadline)
             for arr, meta in prepared]
-    outputs = await submit_all(jobs)
+    try:
+        outputs = await submit_all(jobs)
+    except (DeadlineExceeded, QueueFull, Unavailable) as exc:
+        if options.on_timeout != "fail":
+            raise
+        reason = "timeout" if isinstance(exc, DeadlineExceeded) else "unavailable"
+        metrics.FAIL_SAFE.labels(model=predictor.name, reason=reason).inc(len(jobs))
+        outputs = [fail_safe_output(predictor, meta, reason) for _, meta in prepared]
 
     total_ms = (time.time() - started) * 1000.0
     mes = options.mes()
     return [assemble_result(out, request_id, total_ms, mes) for out in outputs]
+
+
+def fail_safe_output(predictor: Predictor, meta: dict, reason: str) -> dict[str, Any]:
+    """The answer for a part that could not be inspected, when the request asks for ``on_timeout=fail``:
+    verdict fail, no defects, ``decided_by`` the reason."""
+    return {"model": {"name": predictor.name, "version": predictor.version}, "task": predictor.task,
+            "image": {"width": int(meta["orig_w"]), "height": int(meta["orig_h"])}, "verdict": "fail",
+            "decided_by": reason, "defects": []}

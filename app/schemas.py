@@ -10,7 +10,7 @@ MaskFormat = Literal["rle", "polygon", "png"]
 Task = Literal["classify", "detect", "segment"]
 
 MES_FIELDS = ("station_id", "part_id", "meas_id", "recipe_id")
-OPTION_FIELDS = ("model", "conf", "iou", "max_det", "top_k", "mask_format")
+OPTION_FIELDS = ("model", "conf", "iou", "max_det", "top_k", "mask_format", "on_timeout")
 
 _ID = dict(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
 
@@ -37,6 +37,12 @@ class InspectOptions(BaseModel):
     part_id: str | None = Field(None, description="MES part identifier, echoed back.", **_ID)
     meas_id: str | None = Field(None, description="MES measurement identifier, echoed back.", **_ID)
     recipe_id: str | None = Field(None, description="MES recipe identifier, echoed back.", **_ID)
+    on_timeout: Literal["error", "fail"] = Field(
+        "error",
+        description="What a passed deadline or an unavailable backend answers: 'error' (504 / 503 problem), or "
+        "'fail' (200, verdict fail, decided_by 'timeout' / 'unavailable', no defects) for lines that must never "
+        "let a part through unseen.",
+    )
 
     def inference_options(self) -> dict[str, Any]:
         return {
@@ -127,6 +133,10 @@ class InspectionResult(BaseModel):
     task: Task
     image: ImageSize
     verdict: Literal["pass", "fail"]
+    decided_by: Literal["model", "timeout", "unavailable"] = Field(
+        "model", description="'model'; with on_timeout=fail, 'timeout' or 'unavailable' when the part was failed "
+        "without being inspected."
+    )
     defects: list[Defect]
     top_k: list[ClassScore] | None = Field(None, description="classify only.")
     timing_ms: TimingMs

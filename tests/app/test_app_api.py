@@ -28,6 +28,7 @@ RESULT_KEYS = {
     "task",
     "image",
     "verdict",
+    "decided_by",
     "defects",
     "timing_ms",
     "station_id",
@@ -49,7 +50,7 @@ def check_result(r: dict, task: str, w: int, h: int) -> None:
     expected = RESULT_KEYS | ({"top_k"} if task == "classify" else set())
     assert set(r) == expected, set(r) ^ expected
     uuid.UUID(r["result_id"])
-    assert r["task"] == task
+    assert r["task"] == task and r["decided_by"] == "model"
     assert r["model"] == {
         "name": {"classify": "cls", "detect": "det", "segment": "seg"}[task],
         "version": "1",

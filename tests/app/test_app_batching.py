@@ -222,6 +222,29 @@ def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Ser
     wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
 
 
+def test_on_timeout_fail_answers_a_fail_at_the_deadline(slow_server: Server):
+    """A line that must never let a part through unseen: with on_timeout=fail a passed deadline is a 200 with
+    verdict fail, decided_by timeout and no defects, at the deadline, counted in s2amnet_fail_safe_answers."""
+    wait_ready(slow_server)
+    wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
+    before = slow_server.metrics()
+    t0 = time.monotonic()
+    resp = httpx.post(slow_server.url + "/detect?on_timeout=fail", files=files(png(w=80, h=48, seed=7)),
+                      data={"part_id": "4711"}, headers={"X-Request-Timeout": "0.4"})
+    assert time.monotonic() - t0 < DELAY
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["verdict"], body["decided_by"], body["defects"]) == ("fail", "timeout", [])
+    assert body["image"] == {"width": 80, "height": 48} and body["part_id"] == "4711"
+    assert body["model"]["name"] == "det"
+    after = slow_server.metrics()
+    assert metric(after, "s2amnet_fail_safe_answers_total", model="det", reason="timeout") - metric(
+        before, "s2amnet_fail_safe_answers_total", model="det", reason="timeout") == 1
+    wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
+    ok = httpx.post(slow_server.url + "/detect?on_timeout=fail", files=files(png(seed=8)), timeout=60).json()
+    assert ok["decided_by"] == "model"  # inspected: the model decided
+
+
 def test_deadline_holds_while_waiting_for_the_same_idempotency_key(slow_server: Server):
     """A retry with the key of a request still running waits for it, but not past its own deadline."""
     wait_ready(slow_server)

@@ -154,6 +154,8 @@ def traffic_wave(api: str, r: redis.Redis, i: int) -> None:
         assert 400 <= res.status_code < 500 and res.status_code != 401, res.text
         res = c.post("/segment", files=files(1, 1), headers={"X-Request-Timeout": "0.001"})
         assert res.status_code == 504, res.text
+        res = c.post("/segment?on_timeout=fail", files=files(1, 2), headers={"X-Request-Timeout": "0.001"})
+        assert res.status_code == 200 and res.json()["decided_by"] == "timeout", res.text  # fail-safe answer
 
     model = "cls"
     expired = inject_job(r, model, f"s2amnet:replies:monitoring-expired-{i}", deadline=time.time() - 1)
