@@ -42,10 +42,12 @@ def _iou_any(box: np.ndarray, gt: np.ndarray) -> float:
     return float((inter / np.maximum(union, 1e-9)).max())
 
 
-def part_outcome(predictor: Predictor, rec: Record, raw: Any, meta: dict, gt_mask: np.ndarray | None = None
-                 ) -> PartOutcome:
+def part_outcome(predictor: Predictor, rec: Record, raw: Any, defects: list[dict] | None = None,
+                 gt_mask: np.ndarray | None = None) -> PartOutcome:
     """One image's `PartOutcome`: its ground truth (defective or not, which defect classes, where) and every
-    defect the model reports above ``PART_CONF`` with whether it overlaps the ground truth."""
+    defect the model reports above ``PART_CONF`` with whether it overlaps the ground truth. detect / segment:
+    ``defects`` is the postprocessed answer at a conf no higher than ``PART_CONF`` (segment with
+    ``mask_crops``), ``gt_mask`` the segment label mask at the original size."""
     task = predictor.task
     free = rec.is_defect_free(task) if task != "segment" else rec.defect_free
     if task == "classify":
@@ -56,21 +58,19 @@ def part_outcome(predictor: Predictor, rec: Record, raw: Any, meta: dict, gt_mas
         cands = [Candidate(k, float(probs[k])) for k in range(len(probs)) if k not in pass_ids]
         return PartOutcome(defective=not free, gt_classes=() if free else (int(rec.label),), candidates=cands,
                            defect_mass=float(1.0 - probs[pass_ids].sum()))
+    defects = [d for d in defects or [] if d["score"] >= PART_CONF]
     if task == "detect":
         gt = np.asarray(rec.boxes, np.float64).reshape(-1, 4)
-        res = predictor.postprocess(raw, meta, conf=PART_CONF, iou=0.7, max_det=EVAL_MAX_DET)
         cands = []
-        for d in res["defects"]:
+        for d in defects:
             b = np.array([d["box"][k] for k in ("x1", "y1", "x2", "y2")], np.float64)
             cands.append(Candidate(d["class_id"], d["score"], d["area"], _iou_any(b, gt) >= LOCALISE_IOU))
         return PartOutcome(defective=not free, gt_classes=tuple(sorted({int(c) for c in rec.box_classes})),
                            candidates=cands, has_regions=len(gt) > 0)
     # segment: a component catches the part when any of its pixels is a ground-truth defect pixel
-    gt_mask = rec.load_mask((meta["orig_h"], meta["orig_w"])) if gt_mask is None else gt_mask
     defect = (gt_mask > 0) & (gt_mask != 255)
-    res = predictor.postprocess(raw, meta, conf=PART_CONF, max_det=1 << 30, mask_crops=True)
     cands = []
-    for d in res["defects"]:
+    for d in defects:
         x1, y1, x2, y2 = (int(d["box"][k]) for k in ("x1", "y1", "x2", "y2"))
         cands.append(Candidate(d["class_id"], d["score"], d["area"], bool(defect[y1:y2, x1:x2][d["mask"]].any())))
     classes = tuple(int(c) for c in np.unique(gt_mask[defect]))
@@ -138,11 +138,14 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
                 pred = int(np.argmax(np.asarray(raw["probs"])))
                 meter.update(np.array([pred]), np.array([rec.label]))
                 out: Any = pred
+                outcome = part_outcome(predictor, rec, raw)
             elif task == "segment":
-                labels, _ = T.logits_to_original(raw["logits"], s.meta)
+                labels, probs = T.logits_to_original(raw["logits"], s.meta)
                 gt_mask = rec.load_mask(labels.shape)
                 meter.update(labels, gt_mask)
                 out = labels if keep_predictions else None
+                found = predictor.segment_defects(labels, probs, conf=PART_CONF, max_det=1 << 30, mask_crops=True)
+                outcome = part_outcome(predictor, rec, raw, found["defects"], gt_mask)
             else:
                 res = predictor.postprocess(raw, s.meta, conf=EVAL_CONF, iou=0.7, max_det=EVAL_MAX_DET)
                 dets = res["defects"]
@@ -154,7 +157,8 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
                 gt = {"boxes": rec.boxes, "classes": rec.box_classes, "width": w, "height": h}
                 meter.update([pred], [gt])
                 out = pred
-            outcomes.append(part_outcome(predictor, rec, raw, s.meta, gt_mask if task == "segment" else None))
+                outcome = part_outcome(predictor, rec, raw, dets)  # the same NMS answer, at PART_CONF and up
+            outcomes.append(outcome)
             if keep_predictions:
                 kept.append(out)
         bar.update(len(chunk))

@@ -326,6 +326,12 @@ class Predictor:
 
     def _post_segment(self, raw, meta, conf: float, max_det: int, mask_crops: bool = False) -> dict[str, Any]:
         labels, probs = T.logits_to_original(raw["logits"], meta)
+        return self.segment_defects(labels, probs, conf, max_det, mask_crops)
+
+    def segment_defects(self, labels: np.ndarray, probs: np.ndarray, conf: float = 0.25, max_det: int = 300,
+                        mask_crops: bool = False) -> dict[str, Any]:
+        """``{"verdict", "defects"}`` of a label map and its class probabilities at the original size (what
+        `T.logits_to_original` returns): one defect per connected region of each defect class."""
         h, w = labels.shape
         cands = []
         for cid in range(1, len(self.classes)):
