@@ -89,11 +89,9 @@ def export_onnx(model: torch.nn.Module, input_size: Sequence[int], path: str | o
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     use_real_valued_fft(model, True)
     try:
-        import logging as _logging
-
-        quiet = _logging.getLogger("torch.onnx")
+        quiet = logging.getLogger("torch.onnx")
         level = quiet.level
-        quiet.setLevel(_logging.ERROR)
+        quiet.setLevel(logging.ERROR)
         try:
             torch.onnx.export(wrapped, (x,), str(tmp), dynamo=True, verbose=False, input_names=["x"],
                               dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}})

@@ -4,7 +4,6 @@ cache ahead of its start), with a parity report against eager PyTorch."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,8 +50,7 @@ def run(args) -> int:
     else:
         path = Path(args.out) if args.out else Path(args.weights) / "model.onnx"
         try:
-            tmp = backends.export_onnx(predictor.model, predictor.input_size, path.with_suffix(".export.onnx"))
-            shutil.move(tmp, path)
+            backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
         except Exception as exc:  # noqa: BLE001
             print(f"error: export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
