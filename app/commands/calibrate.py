@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.commands.eval import SPLIT_HELP, format_parts, load_inputs
+from app.commands.eval import add_model_data_args, format_parts, load_inputs
 
 
 def add_parser(sub) -> None:
@@ -17,10 +17,7 @@ def add_parser(sub) -> None:
                     "false rejects, prints the trade-off and writes the rule, with a new version and the "
                     "figures it is expected to give, into the manifest. Choose thresholds on the val split; "
                     "report figures from the test split (s2amnet eval --split test).")
-    p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
-    p.add_argument("--data", required=True, help="dataset folder in its native layout")
-    p.add_argument("--split", default="val", choices=["val", "train", "test", "heldout", "all"],
-                   help=SPLIT_HELP + " (default val)")
+    add_model_data_args(p, split="val")
     p.add_argument("--max-escape", type=float, required=True, metavar="RATE",
                    help="most defective images that may go uncaught, as a fraction (e.g. 0.02)")
     p.add_argument("--max-false-reject", type=float, metavar="RATE",

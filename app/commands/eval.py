@@ -11,15 +11,20 @@ SPLIT_HELP = ("part of the split by file stem: train (80 %%), val (10 %%: picks 
               "test (10 %%: only for reporting), heldout (val + test), all")
 
 
+def add_model_data_args(p, split: str) -> None:
+    """--weights, --data and --split (default ``split``), as eval and calibrate take them."""
+    p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
+    p.add_argument("--data", required=True, help="dataset folder in its native layout")
+    p.add_argument("--split", default=split, choices=["all", "train", "val", "test", "heldout"],
+                   help=f"{SPLIT_HELP} (default {split})")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a weights folder on a dataset folder",
                        description="Runs the Predictor (the code the service uses) over every labelled "
                                    "image of --data and prints the task's metrics and the part-level "
                                    "figures of the manifest's verdict rule (escape, false reject).")
-    p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
-    p.add_argument("--data", required=True, help="dataset folder in its native layout")
-    p.add_argument("--split", default="all", choices=["all", "train", "val", "test", "heldout"],
-                   help=SPLIT_HELP + " (default all)")
+    add_model_data_args(p, split="all")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
     p.add_argument("--tta", metavar="VIEWS",
                    help="test-time augmentation for this evaluation instead of the manifest's: comma-separated "
