@@ -136,6 +136,29 @@ def _drawn(driver) -> dict:
         };""")
 
 
+def _inspect(driver, server, path: Path, task: str, conf: float | None = None) -> tuple[dict, dict]:
+    """Open the console, choose ``task``, optionally set conf, upload ``path``: (JSON answer, what is drawn)."""
+    _open(driver, server.url, task)
+    if conf is not None:
+        _set_conf(driver, conf)
+    body = _upload(driver, path)
+    return body, _drawn(driver)
+
+
+def _assert_boxes_on_screen(drawn: dict, body: dict, width: int, height: int) -> None:
+    """Every drawn box stands where the JSON puts it, scaled with the image as the page shows it."""
+    left, top, shown_w, shown_h = drawn["shown"]
+    sx, sy = shown_w / width, shown_h / height
+    for rect in drawn["rects"]:
+        d = body["defects"][rect["index"]]["box"]
+        want = [d["x1"], d["y1"], d["x2"], d["y2"]]
+        assert rect["box"] == pytest.approx(want, abs=1e-6)
+        x, y, w, h = rect["screen"]
+        assert x - left == pytest.approx(want[0] * sx, abs=1.5) and y - top == pytest.approx(want[1] * sy, abs=1.5)
+        assert w == pytest.approx((want[2] - want[0]) * sx, abs=1.5)
+        assert h == pytest.approx((want[3] - want[1]) * sy, abs=1.5)
+
+
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory) -> Iterator:
     weights = make_weights(tmp_path_factory.mktemp("console-weights"))
@@ -146,24 +169,11 @@ def console_server(tmp_path_factory) -> Iterator:
 def test_detect_boxes_are_drawn_where_the_json_puts_them(browser, console_server, tmp_path):
     img = tmp_path / "part.png"
     Image.fromarray(pattern(96, 64, seed=3)).save(img)
-    _open(browser, console_server.url, "detect")
-    _set_conf(browser, 0.0)
-    body = _upload(browser, img)
-    drawn = _drawn(browser)
+    body, drawn = _inspect(browser, console_server, img, "detect", conf=0.0)
     assert drawn["verdictShown"] and drawn["verdict"] == body["verdict"]
     assert drawn["viewBox"] == "0 0 96 64" and drawn["natural"] == [96, 64]
     assert body["defects"] and len(drawn["rects"]) == len(body["defects"]) == drawn["rows"]
-    left, top, width, height = drawn["shown"]
-    for rect in drawn["rects"]:
-        d = body["defects"][rect["index"]]["box"]
-        want = [d["x1"], d["y1"], d["x2"], d["y2"]]
-        assert rect["box"] == pytest.approx(want, abs=1e-6)
-        # on the screen: the box scaled with the image as it is shown
-        sx, sy = width / 96, height / 64
-        x, y, w, h = rect["screen"]
-        assert x - left == pytest.approx(want[0] * sx, abs=1.5) and y - top == pytest.approx(want[1] * sy, abs=1.5)
-        assert w == pytest.approx((want[2] - want[0]) * sx, abs=1.5)
-        assert h == pytest.approx((want[3] - want[1]) * sy, abs=1.5)
+    _assert_boxes_on_screen(drawn, body, 96, 64)
     curl = browser.find_element("id", "curl").get_attribute("textContent")
     assert curl.startswith("curl -F file=@part.png") and "/detect?" in curl and "conf=0.00" in curl
     assert API_KEY not in curl  # the key is never printed
@@ -174,10 +184,7 @@ def test_segment_masks_are_drawn_pixel_for_pixel(browser, console_server, tmp_pa
 
     img = tmp_path / "tile.png"
     Image.fromarray(pattern(80, 64, seed=5)).save(img)
-    _open(browser, console_server.url, "segment")
-    _set_conf(browser, 0.0)
-    body = _upload(browser, img)
-    drawn = _drawn(browser)
+    body, drawn = _inspect(browser, console_server, img, "segment", conf=0.0)
     assert drawn["verdict"] == body["verdict"]
     assert body["defects"] and len(drawn["masks"]) == len(body["defects"])
     for m in drawn["masks"]:
@@ -228,19 +235,11 @@ def test_an_exif_rotated_photo_gets_its_boxes_on_the_upright_image(browser, cons
     upright = pattern(48, 96, seed=9)  # portrait as a viewer shows it; stored landscape + orientation 6
     img = tmp_path / "rotated.jpg"
     img.write_bytes(exif_rotated(upright))
-    _open(browser, console_server.url, "detect")
-    _set_conf(browser, 0.0)
-    body = _upload(browser, img)
+    body, drawn = _inspect(browser, console_server, img, "detect", conf=0.0)
     assert (body["image"]["width"], body["image"]["height"]) == (48, 96)
-    drawn = _drawn(browser)
     assert drawn["natural"] == [48, 96] and drawn["viewBox"] == "0 0 48 96"
-    left, top, width, height = drawn["shown"]
-    assert height > width  # shown upright
-    for rect in drawn["rects"]:
-        d = body["defects"][rect["index"]]["box"]
-        x, y, _, _ = rect["screen"]
-        assert x - left == pytest.approx(d["x1"] * width / 48, abs=1.5)
-        assert y - top == pytest.approx(d["y1"] * height / 96, abs=1.5)
+    assert drawn["shown"][3] > drawn["shown"][2]  # shown upright
+    _assert_boxes_on_screen(drawn, body, 48, 96)
 
 
 # ------------------------------------------------------------------------------------------------------
