@@ -135,7 +135,7 @@ def _project_root() -> Path:
 
 
 def default_data_root() -> Path:
-    """``$S2AMNET_DATA_DIR`` if set, else ``<project root>/../shared/data``."""
+    """``$S2AMNET_DATA_DIR`` if set, else the folder ``shared/data`` beside the project folder."""
     env = os.environ.get("S2AMNET_DATA_DIR")
     if env:
         return Path(env).expanduser()
