@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("s2amnet.inference")
 
-POSTPROCESS_OPTIONS = ("conf", "iou", "max_det", "top_k")
+POSTPROCESS_OPTIONS = ("conf", "iou", "max_det", "top_k", "rule")  # rule: a recipe's verdict rule
 
 
 def _plain(value: Any) -> Any:

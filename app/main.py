@@ -17,9 +17,11 @@ from fastapi_offline import FastAPIOffline
 from app import console, errors
 from app.dispatch import create_dispatcher
 from app.idempotency import create_store
+from app.line import create_outlets
 from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.models import default_models, load_beside_the_forwards
 from app.openapi import custom_openapi
+from app.recipes import RecipeBook, RecipeError
 from app.routes import router
 from app.settings import Settings
 from app.state import ServiceState, service_state
@@ -37,6 +39,13 @@ async def _startup(app: FastAPI) -> None:
         predictors = await asyncio.to_thread(load_beside_the_forwards, settings)
         state.predictors = predictors
         state.defaults = default_models(predictors)
+        recipes = RecipeBook(settings.recipes, predictors)
+        recipes.load()  # a bad recipe file stops start-up (a reload keeps the recipes in force instead)
+        await recipes.watch()
+        state.recipes = recipes
+        outlets = create_outlets(settings)
+        await outlets.start()
+        state.outlets = outlets
         dispatcher = create_dispatcher(predictors, settings)
         state.dispatcher = dispatcher
         await dispatcher.start()  # the embedded dispatcher warms every model up on its inference thread
@@ -47,7 +56,8 @@ async def _startup(app: FastAPI) -> None:
         raise
     except Exception as exc:
         state.startup_error = f"{type(exc).__name__}: {exc}"
-        log.error("start-up failed: %s", state.startup_error, exc_info=not isinstance(exc, RuntimeError))
+        log.error("start-up failed: %s", state.startup_error,
+                  exc_info=not isinstance(exc, RuntimeError | RecipeError))
         if state.on_startup_failure is not None:
             state.on_startup_failure(state.startup_error)
 
@@ -75,6 +85,10 @@ async def lifespan(app: FastAPI):
                 await task
         if state.dispatcher is not None:
             await state.dispatcher.stop(settings.drain_timeout_s)
+        if state.outlets is not None:  # after the drain: the last answers are recorded and published too
+            await state.outlets.stop(settings.drain_timeout_s)
+        if state.recipes is not None:
+            await state.recipes.close()
         await state.idempotency.close()
         log.info("stopped")
 

@@ -194,6 +194,56 @@ VERDICTS = Counter(
     "verdicts", "Verdicts given, by model and verdict (pass/fail).", ["model", "verdict"], namespace=PREFIX
 )
 
+# ---------------------------------------------------------------- line integration (app.line)
+RECIPE_RELOADS = Counter(
+    "recipe_reloads",
+    "Recipe file loads, by outcome (ok, invalid: the file was rejected and the previous recipes kept).",
+    ["outcome"],
+    namespace=PREFIX,
+)
+RECORDS_WRITTEN = Counter(
+    "records_written", "Inspection results recorded, by store (sqlite, postgresql).", ["store"], namespace=PREFIX
+)
+RECORDS_DROPPED = Counter(
+    "records_dropped",
+    "Inspection results that could not be recorded, by reason (queue_full, store_error, image_error).",
+    ["reason"],
+    namespace=PREFIX,
+)
+RECORD_STORE_UP = Gauge(
+    "record_store_up",
+    "1 while the last write to the record store succeeded, 0 after a failed one.",
+    ["store"],
+    namespace=PREFIX,
+    multiprocess_mode="livemin",
+)
+BUS_PUBLISHED = Counter(
+    "bus_published",
+    "Results delivered to the plant bus (mqtt: acknowledged by the broker; opcua: written to the server's nodes).",
+    ["bus"],
+    namespace=PREFIX,
+)
+BUS_DROPPED = Counter(
+    "bus_dropped",
+    "Results not delivered to the plant bus, by bus and reason (outbox_full, error).",
+    ["bus", "reason"],
+    namespace=PREFIX,
+)
+BUS_CONNECTED = Gauge(
+    "bus_connected",
+    "1 while the bus connection is up (mqtt: connected to the broker; opcua: the server is running).",
+    ["bus"],
+    namespace=PREFIX,
+    multiprocess_mode="livemin",
+)
+BUS_OUTBOX = Gauge(
+    "bus_outbox",
+    "Results waiting to be published on the bus.",
+    ["bus"],
+    namespace=PREFIX,
+    multiprocess_mode="livesum",
+)
+
 # ---------------------------------------------------------------- workers (Redis mode)
 WORKER_HEARTBEAT = Gauge(
     "worker_heartbeat_timestamp_seconds",

@@ -20,11 +20,13 @@ from app import metrics
 from app.codec import decode_image
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable
 from app.inference import raise_for_result, run_batch
+from app.recipes import Decision
 from app.schemas import InspectOptions
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from app.line import Outlets
     from model.predictor import Predictor
 
 SubmitAll = Callable[[list[Job]], Awaitable[list[dict[str, Any]]]]
@@ -75,7 +77,7 @@ def in_process(predictor: Predictor, batch_size: int) -> SubmitAll:
 
 
 def assemble_result(
-    out: dict[str, Any], request_id: str, total_ms: float, mes: dict[str, Any]
+    out: dict[str, Any], request_id: str, total_ms: float, mes: dict[str, Any], recipe: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """A computed result + request context -> one InspectionResult dict (the API's answer per image)."""
     result: dict[str, Any] = {
@@ -86,6 +88,7 @@ def assemble_result(
         "image": out["image"],
         "verdict": out["verdict"],
         "decided_by": out.get("decided_by", "model"),
+        "recipe": recipe,
         "defects": out["defects"],
     }
     if "top_k" in out:
@@ -111,11 +114,16 @@ async def inspect_images(
     request_id: str,
     started: float,
     limiter: anyio.CapacityLimiter | None = None,
+    decision: Decision | None = None,
+    outlets: Outlets | None = None,
 ) -> list[dict[str, Any]]:
     """Decode and preprocess ``images`` on worker threads (at most ``limiter``'s at a time; the list is
-    emptied once they are decoded, freeing the bytes), submit one job per image, and return one
-    InspectionResult dict per image, in order. ``started``: the request's start (epoch seconds), for
+    emptied once they are decoded, freeing the bytes, unless an outlet wants them), submit one job per image,
+    and return one InspectionResult dict per image, in order, each offered to ``outlets`` (records, plant bus).
+    ``decision``: the recipe's rule and on_timeout (`app.recipes.RecipeBook.decide`; default the model's own
+    rule and the request's on_timeout). ``started``: the request's start (epoch seconds), for
     ``timing_ms.total``. Raises the decoder's Problem or the submitter's DispatchError."""
+    decision = decision or Decision(on_timeout=options.on_timeout or "error")
 
     async def prepare_one(i: int, data: bytes) -> tuple[Any, Any]:
         return await anyio.to_thread.run_sync(prepare, predictor, data, i, limits, limiter=limiter)
@@ -125,15 +133,18 @@ async def inspect_images(
         prepared = [await prepare_one(0, images[0])]
     else:
         prepared = await asyncio.gather(*(prepare_one(i, d) for i, d in enumerate(images)))
+    kept = list(images) if outlets and outlets.wants_images() else [None] * len(images)
     images.clear()
 
     inference = options.inference_options()
+    if decision.rule is not None:
+        inference["rule"] = decision.rule
     jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(inference), deadline=deadline)
             for arr, meta in prepared]
     try:
         outputs = await submit_all(jobs)
     except (DeadlineExceeded, QueueFull, Unavailable) as exc:
-        if options.on_timeout != "fail":
+        if decision.on_timeout != "fail":
             raise
         reason = "timeout" if isinstance(exc, DeadlineExceeded) else "unavailable"
         metrics.FAIL_SAFE.labels(model=predictor.name, reason=reason).inc(len(jobs))
@@ -141,7 +152,11 @@ async def inspect_images(
 
     total_ms = (time.time() - started) * 1000.0
     mes = options.mes()
-    return [assemble_result(out, request_id, total_ms, mes) for out in outputs]
+    results = [assemble_result(out, request_id, total_ms, mes, decision.recipe) for out in outputs]
+    if outlets:
+        for result, image in zip(results, kept, strict=True):
+            outlets.offer(result, image)
+    return results
 
 
 def fail_safe_output(predictor: Predictor, meta: dict, reason: str) -> dict[str, Any]:

@@ -145,10 +145,13 @@ async def _compute(request: Request, task: str, body: bytes, deadline: float) ->
     settings = state.settings
     parsed = await parse_inspect_body(request, body, settings.max_images)
     predictor = _model_for(request, task, parsed.options.model)
+    options = parsed.options
+    decision = state.recipes.decide(options.recipe_id, predictor, options.on_timeout) if state.recipes else None
     results = await inspect_images(
-        predictor, parsed.images, parsed.options, via_dispatcher(_dispatcher(state)),
+        predictor, parsed.images, options, via_dispatcher(_dispatcher(state)),
         limits=ImageLimits(settings.max_pixels, settings.min_image_side), deadline=deadline,
         request_id=request.state.request_id, started=request.state.start_time, limiter=state.decode_limiter,
+        decision=decision, outlets=state.outlets,
     )
     return results[0] if parsed.single else results
 
@@ -341,7 +344,8 @@ async def readyz(request: Request) -> Any:
         raise Unavailable(f"startup failed: {state.startup_error}", state.settings.retry_after_s)
     if not state.ready or state.dispatcher is None or not state.dispatcher.ready():
         raise Unavailable("not ready: models loading or backend unreachable", state.settings.retry_after_s)
-    return Health(status="ready", models=list(state.predictors or {}))
+    return Health(status="ready", models=list(state.predictors or {}),
+                  integrations=state.outlets.health() if state.outlets else None)
 
 
 @router.get(

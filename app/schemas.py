@@ -36,12 +36,14 @@ class InspectOptions(BaseModel):
     station_id: str | None = Field(None, description="MES station identifier, echoed back.", **_ID)
     part_id: str | None = Field(None, description="MES part identifier, echoed back.", **_ID)
     meas_id: str | None = Field(None, description="MES measurement identifier, echoed back.", **_ID)
-    recipe_id: str | None = Field(None, description="MES recipe identifier, echoed back.", **_ID)
-    on_timeout: Literal["error", "fail"] = Field(
-        "error",
+    recipe_id: str | None = Field(
+        None, description="Recipe whose thresholds decide the verdict (S2AMNET_RECIPES); unknown ids get 422. "
+        "Unset: the model's own rule.", **_ID)
+    on_timeout: Literal["error", "fail"] | None = Field(
+        None,
         description="What a passed deadline or an unavailable backend answers: 'error' (504 / 503 problem), or "
         "'fail' (200, verdict fail, decided_by 'timeout' / 'unavailable', no defects) for lines that must never "
-        "let a part through unseen.",
+        "let a part through unseen. Default: the recipe's on_timeout, else 'error'.",
     )
 
     def inference_options(self) -> dict[str, Any]:
@@ -122,6 +124,11 @@ class TimingMs(BaseModel):
     total: float = Field(..., description="The whole request, from arrival to answer.")
 
 
+class RecipeRef(BaseModel):
+    id: str
+    version: str
+
+
 class InspectionResult(BaseModel):
     """One inspected image."""
 
@@ -136,6 +143,9 @@ class InspectionResult(BaseModel):
     decided_by: Literal["model", "timeout", "unavailable"] = Field(
         "model", description="'model'; with on_timeout=fail, 'timeout' or 'unavailable' when the part was failed "
         "without being inspected."
+    )
+    recipe: RecipeRef | None = Field(
+        None, description="The recipe whose thresholds decided the verdict; null: the model's own rule."
     )
     defects: list[Defect]
     top_k: list[ClassScore] | None = Field(None, description="classify only.")
@@ -170,6 +180,10 @@ class ModelsResponse(BaseModel):
 class Health(BaseModel):
     status: str
     models: list[str] | None = None
+    integrations: dict[str, dict[str, Any]] | None = Field(
+        None, description="Health of the record store and the plant bus (they never make the service unready: "
+        "answers go out while they are down, and what they miss is counted)."
+    )
 
 
 class ProblemDetails(BaseModel):

@@ -124,6 +124,56 @@ class Settings(BaseSettings):
         0.0, ge=0, description="On SIGTERM: keep answering /readyz=503 at least this long before closing."
     )
 
+    # --- line integration: recipes, inspection records, the plant bus (app.line)
+    recipes: Path | None = Field(
+        None, description="Recipe file (YAML or JSON): recipe_id -> per-model verdict thresholds and a version; "
+        "reloaded on SIGHUP or when the file changes. Unset = requests naming a recipe_id get 422.",
+    )
+    records: bool = Field(False, description="Record every answered result (inspection records, GET /results).")
+    records_url: str | None = Field(
+        None, description="Database of the records: 'postgresql://user:pass@host/db' (several API replicas) or "
+        "'sqlite:///path.sqlite3'; unset = SQLite (WAL) in records_dir.",
+    )
+    records_dir: Path = Field(
+        Path("records"), description="Folder of the embedded SQLite database and of the recorded images (a shared "
+        "volume when several replicas record).",
+    )
+    record_images: Literal["fail", "all", "none"] = Field(
+        "fail", description="Which input images are stored with their record: 'fail' (plus record_pass_sample of "
+        "the passes), 'all' or 'none'.",
+    )
+    record_pass_sample: float = Field(
+        0.0, ge=0.0, le=1.0, description="With record_images=fail: the fraction of passed parts whose image is "
+        "stored too (0.01 = one in a hundred, at random).",
+    )
+    records_retention_days: float = Field(
+        90.0, gt=0, description="Records and images older than this are removed (checked every few minutes)."
+    )
+    records_max_image_mb: float = Field(
+        2048.0, gt=0, description="Disk budget of the recorded images, MiB; the oldest are removed first above it."
+    )
+    records_queue: int = Field(
+        10_000, ge=1, description="Results waiting to be recorded; above it new ones are dropped and counted "
+        "(s2amnet_records_dropped_total), never an error to the client.",
+    )
+    mqtt_url: str | None = Field(
+        None, description="MQTT broker, 'mqtt://user:pass@host:1883' or 'mqtts://...' (TLS): set, every result is "
+        "published (QoS 1).",
+    )
+    mqtt_topic: str = Field(
+        "s2amnet/{station_id}/result", description="Topic of each result; {station_id}, {model}, {verdict} are "
+        "filled in (a missing station_id reads 'none'). The last verdict per station is retained on the same "
+        "prefix with 'verdict' as the last level.",
+    )
+    mqtt_outbox: int = Field(
+        10_000, ge=1, description="Results kept while the broker is unreachable; above it the oldest are dropped "
+        "and counted.",
+    )
+    opcua_endpoint: str | None = Field(
+        None, description="OPC UA server endpoint, e.g. 'opc.tcp://0.0.0.0:4840/s2amnet/': set, the latest "
+        "result per station is served there.",
+    )
+
     # --- worker
     metrics_port: int = Field(9100, ge=0, le=65535, description="Port of a worker's Prometheus metrics; 0 = off.")
     visibility_timeout_s: float = Field(
@@ -201,7 +251,8 @@ class Settings(BaseSettings):
 # its field's description.
 SERVE_FLAGS = ("host", "port", "weights_dir", "models", "device", "max_batch_size", "model_max_batch_size",
                "forward_batch", "backend", "max_delay_ms", "max_queue", "request_timeout_s", "redis_url", "api_keys",
-               "torch_threads", "drain_timeout_s", "log_level")
+               "torch_threads", "drain_timeout_s", "recipes", "records_url", "records_dir", "record_images", "mqtt_url",
+               "opcua_endpoint", "log_level")
 WORKER_FLAGS = ("redis_url", "device", "models", "weights_dir", "max_batch_size", "model_max_batch_size",
                 "forward_batch", "backend", "max_delay_ms", "metrics_port", "torch_threads", "visibility_timeout_s",
                 "max_deliveries", "log_level")

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
     from app.dispatch.base import Dispatcher
     from app.idempotency import IdempotencyStore
+    from app.line import Outlets
+    from app.recipes import RecipeBook
     from app.settings import Settings
     from model.predictor import Predictor
 
@@ -32,6 +34,8 @@ class ServiceState:
     inflight: int = 0  # inspection requests being answered
     decode_limiter: anyio.CapacityLimiter | None = None  # images decoded at the same time
     startup_task: asyncio.Task | None = None
+    recipes: RecipeBook | None = None  # set once the models are loaded (recipes are checked against them)
+    outlets: Outlets | None = None  # records, plant bus (app.line)
 
 
 def service_state(app: Starlette) -> ServiceState:

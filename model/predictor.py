@@ -61,6 +61,21 @@ from model.verdict import verdict_for
 __all__ = ["Sample", "Predictor", "choose_forward_batch"]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A verdict rule (``rule``, the manifest's form) with its per-class thresholds as arrays (index = class id);
+    classify: the pass classes' ids (their minimum score is infinite)."""
+
+    rule: dict
+    min_scores: np.ndarray
+    min_areas: np.ndarray
+    pass_ids: list[int]
+
+    def decides(self, cid: int, score: float, area: float) -> bool:
+        """Whether a defect of class ``cid`` fails the part by this rule."""
+        return score >= self.min_scores[cid] and area >= self.min_areas[cid]
+
+
 @dataclass
 class Sample:
     """A preprocessed image: ``array`` uint8 C×H×W at the model input size; ``meta`` plain JSON."""
@@ -122,12 +137,7 @@ class Predictor:
         # x = (u8 / 255 − mean) / std  =  u8 · scale + shift
         self._scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)
         self._shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
-        # per-class minimum scores of the verdict rule (index = class id)
-        self._min_scores, self._min_areas = verdict_thresholds(self.verdict_rule, self.classes)
-        if self.task == "classify":
-            pl = set(self.verdict_rule.get("pass_labels", []))
-            self._pass_ids = [i for i, c in enumerate(self.classes) if c in pl]
-            self._min_scores[self._pass_ids] = np.inf
+        self._rule = self.rule(self.verdict_rule)  # the manifest's rule, as arrays
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -260,48 +270,64 @@ class Predictor:
         max_det: int = 300,
         top_k: int = 5,
         mask_crops: bool = False,
+        rule: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Raw output of one sample + its meta → ``{"verdict", "defects"[, "top_k"]}`` (plain Python;
         segment masks are bool numpy arrays of the original size, or with ``mask_crops`` only the part
         inside the defect's box, ``mask[y1:y2, x1:x2]``: a large image with many defects then holds one
-        box-sized array per defect instead of one full-size array each)."""
+        box-sized array per defect instead of one full-size array each). ``rule``: the verdict rule to
+        apply instead of the manifest's (a recipe's). A defect that fails the part by the rule is always
+        reported, even under ``conf``, so that every ``fail`` shows what caused it."""
+        r = self.rule(rule)
         if self.task == "classify":
-            return self._post_classify(raw, int(top_k))
+            return self._post_classify(raw, int(top_k), r)
         if self.task == "detect":
-            return self._post_detect(raw, meta, float(conf), float(iou), int(max_det))
-        return self._post_segment(raw, meta, float(conf), int(max_det), bool(mask_crops))
+            return self._post_detect(raw, meta, float(conf), float(iou), int(max_det), r)
+        return self._post_segment(raw, meta, float(conf), int(max_det), bool(mask_crops), r)
 
-    def _decides(self, cid: int, score: float, area: float) -> bool:
-        """Whether a defect fails the part by the verdict rule: such a defect is always reported, even
-        under the request's ``conf``, so that every ``fail`` shows what caused it."""
-        return score >= self._min_scores[cid] and area >= self._min_areas[cid]
+    def rule(self, rule: Mapping[str, Any] | None = None) -> Rule:
+        """A verdict rule (the manifest's when None; else e.g. a recipe's, `model.verdict`) as per-class arrays.
+        ValueError when it names a class this model does not have."""
+        if rule is None:
+            return self._rule
+        unknown = sorted(set(rule.get("classes") or {}) - set(self.classes))
+        unknown += sorted(set(rule.get("pass_labels") or []) - set(self.classes))
+        if unknown:
+            raise ValueError(f"the verdict rule names {', '.join(map(repr, unknown))}, not a class of {self.name} "
+                             f"(classes: {', '.join(self.classes)})")
+        min_scores, min_areas = verdict_thresholds(rule, self.classes)
+        pass_ids: list[int] = []
+        if self.task == "classify":
+            pl = set(rule.get("pass_labels", []))
+            pass_ids = [i for i, c in enumerate(self.classes) if c in pl]
+            min_scores[pass_ids] = np.inf
+        return Rule(dict(rule), min_scores, min_areas, pass_ids)
 
     def _entry(self, cid: int, score: float) -> dict[str, Any]:
         return {"label": self.classes[cid], "class_id": int(cid), "score": float(score)}
 
-    def _post_classify(self, raw, top_k: int) -> dict[str, Any]:
+    def _post_classify(self, raw, top_k: int, r: Rule) -> dict[str, Any]:
         probs = torch.as_tensor(raw["probs"]).float().numpy().astype(np.float64)
         order = np.argsort(-probs, kind="stable")
         k = max(1, min(top_k, len(order)))
         result: dict[str, Any] = {"top_k": [self._entry(int(i), probs[i]) for i in order[:k]]}
-        pass_mass = float(probs[self._pass_ids].sum()) if self._pass_ids else 0.0
-        fail = (1.0 - pass_mass) >= float(self.verdict_rule["min_score"]) or bool(
-            (probs >= self._min_scores).any())
+        pass_mass = float(probs[r.pass_ids].sum()) if r.pass_ids else 0.0
+        fail = (1.0 - pass_mass) >= float(r.rule.get("min_score", 0.5)) or bool((probs >= r.min_scores).any())
         result["verdict"] = "fail" if fail else "pass"
         defects = []
         if fail:
-            worst = next((int(i) for i in order if int(i) not in self._pass_ids), None)
+            worst = next((int(i) for i in order if int(i) not in r.pass_ids), None)
             if worst is not None:
                 defects.append(self._entry(worst, probs[worst]))
         result["defects"] = defects
         return result
 
-    def _post_detect(self, raw, meta, conf: float, iou: float, max_det: int) -> dict[str, Any]:
+    def _post_detect(self, raw, meta, conf: float, iou: float, max_det: int, r: Rule) -> dict[str, Any]:
         from model.heads.detect import postprocess_detections
 
         boxes = torch.as_tensor(raw["boxes"]).float()
         scores = torch.as_tensor(raw["scores"]).float()
-        thr = min(conf, float(self._min_scores.min()))
+        thr = min(conf, float(r.min_scores.min()))
         det = postprocess_detections(
             boxes[None], scores[None], conf=_below(thr), iou=iou, max_det=boxes.shape[0]
         )[0]
@@ -320,16 +346,16 @@ class Predictor:
                     "area": float(area),
                 }
             )
-        verdict = verdict_for(self.verdict_rule, cands)
-        defects = [d for d in cands if d["score"] >= conf or self._decides(d["class_id"], d["score"], d["area"])]
+        verdict = verdict_for(r.rule, cands)
+        defects = [d for d in cands if d["score"] >= conf or r.decides(d["class_id"], d["score"], d["area"])]
         return {"verdict": verdict, "defects": defects[: max(0, max_det)]}
 
-    def _post_segment(self, raw, meta, conf: float, max_det: int, mask_crops: bool = False) -> dict[str, Any]:
+    def _post_segment(self, raw, meta, conf: float, max_det: int, mask_crops: bool, r: Rule) -> dict[str, Any]:
         labels, probs = T.logits_to_original(raw["logits"], meta)
-        return self.segment_defects(labels, probs, conf, max_det, mask_crops)
+        return self.segment_defects(labels, probs, conf, max_det, mask_crops, r)
 
     def segment_defects(self, labels: np.ndarray, probs: np.ndarray, conf: float = 0.25, max_det: int = 300,
-                        mask_crops: bool = False) -> dict[str, Any]:
+                        mask_crops: bool = False, r: Rule | None = None) -> dict[str, Any]:
         """``{"verdict", "defects"}`` of a label map and its class probabilities at the original size (what
         `T.logits_to_original` returns): one defect per connected region of each defect class."""
         h, w = labels.shape
@@ -342,9 +368,9 @@ class Predictor:
             areas, boxes, sums = mask_ops.component_stats(comp, n, probs)
             for k in range(n):
                 cands.append((float(sums[k] / areas[k]), int(areas[k]), cid, k + 1, boxes[k], comp))
-        rule = self.verdict_rule
-        verdict = verdict_for(rule, ({"score": c[0], "area": c[1], "label": self.classes[c[2]]} for c in cands))
-        keep = sorted((c for c in cands if c[0] >= conf or self._decides(c[2], c[0], c[1])),
+        r = r or self._rule
+        verdict = verdict_for(r.rule, ({"score": c[0], "area": c[1], "label": self.classes[c[2]]} for c in cands))
+        keep = sorted((c for c in cands if c[0] >= conf or r.decides(c[2], c[0], c[1])),
                       key=lambda c: (-c[0], -c[1]))[: max(0, max_det)]
         defects = []
         for score, area, cid, k, (x1, y1, x2, y2), comp in keep:

@@ -29,6 +29,7 @@ RESULT_KEYS = {
     "image",
     "verdict",
     "decided_by",
+    "recipe",
     "defects",
     "timing_ms",
     "station_id",
@@ -452,7 +453,7 @@ def test_auth_is_checked_before_the_body(anon: httpx.Client):
 
 
 def test_health_metrics_docs_are_open(anon: httpx.Client):
-    assert anon.get("/livez").json() == {"status": "alive", "models": None}
+    assert anon.get("/livez").json() == {"status": "alive", "models": None, "integrations": None}
     ready = anon.get("/readyz")
     assert ready.status_code == 200 and sorted(ready.json()["models"]) == ["cls", "det", "seg"]
     assert anon.get("/metrics").status_code == 200

@@ -43,6 +43,7 @@ MAIN_SERVER_ENV = {
     "S2AMNET_MAX_PIXELS": "1000000",
     "S2AMNET_MAX_IMAGES": "4",
     "S2AMNET_MAX_DELAY_MS": "20",
+    "S2AMNET_RECIPES": str(Path(__file__).with_name("recipes.yaml")),
 }
 
 
