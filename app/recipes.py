@@ -122,6 +122,8 @@ def read_recipes(path: Path, predictors: Mapping[str, Predictor] | None = None) 
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") \
             from None
+    if not isinstance(raw, dict) or "recipes" not in raw:
+        raise RecipeError(f"{path}: expected a mapping with a 'recipes' key (recipe id -> version, models)")
     try:
         recipes = RecipeFile.model_validate(raw).recipes
     except ValidationError as exc:

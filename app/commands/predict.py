@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--weights-dir", help="local: folder of model folders (default: S2AMNET_WEIGHTS_DIR or weights)"
     )
     p.add_argument("--device", help="local: cpu, cuda, cuda:N")
+    p.add_argument("--recipes", help="local: recipe file deciding --recipe-id (default: S2AMNET_RECIPES)")
     p.add_argument("--conf", type=float)
     p.add_argument("--iou", type=float)
     p.add_argument("--max-det", type=int)
@@ -130,6 +131,7 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
     from app.errors import Problem
     from app.models import discover_models
     from app.pipeline import ImageLimits, in_process, inspect_images
+    from app.recipes import RecipeBook, RecipeError
     from app.settings import Settings
     from model.predictor import Predictor
 
@@ -138,6 +140,8 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
         overrides["weights_dir"] = args.weights_dir
     if args.device:
         overrides["device"] = args.device
+    if getattr(args, "recipes", None):
+        overrides["recipes"] = args.recipes
     settings = Settings(**overrides)
     start = time.time()
 
@@ -153,6 +157,12 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
     if chosen[2] != args.task:
         raise Problem(404, "unknown_model", f"model {chosen[0]!r} is a {chosen[2]} model, not {args.task}")
     predictor = Predictor.from_folder(chosen[1], device=settings.resolved_device())
+    book = RecipeBook(settings.recipes, {predictor.name: predictor})
+    try:
+        book.load()
+    except RecipeError as exc:
+        raise Problem(422, "invalid_recipes", str(exc), title="Invalid recipe file") from None
+    decision = book.decide(options.recipe_id, predictor, options.on_timeout)
     batch_size = settings.batch_sizes([predictor.name], strict=False)[predictor.name]
     images = [Path(path).read_bytes() for path in args.images]
 
@@ -160,7 +170,7 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
         return await inspect_images(
             predictor, images, options, in_process(predictor, batch_size),
             limits=ImageLimits(settings.max_pixels, settings.min_image_side), deadline=float("inf"),
-            request_id=uuid.uuid4().hex, started=start, limiter=anyio.CapacityLimiter(1),
+            request_id=uuid.uuid4().hex, started=start, limiter=anyio.CapacityLimiter(1), decision=decision,
         )
 
     answer = asyncio.run(inspect())

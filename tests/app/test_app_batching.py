@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from support.harness import API_KEY, MODES, Server, start_server, wait_ready
+from support.harness import API_KEY, MAIN_SERVER_ENV, MODES, Server, start_server, wait_ready
 from support.images import png
 from support.metrics import histogram_buckets, metric, metric_delta
 from support.problems import assert_problem
@@ -72,6 +72,7 @@ def slow_server(request, weights_dir, tmp_path_factory) -> Iterator[Server]:
         S2AMNET_MAX_BATCH_SIZE="1",
         S2AMNET_MAX_DELAY_MS="0",
         S2AMNET_RETRY_AFTER_S="3",
+        S2AMNET_RECIPES=MAIN_SERVER_ENV["S2AMNET_RECIPES"],  # `lenient` answers a passed deadline with a fail
         PROMETHEUS_MULTIPROC_DIR=str(mp_dir),
         redis_workers=1,  # one inference engine, as in embedded mode: the queue semantics below need it
     )
@@ -243,6 +244,22 @@ def test_on_timeout_fail_answers_a_fail_at_the_deadline(slow_server: Server):
     wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
     ok = httpx.post(slow_server.url + "/detect?on_timeout=fail", files=files(png(seed=8)), timeout=60).json()
     assert ok["decided_by"] == "model"  # inspected: the model decided
+
+
+def test_a_recipe_can_make_every_deadline_a_fail(slow_server: Server):
+    """The recipe's on_timeout applies to requests that do not say; a request's own on_timeout wins."""
+    wait_ready(slow_server)
+    for asked, status in ((None, 200), ("error", 504)):
+        wait_for(lambda: gauges(slow_server) == (0, 0), what="an idle server")
+        params = {"recipe_id": "lenient", **({"on_timeout": asked} if asked else {})}
+        resp = httpx.post(slow_server.url + "/detect", params=params, files=files(png(seed=9)),
+                          headers={"X-Request-Timeout": "0.4"})
+        assert resp.status_code == status, resp.text
+        if status == 200:
+            body = resp.json()
+            assert (body["verdict"], body["decided_by"]) == ("fail", "timeout")
+            assert body["recipe"] == {"id": "lenient", "version": "2026-12-01"}
+    wait_for(lambda: gauges(slow_server) == (0, 0), what="the forward to finish")
 
 
 def test_deadline_holds_while_waiting_for_the_same_idempotency_key(slow_server: Server):

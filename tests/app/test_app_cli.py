@@ -53,6 +53,20 @@ def test_predict_local_one_image(capsys, weights_dir, image_files):
     assert result.defects and all(d.mask and d.mask.counts for d in result.defects)
 
 
+def test_predict_local_applies_a_recipe(capsys, weights_dir, image_files):
+    from support.harness import MAIN_SERVER_ENV
+
+    base = ["predict", image_files[0], "--task", "detect", "--weights-dir", str(weights_dir),
+            "--recipes", MAIN_SERVER_ENV["S2AMNET_RECIPES"]]
+    for recipe, verdict, version in (("strict", "fail", "7"), ("lenient", "pass", "2026-12-01")):
+        code, out, _ = run_cli(capsys, *base, "--recipe-id", recipe)
+        assert code == 0
+        result = json.loads(out)
+        assert (result["verdict"], result["recipe"]) == (verdict, {"id": recipe, "version": version})
+    code, _, err = run_cli(capsys, *base, "--recipe-id", "nope")
+    assert code == 1 and json.loads(err)["status"] == 422
+
+
 def test_predict_local_several_images_gives_a_list(capsys, weights_dir, image_files):
     code, out, _ = run_cli(
         capsys,
