@@ -22,6 +22,7 @@ from app.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from app.models import default_models, load_beside_the_forwards
 from app.openapi import custom_openapi
 from app.recipes import RecipeBook, RecipeError
+from app.results_api import router as results_router
 from app.routes import router
 from app.settings import Settings
 from app.state import ServiceState, service_state
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     errors.install(app, retry_after=settings.retry_after_s)
     app.include_router(router)
+    app.include_router(results_router)  # the inspection records, GET /results
     app.include_router(console.router)  # the inspection console at /
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)  # outermost: sees every answer, 413s included
