@@ -70,13 +70,14 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
     )
-    backend: Literal["eager", "onnxruntime", "auto"] = Field(
+    backend: Literal["eager", "onnxruntime", "openvino", "auto"] = Field(
         "eager",
-        description="What runs each model's forward: 'eager' PyTorch; 'onnxruntime' (the model exported to ONNX "
-        "once and cached, checked against eager before use); 'auto': at start-up the faster of the two whose "
-        "outputs agree with eager. A backend that cannot run a model leaves it on eager, logged.",
+        description="What runs each model's forward: 'eager' PyTorch; 'onnxruntime' or 'openvino' (the model "
+        "exported to ONNX once and cached, checked against eager before use; openvino: CPU only, the openvino "
+        "extra); 'auto': at start-up the fastest of them whose outputs agree with eager. A backend that cannot "
+        "run a model leaves it on eager, logged.",
     )
-    model_backend: Annotated[dict[str, Literal["eager", "onnxruntime", "auto"]], NoDecode] = Field(
+    model_backend: Annotated[dict[str, Literal["eager", "onnxruntime", "openvino", "auto"]], NoDecode] = Field(
         default_factory=dict, description="Per-model backend overriding `backend`, 'name=auto,name=eager'."
     )
     cache_dir: str | None = Field(
@@ -129,7 +130,7 @@ class Settings(BaseSettings):
         None, description="Recipe file (YAML or JSON): recipe_id -> per-model verdict thresholds and a version; "
         "reloaded on SIGHUP or when the file changes. Unset = requests naming a recipe_id get 422.",
     )
-    records: bool = Field(False, description="Record every answered result (inspection records, GET /results).")
+    records: bool = Field(True, description="Record every answered result (inspection records, GET /results).")
     records_url: str | None = Field(
         None, description="Database of the records: 'postgresql://user:pass@host/db' (several API replicas) or "
         "'sqlite:///path.sqlite3'; unset = SQLite (WAL) in records_dir.",

@@ -13,6 +13,19 @@ DATA_DIR = Path(os.environ.get("S2AMNET_DATA_DIR", ROOT.parent / "shared" / "dat
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _records_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Services built in this process record every result (S2AMNET_RECORDS is on by default): into a
+    temporary folder, never into the repository. (Server processes get a folder each: support/harness.py.)"""
+    before = os.environ.get("S2AMNET_RECORDS_DIR")
+    os.environ["S2AMNET_RECORDS_DIR"] = str(tmp_path_factory.mktemp("records"))
+    yield
+    if before is None:
+        os.environ.pop("S2AMNET_RECORDS_DIR", None)
+    else:
+        os.environ["S2AMNET_RECORDS_DIR"] = before
+
+
 def dataset_path(name: str) -> Path:
     """A dataset folder under ../shared/data; the calling test is skipped when it is absent."""
     path = DATA_DIR / name

@@ -8,6 +8,7 @@ through launch.py, which honours S2AMNET_TEST_INFER_DELAY_S (slow forwards, for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -53,11 +54,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_records_root: str | None = None
+
+
+def records_dir() -> str:
+    """A fresh folder for one process's inspection records (records are on by default), under one temporary
+    folder of this test run that is removed at exit: servers never record into the repository."""
+    global _records_root
+    if _records_root is None:
+        _records_root = tempfile.mkdtemp(prefix="s2amnet-test-records-")
+        atexit.register(shutil.rmtree, _records_root, True)
+    return tempfile.mkdtemp(prefix="records-", dir=_records_root)
+
+
 def process_env(**env: str) -> dict[str, str]:
-    """The test process's environment without S2AMNET_* / multiprocess settings, plus `env`."""
+    """The test process's environment without S2AMNET_* / multiprocess settings, plus `env`; records go to a
+    temporary folder of its own unless `env` names S2AMNET_RECORDS_DIR."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_")}
     base.pop("PROMETHEUS_MULTIPROC_DIR", None)
     base.update({"PYTHONUNBUFFERED": "1", "S2AMNET_LOG_LEVEL": "info", "S2AMNET_TORCH_THREADS": "1"})
+    if "S2AMNET_RECORDS_DIR" not in env:
+        base["S2AMNET_RECORDS_DIR"] = records_dir()
     base.update({k: str(v) for k, v in env.items()})
     return base
 
