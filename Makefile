@@ -25,14 +25,16 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 # redis-server (queue tests), prometheus/promtool (monitoring tests), nginx (gateway config check), chromium and
-# chromium-driver (console tests in a real browser), mosquitto and its clients (MQTT tests), when missing.
+# chromium-driver (console tests in a real browser), mosquitto and its clients (MQTT tests), postgresql (initdb and
+# pg_ctl: record store tests; Debian keeps them in /usr/lib/postgresql/<version>/bin), when missing.
 system-deps:
 	@if ! command -v redis-server >/dev/null || ! command -v promtool >/dev/null || ! command -v nginx >/dev/null \
 	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
-	    || ! command -v mosquitto_sub >/dev/null || ! [ -x /usr/sbin/mosquitto ]; then \
+	    || ! command -v mosquitto_sub >/dev/null || ! [ -x /usr/sbin/mosquitto ] \
+	    || ! { command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; }; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus \
-	    nginx-light chromium chromium-driver mosquitto mosquitto-clients >/dev/null; \
+	    nginx-light chromium chromium-driver mosquitto mosquitto-clients postgresql >/dev/null; \
 	fi
 
 serve: install
