@@ -2,10 +2,10 @@
 
 `MqttOutlet.offer` puts each result in a bounded outbox (``mqtt_outbox``; when full, the oldest is dropped
 and counted) and returns at once. paho-mqtt's network thread connects and reconnects (backoff up to 5 s);
-the outlet publishes from the outbox in order, at most `WINDOW` results in flight, and removes a result
-only once the broker acknowledged it (PUBACK). After a lost connection everything unacknowledged is
-published again from the oldest on: a broker restart loses nothing, and a subscriber may see a result
-twice.
+the outlet publishes from the outbox in order, at most `INFLIGHT` publishes unacknowledged (fewer when an
+MQTT 5 broker's Receive Maximum says so), and removes a result only once the broker acknowledged it
+(PUBACK). After a lost connection everything unacknowledged is published again from the oldest on: a
+broker restart loses nothing, and a subscriber may see a result twice.
 
 Topics: each result on ``mqtt_topic`` with {station_id}, {model}, {verdict} filled in (wildcards and '/'
 in a value become '_'; a missing station reads "none"); the last verdict per topic prefix is retained on
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("s2amnet.line.mqtt")
 
 BUS = "mqtt"
-WINDOW = 100  # results published and not yet acknowledged, at most
+INFLIGHT = 200  # publishes not yet acknowledged, at most
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 5.0
 STOP_WHILE_DOWN_S = 5.0  # stop() gives up flushing after the broker has been unreachable this long
@@ -141,7 +142,9 @@ class Message:
     payload: bytes
     verdict_topic: str
     verdict: bytes
-    sent: bool = False
+    parts: list[tuple[str, bytes, bool]] | None = None  # (topic, payload, retain): fixed when sending starts
+    next: int = 0  # parts handed to paho
+    sent: bool = False  # every part handed to paho
     pending: set[int] = field(default_factory=set)  # message ids not yet acknowledged
     error: str | None = None  # the broker refused it (MQTT 5 reason code), or it could not be published
 
@@ -150,11 +153,12 @@ class Message:
 class MqttOutlet(Outlet):
     name = "mqtt"
 
-    def __init__(self, broker: Broker, topics: Topics, outbox: int = 10_000, window: int = WINDOW):
+    def __init__(self, broker: Broker, topics: Topics, outbox: int = 10_000, inflight: int = INFLIGHT):
         self.broker = broker
         self.topics = topics
         self.capacity = outbox
-        self.window = window
+        self.max_inflight = inflight
+        self.limit = inflight  # lowered to the broker's Receive Maximum (MQTT 5)
         self.outbox: collections.deque[Message] = collections.deque()
         self.sent = 0  # the first `sent` messages of the outbox are published, waiting for their PUBACKs
         self.inflight: dict[int, Message] = {}
@@ -200,8 +204,8 @@ class MqttOutlet(Outlet):
         old = self.outbox.popleft()
         if old.sent:
             self.sent -= 1
-            for mid in old.pending:
-                self.inflight.pop(mid, None)
+        for mid in old.pending:
+            self.inflight.pop(mid, None)
         if self.latest.get(old.verdict_topic) is old:
             del self.latest[old.verdict_topic]
         self._drop("outbox_full", None)
@@ -222,37 +226,35 @@ class MqttOutlet(Outlet):
 
     # -------------------------------------------------------------------- publishing (event loop)
     def _pump(self) -> None:
-        """Publish the next messages of the outbox while connected, at most `window` unacknowledged."""
+        """Publish the next parts of the outbox while connected, at most `limit` unacknowledged."""
         self._pump_scheduled = False
-        while self.connected and self.sent < min(self.window, len(self.outbox)):
+        while self.connected and self.sent < len(self.outbox) and len(self.inflight) < self.limit:
             message = self.outbox[self.sent]
-            if not self._publish(message):
+            if message.parts is None:
+                message.parts = [(message.topic, message.payload, False)]
+                if self.latest.get(message.verdict_topic) is message:  # else a newer result updates it
+                    message.parts.append((message.verdict_topic, message.verdict, True))
+            if not self._publish(message, *message.parts[message.next]):
                 break
-            message.sent = True
-            self.sent += 1
+            message.next += 1
+            if message.next >= len(message.parts) or message.error:
+                message.sent = True
+                self.sent += 1
         self._settle()
 
-    def _publish(self, message: Message) -> bool:
-        """Hand one message (and its verdict, if it is the newest for its station) to paho; False when the
-        connection is gone (it is published again after the reconnect)."""
-        client = self._client
-        assert client is not None
-        parts = [(message.topic, message.payload, False)]
-        if self.latest.get(message.verdict_topic) is message:
-            parts.append((message.verdict_topic, message.verdict, True))
-        for topic, payload, retain in parts:
-            try:
-                info = client.publish(topic, payload, qos=1, retain=retain)
-            except ValueError as exc:  # an invalid topic or payload: it never will be published
-                message.error = f"{type(exc).__name__}: {exc}"
-                return True
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                for mid in message.pending:
-                    self.inflight.pop(mid, None)
-                message.pending.clear()
-                return False
-            message.pending.add(info.mid)
-            self.inflight[info.mid] = message
+    def _publish(self, message: Message, topic: str, payload: bytes, retain: bool) -> bool:
+        """Hand one part of a message to paho; False when the connection is gone (the message is published
+        again after the reconnect)."""
+        assert self._client is not None
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+        except ValueError as exc:  # an invalid topic or payload: it never will be published
+            message.error = f"{type(exc).__name__}: {exc}"
+            return True
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return False
+        message.pending.add(info.mid)
+        self.inflight[info.mid] = message
         return True
 
     def _settle(self) -> None:
@@ -279,16 +281,17 @@ class MqttOutlet(Outlet):
         self._settle()
         self._schedule_pump()
 
-    def _connection(self, up: bool, error: str | None) -> None:
+    def _connection(self, up: bool, error: str | None, receive_maximum: int | None = None) -> None:
         """Connected or lost: what was in flight is unacknowledged and is published again from the oldest."""
         was = self.connected
         self.connected = up
         self.down_since = None if up else (self.down_since or time.monotonic())
         metrics.BUS_CONNECTED.labels(bus=BUS).set(1 if up else 0)
+        self.limit = min(self.max_inflight, receive_maximum or self.max_inflight)
         self.inflight.clear()
-        for i in range(self.sent):
-            self.outbox[i].sent = False
-            self.outbox[i].pending.clear()
+        for message in itertools.islice(self.outbox, self.sent + 1):  # the sent ones, and one partly sent
+            message.parts, message.next, message.sent = None, 0, False
+            message.pending.clear()
         self.sent = 0
         if error:
             self.last_error = error
@@ -315,7 +318,7 @@ class MqttOutlet(Outlet):
         if getattr(reason, "is_failure", False):
             self._post(self._connection, False, f"connection refused: {reason}")
         else:
-            self._post(self._connection, True, None)
+            self._post(self._connection, True, None, getattr(properties, "ReceiveMaximum", None))
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._post(self._connection, False, f"disconnected: {reason}")
@@ -335,7 +338,7 @@ class MqttOutlet(Outlet):
             client.username_pw_set(b.username, b.password)
         if b.tls:
             client.tls_set(ca_certs=b.ca)  # None: the system's CA certificates
-        client.max_inflight_messages_set(2 * self.window)
+        client.max_inflight_messages_set(65535)  # the outlet keeps to `limit` itself
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -371,6 +374,8 @@ class MqttOutlet(Outlet):
             log.warning("MQTT: %d result(s) not acknowledged by %s at shutdown", left, self.broker.describe())
         self.outbox.clear()
         self.latest.clear()
+        self.inflight.clear()
+        self.sent = 0
         with self._lock:
             self._loop = None
         if self._client is not None:

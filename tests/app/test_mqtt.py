@@ -109,6 +109,35 @@ async def _offer_while_down_then_recover(broker: Mosquitto) -> None:
         await outlet.stop(5)
 
 
+def test_results_arrive_in_order_within_the_brokers_receive_maximum(tmp_path: Path):
+    with Mosquitto(tmp_path / "broker") as broker, Subscriber(broker.port, "s2amnet/+/result") as sub:
+        asyncio.run(_publish_many(broker))
+        assert sub.wait_for(lambda s: len(s.received()) >= 300, 20)
+        assert [p["part_id"] for _, p in sub.json()] == [f"P-{i}" for i in range(300)]
+
+
+async def _publish_many(broker: Mosquitto) -> None:
+    outlet = MqttOutlet(Broker.parse(broker.url()), Topics("s2amnet/{station_id}/result"))
+    await outlet.start()
+    try:
+        end = time.monotonic() + 10
+        while not outlet.connected and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        assert outlet.limit == 20  # mosquitto's Receive Maximum (MQTT 5 CONNACK), below INFLIGHT
+        peak = 0
+        for i in range(300):
+            outlet.offer(result(f"P-{i}", STATIONS[i % 3]), None)
+            if i % 10 == 9:
+                await asyncio.sleep(0)  # let the outlet publish and take acknowledgements
+                peak = max(peak, len(outlet.inflight))
+        while outlet.outbox and time.monotonic() < end:
+            peak = max(peak, len(outlet.inflight))
+            await asyncio.sleep(0)
+        assert not outlet.outbox and outlet.published == 300 and 0 < peak <= 20
+    finally:
+        await outlet.stop(5)
+
+
 # ------------------------------------------------------------------------------------------- end to end
 N_REQUESTS = 500
 
