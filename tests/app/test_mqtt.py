@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import REGISTRY
-from support.harness import running_server
+from support.harness import free_port, running_server
 from support.images import png
 from support.metrics import metric
-from support.mosquitto import Mosquitto, Subscriber, require_mosquitto
+from support.mosquitto import Mosquitto, Subscriber, require_mosquitto, tls_files
 
 from app.line.mqtt import Broker, MqttOutlet, Topics
 
@@ -134,6 +134,34 @@ async def _publish_many(broker: Mosquitto) -> None:
             peak = max(peak, len(outlet.inflight))
             await asyncio.sleep(0)
         assert not outlet.outbox and outlet.published == 300 and 0 < peak <= 20
+    finally:
+        await outlet.stop(5)
+
+
+def test_tls_with_a_plant_ca_and_a_login(tmp_path: Path):
+    """mqtts:// with ?ca= and user:password from the URL: the broker's TLS listener takes the publishes, a
+    subscriber on its plain listener sees them."""
+    require_mosquitto()
+    ca, cert, key = tls_files(tmp_path / "tls")
+    tls_port = free_port()
+    extra = f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    with Mosquitto(tmp_path / "broker", extra=extra) as broker, Subscriber(broker.port, "line/#") as sub:
+        url = f"mqtts://line%2F3:s%40cret@127.0.0.1:{tls_port}?ca={ca}&client_id=tls-pub"
+        asyncio.run(_publish_one(url, Topics("line/{model}/{station_id}")))
+        assert sub.wait_for(lambda s: len(s.received()) >= 2, 10), broker.log()[-2000:]
+        assert [t for t, _, _ in sub.received()] == ["line/det/ST-09", "line/det/verdict"]
+        assert "as tls-pub (p5, c1, k30, u'line/3')" in broker.log()  # MQTT 5, the login from the URL
+
+
+async def _publish_one(url: str, topics: Topics) -> None:
+    outlet = MqttOutlet(Broker.parse(url), topics)
+    await outlet.start()
+    try:
+        outlet.offer(result("P-1", "ST-09"), None)
+        end = time.monotonic() + 10
+        while outlet.outbox and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        assert outlet.health()["published"] == 1, outlet.health()
     finally:
         await outlet.stop(5)
 
