@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from asyncua import Client, ua
+from prometheus_client import REGISTRY
 from support.harness import free_port, running_server
 from support.images import png
 from support.metrics import metric
@@ -38,6 +39,34 @@ def test_endpoint_is_checked():
     for bad in ("http://h:4840/", "opc.tcp://h/", "opc.tcp://:4840/"):
         with pytest.raises(ValueError):
             OpcUaOutlet(bad)
+
+
+def test_a_full_queue_drops_the_oldest_and_counts():
+    asyncio.run(_burst())
+
+
+async def _burst() -> None:
+    outlet = OpcUaOutlet(f"opc.tcp://127.0.0.1:{free_port()}/s2amnet/", queue=5)
+    outlet.offer({"result_id": "early"}, None)  # before start: not running, counted
+    before = REGISTRY.get_sample_value("s2amnet_bus_dropped_total", {"bus": "opcua", "reason": "outbox_full"})
+    await outlet.start()
+    try:
+        for i in range(20):  # no await in between: the writer cannot keep up
+            outlet.offer({"result_id": f"R-{i}", "station_id": "ST-01", "verdict": "pass",
+                          "model": {"name": "det", "version": "1"}, "defects": []}, None)
+        assert outlet.queue.qsize() == 5
+        await asyncio.wait_for(outlet.queue.join(), 10)
+        after = REGISTRY.get_sample_value("s2amnet_bus_dropped_total", {"bus": "opcua", "reason": "outbox_full"})
+        assert after - before == 15
+        assert outlet.health() | {"last_error": None} == {
+            "ok": True, "endpoint": outlet.endpoint, "stations": 1, "queued": 0, "published": 5, "dropped": 16,
+            "last_error": None}
+        assert outlet.server is not None
+        node = outlet.server.get_node(ua.NodeId("Stations/ST-01/ResultId", outlet.idx))
+        assert await node.read_value() == "R-19"
+    finally:
+        await outlet.stop(5)
+    assert outlet.health()["ok"] is False
 
 
 def test_a_subscribed_client_sees_every_result(weights_dir: Path):
