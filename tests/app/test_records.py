@@ -280,7 +280,15 @@ def test_an_unreachable_store_is_retried_then_counted(tmp_path):
     outlet.retry_delays_s = (0.05, 0.05)
     before = scrape()
     results = [a_result(i, "fail") for i in range(4)]
-    record_all(outlet, [(r, png()) for r in results])
+
+    async def go() -> None:
+        await outlet.start()  # the retention at start finds the store down, before any result
+        await asyncio.to_thread(wait_for, lambda: outlet.health()["ok"] is False, 30, "health says the store is down")
+        for r in results:
+            outlet.offer(r, png())
+        await outlet.stop(30)
+
+    run(go())
     health = outlet.health()
     assert (health["ok"], health["written"], health["dropped"]) == (False, 0, 4)
     assert "OperationalError" in health["last_error"]

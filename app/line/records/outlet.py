@@ -18,6 +18,8 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app import metrics
 from app.line import Outlet
 from app.line.records.images import StoredImage
@@ -203,7 +205,10 @@ class RecordOutlet(Outlet):
                                                               self.max_image_bytes)
             except Exception as exc:  # noqa: BLE001
                 log.warning("records: retention not applied: %s: %s", type(exc).__name__, exc)
+                if isinstance(exc, SQLAlchemyError | RuntimeError):  # the database, not a file: the store is down
+                    self._set_up(False, f"{type(exc).__name__}: {exc}")
                 return 0, 0
+        self._set_up(True)
         if expired or trimmed:
             log.info("records: retention removed %d record(s) and %d image(s)", expired, trimmed)
         return expired, trimmed
