@@ -1,14 +1,15 @@
-"""Inference backends behind the `Predictor`: the same forward, run by eager PyTorch or by ONNX Runtime.
+"""Inference backends behind the `Predictor`: the same forward, run by eager PyTorch, ONNX Runtime or OpenVINO.
 
 - ``eager``: the PyTorch module (BatchNorm folded), as trained.
 - ``onnxruntime``: the module exported to ONNX (`export_onnx`: the frequency blocks switched to their
   real-valued formulation, detect with its box decoding inside the graph, a dynamic batch dimension) and
   run by ONNX Runtime's CPU provider (or CUDA where it is installed and the device is a GPU).
+- ``openvino``: the same ONNX graph compiled by OpenVINO for the CPU, in fp32 (the ``openvino`` extra).
 
 `choose_backend` picks one for a Predictor: the requested backend, or with ``auto`` the fastest one, at
 the Predictor's forward batch, whose outputs agree with eager on a fixed check set (`check_parity`).
-Exported graphs are cached (`cache_key`: weights sha256, backend, input size, the versions of torch, the
-runtime and this package's model code), so only the first start of a model pays for the export.
+Exported graphs are cached (`cache_key`: weights sha256, input size, the versions of torch and of this
+package's model code), so only the first start of a model pays for the export.
 
 Test-time augmentation runs only in eager (the flipped views are averaged between the forward and NMS).
 """
@@ -29,10 +30,11 @@ import torch
 
 from model.blocks import use_real_valued_fft
 
-__all__ = ["BACKENDS", "OnnxRuntimeRunner", "export_onnx", "cache_key", "check_parity", "choose_backend",
-           "BackendReport", "default_cache_dir"]
+__all__ = ["BACKENDS", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx", "cache_key", "check_parity",
+           "choose_backend", "load_runner", "BackendReport", "default_cache_dir"]
 
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "onnxruntime", "openvino")
+GRAPH_BACKENDS = BACKENDS[1:]  # run an exported graph
 MAX_EXPORT_BATCH = 256
 
 log = logging.getLogger("s2amnet.backends")
@@ -56,12 +58,12 @@ def _model_code_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def cache_key(sha256: str, backend: str, input_size: Sequence[int]) -> str:
-    import onnxruntime
-
-    versions = f"torch{torch.__version__}-ort{onnxruntime.__version__}-model{_model_code_hash()}"
-    tag = hashlib.sha1(f"{sha256}|{backend}|{tuple(input_size)}|{versions}".encode()).hexdigest()[:16]
-    return f"{sha256[:16]}-{backend}-{input_size[0]}x{input_size[1]}-{tag}"
+def cache_key(sha256: str, input_size: Sequence[int]) -> str:
+    """File stem of a cached export: the weights, the input size, torch and this package's model code (the
+    graph does not depend on the runtime that runs it)."""
+    versions = f"torch{torch.__version__}-model{_model_code_hash()}"
+    tag = hashlib.sha1(f"{sha256}|onnx|{tuple(input_size)}|{versions}".encode()).hexdigest()[:16]
+    return f"{sha256[:16]}-onnx-{input_size[0]}x{input_size[1]}-{tag}"
 
 
 class _Exported(torch.nn.Module):
@@ -136,6 +138,38 @@ class OnnxRuntimeRunner:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outs = self.session.run(None, {self.input: x.detach().to("cpu", torch.float32).contiguous().numpy()})
         return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+
+
+class OpenVinoRunner:
+    """Runs an exported graph (ONNX, or OpenVINO IR ``.xml``) with OpenVINO on the CPU, in fp32 (the
+    precision hint is pinned: on CPUs with bf16 units OpenVINO would otherwise lower it). Same call as
+    `OnnxRuntimeRunner`. Compiled blobs are cached in ``cache_dir`` when given (faster later starts)."""
+
+    name = "openvino"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
+                 cache_dir: str | os.PathLike | None = None):
+        import threading
+
+        import openvino as ov
+
+        if not device.startswith("cpu"):
+            raise ValueError(f"the openvino backend runs on the CPU, not {device}")
+        core = ov.Core()
+        if cache_dir is not None:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.path = Path(path)
+        self.compiled = core.compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # one infer request: one batch at a time
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with self._lock:
+            res = self.request.infer({0: x.detach().to("cpu", torch.float32).contiguous().numpy()})
+            return tuple(torch.from_numpy(np.array(res[o])) for o in self.compiled.outputs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,6 +254,8 @@ class BackendReport:
     ms_per_image: dict[str, float] = field(default_factory=dict)
     export_s: float | None = None
     cached: bool = False
+    parity: str = ""  # how the chosen graph backend agreed with eager
+    notes: list[str] = field(default_factory=list)  # backends left out, and why
 
     def as_dict(self) -> dict[str, Any]:
         return {"model": self.model, "requested": self.requested, "chosen": self.chosen, "reason": self.reason,
@@ -227,30 +263,64 @@ class BackendReport:
                 "export_s": None if self.export_s is None else round(self.export_s, 1), "cached": self.cached}
 
 
-def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
-                threads: int | None = None) -> tuple[Callable, float | None, bool]:
-    """(runner, seconds spent exporting or None, whether the graph came from the cache) for ``backend``."""
-    if backend != "onnxruntime":
-        raise ValueError(f"backend must be one of {BACKENDS[1:]}, not {backend!r}")
+def exported_graph(predictor, cache_dir: str | os.PathLike | None = None) -> tuple[Path, float | None]:
+    """The predictor's ONNX graph in the export cache, exported now when missing: (path, export seconds or
+    None when it came from the cache)."""
     sha = str(predictor.manifest.get("sha256") or "")
     if not sha:
         raise ValueError("the weights have no sha256 in their manifest: nothing to key a cached export by")
-    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, backend, predictor.input_size)}.onnx"
-    spent, cached = None, path.exists()
-    if not cached:
-        t = time.perf_counter()
-        export_onnx(predictor.model, predictor.input_size, path)
-        spent = time.perf_counter() - t
-    return OnnxRuntimeRunner(path, threads=threads, device=str(predictor.device)), spent, cached
+    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size)}.onnx"
+    if path.exists():
+        return path, None
+    t = time.perf_counter()
+    export_onnx(predictor.model, predictor.input_size, path)
+    return path, time.perf_counter() - t
+
+
+def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
+                threads: int | None = None) -> tuple[Callable, float | None, bool]:
+    """(runner, seconds spent exporting or None, whether the graph came from the cache) for ``backend``."""
+    if backend not in GRAPH_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(GRAPH_BACKENDS)}, not {backend!r}")
+    path, spent = exported_graph(predictor, cache_dir)
+    if backend == "openvino":
+        blobs = Path(cache_dir or default_cache_dir()) / "openvino"
+        runner: Callable = OpenVinoRunner(path, threads=threads, device=str(predictor.device), cache_dir=blobs)
+    else:
+        runner = OnnxRuntimeRunner(path, threads=threads, device=str(predictor.device))
+    return runner, spent, spent is None
+
+
+def _usable(predictor, backend: str, report: BackendReport, cache_dir, threads) -> Callable | None:
+    """The backend's runner when it loads and agrees with eager; else None, with the reason in ``report``."""
+    try:
+        runner, spent, cached = load_runner(predictor, backend, cache_dir, threads)
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional backend leaves eager serving
+        if isinstance(exc, ImportError):
+            why = f"{backend} is not installed (pip install 's2amnet[{backend}]')"
+        else:
+            why = f"{backend} unavailable: {type(exc).__name__}: {exc}"[:300]
+        report.notes.append(why)
+        log.warning("%s: %s", predictor.name, why)
+        return None
+    if spent is not None:
+        report.export_s = spent
+    ok, why = check_parity(predictor, runner)
+    if not ok:
+        report.notes.append(f"{backend} disagrees with eager: {why}")
+        log.warning("%s: %s", predictor.name, report.notes[-1])
+        return None
+    report.parity = why
+    return runner
 
 
 def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.PathLike | None = None,
                    threads: int | None = None, batch: int | None = None) -> BackendReport:
-    """Set ``predictor.runner`` by ``requested`` (eager | onnxruntime | auto) and say why.
+    """Set ``predictor.runner`` by ``requested`` (eager | onnxruntime | openvino | auto) and say why.
 
-    A requested backend that cannot be used (no runtime installed, export failed, outputs disagree with
-    eager) falls back to eager, with the reason. ``auto`` also times each usable backend at ``batch``
-    images per forward (default: the Predictor's forward batch, else 4) and keeps the fastest.
+    A requested backend that cannot be used (runtime not installed, export failed, outputs disagree with
+    eager) falls back to eager, with the reason. ``auto`` times eager and every usable graph backend at
+    ``batch`` images per forward (default: the Predictor's forward batch, else 4) and keeps the fastest.
     """
     if requested not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {requested!r}")
@@ -262,27 +332,23 @@ def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.Pa
     if predictor.tta:
         report.reason = "test-time augmentation runs in eager only"
         return report
-    try:
-        runner, report.export_s, report.cached = load_runner(predictor, "onnxruntime", cache_dir, threads)
-    except Exception as exc:  # noqa: BLE001 - any failure of an optional backend leaves eager serving
-        report.reason = f"onnxruntime unavailable: {type(exc).__name__}: {exc}"[:300]
-        log.warning("%s: %s", predictor.name, report.reason)
+    candidates = GRAPH_BACKENDS if requested == "auto" else (requested,)
+    runners = {b: r for b in candidates if (r := _usable(predictor, b, report, cache_dir, threads)) is not None}
+    report.cached = bool(runners) and report.export_s is None
+    if not runners:
+        report.reason = "; ".join(report.notes)
         return report
-    ok, why = check_parity(predictor, runner)
-    if not ok:
-        report.reason = f"onnxruntime disagrees with eager: {why}"
-        log.warning("%s: %s", predictor.name, report.reason)
-        return report
-    if requested == "onnxruntime":
-        predictor.runner = runner
-        report.chosen, report.reason = "onnxruntime", f"requested; {why}"
+    if requested != "auto":
+        predictor.runner = runners[requested]
+        report.chosen, report.reason = requested, f"requested; {report.parity}"
         return report
     k = batch or predictor.forward_batch or 4
-    report.ms_per_image = {"eager": _ms_per_image(predictor, None, k),
-                           "onnxruntime": _ms_per_image(predictor, runner, k)}
-    if report.ms_per_image["onnxruntime"] < report.ms_per_image["eager"]:
-        predictor.runner = runner
-        report.chosen = "onnxruntime"
-    report.reason = (f"fastest at {k} images per forward ({report.ms_per_image['eager']:.1f} ms eager, "
-                     f"{report.ms_per_image['onnxruntime']:.1f} ms onnxruntime per image); {why}")
+    report.ms_per_image = {"eager": _ms_per_image(predictor, None, k)}
+    for name, runner in runners.items():
+        report.ms_per_image[name] = _ms_per_image(predictor, runner, k)
+    report.chosen = min(report.ms_per_image, key=report.ms_per_image.get)
+    predictor.runner = runners.get(report.chosen)
+    timed = ", ".join(f"{v:.1f} ms {n}" for n, v in report.ms_per_image.items())
+    report.reason = "; ".join([f"fastest at {k} images per forward ({timed} per image)", report.parity,
+                               *report.notes])
     return report

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                         "views (hflip, vflip) or 'none'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="eager", choices=["eager", "onnxruntime"],
+    p.add_argument("--backend", default="eager", choices=["eager", "onnxruntime", "openvino"],
                    help="what runs the forward (default eager): evaluate the model as a service started with "
                         "S2AMNET_BACKEND=onnxruntime serves it (the export is cached, as the service caches it)")
     p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here, and beside it "

@@ -1,5 +1,5 @@
-"""`s2amnet export`: a weights folder as an ONNX graph (for edge devices, or to fill the service's export
-cache ahead of its start), with a parity report against eager PyTorch."""
+"""`s2amnet export`: a weights folder as an ONNX graph or an OpenVINO IR (for edge devices, or to fill the
+service's export cache ahead of its start), with a parity report against eager PyTorch."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "export", help="export a weights folder to ONNX and check it against PyTorch",
+        "export", help="export a weights folder to ONNX or OpenVINO IR and check it against PyTorch",
         description="Exports the model (BatchNorm folded, the frequency blocks in their real-valued form, "
-                    "detect with its box decoding, a dynamic batch dimension) to ONNX, runs it with ONNX "
-                    "Runtime on a fixed check set and reports whether its outputs agree with eager PyTorch "
+                    "detect with its box decoding, a dynamic batch dimension) to ONNX (or, --format openvino, "
+                    "to OpenVINO IR: model.xml + model.bin), runs it with ONNX Runtime (OpenVINO) on a fixed "
+                    "check set and reports whether its outputs agree with eager PyTorch "
                     "(classify probabilities within 1e-3, the same detections after NMS, segment labels on "
                     ">= 99.9 %% of the pixels). The graph takes the normalised image, N x 3 x H x W float32 "
                     "((pixel / 255 - mean) / std, from the manifest); detect returns boxes in input pixels "
                     "and per-class scores before NMS.")
     p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default onnx)")
-    p.add_argument("--out", help="output file (default: <weights>/model.onnx)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="output format (default onnx)")
+    p.add_argument("--out", help="output file (default: <weights>/model.onnx, or <weights>/model.xml for openvino)")
     p.add_argument("--cache", action="store_true",
                    help="write into the service's export cache (S2AMNET_CACHE_DIR) instead, so that a service "
                         "started with S2AMNET_BACKEND=auto or onnxruntime finds it")
@@ -39,22 +40,14 @@ def run(args) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    if args.cache:
-        try:
-            runner, spent, cached = backends.load_runner(predictor, "onnxruntime")
-        except Exception as exc:  # noqa: BLE001 - report any exporter failure as a clear error
+    try:
+        path, runner, spent, cached = _export(args, predictor)
+    except Exception as exc:  # noqa: BLE001 - report any exporter failure as a clear error
+        if isinstance(exc, ImportError):
+            print(f"error: {args.format} is not installed: pip install 's2amnet[openvino]'", file=sys.stderr)
+        else:
             print(f"error: export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        path = runner.path
-    else:
-        path = Path(args.out) if args.out else Path(args.weights) / "model.onnx"
-        try:
-            backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
-        except Exception as exc:  # noqa: BLE001
-            print(f"error: export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return 1
-        runner, spent, cached = backends.OnnxRuntimeRunner(path), time.perf_counter() - t0, False
+        return 1
     ok, why = backends.check_parity(predictor, runner)
     report = {"model": predictor.name, "version": predictor.version, "format": args.format,
               "path": str(path), "export_s": None if spent is None else round(spent, 1),
@@ -67,3 +60,27 @@ def run(args) -> int:
               + ("" if spent is None else f" (exported in {spent:.1f} s)") + (" (cached)" if cached else ""))
         print(f"parity with eager PyTorch: {'ok' if ok else 'FAILED'} — {why}")
     return 0 if ok else 1
+
+
+def _export(args, predictor):
+    """(path written, runner over it, export seconds or None, whether it came from the cache)."""
+    from model import backends
+
+    backend = "openvino" if args.format == "openvino" else "onnxruntime"
+    if args.cache:  # the service's cache holds the ONNX graph; OpenVINO compiles it at start
+        runner, spent, cached = backends.load_runner(predictor, backend)
+        return runner.path, runner, spent, cached
+    t0 = time.perf_counter()
+    default = "model.xml" if args.format == "openvino" else "model.onnx"
+    path = Path(args.out) if args.out else Path(args.weights) / default
+    if args.format == "onnx":
+        backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
+        return path, backends.OnnxRuntimeRunner(path), time.perf_counter() - t0, False
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = backends.export_onnx(predictor.model, predictor.input_size, Path(tmp) / "model.onnx")
+        ov.save_model(ov.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)
+    return path, backends.OpenVinoRunner(path), time.perf_counter() - t0, False

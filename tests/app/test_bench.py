@@ -123,8 +123,9 @@ def test_bench_tunes_the_allocator_as_the_service_setting_says(tmp_path, monkeyp
     assert err.startswith("error: service settings from the environment") and "allocator_tuning" in err
 
 
-def test_bench_backends_times_eager_and_onnxruntime_in_the_same_rounds(tmp_path):
+def test_bench_backends_times_eager_onnxruntime_and_openvino_in_the_same_rounds(tmp_path):
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
     weights = make_weights(tmp_path / "weights", names=["cls"])
     out = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
@@ -135,11 +136,13 @@ def test_bench_backends_times_eager_and_onnxruntime_in_the_same_rounds(tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (b,) = json.loads(proc.stdout.strip().splitlines()[-1])["backends"]
-    assert b["model"] == "cls" and b["parity"] and not b["cached"] and b["export_s"] > 0
+    assert b["model"] == "cls" and not b["cached"] and b["export_s"] > 0 and not b["missing"]
+    assert {n: p["ok"] for n, p in b["parity"].items()} == {"onnxruntime": True, "openvino": True}
     assert b["rows"][0]["batch"] == 1 and {r["batch"] for r in b["rows"]} == {1, b["forward_batch"]}
     for r in b["rows"]:
         ms = r["ms_per_image"]
-        assert ms["eager"] > 0 and ms["onnxruntime"] > 0
-        assert r["gain"] == pytest.approx(ms["eager"] / ms["onnxruntime"], abs=0.01)
+        assert set(ms) == {"eager", "onnxruntime", "openvino"} and min(ms.values()) > 0
+        for name in ("onnxruntime", "openvino"):
+            assert r["gain"][name] == pytest.approx(ms["eager"] / ms[name], abs=0.01)
     text = out.read_text()
     assert "## Backends" in text and "| cls 1 | 1 |" in text

@@ -3,6 +3,7 @@ export lands in the service's cache with a parity report, and eval then runs the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -60,3 +61,17 @@ def test_export_into_the_cache_then_eval_with_onnxruntime(tmp_path: Path):
     again = _cli("export", "--weights", str(weights), "--cache", "--json", env=env)
     assert json.loads(again.stdout.strip().splitlines()[-1])["cached"]
     assert _cli("export", "--weights", str(tmp_path / "missing"), env=env).returncode == 2
+
+    if importlib.util.find_spec("openvino") is None:
+        return
+    ov = _cli(*args, "--backend", "openvino", env=env)  # compiles the cached graph: no second export
+    assert ov.returncode == 0, ov.stderr[-2000:]
+    ov = json.loads(ov.stdout.strip().splitlines()[-1])
+    assert ov["backend"] == "openvino" and ov["top1"] == pytest.approx(eager["top1"], abs=1e-9)
+    assert ov["confusion"] == eager["confusion"] and len(list((tmp_path / "cache").glob("*.onnx"))) == 1
+    ir = _cli("export", "--weights", str(weights), "--format", "openvino", "--out", str(tmp_path / "ir" / "m.xml"),
+              "--json", env=env)
+    assert ir.returncode == 0, ir.stderr[-2000:]
+    report = json.loads(ir.stdout.strip().splitlines()[-1])
+    assert report["parity"] and report["format"] == "openvino"
+    assert (tmp_path / "ir" / "m.xml").is_file() and (tmp_path / "ir" / "m.bin").is_file()

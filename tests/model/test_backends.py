@@ -51,7 +51,7 @@ def test_onnxruntime_agrees_with_eager_and_the_export_is_cached(task, folders, c
     report = backends.choose_backend(p, "onnxruntime", cache_dir=cache, threads=1)
     assert report.chosen == "onnxruntime" and p.backend == "onnxruntime" and not report.cached
     assert report.export_s is not None and "agree" in report.reason
-    files = list(cache.glob(f"{p.manifest['sha256'][:16]}-onnxruntime-64x64-*.onnx"))
+    files = list(cache.glob(f"{p.manifest['sha256'][:16]}-onnx-64x64-*.onnx"))
     assert len(files) == 1
     after = p.predict(imgs, conf=0.01)
     for a, b in zip(before, after, strict=True):
@@ -68,11 +68,28 @@ def test_onnxruntime_agrees_with_eager_and_the_export_is_cached(task, folders, c
     assert report.cached and report.export_s is None and again.backend == "onnxruntime"
 
 
-def test_auto_times_both_and_eager_stays_when_asked_or_when_the_runtime_fails(folders, cache, tmp_path,
-                                                                           monkeypatch):
+@pytest.mark.parametrize("task", ["classify", "detect"])  # the graphs exported above
+def test_openvino_runs_the_same_graph_and_agrees_with_eager(task, folders, cache):
+    pytest.importorskip("openvino")
+    p = Predictor.from_folder(folders[task])
+    imgs = _images()
+    before = p.predict(imgs, conf=0.01)
+    report = backends.choose_backend(p, "openvino", cache_dir=cache, threads=1)
+    assert report.chosen == "openvino" and p.backend == "openvino" and "agree" in report.reason, report.reason
+    after = p.predict(imgs, conf=0.01)
+    for a, b in zip(before, after, strict=True):
+        assert a["verdict"] == b["verdict"] and [d["label"] for d in a["defects"]] == [d["label"] for d in b["defects"]]
+        if task == "classify":
+            assert [t["score"] for t in a["top_k"]] == pytest.approx([t["score"] for t in b["top_k"]], abs=1e-4)
+    assert (cache / "openvino").is_dir()  # compiled blobs kept for the next start
+
+
+def test_auto_times_every_backend_and_eager_stays_when_asked_or_when_the_runtime_fails(folders, cache, tmp_path,
+                                                                                     monkeypatch):
+    pytest.importorskip("openvino")
     p = Predictor.from_folder(folders["classify"])
     report = backends.choose_backend(p, "auto", cache_dir=cache, threads=1, batch=2)  # cached by the test above
-    assert set(report.ms_per_image) == {"eager", "onnxruntime"} and report.chosen in ("eager", "onnxruntime")
+    assert set(report.ms_per_image) == set(backends.BACKENDS) and report.chosen in backends.BACKENDS
     fastest = min(report.ms_per_image, key=report.ms_per_image.get)
     assert report.chosen == fastest and p.backend == fastest and "fastest" in report.reason
     assert backends.choose_backend(p, "eager").chosen == "eager" and p.runner is None
