@@ -225,7 +225,7 @@ BUS_PUBLISHED = Counter(
 )
 BUS_DROPPED = Counter(
     "bus_dropped",
-    "Results not delivered to the plant bus, by bus and reason (outbox_full, error).",
+    "Results not delivered to the plant bus, by bus and reason (outbox_full, error, shutdown).",
     ["bus", "reason"],
     namespace=PREFIX,
 )

@@ -158,6 +158,8 @@ class RecipeBook:
         """Read the file now: raises RecipeError (start-up refuses a bad file; reloads keep the old one)."""
         if self.path is None:
             return
+        for outcome in ("ok", "invalid"):  # both series from the start: rate()/increase() see the first event
+            metrics.RECIPE_RELOADS.labels(outcome=outcome)
         stamp = self._file_stamp()
         self.recipes = read_recipes(self.path, self.predictors)
         self._stamp = stamp

@@ -24,13 +24,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import redis
-from support.harness import GROUP, JOBS, Stack, free_port, redis_stack
+from support.harness import GROUP, JOBS, MAIN_SERVER_ENV, Stack, free_port, redis_stack
 from support.images import png
 from support.weights import SMALLEST_INPUT_SIZE, make_weights
 
@@ -66,7 +67,20 @@ PROCESS_ENV = {
     "S2AMNET_MAX_DELAY_MS": "20",
     "OMP_NUM_THREADS": "1",  # 2 shared cores: one thread per torch process (S2AMNET_TORCH_THREADS=1 too)
     "MKL_NUM_THREADS": "1",
+    "S2AMNET_RECIPES": MAIN_SERVER_ENV["S2AMNET_RECIPES"],
 }
+
+
+def line_env(tmp: Path) -> dict[str, str]:
+    """The line-integration panels get data of every kind: records written, and every image dropped (its
+    folder is a file); the OPC UA server publishes; the MQTT broker is unreachable with an outbox of one, so
+    results are dropped and the outbox stays full."""
+    records = tmp / "records"
+    records.mkdir()
+    (records / "images").write_text("not a folder")
+    return {"S2AMNET_RECORDS_DIR": str(records), "S2AMNET_RECORD_IMAGES": "all",
+            "S2AMNET_OPCUA_ENDPOINT": f"opc.tcp://127.0.0.1:{free_port()}/s2amnet/",
+            "S2AMNET_MQTT_URL": f"mqtt://127.0.0.1:{free_port()}", "S2AMNET_MQTT_OUTBOX": "1"}
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -86,6 +100,7 @@ def stack(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
         visibility_s=VISIBILITY_S,
         max_deliveries=MAX_DELIVERIES,
         **PROCESS_ENV,
+        **line_env(tmp_path_factory.mktemp("line")),
     ) as s:
         yield s
 
