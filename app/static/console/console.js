@@ -245,6 +245,9 @@
     verdict.textContent = res.verdict;
     verdict.className = `verdict ${res.verdict}`;
     verdict.dataset.verdict = res.verdict;
+    verdict.title = res.recipe ? `decided by recipe ${res.recipe.id}, version ${res.recipe.version}`
+      : res.decided_by && res.decided_by !== "model" ? `failed without inspection: ${res.decided_by}`
+        : "decided by the model's own rule";
     verdict.hidden = false;
 
     const fontSize = Math.max(W, H) / 28; // in image pixels: labels keep their size relative to the image
