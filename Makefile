@@ -47,8 +47,16 @@ lint: install-dev
 	$(BIN)/ruff check app model tests
 
 # Times the shipped models and the service (ratios in one run); writes BENCHMARKS.md and its plot.
-bench: install-dev
-	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --backends --out BENCHMARKS.md --plot docs/bench.png
+# The peers (plain FastAPI, LitServe: the bench extra) get the magnetic-tile JPEGs when the data is there.
+PEER_IMAGES ?= $(wildcard ../shared/data/magnetic-tile)
+
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --backends --out BENCHMARKS.md --plot docs/bench.png \
+	  --peers $(if $(PEER_IMAGES),--images $(PEER_IMAGES)) --peers-plot docs/bench-peers.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="write the results as Markdown here (e.g. BENCHMARKS.md)")
     p.add_argument("--plot", help="write a PNG of the results here")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
+    from app.commands.bench_peers import add_arguments as add_peer_arguments
+
+    add_peer_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -192,43 +196,69 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def _service(folder: Path, device: str, threads: int | None, log_path: Path, extra: tuple[str, ...] = ()):
-    """`s2amnet serve` (embedded batching) with the one model of `folder`, on a free local port."""
-    import httpx
-
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+def _serve_cmd(folder: Path, device: str, threads: int | None, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """The `s2amnet serve` command line with the one model of `folder` on `port`."""
     cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--weights-dir", str(folder.resolve().parent), "--models", folder.name, "--device", device,
            "--log-level", "warning", *extra]
     if threads:
         cmd += ["--torch-threads", str(threads)]
+    return cmd
+
+
+def _process_env(**extra: str) -> dict[str, str]:
+    """This environment without S2AMNET_* settings (the benchmark's servers get only their flags), the
+    repository on PYTHONPATH, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return {**env, **extra}
+
+
+@contextlib.contextmanager
+def _launch(cmd: list[str], env: dict[str, str], ready: str | Callable[[], bool], log_path: Path,
+            what: str = "the service"):
+    """`cmd` as a process in a session of its own, until GET `ready` (a URL) answers 200 or `ready()` is
+    true; yields the process and ends its whole process group (SIGTERM, then SIGKILL after 30 s) on exit."""
+    import signal
+
+    import httpx
+
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                if ready() if callable(ready) else httpx.get(ready, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the service was not ready after 180 s: {log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"{what} was not ready after 180 s: {log_path.read_text()[-2000:]}")
             time.sleep(0.2)
-        yield url
+        yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # the group is the process's own session: it and its children
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # children that outlived it (none, normally)
+
+
+@contextlib.contextmanager
+def _service(folder: Path, device: str, threads: int | None, log_path: Path, extra: tuple[str, ...] = ()):
+    """`s2amnet serve` (embedded batching) with the one model of `folder`, on a free local port."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _launch(_serve_cmd(folder, device, threads, port, extra), _process_env(), url + "/readyz", log_path):
+        yield url
 
 
 async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
@@ -334,6 +364,9 @@ def run(args) -> int:
         if missing_gpu(device):
             raise BenchError(f"--device {device}: no CUDA device here")
         allocator_tuning = _allocator_tuning_setting()
+        from app.commands.bench_peers import check_args as check_peer_args
+
+        peer_levels = check_peer_args(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -372,11 +405,32 @@ def run(args) -> int:
         except RuntimeError as exc:  # the service did not start: its log tail is in the message
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    if args.peers:
+        from app.commands.bench_peers import bench_peers
+
+        peer_folder = Path(args.peer_model).resolve()
+        raw = next((m for m in models if Path(m["folder"]).resolve() == peer_folder), None)
+        try:
+            raw = raw or bench_model(peer_folder, sizes, args.iters, device)
+            result["peers"] = bench_peers(args, peer_levels, device, raw, progress)
+        except (BenchError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # a server did not start: its log tail is in the message
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     md = to_markdown(result)
     if args.out:
-        Path(args.out).write_text(md + "\n")
+        from app.commands.bench_peers import merge_section, peers_markdown
+
+        out = Path(args.out)
+        out.write_text(merge_section(out, peers_markdown(result["peers"], result)) if args.merge else md + "\n")
     if args.plot:
         plot(result, args.plot)
+    if args.peers and args.peers_plot:
+        from app.commands.bench_peers import plot_peers
+
+        plot_peers(result["peers"], args.peers_plot)
     print(md)
     if args.json:
         print(json.dumps(result))

@@ -89,6 +89,10 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"**{s['concurrency_gain']:.2f}×**.",
                   f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
                   f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON).", ""]
+    if result.get("peers"):
+        from app.commands.bench_peers import peers_markdown
+
+        lines += peers_markdown(result["peers"], result)
     return "\n".join(lines)
 
 
