@@ -342,6 +342,7 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
 def run(args) -> int:
     import torch
 
+    from app.commands import bench_peers
     from app.commands.bench_report import machine, plot, to_markdown
     from model.device import missing_gpu, resolve_device
 
@@ -364,9 +365,7 @@ def run(args) -> int:
         if missing_gpu(device):
             raise BenchError(f"--device {device}: no CUDA device here")
         allocator_tuning = _allocator_tuning_setting()
-        from app.commands.bench_peers import check_args as check_peer_args
-
-        peer_levels = check_peer_args(args)
+        peer_levels = bench_peers.check_args(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -405,32 +404,13 @@ def run(args) -> int:
         except RuntimeError as exc:  # the service did not start: its log tail is in the message
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    if args.peers:
-        from app.commands.bench_peers import bench_peers
-
-        peer_folder = Path(args.peer_model).resolve()
-        raw = next((m for m in models if Path(m["folder"]).resolve() == peer_folder), None)
-        try:
-            raw = raw or bench_model(peer_folder, sizes, args.iters, device)
-            result["peers"] = bench_peers(args, peer_levels, device, raw, progress)
-        except (BenchError, CheckpointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except RuntimeError as exc:  # a server did not start: its log tail is in the message
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    if args.peers and (code := bench_peers.run_peers(args, peer_levels, result, sizes, device, progress)):
+        return code
     md = to_markdown(result)
     if args.out:
-        from app.commands.bench_peers import merge_section, peers_markdown
-
-        out = Path(args.out)
-        out.write_text(merge_section(out, peers_markdown(result["peers"], result)) if args.merge else md + "\n")
+        Path(args.out).write_text(bench_peers.out_text(args, result, md))
     if args.plot:
         plot(result, args.plot)
-    if args.peers and args.peers_plot:
-        from app.commands.bench_peers import plot_peers
-
-        plot_peers(result["peers"], args.peers_plot)
     print(md)
     if args.json:
         print(json.dumps(result))

@@ -448,6 +448,35 @@ def bench_peers(args, levels: list[int], device: str, raw: dict[str, Any], progr
             "servers": listed, "closed_loop": closed, "open_loop": opened, "target": target(closed, skipped)}
 
 
+def run_peers(args, levels: list[int], result: dict[str, Any], sizes: list[int], device: str,
+              progress: bool) -> int:
+    """The peers part of `s2amnet bench`'s run: result["peers"] (and --peers-plot); 0, or the exit code."""
+    from app.commands.bench import bench_model
+    from model.checkpoint import CheckpointError
+
+    folder = Path(args.peer_model).resolve()
+    raw = next((m for m in result["models"] if Path(m["folder"]).resolve() == folder), None)
+    try:
+        raw = raw or bench_model(folder, sizes, args.iters, device)
+        result["peers"] = bench_peers(args, levels, device, raw, progress)
+    except (BenchError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a server did not start: its log tail is in the message
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.peers_plot:
+        plot_peers(result["peers"], args.peers_plot)
+    return 0
+
+
+def out_text(args, result: dict[str, Any], md: str) -> str:
+    """What --out gets: the whole report, or with --merge the file as it is with its Peers section replaced."""
+    if args.merge:
+        return merge_section(Path(args.out), peers_markdown(result["peers"], result))
+    return md + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------- report
 PEERS_HEADING = "## Peers"
 
