@@ -46,7 +46,8 @@ def prepare(predictor: Predictor, data: bytes, index: int, limits: ImageLimits) 
 
 
 def via_dispatcher(dispatcher: Dispatcher) -> SubmitAll:
-    """Submit every job at once (so they can share batches); the first failure cancels the rest."""
+    """Submit every job at once (so they can share batches); the first failure cancels the rest. Its
+    ``accepts_encoded`` is the dispatcher's: whether the jobs should carry their uploaded bytes."""
 
     async def submit_all(jobs: list[Job]) -> list[dict[str, Any]]:
         if len(jobs) == 1:
@@ -61,6 +62,7 @@ def via_dispatcher(dispatcher: Dispatcher) -> SubmitAll:
             raise first from None
         return [t.result() for t in tasks]
 
+    submit_all.accepts_encoded = dispatcher.accepts_encoded  # type: ignore[attr-defined]
     return submit_all
 
 
@@ -118,7 +120,9 @@ async def inspect_images(
     outlets: Outlets | None = None,
 ) -> list[dict[str, Any]]:
     """Decode and preprocess ``images`` on worker threads (at most ``limiter``'s at a time; the list is
-    emptied once they are decoded, freeing the bytes, unless an outlet wants them), submit one job per image,
+    emptied once they are decoded, freeing the bytes, unless an outlet wants them or ``submit_all`` has
+    ``accepts_encoded`` set: then a job keeps its image's bytes when they are smaller than its array, and
+    the Redis dispatcher sends the bytes instead of the array), submit one job per image,
     and return one InspectionResult dict per image, in order, each offered to ``outlets`` (records, plant bus).
     ``decision``: the recipe's rule and on_timeout (`app.recipes.RecipeBook.decide`; default the model's own
     rule and the request's on_timeout). ``started``: the request's start (epoch seconds), for
@@ -134,13 +138,16 @@ async def inspect_images(
     else:
         prepared = await asyncio.gather(*(prepare_one(i, d) for i, d in enumerate(images)))
     kept = list(images) if outlets and outlets.wants_images() else [None] * len(images)
+    encoded: list[bytes | None] = [None] * len(images)
+    if getattr(submit_all, "accepts_encoded", False):
+        encoded = [data if len(data) < arr.nbytes else None for data, (arr, _) in zip(images, prepared, strict=True)]
     images.clear()
 
     inference = options.inference_options()
     if decision.rule is not None:
         inference["rule"] = decision.rule
-    jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(inference), deadline=deadline)
-            for arr, meta in prepared]
+    jobs = [Job(model=predictor.name, array=arr, meta=meta, options=dict(inference), deadline=deadline, image=data)
+            for (arr, meta), data in zip(prepared, encoded, strict=True)]
     try:
         outputs = await submit_all(jobs)
     except (DeadlineExceeded, QueueFull, Unavailable) as exc:

@@ -10,6 +10,11 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
   policy of the embedded dispatcher too);
 - jobs whose request went away (the API set ``s2amnet:cancelled:<job id>``, read with the batch) are
   acked without computing or answering;
+- a job that carries the uploaded image instead of the array (``payload=image``, see
+  ``app/queue/jobs.py``) is decoded here by the API's rule (``app.codec.decode_image``, then
+  ``Predictor.preprocess``: the same array the API made), on a few threads when a batch holds several; an
+  image that does not decode (the API decoded it already, so it should not happen) is dead-lettered and
+  answered failed, like any malformed job;
 - expired jobs (deadline passed) are acked and answered ``expired`` without computing; expiry is judged
   on Redis's clock (the entry ID's milliseconds + the job's ``ttl_ms`` against ``TIME``), so a worker
   whose clock differs from the API host's neither drops live jobs nor computes dead ones;
@@ -40,12 +45,14 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from app import metrics
 from app.batching import BatchCollector
+from app.codec import decode_image
 from app.dispatch.base import Job
 from app.inference import RunBatch, run_batch_isolating_failures
 from app.inference import run_batch as default_run_batch
@@ -65,7 +72,20 @@ from app.queue.jobs import DEAD, EXPIRED, OK, JobEntry, encode_reply, text
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from model.predictor import Predictor
+
+
+def decode_encoded(predictor: Predictor, job: Job) -> np.ndarray:
+    """The array of a job that carries its uploaded image (``job.image``): decoded by the API's rule
+    (`app.codec.decode_image`: EXIF, mode; at most the pixels the API decoded) and preprocessed for
+    ``predictor``, as the API did. Raises when the bytes do not decode, or decode to another size."""
+    w, h = int(job.meta["orig_w"]), int(job.meta["orig_h"])
+    image = decode_image(job.image or b"", max_pixels=w * h, min_side=1)
+    if image.size != (w, h):
+        raise ValueError(f"the image decoded to {image.size[0]}x{image.size[1]}, the API's to {w}x{h}")
+    return predictor.preprocess(image).array
 
 
 class Worker:
@@ -88,6 +108,7 @@ class Worker:
         dead_maxlen: int = DEFAULT_DEAD_MAXLEN,
         heartbeat_ttl_s: float = 10.0,
         run_batch: RunBatch | None = None,
+        decode_threads: int | None = None,
     ):
         if not predictors:
             raise ValueError("a worker needs at least one model")
@@ -113,6 +134,9 @@ class Worker:
         self.janitor_interval_s = 60.0
         self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
         self._run_batch = run_batch or default_run_batch
+        # decodes the jobs that carry their uploaded image (created at the first batch with several)
+        self.decode_threads = max(1, int(decode_threads or min(4, os.cpu_count() or 1)))
+        self._decode_pool: ThreadPoolExecutor | None = None
         self._r = blocking_redis_client(redis_url, socket_timeout=self.block_ms / 1000 + 5.0)
         self._stop = threading.Event()
         self._held: set[tuple[str, str]] = set()
@@ -166,6 +190,8 @@ class Worker:
             metrics.WORKER_UP.labels(worker=self.consumer).set(0)
             self._leave()
             self._r.close()
+            if self._decode_pool is not None:
+                self._decode_pool.shutdown(wait=False)
             log.info("worker %s stopped (%s)", self.consumer, self.stats)
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -316,6 +342,7 @@ class Worker:
                     live.append((e, e.decode(redis_now_ms)))
                 except Exception as exc:  # noqa: BLE001 - a malformed job never succeeds
                     dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
+        live = self._decode_images(model, live, dead)
 
         if live:
             results = run_batch_isolating_failures(self.predictors[model], [j for _, j in live], self._run_batch)
@@ -337,6 +364,35 @@ class Worker:
         for e, reason in dead:
             replies.append((e, encode_reply(e.job_id, DEAD, detail=f"job dead-lettered: {reason}")))
         self._commit(model, batch, replies, dead, requeue)
+
+    def _decode_images(self, model: str, live: list[tuple[JobEntry, Job]],
+                       dead: list[tuple[JobEntry, str]]) -> list[tuple[JobEntry, Job]]:
+        """Fill in the array of the jobs that carry their uploaded image (`decode_encoded`, on the decode
+        threads when there are several); the jobs whose image does not decode go to ``dead``."""
+        encoded = [job for _, job in live if job.array is None]
+        if not encoded:
+            return live
+        predictor = self.predictors[model]
+
+        def decode(job: Job) -> BaseException | None:
+            try:
+                job.array, job.image = decode_encoded(predictor, job), None
+            except Exception as exc:  # noqa: BLE001 - answered failed below
+                return exc
+            return None
+
+        if len(encoded) == 1:
+            errors = [decode(encoded[0])]
+        else:
+            if self._decode_pool is None:
+                self._decode_pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="worker-decode")
+            errors = list(self._decode_pool.map(decode, encoded))
+        failed = {id(job): exc for job, exc in zip(encoded, errors, strict=True) if exc is not None}
+        for e, job in live:
+            if id(job) in failed:
+                exc = failed[id(job)]
+                dead.append((e, f"undecodable image: {type(exc).__name__}: {exc}"))
+        return [(e, job) for e, job in live if id(job) not in failed]
 
     def _commit(self, model: str, batch: list[JobEntry], replies: list[tuple[JobEntry, dict]],
                 dead: list[tuple[JobEntry, str]], requeue: list[JobEntry]) -> None:

@@ -58,22 +58,33 @@ class UnknownModel(DispatchError):
 
 @dataclass
 class Job:
-    """One image for one model. `deadline` is wall-clock epoch seconds so it can cross processes."""
+    """One image for one model. `deadline` is wall-clock epoch seconds so it can cross processes.
+
+    ``image``: the uploaded (encoded) bytes, kept only for a dispatcher that `accepts_encoded` and only when
+    they are smaller than ``array``; such a job may then travel as the encoded image (`app.queue.jobs`), and
+    the worker that reads it decodes it again into ``array`` (None until then)."""
 
     model: str
-    array: np.ndarray  # uint8 C×H×W at the model's input size (Predictor.preprocess)
+    array: np.ndarray | None  # uint8 C×H×W at the model's input size (Predictor.preprocess)
     meta: dict[str, Any]  # JSON-serialisable preprocessing metadata (original size, scale, pad)
     options: dict[str, Any]  # conf, iou, max_det, top_k, mask_format
     deadline: float
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = field(default_factory=time.time)
+    image: bytes | None = None
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.deadline
 
 
 class Dispatcher(abc.ABC):
-    """Accepts jobs, batches them onto models, resolves each job with its result."""
+    """Accepts jobs, batches them onto models, resolves each job with its result.
+
+    ``accepts_encoded``: whether jobs may carry their uploaded bytes (`Job.image`) beside the array, for a
+    dispatcher that can ship the smaller of the two to another process (Redis); an in-process dispatcher
+    never needs them, and the API then frees them as soon as the images are decoded."""
+
+    accepts_encoded: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -2,8 +2,15 @@
 
 Job fields: ``job_id``, ``reply_to`` (the asking instance's reply stream), ``deadline`` (epoch seconds on
 the API host), ``ttl_ms`` (time left at XADD: workers judge expiry on Redis's clock from the entry ID),
-``enqueued_at``, ``options`` and ``meta`` (JSON), ``dtype``, ``shape`` and ``array`` (the preprocessed
-image's raw bytes), ``attempts`` (failed tries so far, raised when a worker requeues the job).
+``enqueued_at``, ``options`` and ``meta`` (JSON), ``attempts`` (failed tries so far, raised when a worker
+requeues the job), ``payload`` and the image in one of two forms:
+
+- ``payload=array``: ``dtype``, ``shape`` and ``array`` (the preprocessed image's raw bytes, 3×H×W at the
+  model's input size). A job without ``payload`` (written before the field existed) is read as this;
+- ``payload=image``: ``image``, the uploaded file as it came (JPEG, PNG, ...), sent when it is smaller than
+  the array (`choose_payload`). The API decoded it already (limits, EXIF, errors, ``meta``); the worker
+  decodes it again with the same rule (`app.codec.decode_image`, then `Predictor.preprocess`), which gives
+  the same array: the decoded job has ``array`` None and ``image`` set until the worker fills it in.
 
 Reply fields: ``job_id``, ``status`` (one of the statuses below), ``result`` (JSON, for ``ok``),
 ``detail`` (for the others).
@@ -23,15 +30,28 @@ from app.dispatch.base import Job
 # Reply statuses written by workers.
 OK, EXPIRED, DEAD, ERROR = "ok", "expired", "dead", "error"
 
+# What a job carries (its ``payload`` field): the preprocessed array, or the uploaded (encoded) image.
+PAYLOAD_ARRAY, PAYLOAD_IMAGE = "array", "image"
+# The fields that hold the image; a dead letter keeps the job's fields without them.
+IMAGE_FIELDS = (b"array", b"image")
+
 
 def text(value: bytes | str) -> str:
     """A field or key as str (redis-py answers bytes)."""
     return value.decode() if isinstance(value, bytes) else value
 
 
+def choose_payload(job: Job) -> str:
+    """`PAYLOAD_IMAGE` when the job carries its uploaded bytes and they are smaller than its array (or it has
+    no array), else `PAYLOAD_ARRAY`."""
+    if job.image is not None and (job.array is None or len(job.image) < job.array.nbytes):
+        return PAYLOAD_IMAGE
+    return PAYLOAD_ARRAY
+
+
 def encode_job(job: Job, reply_to: str) -> dict[str, bytes | str]:
-    array = np.ascontiguousarray(job.array)
-    return {
+    """The stream fields of ``job``, with the smaller payload (`choose_payload`)."""
+    fields: dict[str, bytes | str] = {
         "job_id": job.job_id,
         "reply_to": reply_to,
         "deadline": repr(float(job.deadline)),
@@ -40,16 +60,20 @@ def encode_job(job: Job, reply_to: str) -> dict[str, bytes | str]:
         "enqueued_at": repr(float(job.enqueued_at)),
         "options": json.dumps(job.options, separators=(",", ":")),
         "meta": json.dumps(job.meta, separators=(",", ":")),
-        "dtype": array.dtype.str,
-        "shape": ",".join(str(int(s)) for s in array.shape),
-        "array": array.tobytes(),
-        "attempts": "0",
     }
+    if choose_payload(job) == PAYLOAD_IMAGE:
+        fields.update({"payload": PAYLOAD_IMAGE, "image": bytes(job.image or b"")})
+    else:
+        if job.array is None:
+            raise ValueError("a job without its image bytes needs its array")
+        array = np.ascontiguousarray(job.array)
+        fields.update({"payload": PAYLOAD_ARRAY, "dtype": array.dtype.str,
+                       "shape": ",".join(str(int(s)) for s in array.shape), "array": array.tobytes()})
+    fields["attempts"] = "0"
+    return fields
 
 
-def decode_job(model: str, fields: dict[bytes, bytes]) -> Job:
-    """Rebuild a Job from stream fields; raises ValueError/KeyError on a malformed entry."""
-    f = {text(k): v for k, v in fields.items()}
+def _decode_array(f: dict[str, Any]) -> np.ndarray:
     shape = tuple(int(s) for s in text(f["shape"]).split(",") if s)
     dtype = np.dtype(text(f["dtype"]))
     raw = f["array"]
@@ -58,14 +82,33 @@ def decode_job(model: str, fields: dict[bytes, bytes]) -> Job:
     array = np.frombuffer(raw, dtype=dtype)
     if array.size != int(np.prod(shape)):
         raise ValueError(f"array of {array.size} elements does not match shape {shape}")
+    return array.reshape(shape)
+
+
+def decode_job(model: str, fields: dict[bytes, bytes]) -> Job:
+    """Rebuild a Job from stream fields; raises ValueError/KeyError on a malformed entry. A ``payload=image``
+    job comes back with ``array`` None and ``image`` the encoded bytes (the worker decodes them)."""
+    f = {text(k): v for k, v in fields.items()}
+    payload = text(f.get("payload", PAYLOAD_ARRAY))
+    array, image = None, None
+    if payload == PAYLOAD_ARRAY:
+        array = _decode_array(f)
+    elif payload == PAYLOAD_IMAGE:
+        image = f["image"]
+        if not isinstance(image, bytes | bytearray) or not image:
+            raise ValueError("image field is empty or not bytes")
+        image = bytes(image)
+    else:
+        raise ValueError(f"unknown payload {payload!r}")
     return Job(
         model=model,
-        array=array.reshape(shape),
+        array=array,
         meta=json.loads(f["meta"]),
         options=json.loads(f["options"]),
         deadline=float(text(f["deadline"])),
         job_id=text(f["job_id"]),
         enqueued_at=float(text(f.get("enqueued_at", b"0"))),
+        image=image,
     )
 
 
@@ -156,9 +199,9 @@ class JobEntry:
         return replace(job, deadline=now + left_ms / 1000.0, enqueued_at=now - age_ms / 1000.0)
 
     def dead_letter(self, reason: str, consumer: str) -> dict[bytes, Any]:
-        """The fields of its dead-letter entry: the job's own without the image bytes, plus why, after how
-        many deliveries, by which consumer and when."""
-        fields: dict[bytes, Any] = {k: v for k, v in self.fields.items() if k != b"array"}
+        """The fields of its dead-letter entry: the job's own without the image bytes (array or encoded),
+        plus why, after how many deliveries, by which consumer and when."""
+        fields: dict[bytes, Any] = {k: v for k, v in self.fields.items() if k not in IMAGE_FIELDS}
         fields.update({b"model": self.model, b"error": reason, b"deliveries": str(self.deliveries),
                        b"consumer": consumer, b"dead_at": repr(time.time()), b"entry_id": self.entry_id})
         return fields

@@ -6,10 +6,25 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
+from support.images import encode, exif_rotated, jpeg, pattern, png
 
 from app.dispatch.base import Job
+from app.pipeline import ImageLimits, prepare
 from app.queue import constants
-from app.queue.jobs import OK, JobEntry, decode_job, decode_reply, encode_job, encode_reply, reply_result
+from app.queue.jobs import (
+    OK,
+    PAYLOAD_ARRAY,
+    PAYLOAD_IMAGE,
+    JobEntry,
+    choose_payload,
+    decode_job,
+    decode_reply,
+    encode_job,
+    encode_reply,
+    reply_result,
+)
+from app.worker import decode_encoded
 
 
 def test_key_names():
@@ -32,7 +47,8 @@ def test_a_job_survives_the_round_trip_and_its_expiry_is_judged_on_redis_clock()
     job = Job(model="m", array=array, meta={"orig_w": 5}, options={"conf": 0.5}, deadline=time.time() + 10)
     fields = _as_read(encode_job(job, "s2amnet:replies:i"))
     assert set(fields) == {b"job_id", b"reply_to", b"deadline", b"ttl_ms", b"enqueued_at", b"options", b"meta",
-                           b"dtype", b"shape", b"array", b"attempts"}
+                           b"payload", b"dtype", b"shape", b"array", b"attempts"}
+    assert fields[b"payload"] == b"array"
     back = decode_job("m", fields)
     assert np.array_equal(back.array, array) and back.meta == job.meta and back.options == job.options
     assert (back.job_id, back.deadline) == (job.job_id, job.deadline)
@@ -51,3 +67,87 @@ def test_a_job_survives_the_round_trip_and_its_expiry_is_judged_on_redis_clock()
 def test_a_reply_round_trip():
     reply = decode_reply(_as_read(encode_reply("j", OK, {"v": np.float32(0.5)})))
     assert reply["status"] == OK and reply_result(reply) == {"v": 0.5}
+
+
+def test_a_job_with_smaller_image_bytes_travels_as_the_image():
+    array = np.zeros((3, 64, 64), np.uint8)  # 12288 bytes
+    data = jpeg(40, 30)
+    assert len(data) < array.nbytes
+    job = Job(model="m", array=array, meta={"orig_w": 40, "orig_h": 30}, options={}, deadline=time.time() + 10,
+              image=data)
+    assert choose_payload(job) == PAYLOAD_IMAGE
+    fields = _as_read(encode_job(job, "s2amnet:replies:i"))
+    assert fields[b"payload"] == b"image" and fields[b"image"] == data
+    assert not {b"array", b"dtype", b"shape"} & set(fields)  # the array does not travel beside it
+    back = decode_job("m", fields)
+    assert back.array is None and back.image == data and back.meta == job.meta and back.job_id == job.job_id
+
+    entry = JobEntry("m", "1-0", fields, deliveries=1)
+    assert b"image" not in entry.dead_letter("why", "w") and entry.requeued()[b"image"] == data
+    with pytest.raises(ValueError):
+        decode_job("m", {**fields, b"image": b""})
+    with pytest.raises(ValueError):
+        decode_job("m", {**fields, b"payload": b"tensor"})
+
+
+def test_larger_image_bytes_or_none_travel_as_the_array():
+    array = np.zeros((3, 8, 8), np.uint8)  # 192 bytes: any real image file is larger
+    big = Job(model="m", array=array, meta={}, options={}, deadline=time.time() + 10, image=png(64, 64))
+    plain = Job(model="m", array=array, meta={}, options={}, deadline=time.time() + 10)
+    for job in (big, plain):
+        assert choose_payload(job) == PAYLOAD_ARRAY
+        fields = _as_read(encode_job(job, "r"))
+        assert fields[b"payload"] == b"array" and b"image" not in fields
+        assert np.array_equal(decode_job("m", fields).array, array)
+
+
+def test_a_job_written_before_the_payload_field_is_read_as_an_array():
+    array = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    job = Job(model="m", array=array, meta={"orig_w": 5}, options={}, deadline=time.time() + 10)
+    fields = _as_read(encode_job(job, "r"))
+    del fields[b"payload"]
+    back = decode_job("m", fields)
+    assert back.image is None and np.array_equal(back.array, array)
+
+
+def _uploads() -> dict[str, bytes]:
+    """Uploads in the forms a camera or a client sends: the API decodes each by one rule."""
+    rgb = pattern(48, 40, seed=3)
+    gray16 = (pattern(48, 40, seed=4)[..., 0].astype(np.uint16) * 257).astype(np.uint16)
+    return {
+        "jpeg": jpeg(48, 40, seed=1),
+        "png": png(48, 40, seed=2),
+        "jpeg-exif-rotated": exif_rotated(rgb, "JPEG"),
+        "png-exif-rotated": exif_rotated(rgb, "PNG"),
+        "jpeg-grayscale": encode(Image.fromarray(rgb[..., 1]), "JPEG", quality=90),
+        "png-grayscale": encode(Image.fromarray(rgb[..., 2]), "PNG"),
+        "png-16-bit": encode(Image.fromarray(gray16), "PNG"),
+        "png-palette": encode(Image.fromarray(rgb).quantize(16), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_uploads()))
+def test_the_worker_decodes_an_image_payload_to_the_apis_array(det, kind: str):
+    """API side: decode + preprocess (meta, validation); the job goes out as the image; worker side: decode
+    the fields and the bytes again -> the very same array."""
+    data = _uploads()[kind]
+    array, meta = prepare(det, data, 0, ImageLimits(max_pixels=10**6, min_side=1))
+    job = Job(model=det.name, array=array, meta=meta, options={}, deadline=time.time() + 10, image=data)
+    fields = _as_read(encode_job(job, "r"))
+    assert fields[b"payload"] == b"image", f"{kind}: {len(data)} bytes vs an array of {array.nbytes}"
+    back = JobEntry(det.name, f"{int(time.time() * 1000)}-0", fields, deliveries=1).decode(None)
+    assert back.array is None
+    again = decode_encoded(det, back)
+    assert again.dtype == np.uint8 and again.shape == array.shape
+    assert np.array_equal(again, array), kind
+
+
+def test_the_worker_refuses_an_image_that_decodes_to_another_size(det):
+    data = jpeg(48, 40)
+    job = Job(model=det.name, array=None, meta={"orig_w": 40, "orig_h": 48}, options={}, deadline=time.time() + 10,
+              image=data)
+    with pytest.raises(ValueError, match="decoded to 48x40"):
+        decode_encoded(det, job)
+    with pytest.raises(Exception, match="corrupt|unreadable|not a supported"):
+        decode_encoded(det, Job(model=det.name, array=None, meta={"orig_w": 4, "orig_h": 4}, options={},
+                                deadline=time.time() + 10, image=b"\xff\xd8\xffnot really a jpeg"))
