@@ -134,8 +134,9 @@ class Worker:
         self.janitor_interval_s = 60.0
         self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
         self._run_batch = run_batch or default_run_batch
-        # decodes the jobs that carry their uploaded image (created at the first batch with several)
-        self.decode_threads = max(1, int(decode_threads or min(4, os.cpu_count() or 1)))
+        # decodes the jobs that carry their uploaded image (created at the first batch with several): one
+        # thread per job of a full batch, at most one per core (PIL decodes and resizes without the GIL)
+        self.decode_threads = max(1, int(decode_threads or min(self.max_batch_size, os.cpu_count() or 1)))
         self._decode_pool: ThreadPoolExecutor | None = None
         self._r = blocking_redis_client(redis_url, socket_timeout=self.block_ms / 1000 + 5.0)
         self._stop = threading.Event()

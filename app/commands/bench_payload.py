@@ -144,6 +144,21 @@ def job_fields(data: bytes, model: dict[str, Any], image: Any = None) -> tuple[d
     return encode_job(plain, reply_to), encode_job(with_image, reply_to)
 
 
+def decode_ms(uploads: list[bytes], model: dict[str, Any]) -> float:
+    """Median milliseconds a worker spends on one ``payload=image`` job before its forward: decode (the
+    API's rule) and preprocess for ``model``, on one thread."""
+    from app.codec import decode_image
+    from model import transforms
+
+    times = []
+    for data in uploads:
+        t0 = time.perf_counter()
+        image = decode_image(data, max_pixels=10**9)
+        transforms.prepare(image, model["input_size"], model["resize"], model["pad_value"])
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 2)
+
+
 def field_bytes(fields: dict) -> int:
     """Bytes of a stream entry's field names and values (what XADD sends, before the protocol's framing)."""
     return sum(len(k if isinstance(k, bytes) else str(k).encode()) +
@@ -339,7 +354,7 @@ def bench_payload(args: argparse.Namespace, progress: bool = False) -> dict[str,
     rows, by_size = [], {}
     for model in models:
         pairs = [job_fields(d, model, image) for d, image in zip(uploads, decoded, strict=True)]
-        rows.append(_size_row(model, pairs, uploads))
+        rows.append({**_size_row(model, pairs, uploads), "decode_ms": decode_ms(uploads, model)})
         by_size.setdefault(tuple(model["input_size"]), pairs)
     result: dict[str, Any] = {"uploads": {"source": source, "count": len(uploads),
                                           "mean_bytes": round(statistics.fmean(len(d) for d in uploads)),
@@ -378,13 +393,13 @@ def payload_markdown(result: dict[str, Any]) -> list[str]:
              f"({m['cores']} cores), redis-server {m['redis']}; uploads: {u['source']}, mean {_kb(u['mean_bytes'])}, "
              f"median {_kb(u['median_bytes'])}.", "",
              "| model | input | array payload | chosen payload | sent as the image | Redis memory per queued job, "
-             "array → chosen | smaller by |",
-             "|---|---|---|---|---|---|---|"]
+             "array → chosen | smaller by | worker decode + preprocess |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["sizes"]:
         h, w = r["input_size"]
         lines.append(f"| {r['model']} | {h}×{w} | {_kb(r['array_bytes'])} | {_kb(r['encoded_bytes'])} | "
                      f"{r['image_share']:.0%} | {_kb(r['redis_array_bytes'])} → {_kb(r['redis_encoded_bytes'])} | "
-                     f"{r['ratio']:.1f}× |")
+                     f"{r['ratio']:.1f}× | {r['decode_ms']:.1f} ms |")
     lines += ["", f"Redis-bound ceiling: {st['producers']} producer and {st['consumers']} consumer processes, "
               f"batches of {st['batch']}, backlog ≤ {st['backlog']}, no forward, {st['seconds']:g} s per round "
               "(jobs per Redis CPU-second: the ceiling of a Redis with a core of its own).", "",

@@ -54,7 +54,7 @@ def test_bytes_per_job_and_the_redis_ceiling_of_both_payloads(tmp_path: Path, we
         assert row["input_size"] == [64, 64] and row["image_share"] == 1.0
         assert 3 * 64 * 64 < row["array_bytes"] < 3 * 64 * 64 + 1000
         assert row["encoded_bytes"] < row["array_bytes"] and row["ratio"] > 1
-        assert row["redis_encoded_bytes"] < row["redis_array_bytes"]
+        assert row["redis_encoded_bytes"] < row["redis_array_bytes"] and row["decode_ms"] > 0
     assert [(c["input_size"], c["payload"]) for c in result["ceiling"]] == [([64, 64], "array"),
                                                                              ([64, 64], "encoded")]
     for c in result["ceiling"]:  # one input size for both models: one round per payload
@@ -77,4 +77,5 @@ def test_run_prints_the_section_and_a_json_line(weights_dir: Path, capsys):
     result = json.loads(out[-1])
     assert "## Bytes through Redis" in out and "2 synthetic JPEGs" in result["uploads"]["source"]
     row = result["sizes"][0]  # the synthetic JPEGs (256-640 px) are larger than a 64x64 array: sent as arrays
-    assert row["image_share"] == 0.0 and row["encoded_bytes"] == row["array_bytes"] and len(result["ceiling"]) == 2
+    assert row["image_share"] == 0.0 and len(result["ceiling"]) == 2
+    assert abs(row["encoded_bytes"] - row["array_bytes"]) <= 8  # the same fields, up to the digits of ttl_ms
