@@ -64,6 +64,11 @@ def add_parser(sub) -> None:
     from app.commands.bench_peers import add_arguments as add_peer_arguments
 
     add_peer_arguments(p)
+    from app.commands.bench_line import add_arguments as add_line_arguments
+    from app.commands.bench_payload import add_arguments as add_payload_arguments
+
+    add_payload_arguments(p)  # after the peers' arguments: it reuses their --images
+    add_line_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -206,14 +211,20 @@ def _serve_cmd(folder: Path, device: str, threads: int | None, port: int, extra:
     return cmd
 
 
+def _task_and_size(folder: Path) -> tuple[str, list[int]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest["task"], list(manifest["arch"]["input_size"])
+
+
 def _process_env(**extra: str) -> dict[str, str]:
     """This environment without S2AMNET_* settings (the benchmark's servers get only their flags), the
-    repository on PYTHONPATH, plus `extra`."""
+    repository on PYTHONPATH, records off (nothing written where the benchmark runs; `--line` measures them),
+    plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    return {**env, **extra}
+    return {**env, "S2AMNET_RECORDS": "false", **extra}
 
 
 @contextlib.contextmanager
@@ -340,6 +351,10 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
 
 
 def run(args) -> int:
+    if args.payload:  # Redis bytes only: no models timed
+        from app.commands.bench_payload import run_payload
+
+        return run_payload(args)
     import torch
 
     from app.commands import bench_peers
@@ -406,6 +421,14 @@ def run(args) -> int:
             return 1
     if args.peers and (code := bench_peers.run_peers(args, peer_levels, result, sizes, device, progress)):
         return code
+    if args.line:
+        from app.commands.bench_line import bench_line
+
+        try:
+            result["line"] = bench_line(http_folder, *_task_and_size(http_folder), args, device, progress)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     md = to_markdown(result)
     if args.out:
         Path(args.out).write_text(bench_peers.out_text(args, result, md))

@@ -93,6 +93,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         from app.commands.bench_peers import peers_markdown
 
         lines += peers_markdown(result["peers"], result)
+    if result.get("line"):
+        from app.commands.bench_line import line_markdown
+
+        lines += line_markdown(result["line"])
     return "\n".join(lines)
 
 
