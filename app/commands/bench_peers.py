@@ -153,6 +153,13 @@ def cpu_seconds(roots: list[int]) -> float:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine has been busy (all cores, from /proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
 # --------------------------------------------------------------------------------------------------- servers
 @dataclass
 class Server:
@@ -424,6 +431,9 @@ def bench_peers(args, levels: list[int], device: str, raw: dict[str, Any], progr
             asyncio.run(closed_round(s, parts, max(4, levels[-1]), levels[-1]))
         time.sleep(0.5)
         idle = idle_cpu(servers)
+        # what other processes of the machine take while the rounds run: this process's tree is the client
+        # and every server
+        busy0, own0, t0 = machine_busy_seconds(), cpu_seconds([os.getpid()]), time.monotonic()
         closed = closed_rows(drive_closed(servers, parts, levels, args.peer_requests, bar), best["images_per_s"],
                              cores)
         capacity = {s.name: max((r for r in closed if r["server"] == s.name), key=lambda r: r["images_per_s"])
@@ -434,6 +444,8 @@ def bench_peers(args, levels: list[int], device: str, raw: dict[str, Any], progr
             for name, t in drive_open(servers, parts, rates, args.open_loop_s, bar).items():
                 opened.append({"server": name, "load": args.open_loop_load, "rate_per_s": rates[name],
                                "seconds": round(t.wall, 2), "sent_late": t.late, **_row(t, cores)})
+        other = machine_busy_seconds() - busy0 - (cpu_seconds([os.getpid()]) - own0)
+        other_pct = round(100 * max(0.0, other) / ((time.monotonic() - t0) * cores), 1)
         bar.close()
     shutil.rmtree(log_dir, ignore_errors=True)  # kept when a server failed
     listed = [{"name": s.name, "what": s.what, "endpoint": s.path, "idle_cpu_pct": round(100 * idle[s.name] / cores, 2),
@@ -443,7 +455,7 @@ def bench_peers(args, levels: list[int], device: str, raw: dict[str, Any], progr
     return {"command": shown_command(sys.argv[1:], args.images),
             "model": raw["model"], "version": raw["version"], "task": raw["task"], "folder": str(folder),
             "input_size": raw["input_size"], "images": images, "cores": cores, "slices": SLICES,
-            "requests_per_level": args.peer_requests, "idle_s": IDLE_S,
+            "requests_per_level": args.peer_requests, "idle_s": IDLE_S, "other_load_pct": other_pct,
             "raw": {"batch": best["batch"], "images_per_s": best["images_per_s"]},
             "servers": listed, "closed_loop": closed, "open_loop": opened, "target": target(closed, skipped)}
 
@@ -496,7 +508,8 @@ def peers_markdown(p: dict[str, Any], result: dict[str, Any]) -> list[str]:
              "Every server loads the same weights with `Predictor.from_folder` (BatchNorm folded) and runs the "
              "service's decoding, preprocessing, eager PyTorch forward and JSON answer. All run at once; one "
              f"client on the same machine drives them one after another in {p['slices']} alternating slices per "
-             "level, so compare the ratios (CPU % is of all cores, for the server's processes only).", "",
+             "level, so compare the ratios (CPU % is of all cores, for the server's processes only). Other "
+             f"processes of the machine took {p['other_load_pct']:.0f} % of all cores while the rounds ran.", "",
              "| server | what | CPU while idle |", "|---|---|---|"]
     for s in p["servers"]:
         lines.append(f"| {s['name']} | {s['what']} | {s['idle_cpu_pct']:.1f} % |" if "skipped" not in s

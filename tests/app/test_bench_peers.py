@@ -67,6 +67,7 @@ def test_bench_peers_drives_every_server_with_one_client_and_merges_its_section(
     p = result["peers"]
     assert p["model"] == "cls" and p["task"] == "classify" and p["images"] == "8 random 64x64 PNGs"
     assert p["raw"]["images_per_s"] == max(r["images_per_s"] for r in result["models"][0]["rows"])
+    assert 0 <= p["other_load_pct"] <= 100  # what the rest of the machine took while the rounds ran
     servers = {s["name"]: s for s in p["servers"]}
     assert set(servers) == {"s2amnet", "fastapi", "litserve"}
     assert servers["s2amnet"]["endpoint"] == "/classify" and servers["fastapi"]["endpoint"] == "/predict"
