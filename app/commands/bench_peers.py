@@ -176,7 +176,7 @@ def _s2amnet(stack: contextlib.ExitStack, folder: Path, task: str, device: str, 
     url = f"http://127.0.0.1:{port}"
     proc = stack.enter_context(_launch(_serve_cmd(folder, device, threads, port), _process_env(**SERVE_ENV),
                                        url + "/readyz", log_dir / "s2amnet.log", "s2amnet serve"))
-    return Server("s2amnet", "`s2amnet serve`, embedded dynamic batching", url, f"/{task}", [proc.pid])
+    return Server("s2amnet", "`s2amnet serve`, embedded dynamic batching, records off", url, f"/{task}", [proc.pid])
 
 
 def _script(stack: contextlib.ExitStack, name: str, module: str, what: str, folder: Path, device: str,
@@ -223,7 +223,7 @@ def _redis_mode(stack: contextlib.ExitStack, folder: Path, task: str, device: st
     pids.append(stack.enter_context(_launch(cmd, _process_env(**SERVE_ENV), url + "/readyz", log_dir / f"{tag}-api.log",
                                             "s2amnet serve --redis-url")).pid)
     return Server(f"s2amnet-{tag}", f"`s2amnet serve --redis-url` with {workers} `s2amnet worker`"
-                  f"{'s' if workers > 1 else ''} (Redis Streams)", url, f"/{task}", pids)
+                  f"{'s' if workers > 1 else ''} (Redis Streams), records off", url, f"/{task}", pids)
 
 
 def start_servers(stack: contextlib.ExitStack, folder: Path, task: str, args, device: str,
