@@ -55,7 +55,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev
 	touch $@
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --backends --out BENCHMARKS.md --plot docs/bench.png \
+	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --backends --line --out BENCHMARKS.md --plot docs/bench.png \
 	  --peers $(if $(PEER_IMAGES),--images $(PEER_IMAGES)) --peers-plot docs/bench-peers.png
 
 clean:

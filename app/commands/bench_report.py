@@ -15,16 +15,28 @@ def machine(device: str) -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads":
-            torch.get_num_threads(), "device": device, "python": platform.python_version()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(flags), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "device": device, "python": platform.python_version()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def vector_units(flags: set[str]) -> str:
+    """The widest vector / matrix units of a CPU from its /proc/cpuinfo flags (what decides which backend and
+    precision pay on it): e.g. 'AVX-512 + BF16 + AMX', 'AVX2'."""
+    if any(f.startswith("avx512") for f in flags):
+        name = "AVX-512" + (" + BF16" if "avx512_bf16" in flags else "")
+        return name + (" + AMX" if "amx_bf16" in flags else "")
+    return "AVX2" if "avx2" in flags else ("unknown" if not flags else "SSE")
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -32,7 +44,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = ["# Benchmarks", "",
              f"`{result['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(result['time']))}: "
-             f"{m['cpu']} ({m['cores']} cores), torch {m['torch']} with {m['torch_threads']} thread(s), "
+             f"{m['cpu']} ({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
+             f"{m['torch_threads']} thread(s), "
              f"device {m.get('gpu', m['device'])}; glibc allocator tuning "
              f"{'on' if m.get('allocator_tuning') else 'off'} (as in the service).", "",
              "Every figure that compares is a ratio of two numbers measured in this same run; absolute "

@@ -146,3 +146,12 @@ def test_bench_backends_times_eager_onnxruntime_and_openvino_in_the_same_rounds(
             assert r["gain"][name] == pytest.approx(ms["eager"] / ms[name], abs=0.01)
     text = out.read_text()
     assert "## Backends" in text and "| cls 1 | 1 |" in text
+
+
+def test_the_machine_line_names_the_cpus_vector_units():
+    from app.commands.bench_report import vector_units
+
+    assert vector_units({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}) == "AVX-512 + BF16 + AMX"
+    assert vector_units({"avx2", "avx512f"}) == "AVX-512"
+    assert vector_units({"avx2", "fma"}) == "AVX2"
+    assert vector_units(set()) == "unknown"
