@@ -13,6 +13,7 @@ from PIL import Image
 from model import Predictor, build_model, save_model
 from model import transforms as T
 from model.masks import decode_rle, encode_rle
+from model.verdict import verdict_for
 
 CLASSES = {
     "classify": ["ok", "scratch", "dent"],
@@ -435,6 +436,34 @@ def test_per_class_thresholds_detect(predictors):
     scores[0, 1] = 0.21
     res = p.postprocess({"boxes": box, "scores": scores}, meta, conf=0.5)
     assert res["verdict"] == "fail" and res["defects"][0]["label"] == CLASSES["detect"][1]
+
+
+def test_a_rule_given_per_call_decides_exactly_as_its_thresholds_say(predictors):
+    """A recipe's rule (postprocess(rule=...)) replaces the manifest's for that call only: on random raw
+    outputs, the verdict is fail exactly when some candidate reaches its class's score and area."""
+    p = Predictor(predictors["detect"].model, _manifest("detect", (64, 96)))
+    meta = p.preprocess(np.zeros((64, 96, 3), np.uint8)).meta
+    rng = np.random.default_rng(3)
+    names = CLASSES["detect"]
+    for trial in range(40):
+        xy = rng.uniform(0, 60, (6, 2))
+        wh = rng.uniform(2, 40, (6, 2))
+        boxes = torch.tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
+        scores = torch.tensor(rng.uniform(0, 1, (6, len(names))) * (rng.uniform(0, 1, (6, 1)) < 0.7),
+                              dtype=torch.float32)
+        rule = {"type": "any_defect", "min_score": float(rng.uniform(0.3, 0.9)), "min_area": float(rng.uniform(0, 300)),
+                "classes": {names[1]: {"min_score": float(rng.uniform(0.05, 0.9))},
+                            names[2]: {"min_area": float(rng.uniform(0, 900))}}}
+        res = p.postprocess({"boxes": boxes, "scores": scores}, meta, conf=0.01, iou=0.7, rule=rule)
+        thr = {n: (rule["classes"].get(n, {}).get("min_score", rule["min_score"]),
+                   rule["classes"].get(n, {}).get("min_area", rule["min_area"])) for n in names}
+        expect = any(d["score"] >= thr[d["label"]][0] and d["area"] >= thr[d["label"]][1] for d in res["defects"])
+        assert res["verdict"] == ("fail" if expect else "pass"), (trial, rule, res["defects"])
+        # the manifest's own rule is untouched by the call
+        assert p.postprocess({"boxes": boxes, "scores": scores}, meta)["verdict"] == verdict_for(
+            p.verdict_rule, p.postprocess({"boxes": boxes, "scores": scores}, meta, conf=0.0)["defects"])
+    with pytest.raises(ValueError, match="not a class"):
+        p.postprocess({"boxes": boxes, "scores": scores}, meta, rule={"min_score": 0.5, "classes": {"nope": {}}})
 
 
 def test_from_folder(tmp_path, predictors):
