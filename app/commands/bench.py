@@ -69,6 +69,9 @@ def add_parser(sub) -> None:
 
     add_payload_arguments(p)  # after the peers' arguments: it reuses their --images
     add_line_arguments(p)
+    from app.commands.bench_soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -381,6 +384,9 @@ def run(args) -> int:
             raise BenchError(f"--device {device}: no CUDA device here")
         allocator_tuning = _allocator_tuning_setting()
         peer_levels = bench_peers.check_args(args)
+        from app.commands.bench_soak import check_args as check_soak_args
+
+        check_soak_args(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -427,6 +433,17 @@ def run(args) -> int:
         try:
             result["line"] = bench_line(http_folder, *_task_and_size(http_folder), args, device, progress)
         except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.soak:
+        from app.commands.bench_soak import bench_soak
+
+        try:
+            result["soak"] = bench_soak(args, device, progress)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # a process did not start: its log tail is in the message
             print(f"error: {exc}", file=sys.stderr)
             return 1
     md = to_markdown(result)

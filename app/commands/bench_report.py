@@ -110,6 +110,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         from app.commands.bench_line import line_markdown
 
         lines += line_markdown(result["line"])
+    if result.get("soak"):
+        from app.commands.bench_soak import soak_markdown
+
+        lines += soak_markdown(result["soak"])
     return "\n".join(lines)
 
 
