@@ -298,3 +298,12 @@ def init_model_series(model: str, task: str) -> None:
         counter.labels(model=model)
     for histogram in (QUEUE_WAIT, INFERENCE_DURATION, POSTPROCESS_DURATION, BATCH_SIZE):
         histogram.labels(model=model)
+
+
+def init_bus_series(bus: str) -> None:
+    """A plant-bus outlet's series at 0 (disconnected, empty outbox, nothing published or dropped yet)."""
+    BUS_CONNECTED.labels(bus=bus).set(0)
+    BUS_OUTBOX.labels(bus=bus).set(0)
+    BUS_PUBLISHED.labels(bus=bus)
+    for reason in ("outbox_full", "error", "shutdown"):
+        BUS_DROPPED.labels(bus=bus, reason=reason)

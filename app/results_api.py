@@ -20,7 +20,7 @@ from app.errors import Problem, invalid
 from app.line.records import BadCursor, Cursor, Filters, RecordOutlet, RecordStore
 from app.line.records.images import EXTENSIONS
 from app.line.records.query import answer, csv_lines, jsonl_lines
-from app.schemas import InspectionResult, ProblemDetails
+from app.schemas import ID, InspectionResult, ProblemDetails
 from app.state import service_state
 
 log = logging.getLogger("s2amnet.api")
@@ -30,7 +30,6 @@ router = APIRouter(prefix="/results", tags=["records"], dependencies=[Depends(re
 EXPORT_PAGE = 500  # records per query of an export
 T = TypeVar("T")
 
-_ID = dict(max_length=256)
 
 
 class RecordedResult(InspectionResult):
@@ -48,11 +47,11 @@ class ResultFilters(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    station_id: str | None = Field(None, **_ID)
-    part_id: str | None = Field(None, **_ID)
+    station_id: str | None = Field(None, **ID)
+    part_id: str | None = Field(None, **ID)
     verdict: Literal["pass", "fail"] | None = None
     model: str | None = Field(None, max_length=128, description="Model name.")
-    recipe_id: str | None = Field(None, **_ID)
+    recipe_id: str | None = Field(None, **ID)
     since: datetime | None = Field(None, description="Recorded at or after (ISO 8601; without offset: UTC).")
     until: datetime | None = Field(None, description="Recorded before (ISO 8601; without offset: UTC).")
 

@@ -12,7 +12,7 @@ Task = Literal["classify", "detect", "segment"]
 MES_FIELDS = ("station_id", "part_id", "meas_id", "recipe_id")
 OPTION_FIELDS = ("model", "conf", "iou", "max_det", "top_k", "mask_format", "on_timeout")
 
-_ID = dict(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
+ID = dict(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")  # an MES identifier: no control characters
 
 
 class InspectOptions(BaseModel):
@@ -33,12 +33,12 @@ class InspectOptions(BaseModel):
     mask_format: MaskFormat = Field(
         "rle", description="Mask encoding (segment): COCO compressed RLE, polygons, or a base64 PNG."
     )
-    station_id: str | None = Field(None, description="MES station identifier, echoed back.", **_ID)
-    part_id: str | None = Field(None, description="MES part identifier, echoed back.", **_ID)
-    meas_id: str | None = Field(None, description="MES measurement identifier, echoed back.", **_ID)
+    station_id: str | None = Field(None, description="MES station identifier, echoed back.", **ID)
+    part_id: str | None = Field(None, description="MES part identifier, echoed back.", **ID)
+    meas_id: str | None = Field(None, description="MES measurement identifier, echoed back.", **ID)
     recipe_id: str | None = Field(
         None, description="Recipe whose thresholds decide the verdict (S2AMNET_RECIPES); unknown ids get 422. "
-        "Unset: the model's own rule.", **_ID)
+        "Unset: the model's own rule.", **ID)
     on_timeout: Literal["error", "fail"] | None = Field(
         None,
         description="What a passed deadline or an unavailable backend answers: 'error' (504 / 503 problem), or "

@@ -353,6 +353,80 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2)}
 
 
+def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
+    """The options, checked: (batch sizes, weights folders, the service part's folder, device, allocator tuning,
+    the peers' concurrency levels). Raises BenchError."""
+    from app.commands import bench_peers
+    from app.commands.bench_soak import check_args as check_soak_args
+    from model.device import missing_gpu, resolve_device
+
+    sizes = _batch_sizes(args.batch_sizes)
+    folders = _weights(args)
+    http_folder = Path(args.http_model) if args.http_model else folders[0]
+    if args.http and not (http_folder / "manifest.json").is_file():
+        raise BenchError(f"--http-model {http_folder} is not a weights folder (no manifest.json)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError("--plot needs matplotlib: pip install 's2amnet[train]'") from None
+    for flag, v in (("--iters", args.iters), ("--requests", args.requests), ("--concurrency", args.concurrency),
+                    ("--threads", args.threads)):
+        if v is not None and v < 1:
+            raise BenchError(f"{flag} must be >= 1, got {v}")
+    device = resolve_device(args.device)
+    if missing_gpu(device):
+        raise BenchError(f"--device {device}: no CUDA device here")
+    allocator_tuning = _allocator_tuning_setting()
+    peer_levels = bench_peers.check_args(args)
+    check_soak_args(args)
+    return sizes, folders, http_folder, device, allocator_tuning, peer_levels
+
+
+def _time_models(args, folders: list[Path], http_folder: Path, sizes: list[int], device: str,
+                 progress: bool) -> tuple[list[dict], list[dict] | None, dict | None]:
+    """(each model's timings, each model's backends or None, the service model's timings or None)."""
+    models = [bench_model(folder, sizes, args.iters, device)
+              for folder in tqdm(folders, desc="models", unit="model", disable=not progress, leave=False)]
+    backends = None
+    if args.backends:
+        from app.commands.bench_backends import bench_backends
+
+        backends = [bench_backends(folder, args.iters, device, args.threads) for folder in folders]
+    ref = next((m for m in models if Path(m["folder"]) == http_folder), None)
+    if args.http and ref is None:
+        ref = bench_model(http_folder, [1], args.iters, device)
+    return models, backends, ref
+
+
+def _servers(args, result: dict[str, Any], http_folder: Path, ref: dict | None, sizes: list[int], device: str,
+             peer_levels: Any, progress: bool) -> int:
+    """The parts that start servers (--http, --peers, --line, --soak), into ``result``; an exit status."""
+    from app.commands import bench_peers
+
+    try:
+        if args.http:
+            result["service"] = bench_service(http_folder, ref["task"], ref["input_size"],
+                                              ref["rows"][0]["ms_per_image"], args, device, progress)
+        if args.peers and (code := bench_peers.run_peers(args, peer_levels, result, sizes, device, progress)):
+            return code
+        if args.line:
+            from app.commands.bench_line import bench_line
+
+            result["line"] = bench_line(http_folder, *_task_and_size(http_folder), args, device, progress)
+        if args.soak:
+            from app.commands.bench_soak import bench_soak
+
+            result["soak"] = bench_soak(args, device, progress)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a process did not start: its log tail is in the message
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args) -> int:
     if args.payload:  # Redis bytes only: no models timed
         from app.commands.bench_payload import run_payload
@@ -362,90 +436,30 @@ def run(args) -> int:
 
     from app.commands import bench_peers
     from app.commands.bench_report import machine, plot, to_markdown
-    from model.device import missing_gpu, resolve_device
+    from app.runtime import tune_allocator
+    from model.checkpoint import CheckpointError
 
     try:
-        sizes = _batch_sizes(args.batch_sizes)
-        folders = _weights(args)
-        http_folder = Path(args.http_model) if args.http_model else folders[0]
-        if args.http and not (http_folder / "manifest.json").is_file():
-            raise BenchError(f"--http-model {http_folder} is not a weights folder (no manifest.json)")
-        if args.plot:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise BenchError("--plot needs matplotlib: pip install 's2amnet[train]'") from None
-        for flag, v in (("--iters", args.iters), ("--requests", args.requests), ("--concurrency", args.concurrency),
-                        ("--threads", args.threads)):
-            if v is not None and v < 1:
-                raise BenchError(f"{flag} must be >= 1, got {v}")
-        device = resolve_device(args.device)
-        if missing_gpu(device):
-            raise BenchError(f"--device {device}: no CUDA device here")
-        allocator_tuning = _allocator_tuning_setting()
-        peer_levels = bench_peers.check_args(args)
-        from app.commands.bench_soak import check_args as check_soak_args
-
-        check_soak_args(args)
+        sizes, folders, http_folder, device, allocator_tuning, peer_levels = _checked(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from app.runtime import tune_allocator
-
     allocator_tuned = tune_allocator() if allocator_tuning else False  # as the service does
     progress = not args.json
-    from model.checkpoint import CheckpointError
-
-    models = []
     try:
-        for folder in tqdm(folders, desc="models", unit="model", disable=not progress, leave=False):
-            models.append(bench_model(folder, sizes, args.iters, device))
-        if args.backends:
-            from app.commands.bench_backends import bench_backends
-
-            result_backends = [bench_backends(folder, args.iters, device, args.threads) for folder in folders]
-        ref = next((m for m in models if Path(m["folder"]) == http_folder), None)
-        if args.http and ref is None:
-            ref = bench_model(http_folder, [1], args.iters, device)
+        models, backends, ref = _time_models(args, folders, http_folder, sizes, device, progress)
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
                               "machine": {**machine(device), "allocator_tuning": allocator_tuned}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
-    if args.backends:
-        result["backends"] = result_backends
-    if args.http:
-        forward_ms = ref["rows"][0]["ms_per_image"]  # batch 1
-        try:
-            result["service"] = bench_service(http_folder, ref["task"], ref["input_size"], forward_ms, args,
-                                              device, progress)
-        except RuntimeError as exc:  # the service did not start: its log tail is in the message
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if args.peers and (code := bench_peers.run_peers(args, peer_levels, result, sizes, device, progress)):
+    if backends is not None:
+        result["backends"] = backends
+    if code := _servers(args, result, http_folder, ref, sizes, device, peer_levels, progress):
         return code
-    if args.line:
-        from app.commands.bench_line import bench_line
-
-        try:
-            result["line"] = bench_line(http_folder, *_task_and_size(http_folder), args, device, progress)
-        except RuntimeError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if args.soak:
-        from app.commands.bench_soak import bench_soak
-
-        try:
-            result["soak"] = bench_soak(args, device, progress)
-        except BenchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except RuntimeError as exc:  # a process did not start: its log tail is in the message
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
     md = to_markdown(result)
     if args.out:
         Path(args.out).write_text(bench_peers.out_text(args, result, md))

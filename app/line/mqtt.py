@@ -172,11 +172,7 @@ class MqttOutlet(Outlet):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pump_scheduled = False
         self._lock = threading.Lock()  # paho's thread reads `_loop` while stop() clears it
-        metrics.BUS_CONNECTED.labels(bus=BUS).set(0)
-        metrics.BUS_OUTBOX.labels(bus=BUS).set(0)
-        metrics.BUS_PUBLISHED.labels(bus=BUS)
-        for reason in ("outbox_full", "error"):
-            metrics.BUS_DROPPED.labels(bus=BUS, reason=reason)
+        metrics.init_bus_series(BUS)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MqttOutlet:

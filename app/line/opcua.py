@@ -95,11 +95,7 @@ class OpcUaOutlet(Outlet):
         self.dropped = 0
         self.last_error: str | None = None
         self._writer: asyncio.Task[None] | None = None
-        metrics.BUS_CONNECTED.labels(bus=BUS).set(0)
-        metrics.BUS_OUTBOX.labels(bus=BUS).set(0)
-        metrics.BUS_PUBLISHED.labels(bus=BUS)
-        for reason in ("outbox_full", "error"):
-            metrics.BUS_DROPPED.labels(bus=BUS, reason=reason)
+        metrics.init_bus_series(BUS)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpcUaOutlet:

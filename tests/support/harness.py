@@ -48,6 +48,17 @@ MAIN_SERVER_ENV = {
 }
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """SIGTERM to a server process still running and wait for it; SIGKILL after ``timeout`` seconds."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -268,13 +279,7 @@ class RedisServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM: redis-server flushes its AOF and exits (a clean stop, as in an orchestrated restart)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, timeout)
 
     def client(self, timeout: float = 5.0) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout,

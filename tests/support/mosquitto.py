@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from support.harness import free_port
+from support.harness import free_port, terminate
 
 
 def require_mosquitto() -> str:
@@ -75,13 +74,7 @@ class Mosquitto:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM: mosquitto writes its persistence file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc, timeout)
 
     def restart(self) -> None:
         self.stop()

@@ -45,6 +45,24 @@ def store_url(records_url: str | None, records_dir: Path) -> URL:
                      "or sqlite:///path.sqlite3")
 
 
+def _pragma(cur: Any, pragma: str, patience_s: float = 30.0) -> None:
+    """Run a PRAGMA, retrying while another connection holds the lock it needs: switching a new database to
+    WAL takes an exclusive lock, and SQLite answers "database is locked" at once there, without waiting out
+    the busy timeout (replicas that open the same new database together)."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            cur.execute(f"PRAGMA {pragma}")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_engine(url: URL) -> Engine:
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +73,7 @@ def _sqlite_engine(url: URL) -> Engine:
         dbapi_conn.isolation_level = None  # the driver leaves transactions to us: BEGIN below
         cur = dbapi_conn.cursor()
         for pragma in ("busy_timeout=30000", "journal_mode=WAL", "synchronous=NORMAL"):
-            cur.execute(f"PRAGMA {pragma}")
+            _pragma(cur, pragma)
         cur.close()
 
     @event.listens_for(engine, "begin")
