@@ -52,7 +52,7 @@ def part_outcome(predictor: Predictor, rec: Record, raw: Any, defects: list[dict
     free = rec.is_defect_free(task) if task != "segment" else rec.defect_free
     if task == "classify":
         probs = np.asarray(raw["probs"], np.float64)
-        pass_ids = [i for i, c in enumerate(predictor.classes) if c in predictor.verdict_rule.get("pass_labels", [])]
+        pass_ids = predictor.rule().pass_ids
         if free is None:
             free = rec.label in pass_ids
         cands = [Candidate(k, float(probs[k])) for k in range(len(probs)) if k not in pass_ids]
