@@ -47,11 +47,8 @@ def test_concurrent_requests_are_batched(server: Server):
     )
     assert images == n
     assert batches < n and batches - singles >= 1, (batches, singles)
-    assert (
-        metric(after, "s2amnet_batches_total", model="det")
-        - metric(before, "s2amnet_batches_total", model="det")
-        == batches
-    )
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_batches_total", model="det") == batches
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -161,16 +158,9 @@ def test_full_queue_answers_503_with_retry_after(slow_server: Server):
     assert first.result().status_code == 200
     assert second.result().status_code == 200
     after = slow_server.metrics()
-    assert (
-        metric(after, "s2amnet_rejected_total", reason="queue_full")
-        - metric(before, "s2amnet_rejected_total", reason="queue_full")
-        == 1
-    )
-    assert (
-        metric(after, "s2amnet_images_total", model="det")
-        - metric(before, "s2amnet_images_total", model="det")
-        == 2
-    )
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_rejected_total", reason="queue_full") == 1
+    assert delta("s2amnet_images_total", model="det") == 2
 
 
 def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: Server):
@@ -194,21 +184,10 @@ def test_deadline_passes_in_the_queue_504_and_job_is_not_computed(slow_server: S
 
     wait_for(lambda: expired() == 1, what="the late job to be dropped")
     after = slow_server.metrics()
-    assert (
-        metric(after, "s2amnet_images_total", model="det")
-        - metric(before, "s2amnet_images_total", model="det")
-        == 1
-    )  # only the busy one was computed
-    assert (
-        metric(after, "s2amnet_batches_total", model="det")
-        - metric(before, "s2amnet_batches_total", model="det")
-        == 1
-    )
-    assert (
-        metric(after, "s2amnet_rejected_total", reason="timeout")
-        - metric(before, "s2amnet_rejected_total", reason="timeout")
-        == 1
-    )
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_images_total", model="det") == 1  # only the busy one was computed
+    assert delta("s2amnet_batches_total", model="det") == 1
+    assert delta("s2amnet_rejected_total", reason="timeout") == 1
 
 
 def test_deadline_during_the_forward_504_without_waiting_for_it(slow_server: Server):

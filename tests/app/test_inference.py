@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.metrics import metric
+from support.metrics import metric_delta
 from support.predictors import Recording, job
 
 from app import metrics
@@ -32,21 +32,10 @@ def test_run_batch_drops_expired_jobs_without_computing_them(det):
         assert results[i]["image"] == {"width": 60 + i, "height": 40} and results[i]["task"] == "detect"
         assert set(results[i]["timing_ms"]) == {"queue", "inference"}
     after = registry_text()
-    assert (
-        metric(after, "s2amnet_jobs_expired_total", model="det")
-        - metric(before, "s2amnet_jobs_expired_total", model="det")
-        == 1
-    )
-    assert (
-        metric(after, "s2amnet_batch_size_sum", model="det")
-        - metric(before, "s2amnet_batch_size_sum", model="det")
-        == 2
-    )
-    assert (
-        metric(after, "s2amnet_images_total", model="det", task="detect")
-        - metric(before, "s2amnet_images_total", model="det", task="detect")
-        == 2
-    )
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_jobs_expired_total", model="det") == 1
+    assert delta("s2amnet_batch_size_sum", model="det") == 2
+    assert delta("s2amnet_images_total", model="det", task="detect") == 2
     with pytest.raises(DeadlineExceeded):
         raise_for_result(results[1])
     assert raise_for_result(results[0]) is results[0]

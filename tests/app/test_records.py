@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from support.harness import API_KEY, MAIN_SERVER_ENV, free_port, running_server
 from support.images import jpeg, png
-from support.metrics import metric
+from support.metrics import metric, metric_delta
 from support.postgres import PostgresServer
 
 from app import metrics
@@ -219,8 +219,8 @@ def test_an_image_that_cannot_be_written_is_counted_and_the_record_kept(tmp_path
     outlet = RecordOutlet(RecordStore(None, tmp_path), record_images="all")
     result = a_result(1, "fail")
     record_all(outlet, [(result, png())])
-    assert metric(scrape(), "s2amnet_records_dropped_total", reason="image_error") - \
-        metric(before, "s2amnet_records_dropped_total", reason="image_error") == 1
+    delta = metric_delta(before, scrape)
+    assert delta("s2amnet_records_dropped_total", reason="image_error") == 1
     row = outlet.store.get(result["result_id"])
     assert row.result == result and row.image_path is None
     assert outlet.health()["written"] == 1 and outlet.health()["last_error"].startswith("image:")
@@ -269,8 +269,8 @@ def test_a_full_queue_drops_and_counts(tmp_path):
     for i in range(5):
         outlet.offer(a_result(i), None)
     assert outlet.health()["queued"] == 2 and outlet.health()["dropped"] == 3
-    assert metric(scrape(), "s2amnet_records_dropped_total", reason="queue_full") - \
-        metric(before, "s2amnet_records_dropped_total", reason="queue_full") == 3
+    delta = metric_delta(before, scrape)
+    assert delta("s2amnet_records_dropped_total", reason="queue_full") == 3
 
 
 def test_an_unreachable_store_is_retried_then_counted(tmp_path):
@@ -292,8 +292,8 @@ def test_an_unreachable_store_is_retried_then_counted(tmp_path):
     health = outlet.health()
     assert (health["ok"], health["written"], health["dropped"]) == (False, 0, 4)
     assert "OperationalError" in health["last_error"]
-    assert metric(scrape(), "s2amnet_records_dropped_total", reason="store_error") - \
-        metric(before, "s2amnet_records_dropped_total", reason="store_error") == 4
+    delta = metric_delta(before, scrape)
+    assert delta("s2amnet_records_dropped_total", reason="store_error") == 4
     assert metric(scrape(), "s2amnet_record_store_up", store="postgresql") == 0
     assert not [p for p in (tmp_path / "images").rglob("*") if p.is_file()]  # no image without its record
 

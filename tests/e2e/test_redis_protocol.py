@@ -32,7 +32,7 @@ from support.harness import (
     wait_workers,
 )
 from support.images import png
-from support.metrics import metric
+from support.metrics import metric, metric_delta
 from support.weights import SMALLEST_INPUT_SIZE as INPUT_SIZE
 
 from app.dispatch.base import DeadlineExceeded, Job, JobFailed, QueueFull, Unavailable
@@ -254,8 +254,8 @@ def test_expired_job_is_acked_answered_and_not_computed(stack: Stack):
     replies = read_replies(r, "s2amnet:replies:test-expired", 1)
     assert replies and replies[0]["job_id"] == late.job_id and replies[0]["status"] == "expired"
     after = worker_metrics(stack)
-    assert metric(after, "s2amnet_jobs_expired_total", model="cls") - \
-        metric(before, "s2amnet_jobs_expired_total", model="cls") == 1
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_jobs_expired_total", model="cls") == 1
     assert metric(after, "s2amnet_images_total", model="cls") == metric(before, "s2amnet_images_total",
                                                                          model="cls")
     assert metric(after, "s2amnet_batches_total", model="cls") == metric(before, "s2amnet_batches_total",
@@ -311,8 +311,8 @@ def test_failing_job_is_dead_lettered_after_n_tries_others_in_its_batch_succeed(
     assert fields["deliveries"] == str(MAX_DELIVERIES).encode() and b"error" in dead[0][1]
     assert "array" not in fields  # the dead letter keeps the job's description, not its pixels
     after = worker_metrics(stack)
-    assert metric(after, "s2amnet_jobs_dead_lettered_total", model="cls") - \
-        metric(before, "s2amnet_jobs_dead_lettered_total", model="cls") == 1
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_jobs_dead_lettered_total", model="cls") == 1
     assert group_pending(r, "cls") == 0 and r.xlen(JOBS.format("cls")) == 0
     r.delete("s2amnet:dead:cls")
 
@@ -335,10 +335,9 @@ def test_job_delivered_too_often_is_dead_lettered_without_computing(stack: Stack
     replies = read_replies(r, "s2amnet:replies:test-crash", 1, timeout=VISIBILITY_S + 10)
     assert replies and replies[0]["status"] == "dead" and "delivered" in replies[0]["detail"]
     after = worker_metrics(stack)
-    assert metric(after, "s2amnet_jobs_dead_lettered_total", model="cls") - \
-        metric(before, "s2amnet_jobs_dead_lettered_total", model="cls") == 1
-    assert metric(after, "s2amnet_jobs_redelivered_total", model="cls") - \
-        metric(before, "s2amnet_jobs_redelivered_total", model="cls") == 1
+    delta = metric_delta(before, after)
+    assert delta("s2amnet_jobs_dead_lettered_total", model="cls") == 1
+    assert delta("s2amnet_jobs_redelivered_total", model="cls") == 1
     assert metric(after, "s2amnet_images_total", model="cls") == metric(before, "s2amnet_images_total",
                                                                          model="cls")
     assert group_pending(r, "cls") == 0
