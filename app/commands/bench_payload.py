@@ -217,12 +217,6 @@ def memory_per_job(url: str, jobs: list[dict]) -> float:
     return used / len(jobs)
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def _producer(url: str, jobs: list[dict], barrier: Any, stop: Any) -> None:
     """XADD the jobs round-robin, BATCH per pipeline, while the backlog is below BACKLOG."""
     import redis
@@ -276,6 +270,8 @@ def ceiling_round(url: str, redis_pid: int, jobs: list[dict], seconds: float, pr
 
     import redis
 
+    from app.commands.bench_peers import cpu_seconds
+
     with redis.Redis.from_url(url) as r:
         r.delete(STREAM)
         r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
@@ -293,9 +289,9 @@ def ceiling_round(url: str, redis_pid: int, jobs: list[dict], seconds: float, pr
         except threading.BrokenBarrierError:
             raise RuntimeError("the producer and consumer processes did not start") from None
         time.sleep(WARMUP_S)
-        n0, b0, c0, t0 = done.value, nbytes.value, _cpu_seconds(redis_pid), time.monotonic()
+        n0, b0, c0, t0 = done.value, nbytes.value, cpu_seconds([redis_pid]), time.monotonic()
         time.sleep(seconds)
-        n1, b1, c1, t1 = done.value, nbytes.value, _cpu_seconds(redis_pid), time.monotonic()
+        n1, b1, c1, t1 = done.value, nbytes.value, cpu_seconds([redis_pid]), time.monotonic()
     finally:
         stop.set()
         for p in procs:

@@ -137,19 +137,25 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def cpu_seconds(roots: list[int]) -> float:
-    """User + system CPU seconds of the processes `roots` and all their live descendants (from /proc)."""
+def process_tree(roots: list[int]) -> list[int]:
+    """The processes `roots` and all their live descendants (from /proc), each once."""
     kids = _children()
-    todo, seen, total = list(roots), set(), 0.0
+    todo, seen = list(roots), []
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+        if pid not in seen:
+            seen.append(pid)
+            todo.extend(kids.get(pid, []))
+    return seen
+
+
+def cpu_seconds(roots: list[int]) -> float:
+    """User + system CPU seconds of the processes `roots` and all their live descendants (from /proc)."""
+    total = 0.0
+    for pid in process_tree(roots):
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICKS
-        todo.extend(kids.get(pid, []))
     return total
 
 

@@ -65,19 +65,13 @@ def check_args(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------- memory
 def rss_kib(root: int) -> int:
     """VmRSS of process `root` and all its live descendants, KiB (from /proc/<pid>/status)."""
-    from app.commands.bench_peers import _children
+    from app.commands.bench_peers import process_tree
 
-    kids = _children()
-    todo, seen, total = [root], set(), 0
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    total = 0
+    for pid in process_tree([root]):
         with contextlib.suppress(OSError, ValueError, StopIteration):
             status = Path(f"/proc/{pid}/status").read_text()
             total += int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
-        todo.extend(kids.get(pid, []))
     return total
 
 
