@@ -12,6 +12,11 @@ from app.errors import PROBLEM_JSON
 from app.schemas import ProblemDetails
 
 
+def problem_doc(description: str) -> dict[str, Any]:
+    """An error answer in a route's ``responses``: RFC 9457 problem details, with what it means there."""
+    return {"model": ProblemDetails, "description": description}
+
+
 def custom_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

@@ -5,6 +5,7 @@ worker threads, never on the event loop."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import anyio
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.deps import require_api_key
@@ -20,7 +21,8 @@ from app.errors import Problem, invalid
 from app.line.records import BadCursor, Cursor, Filters, RecordOutlet, RecordStore
 from app.line.records.images import EXTENSIONS
 from app.line.records.query import answer, csv_lines, jsonl_lines
-from app.schemas import ID, InspectionResult, ProblemDetails
+from app.openapi import problem_doc
+from app.schemas import ID, InspectionResult
 from app.state import service_state
 
 log = logging.getLogger("s2amnet.api")
@@ -55,19 +57,23 @@ class ResultFilters(BaseModel):
     since: datetime | None = Field(None, description="Recorded at or after (ISO 8601; without offset: UTC).")
     until: datetime | None = Field(None, description="Recorded before (ISO 8601; without offset: UTC).")
 
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _iso_8601(cls, value: Any) -> Any:
+        # pydantic would also take a bare number as Unix seconds; the documented form is an ISO 8601 date-time
+        if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+            raise ValueError("expected an ISO 8601 date-time, e.g. 2026-12-06T08:00:00Z")
+        return value
+
     def filters(self) -> Filters:
         return Filters(**self.model_dump())
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"model": ProblemDetails, "description": description}
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: _problem("Missing or wrong API key (when S2AMNET_API_KEYS is set)."),
-    404: _problem("No such result (or no image of it), or the records are disabled."),
-    422: _problem("Invalid filter, limit or cursor."),
-    503: _problem("The record store is not reachable, or the service is still starting."),
+    401: problem_doc("Missing or wrong API key (when S2AMNET_API_KEYS is set)."),
+    404: problem_doc("No such result (or no image of it), or the records are disabled."),
+    422: problem_doc("Invalid filter, limit or cursor."),
+    503: problem_doc("The record store is not reachable, or the service is still starting."),
 }
 
 

@@ -19,6 +19,7 @@ from app.deps import parse_inspect_body, require_api_key
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Unavailable
 from app.errors import Problem
 from app.idempotency import MAX_KEY_LENGTH, fingerprint, scoped_key
+from app.openapi import problem_doc
 from app.pipeline import ImageLimits, inspect_images, via_dispatcher
 from app.schemas import (
     Health,
@@ -28,7 +29,6 @@ from app.schemas import (
     JsonInspectRequest,
     ModelInfo,
     ModelsResponse,
-    ProblemDetails,
 )
 from app.state import ServiceState, service_state
 from model.checkpoint import CARD_FILE
@@ -42,19 +42,15 @@ TASKS = ("classify", "detect", "segment")
 _IDEMPOTENCY_KEY = re.compile(rf"^[\x21-\x7e]{{1,{MAX_KEY_LENGTH}}}$")
 
 
-def _problem_doc(description: str) -> dict[str, Any]:
-    return {"model": ProblemDetails, "description": description}
-
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _problem_doc("Corrupt or unreadable image, invalid base64, malformed multipart body."),
-    401: _problem_doc("Missing or wrong API key (when S2AMNET_API_KEYS is set)."),
-    404: _problem_doc("Unknown model, or no model loaded for this task."),
-    413: _problem_doc("Body, pixel count or number of images over the limit."),
-    415: _problem_doc("Unsupported Content-Type or file that is not an image."),
-    422: _problem_doc("Invalid fields or options."),
-    503: _problem_doc("Overloaded (queue full) or not ready / shutting down; see Retry-After."),
-    504: _problem_doc("The request deadline passed before a result was ready."),
+    400: problem_doc("Corrupt or unreadable image, invalid base64, malformed multipart body."),
+    401: problem_doc("Missing or wrong API key (when S2AMNET_API_KEYS is set)."),
+    404: problem_doc("Unknown model, or no model loaded for this task."),
+    413: problem_doc("Body, pixel count or number of images over the limit."),
+    415: problem_doc("Unsupported Content-Type or file that is not an image."),
+    422: problem_doc("Invalid fields or options."),
+    503: problem_doc("Overloaded (queue full) or not ready / shutting down; see Retry-After."),
+    504: problem_doc("The request deadline passed before a result was ready."),
 }
 
 

@@ -433,7 +433,8 @@ def test_the_read_api_needs_an_api_key_and_checks_its_query(recorded):
             assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json", path
     bearer = httpx.get(f"{client.base_url}/results", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert bearer.status_code == 200
-    for params in ({"verdict": "maybe"}, {"limit": 0}, {"limit": 1001}, {"since": "yesterday"}, {"cursor": "x!"},
+    for params in ({"verdict": "maybe"}, {"limit": 0}, {"limit": 1001}, {"since": "yesterday"}, {"until": "1.5e-148"},
+                   {"since": "1765000000"}, {"station_id": "ST\x07"}, {"cursor": "x!"},
                    {"cursor": "WzEsMl0"}):
         r = client.get("/results", params=params)
         assert r.status_code == 422 and r.json()["code"] == "invalid_request", params
