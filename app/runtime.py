@@ -127,20 +127,23 @@ def prepare_predictors(predictors: Mapping[str, Predictor], settings: Settings,
         for name, predictor in predictors.items():
             seconds[name] = warm_up(predictor)
             log.info("warmed up %s in %.3f s", name, seconds[name])
-    for name, predictor in predictors.items():
+    for name, predictor in predictors.items():  # the backend first: the forward batch is tuned for it
+        set_backend(name, predictor, settings, batch_sizes[name])
         set_forward_batch(name, predictor, settings.forward_batch, batch_sizes[name], warmed)
-        set_backend(name, predictor, settings)
     return seconds
 
 
-def set_backend(name: str, predictor: Predictor, settings: Settings) -> None:
+def set_backend(name: str, predictor: Predictor, settings: Settings, max_batch: int) -> None:
     """Apply S2AMNET_BACKEND / S2AMNET_MODEL_BACKEND to one model (`model.backends.choose_backend`: a graph
-    exported once and cached, checked against eager; 'auto' keeps the faster at the model's forward batch).
+    exported or compiled once and cached, checked against eager; 'auto' keeps the fastest, each backend at its
+    best forward batch up to ``max_batch``, or at S2AMNET_FORWARD_BATCH when that is a number).
     Logged with the reason, and exported as ``s2amnet_model_backend{model,backend} 1``."""
     from model.backends import choose_backend
 
     requested = settings.model_backend.get(name, settings.backend)
+    fixed = None if settings.forward_batch == "auto" else int(settings.forward_batch)
     report = choose_backend(predictor, requested, cache_dir=settings.cache_dir,
-                            threads=settings.torch_threads or default_torch_threads(), batch=predictor.forward_batch)
+                            threads=settings.torch_threads or default_torch_threads(), batch=fixed,
+                            max_batch=max(1, max_batch))
     log.info("backend of %s: %s (%s)", name, report.chosen, report.reason)
     metrics.MODEL_BACKEND.labels(model=name, backend=report.chosen).set(1)

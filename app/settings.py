@@ -27,6 +27,10 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+# what can run a model's forward: "auto" or one of model.backends.BACKENDS (a test keeps the two equal)
+BackendName = Literal["auto", "eager", "compile", "onnxruntime", "openvino", "openvino-bf16"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="S2AMNET_", extra="ignore", validate_default=True)
 
@@ -70,18 +74,20 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
     )
-    backend: Literal["eager", "onnxruntime", "openvino", "auto"] = Field(
+    backend: BackendName = Field(
         "eager",
-        description="What runs each model's forward: 'eager' PyTorch; 'onnxruntime' or 'openvino' (the model "
-        "exported to ONNX once and cached, checked against eager before use; openvino: CPU only, the openvino "
-        "extra); 'auto': at start-up the fastest of them whose outputs agree with eager. A backend that cannot "
-        "run a model leaves it on eager, logged.",
+        description="What runs each model's forward: 'eager' PyTorch; 'compile' (TorchInductor native code for "
+        "this CPU, compiled once, minutes, and cached); 'onnxruntime', 'openvino' or 'openvino-bf16' (the model "
+        "exported to ONNX once and cached; openvino: CPU only, the openvino extra; bf16 only on CPUs with bf16 "
+        "units). Every backend is checked against eager before use. 'auto': at start-up the fastest of them "
+        "whose outputs agree with eager. A backend that cannot run a model leaves it on eager, logged.",
     )
-    model_backend: Annotated[dict[str, Literal["eager", "onnxruntime", "openvino", "auto"]], NoDecode] = Field(
+    model_backend: Annotated[dict[str, BackendName], NoDecode] = Field(
         default_factory=dict, description="Per-model backend overriding `backend`, 'name=auto,name=eager'."
     )
     cache_dir: str | None = Field(
-        None, description="Folder of exported models (ONNX); unset = $XDG_CACHE_HOME/s2amnet or ~/.cache/s2amnet."
+        None, description="Folder of exported models (ONNX, compiled packages); unset = $XDG_CACHE_HOME/s2amnet "
+        "or ~/.cache/s2amnet."
     )
     max_queue: int = Field(256, ge=1, description="Backlog per model above which new work gets 503.")
     request_timeout_s: float = Field(

@@ -1,24 +1,34 @@
-"""Inference backends behind the `Predictor`: the same forward, run by eager PyTorch, ONNX Runtime or OpenVINO.
+"""Inference backends behind the `Predictor`: the same forward, run by eager PyTorch, compiled by TorchInductor,
+or run by ONNX Runtime or OpenVINO.
 
 - ``eager``: the PyTorch module (BatchNorm folded), as trained.
+- ``compile``: the module captured by `torch.export` (real-valued frequency blocks, dynamic batch) and compiled
+  ahead of time by TorchInductor (AOTInductor, weights frozen into the graph) into a ``.pt2`` package of native
+  code for this CPU's instruction set; CPU only. Compiling takes minutes on a small CPU, once: the package is
+  cached, and loading it takes milliseconds.
 - ``onnxruntime``: the module exported to ONNX (`export_onnx`: the frequency blocks switched to their
   real-valued formulation, detect with its box decoding inside the graph, a dynamic batch dimension) and
   run by ONNX Runtime's CPU provider (or CUDA where it is installed and the device is a GPU).
 - ``openvino``: the same ONNX graph compiled by OpenVINO for the CPU, in fp32 (the ``openvino`` extra).
+- ``openvino-bf16``: the same, with OpenVINO computing in bfloat16 where the CPU has bf16 matrix units
+  (AVX512-BF16, AMX). Less exact: used only where its outputs pass the same parity check as every backend.
 
-`choose_backend` picks one for a Predictor: the requested backend, or with ``auto`` the fastest one, at
-the Predictor's forward batch, whose outputs agree with eager on a fixed check set (`check_parity`).
-Exported graphs are cached (`cache_key`: weights sha256, input size, the versions of torch and of this
-package's model code), so only the first start of a model pays for the export.
+`choose_backend` picks one for a Predictor: the requested backend, or with ``auto`` the fastest one (each at
+its own best forward batch, or at the one the operator fixed) whose outputs agree with eager on a fixed check
+set (`check_parity`). Exported graphs and compiled packages are cached (`cache_key`: weights sha256, input
+size, the versions of torch and of this package's model code, and for compiled code the CPU's instruction
+set), so only the first start of a model pays for the export.
 
 Test-time augmentation runs only in eager (the flipped views are averaged between the forward and NMS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,11 +40,11 @@ import torch
 
 from model.blocks import use_real_valued_fft
 
-__all__ = ["BACKENDS", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx", "cache_key", "check_parity",
-           "choose_backend", "load_runner", "BackendReport", "default_cache_dir"]
+__all__ = ["BACKENDS", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx", "compile_package",
+           "cache_key", "check_parity", "choose_backend", "load_runner", "BackendReport", "default_cache_dir"]
 
-BACKENDS = ("eager", "onnxruntime", "openvino")
-GRAPH_BACKENDS = BACKENDS[1:]  # run an exported graph
+BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "openvino-bf16")
+GRAPH_BACKENDS = BACKENDS[1:]  # run an exported graph instead of the module
 MAX_EXPORT_BATCH = 256
 
 log = logging.getLogger("s2amnet.backends")
@@ -58,12 +68,28 @@ def _model_code_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def cache_key(sha256: str, input_size: Sequence[int]) -> str:
-    """File stem of a cached export: the weights, the input size, torch and this package's model code (the
-    graph does not depend on the runtime that runs it)."""
+def cache_key(sha256: str, input_size: Sequence[int], kind: str = "onnx") -> str:
+    """File stem of a cached export: the weights, the input size, torch and this package's model code (an ONNX
+    graph does not depend on the runtime that runs it). ``kind``: ``onnx``, or ``aoti-<ISA>`` for native code
+    compiled for one CPU instruction set (`cpu_isa`)."""
     versions = f"torch{torch.__version__}-model{_model_code_hash()}"
-    tag = hashlib.sha1(f"{sha256}|onnx|{tuple(input_size)}|{versions}".encode()).hexdigest()[:16]
-    return f"{sha256[:16]}-onnx-{input_size[0]}x{input_size[1]}-{tag}"
+    tag = hashlib.sha1(f"{sha256}|{kind}|{tuple(input_size)}|{versions}".encode()).hexdigest()[:16]
+    return f"{sha256[:16]}-{kind}-{input_size[0]}x{input_size[1]}-{tag}"
+
+
+def cpu_isa() -> str:
+    """The vector instruction set torch's CPU kernels (and code compiled here) use: e.g. AVX2, AVX512."""
+    return str(torch.backends.cpu.get_cpu_capability()).lower().replace(" ", "")
+
+
+@contextlib.contextmanager
+def _real_valued(model: torch.nn.Module):
+    """The frequency blocks in their real-valued formulation (every op exportable) for the duration."""
+    use_real_valued_fft(model, True)
+    try:
+        yield model
+    finally:
+        use_real_valued_fft(model, False)
 
 
 class _Exported(torch.nn.Module):
@@ -89,18 +115,15 @@ def export_onnx(model: torch.nn.Module, input_size: Sequence[int], path: str | o
     wrapped = _Exported(model).eval()
     x = torch.zeros(2, 3, h, w)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    use_real_valued_fft(model, True)
-    try:
+    with _real_valued(model):
         quiet = logging.getLogger("torch.onnx")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
             torch.onnx.export(wrapped, (x,), str(tmp), dynamo=True, verbose=False, input_names=["x"],
-                              dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)}})
+                              dynamic_shapes={"x": {0: _batch_dim()}})
         finally:
             quiet.setLevel(level)
-    finally:
-        use_real_valued_fft(model, False)
     data = tmp.with_name(tmp.name + ".data")
     if data.exists():  # weights stored beside the graph: keep them inside one file instead
         import onnx
@@ -109,6 +132,48 @@ def export_onnx(model: torch.nn.Module, input_size: Sequence[int], path: str | o
         data.unlink()
     os.replace(tmp, path)  # atomic: a concurrent start never loads half a file
     return path
+
+
+def _batch_dim():
+    return torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+
+
+def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str | os.PathLike) -> Path:
+    """Compile ``model`` (eval mode, on the CPU) ahead of time with TorchInductor into a ``.pt2`` package:
+    `torch.export` of what `_Exported` computes with a dynamic batch dimension, the weights frozen into the
+    graph (constant folding, convolutions fused with what follows them), native code for this machine's CPU."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = (int(v) for v in input_size)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
+    with _real_valued(model), torch.inference_mode():
+        program = torch.export.export(_Exported(model).eval(), (torch.zeros(2, 3, h, w),),
+                                      dynamic_shapes={"x": {0: _batch_dim()}})
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                 inductor_configs={"freezing": True})
+    os.replace(tmp, path)
+    return path
+
+
+def _outputs(outs) -> tuple[torch.Tensor, ...]:
+    return tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)
+
+
+class CompiledRunner:
+    """Runs a `compile_package` package on the CPU, with torch's threads. Same call as `OnnxRuntimeRunner`."""
+
+    name = "compile"
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        if not device.startswith("cpu"):
+            raise ValueError(f"the compile backend runs on the CPU, not {device}")
+        self.path = Path(path)
+        self.fn = torch._inductor.aoti_load_package(str(path))
+        self._lock = threading.Lock()  # one compiled model: one batch at a time
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with self._lock, torch.inference_mode():
+            return _outputs(self.fn(x.detach().to("cpu", torch.float32).contiguous()))
 
 
 class OnnxRuntimeRunner:
@@ -141,24 +206,26 @@ class OnnxRuntimeRunner:
 
 
 class OpenVinoRunner:
-    """Runs an exported graph (ONNX, or OpenVINO IR ``.xml``) with OpenVINO on the CPU, in fp32 (the
-    precision hint is pinned: on CPUs with bf16 units OpenVINO would otherwise lower it). Same call as
-    `OnnxRuntimeRunner`. Compiled blobs are cached in ``cache_dir`` when given (faster later starts)."""
-
-    name = "openvino"
+    """Runs an exported graph (ONNX, or OpenVINO IR ``.xml``) with OpenVINO on the CPU, in fp32, or with
+    ``precision="bf16"`` in bfloat16 (only on a CPU with bf16 units). The precision hint is always pinned: on
+    CPUs with bf16 units OpenVINO would otherwise lower fp32 by itself. Same call as `OnnxRuntimeRunner`.
+    Compiled blobs are cached in ``cache_dir`` when given (faster later starts)."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
-                 cache_dir: str | os.PathLike | None = None):
-        import threading
-
+                 cache_dir: str | os.PathLike | None = None, precision: str = "f32"):
         import openvino as ov
 
         if not device.startswith("cpu"):
             raise ValueError(f"the openvino backend runs on the CPU, not {device}")
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"precision must be f32 or bf16, not {precision!r}")
         core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        self.name = "openvino" if precision == "f32" else "openvino-bf16"
         if cache_dir is not None:
             core.set_property({"CACHE_DIR": str(cache_dir)})
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.path = Path(path)
@@ -254,7 +321,7 @@ class BackendReport:
     ms_per_image: dict[str, float] = field(default_factory=dict)
     export_s: float | None = None
     cached: bool = False
-    parity: str = ""  # how the chosen graph backend agreed with eager
+    parity: dict[str, str] = field(default_factory=dict)  # how each usable backend agreed with eager
     notes: list[str] = field(default_factory=list)  # backends left out, and why
 
     def as_dict(self) -> dict[str, Any]:
@@ -263,31 +330,51 @@ class BackendReport:
                 "export_s": None if self.export_s is None else round(self.export_s, 1), "cached": self.cached}
 
 
-def exported_graph(predictor, cache_dir: str | os.PathLike | None = None) -> tuple[Path, float | None]:
-    """The predictor's ONNX graph in the export cache, exported now when missing: (path, export seconds or
-    None when it came from the cache)."""
+def _cached(predictor, cache_dir, suffix: str, kind: str, build: Callable[[Path], Any]) -> tuple[Path, float | None]:
+    """``cache_dir/<cache_key>.<suffix>``, built now by ``build(path)`` when missing: (path, seconds spent
+    building or None when it came from the cache)."""
     sha = str(predictor.manifest.get("sha256") or "")
     if not sha:
         raise ValueError("the weights have no sha256 in their manifest: nothing to key a cached export by")
-    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size)}.onnx"
+    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size, kind)}.{suffix}"
     if path.exists():
         return path, None
     t = time.perf_counter()
-    export_onnx(predictor.model, predictor.input_size, path)
+    build(path)
     return path, time.perf_counter() - t
+
+
+def exported_graph(predictor, cache_dir: str | os.PathLike | None = None) -> tuple[Path, float | None]:
+    """The predictor's ONNX graph in the export cache, exported now when missing: (path, export seconds or
+    None when it came from the cache)."""
+    return _cached(predictor, cache_dir, "onnx", "onnx",
+                   lambda path: export_onnx(predictor.model, predictor.input_size, path))
+
+
+def compiled_package(predictor, cache_dir: str | os.PathLike | None = None) -> tuple[Path, float | None]:
+    """The predictor's AOTInductor package for this CPU in the cache, compiled now when missing (minutes)."""
+    if predictor.device.type != "cpu":
+        raise ValueError(f"the compile backend runs on the CPU, not {predictor.device}")
+    return _cached(predictor, cache_dir, "pt2", f"aoti-{cpu_isa()}",
+                   lambda path: compile_package(predictor.model, predictor.input_size, path))
 
 
 def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
                 threads: int | None = None) -> tuple[Callable, float | None, bool]:
-    """(runner, seconds spent exporting or None, whether the graph came from the cache) for ``backend``."""
+    """(runner, seconds spent exporting or compiling, or None, whether it came from the cache) for ``backend``."""
     if backend not in GRAPH_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(GRAPH_BACKENDS)}, not {backend!r}")
+    device = str(predictor.device)
+    if backend == "compile":
+        path, spent = compiled_package(predictor, cache_dir)
+        return CompiledRunner(path, device=device), spent, spent is None
     path, spent = exported_graph(predictor, cache_dir)
-    if backend == "openvino":
+    if backend.startswith("openvino"):
         blobs = Path(cache_dir or default_cache_dir()) / "openvino"
-        runner: Callable = OpenVinoRunner(path, threads=threads, device=str(predictor.device), cache_dir=blobs)
+        precision = "bf16" if backend.endswith("bf16") else "f32"
+        runner: Callable = OpenVinoRunner(path, threads=threads, device=device, cache_dir=blobs, precision=precision)
     else:
-        runner = OnnxRuntimeRunner(path, threads=threads, device=str(predictor.device))
+        runner = OnnxRuntimeRunner(path, threads=threads, device=device)
     return runner, spent, spent is None
 
 
@@ -296,31 +383,46 @@ def _usable(predictor, backend: str, report: BackendReport, cache_dir, threads) 
     try:
         runner, spent, cached = load_runner(predictor, backend, cache_dir, threads)
     except Exception as exc:  # noqa: BLE001 - any failure of an optional backend leaves eager serving
-        if isinstance(exc, ImportError):
-            why = f"{backend} is not installed (pip install 's2amnet[{backend}]')"
+        if isinstance(exc, ImportError):  # onnxruntime / openvino: optional extras of the package
+            why = f"{backend} is not installed (pip install 's2amnet[{backend.split('-')[0]}]')"
         else:
             why = f"{backend} unavailable: {type(exc).__name__}: {exc}"[:300]
         report.notes.append(why)
         log.warning("%s: %s", predictor.name, why)
         return None
     if spent is not None:
-        report.export_s = spent
+        report.export_s = (report.export_s or 0.0) + spent
     ok, why = check_parity(predictor, runner)
     if not ok:
         report.notes.append(f"{backend} disagrees with eager: {why}")
         log.warning("%s: %s", predictor.name, report.notes[-1])
         return None
-    report.parity = why
+    report.parity[backend] = why
     return runner
 
 
-def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.PathLike | None = None,
-                   threads: int | None = None, batch: int | None = None) -> BackendReport:
-    """Set ``predictor.runner`` by ``requested`` (eager | onnxruntime | openvino | auto) and say why.
+def _speed(predictor, runner, batch: int | None, max_batch: int) -> tuple[float, int]:
+    """(ms per image, images per forward) of ``runner``: at ``batch`` when fixed, else at its own best forward
+    batch up to ``max_batch`` (`Predictor.tune_forward_batch`). Leaves the Predictor as it found it."""
+    saved = predictor.runner, predictor.forward_batch
+    try:
+        if batch:
+            return _ms_per_image(predictor, runner, batch), batch
+        predictor.runner = runner
+        timings = predictor.tune_forward_batch(max_batch)
+        return timings[predictor.forward_batch], predictor.forward_batch
+    finally:
+        predictor.runner, predictor.forward_batch = saved
 
-    A requested backend that cannot be used (runtime not installed, export failed, outputs disagree with
-    eager) falls back to eager, with the reason. ``auto`` times eager and every usable graph backend at
-    ``batch`` images per forward (default: the Predictor's forward batch, else 4) and keeps the fastest.
+
+def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.PathLike | None = None,
+                   threads: int | None = None, batch: int | None = None, max_batch: int = 8) -> BackendReport:
+    """Set ``predictor.runner`` by ``requested`` (auto or one of `BACKENDS`) and say why.
+
+    A requested backend that cannot be used (runtime not installed, export failed, no bf16 units, outputs
+    disagree with eager) falls back to eager, with the reason. ``auto`` times eager and every usable backend
+    and keeps the fastest: at ``batch`` images per forward when given (a fixed forward batch), else each at
+    its own best forward batch up to ``max_batch`` (what `Predictor.tune_forward_batch` then picks for it).
     """
     if requested not in ("auto", *BACKENDS):
         raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {requested!r}")
@@ -340,15 +442,15 @@ def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.Pa
         return report
     if requested != "auto":
         predictor.runner = runners[requested]
-        report.chosen, report.reason = requested, f"requested; {report.parity}"
+        report.chosen, report.reason = requested, f"requested; {report.parity[requested]}"
         return report
-    k = batch or predictor.forward_batch or 4
-    report.ms_per_image = {"eager": _ms_per_image(predictor, None, k)}
-    for name, runner in runners.items():
-        report.ms_per_image[name] = _ms_per_image(predictor, runner, k)
+    at: dict[str, int] = {}
+    for name, runner in {"eager": None, **runners}.items():
+        report.ms_per_image[name], at[name] = _speed(predictor, runner, batch, max_batch)
     report.chosen = min(report.ms_per_image, key=report.ms_per_image.get)
     predictor.runner = runners.get(report.chosen)
-    timed = ", ".join(f"{v:.1f} ms {n}" for n, v in report.ms_per_image.items())
-    report.reason = "; ".join([f"fastest at {k} images per forward ({timed} per image)", report.parity,
-                               *report.notes])
+    timed = ", ".join(f"{n} {v:.1f} ms at {at[n]}" for n, v in report.ms_per_image.items())
+    how = f"at {batch} images per forward" if batch else "each at its best forward batch"
+    parts = [f"fastest {how} ({timed} per image)", report.parity.get(report.chosen), *report.notes]
+    report.reason = "; ".join(p for p in parts if p)
     return report

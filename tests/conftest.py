@@ -32,3 +32,24 @@ def dataset_path(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"dataset {name} not found at {path} (set S2AMNET_DATA_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def compiled_classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(weights folder ``cls`` of a tiny random classifier, 64 px, classes dent/good/scratch in the order a
+    folder dataset lists them; export cache holding its package compiled by TorchInductor for this CPU):
+    compiling takes a minute or more, so the suite does it once."""
+    from model.backends import compiled_package
+    from model.checkpoint import save_model
+    from model.predictor import Predictor
+    from model.registry import build_model
+
+    root = tmp_path_factory.mktemp("compiled")
+    torch.manual_seed(0)
+    folder = save_model(build_model("classify", "tiny", 3), root / "cls", {
+        "name": "cls", "version": "1", "classes": ["dent", "good", "scratch"], "arch": {"input_size": [64, 64]},
+        "verdict": {"type": "classify", "pass_labels": ["good"], "min_score": 0.5}})
+    cache = root / "cache"
+    _, seconds = compiled_package(Predictor.from_folder(folder), cache)
+    assert seconds is not None and seconds > 0  # built here, not found
+    return Path(folder), cache

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from tqdm import tqdm
 
@@ -56,8 +56,10 @@ def add_parser(sub) -> None:
     p.add_argument("--http-model", help="weights folder the service part uses (default: the first --weights)")
     p.add_argument("--requests", type=int, default=48, help="requests at each concurrency level (default 48)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round")
-    p.add_argument("--backends", action=argparse.BooleanOptionalAction, default=False,
-                   help="also time each model under ONNX Runtime beside eager PyTorch (exports are cached)")
+    p.add_argument("--backends", nargs="?", const="all", default=None, metavar="LIST",
+                   help="also time each model under every inference backend beside eager PyTorch (or only "
+                        "those of a comma-separated LIST, e.g. onnxruntime,openvino; exports and compiled "
+                        "packages are cached: the first run of 'compile' takes minutes per model)")
     p.add_argument("--out", help="write the results as Markdown here (e.g. BENCHMARKS.md)")
     p.add_argument("--plot", help="write a PNG of the results here")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
@@ -377,6 +379,13 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
     device = resolve_device(args.device)
     if missing_gpu(device):
         raise BenchError(f"--device {device}: no CUDA device here")
+    if args.backends not in (None, "all"):
+        from app.settings import BackendName
+
+        known = [b for b in get_args(BackendName) if b not in ("auto", "eager")]
+        unknown = [b.strip() for b in args.backends.split(",") if b.strip() not in known]
+        if unknown:
+            raise BenchError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     allocator_tuning = _allocator_tuning_setting()
     peer_levels = bench_peers.check_args(args)
     check_soak_args(args)
@@ -392,7 +401,9 @@ def _time_models(args, folders: list[Path], http_folder: Path, sizes: list[int],
     if args.backends:
         from app.commands.bench_backends import bench_backends
 
-        backends = [bench_backends(folder, args.iters, device, args.threads) for folder in folders]
+        names = None if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
+        backends = [bench_backends(folder, args.iters, device, args.threads, names)
+                    for folder in tqdm(folders, desc="backends", unit="model", disable=not progress, leave=False)]
     ref = next((m for m in models if Path(m["folder"]) == http_folder), None)
     if args.http and ref is None:
         ref = bench_model(http_folder, [1], args.iters, device)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from app.settings import BackendName
 
 SPLIT_HELP = ("part of the split by file stem: train (80 %%), val (10 %%: picks epochs and thresholds), "
               "test (10 %%: only for reporting), heldout (val + test), all")
@@ -31,7 +33,7 @@ def add_parser(sub) -> None:
                         "views (hflip, vflip) or 'none'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="eager", choices=["eager", "onnxruntime", "openvino"],
+    p.add_argument("--backend", default="eager", choices=[b for b in get_args(BackendName) if b != "auto"],
                    help="what runs the forward (default eager): evaluate the model as a service started with "
                         "S2AMNET_BACKEND=onnxruntime serves it (the export is cached, as the service caches it)")
     p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here, and beside it "

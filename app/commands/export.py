@@ -1,5 +1,6 @@
-"""`s2amnet export`: a weights folder as an ONNX graph or an OpenVINO IR (for edge devices, or to fill the
-service's export cache ahead of its start), with a parity report against eager PyTorch."""
+"""`s2amnet export`: a weights folder as an ONNX graph, an OpenVINO IR or a TorchInductor package compiled for
+this CPU (for edge devices, or to fill the service's export cache ahead of its start), with a parity report
+against eager PyTorch."""
 
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "export", help="export a weights folder to ONNX or OpenVINO IR and check it against PyTorch",
+        "export", help="export a weights folder to ONNX, OpenVINO IR or a compiled package; check it against PyTorch",
         description="Exports the model (BatchNorm folded, the frequency blocks in their real-valued form, "
                     "detect with its box decoding, a dynamic batch dimension) to ONNX (or, --format openvino, "
-                    "to OpenVINO IR: model.xml + model.bin), runs it with ONNX Runtime (OpenVINO) on a fixed "
+                    "to OpenVINO IR: model.xml + model.bin; --format compile, to a TorchInductor package of "
+                    "native code for this machine's CPU: model.pt2), runs it on a fixed "
                     "check set and reports whether its outputs agree with eager PyTorch "
                     "(classify probabilities within 1e-3, the same detections after NMS, segment labels on "
                     ">= 99.9 %% of the pixels). The graph takes the normalised image, N x 3 x H x W float32 "
                     "((pixel / 255 - mean) / std, from the manifest); detect returns boxes in input pixels "
                     "and per-class scores before NMS.")
     p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="output format (default onnx)")
-    p.add_argument("--out", help="output file (default: <weights>/model.onnx, or <weights>/model.xml for openvino)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino", "compile"],
+                   help="output format (default onnx)")
+    p.add_argument("--out", help="output file (default: <weights>/model.onnx, model.xml for openvino, model.pt2 "
+                                 "for compile)")
     p.add_argument("--cache", action="store_true",
                    help="write into the service's export cache (S2AMNET_CACHE_DIR) instead, so that a service "
-                        "started with S2AMNET_BACKEND=auto or onnxruntime finds it")
+                        "started with S2AMNET_BACKEND=auto, compile, onnxruntime or openvino finds it")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
     p.set_defaults(func=run)
 
@@ -66,16 +70,19 @@ def _export(args, predictor):
     """(path written, runner over it, export seconds or None, whether it came from the cache)."""
     from model import backends
 
-    backend = "openvino" if args.format == "openvino" else "onnxruntime"
-    if args.cache:  # the service's cache holds the ONNX graph; OpenVINO compiles it at start
+    backend = {"openvino": "openvino", "compile": "compile"}.get(args.format, "onnxruntime")
+    if args.cache:  # the service's cache holds the ONNX graph (OpenVINO compiles it at start) or the package
         runner, spent, cached = backends.load_runner(predictor, backend)
         return runner.path, runner, spent, cached
     t0 = time.perf_counter()
-    default = "model.xml" if args.format == "openvino" else "model.onnx"
+    default = {"openvino": "model.xml", "compile": "model.pt2"}.get(args.format, "model.onnx")
     path = Path(args.out) if args.out else Path(args.weights) / default
     if args.format == "onnx":
         backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
         return path, backends.OnnxRuntimeRunner(path), time.perf_counter() - t0, False
+    if args.format == "compile":
+        backends.compile_package(predictor.model, predictor.input_size, path)
+        return path, backends.CompiledRunner(path), time.perf_counter() - t0, False
     import tempfile
 
     import openvino as ov

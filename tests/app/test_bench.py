@@ -123,29 +123,42 @@ def test_bench_tunes_the_allocator_as_the_service_setting_says(tmp_path, monkeyp
     assert err.startswith("error: service settings from the environment") and "allocator_tuning" in err
 
 
-def test_bench_backends_times_eager_onnxruntime_and_openvino_in_the_same_rounds(tmp_path):
+def test_bench_backends_times_the_listed_backends_in_the_same_rounds_each_at_its_best_batch(tmp_path):
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("openvino")
+    ov = pytest.importorskip("openvino")
     weights = make_weights(tmp_path / "weights", names=["cls"])
     out = tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), "--no-http", "--backends",
-         "--batch-sizes", "1", "--iters", "2", "--threads", "1", "--device", "cpu", "--out", str(out), "--json"],
+        [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), "--no-http",
+         "--backends", "onnxruntime,openvino,openvino-bf16", "--batch-sizes", "1", "--iters", "2", "--threads", "1",
+         "--device", "cpu", "--out", str(out), "--json"],
         cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT), S2AMNET_CACHE_DIR=str(tmp_path / "cache")),
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (b,) = json.loads(proc.stdout.strip().splitlines()[-1])["backends"]
-    assert b["model"] == "cls" and not b["cached"] and b["export_s"] > 0 and not b["missing"]
-    assert {n: p["ok"] for n, p in b["parity"].items()} == {"onnxruntime": True, "openvino": True}
-    assert b["rows"][0]["batch"] == 1 and {r["batch"] for r in b["rows"]} == {1, b["forward_batch"]}
+    assert b["model"] == "cls" and not b["cached"] and b["export_s"] > 0
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    ran = {"eager", "onnxruntime", "openvino"} | ({"openvino-bf16"} if has_bf16 else set())
+    assert {n: p["ok"] for n, p in b["parity"].items() if n != "openvino-bf16"} == {"onnxruntime": True,
+                                                                                      "openvino": True}
+    assert set(b["missing"]) == ({"openvino-bf16"} - ran) and "compile" not in b["parity"]  # not listed
+    assert set(b["best"]) == ran and b["best"]["eager"]["gain"] == 1.0
+    assert b["rows"][0]["batch"] == 1 and {r["batch"] for r in b["rows"]} == {1, *b["best_batch"].values()}
     for r in b["rows"]:
         ms = r["ms_per_image"]
-        assert set(ms) == {"eager", "onnxruntime", "openvino"} and min(ms.values()) > 0
-        for name in ("onnxruntime", "openvino"):
+        assert set(ms) == ran and min(ms.values()) > 0
+        for name in ran - {"eager"}:
             assert r["gain"][name] == pytest.approx(ms["eager"] / ms[name], abs=0.01)
+    for name, best in b["best"].items():  # each at its own best batch, compared with eager at eager's best
+        row = next(r for r in b["rows"] if r["batch"] == best["batch"])
+        assert best["ms_per_image"] == pytest.approx(row["ms_per_image"][name], abs=0.01)
     text = out.read_text()
-    assert "## Backends" in text and "| cls 1 | 1 |" in text
+    assert "## Backends" in text and "| cls 1 | 1 |" in text and "| cls 1 | " in text
+    bad = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), "--no-http",
+                          "--backends", "onnxruntime,tensorrt"], cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--backends: unknown tensorrt" in bad.stderr
 
 
 def test_the_machine_line_names_the_cpus_vector_units():

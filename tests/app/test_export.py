@@ -75,3 +75,30 @@ def test_export_into_the_cache_then_eval_with_onnxruntime(tmp_path: Path):
     report = json.loads(ir.stdout.strip().splitlines()[-1])
     assert report["parity"] and report["format"] == "openvino"
     assert (tmp_path / "ir" / "m.xml").is_file() and (tmp_path / "ir" / "m.bin").is_file()
+
+
+def test_export_compile_finds_the_cached_package_and_eval_runs_it(compiled_classifier, tmp_path: Path):
+    """`export --format compile --cache` checks (and here finds) the package the service would load;
+    `eval --backend compile` then scores exactly what eager scores."""
+    folder, cache = compiled_classifier
+    env = {"S2AMNET_CACHE_DIR": str(cache)}
+    out = _cli("export", "--weights", str(folder), "--format", "compile", "--cache", "--json", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["parity"] and report["cached"] and report["export_s"] is None
+    assert Path(report["path"]).suffix == ".pt2" and Path(report["path"]).parent == cache
+    data = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        cls = ("dent", "good", "scratch")[i % 3]
+        (data / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(data / cls / f"img{i:03d}.png")
+    args = ["eval", "--weights", str(folder), "--data", str(data), "--json"]
+    results = {}
+    for backend in ("eager", "compile"):
+        run = _cli(*args, "--backend", backend, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[backend] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert results["compile"]["backend"] == "compile"
+    assert results["compile"]["confusion"] == results["eager"]["confusion"]
+    assert len(list(cache.glob("*.pt2"))) == 1  # nothing compiled again

@@ -61,3 +61,40 @@ def test_the_service_runs_a_model_on_onnxruntime_when_asked(tmp_path):
     assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"][:len(got["top_k"])]]
     assert [t["score"] for t in got["top_k"]] == pytest.approx([t["score"] for t in want["top_k"]][:len(got["top_k"])],
                                                                abs=1e-4)
+
+
+def test_the_service_serves_the_compiled_package_and_tunes_the_forward_batch_for_it(compiled_classifier):
+    """S2AMNET_BACKEND=compile with the package in S2AMNET_CACHE_DIR: the server loads it (no compiling at
+    start), /metrics says so, and the answers are the eager model's."""
+    import httpx
+    import pytest
+    from support.harness import running_server
+    from support.images import encode, pattern
+    from support.metrics import metric
+
+    from model.predictor import Predictor
+
+    folder, cache = compiled_classifier
+    upright = pattern(64, 64, seed=5)
+    packages = sorted(cache.glob("*.pt2"))
+    with running_server("embedded", folder.parent, S2AMNET_BACKEND="compile", S2AMNET_CACHE_DIR=str(cache),
+                        S2AMNET_MODELS="cls") as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        text = client.get("/metrics").text
+        assert metric(text, "s2amnet_model_backend", model="cls", backend="compile") == 1
+        got = client.post("/classify", files={"file": ("a.png", encode(upright))}).json()
+    assert sorted(cache.glob("*.pt2")) == packages
+    want = Predictor.from_folder(folder).predict([upright], top_k=5)[0]
+    n = len(got["top_k"])
+    assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"][:n]]
+    assert [t["score"] for t in got["top_k"]] == pytest.approx([t["score"] for t in want["top_k"][:n]], abs=1e-4)
+
+
+def test_the_backend_is_chosen_before_the_forward_batch_is_tuned(monkeypatch):
+    from app import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "warm_up", lambda p: 0.0)
+    monkeypatch.setattr(runtime, "set_backend", lambda name, p, s, m: calls.append(("backend", name, m)))
+    monkeypatch.setattr(runtime, "set_forward_batch", lambda name, p, s, m, w: calls.append(("batch", name, m)))
+    runtime.prepare_predictors({"a": object(), "b": object()}, Settings(), {"a": 4, "b": 8})
+    assert calls == [("backend", "a", 4), ("batch", "a", 4), ("backend", "b", 8), ("batch", "b", 8)]

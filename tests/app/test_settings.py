@@ -103,3 +103,14 @@ def test_serve_and_worker_flags_come_from_the_settings():
         helps = {a.dest: a.help for a in sub[command]._actions}
         for name in names:
             assert helps[name].startswith(Settings.model_fields[name].description.replace("%", "%%")), name
+
+
+def test_the_settings_offer_exactly_the_backends_there_are():
+    from typing import get_args
+
+    from app.settings import BackendName
+    from model.backends import BACKENDS
+
+    assert set(get_args(BackendName)) == {"auto", *BACKENDS}
+    assert Settings(backend="openvino-bf16", model_backend="a=compile,b=auto").model_backend == {"a": "compile",
+                                                                                                "b": "auto"}

@@ -84,14 +84,59 @@ def test_openvino_runs_the_same_graph_and_agrees_with_eager(task, folders, cache
     assert (cache / "openvino").is_dir()  # compiled blobs kept for the next start
 
 
-def test_auto_times_every_backend_and_eager_stays_when_asked_or_when_the_runtime_fails(folders, cache, tmp_path,
-                                                                                     monkeypatch):
+def test_compile_runs_the_package_built_for_this_cpu_and_agrees_with_eager(compiled_classifier):
+    folder, cache = compiled_classifier
+    p = Predictor.from_folder(folder)
+    imgs = _images(5)
+    before = p.predict(imgs)
+    report = backends.choose_backend(p, "compile", cache_dir=cache)
+    assert report.chosen == "compile" and p.backend == "compile" and "agree" in report.reason, report.reason
+    assert report.cached and report.export_s is None  # the package the fixture compiled: found, not rebuilt
+    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-{backends.cpu_isa()}-64x64-*.pt2")
+    assert p.runner.path == package
+    after = p.predict(imgs)
+    for a, b in zip(before, after, strict=True):
+        assert a["verdict"] == b["verdict"]
+        assert [t["score"] for t in a["top_k"]] == pytest.approx([t["score"] for t in b["top_k"]], abs=1e-5)
+    for n in (1, 3, 7):  # one package for every batch size: the batch dimension is dynamic
+        x = torch.rand(n, 3, SIZE, SIZE)
+        with torch.inference_mode():
+            assert torch.allclose(p.runner(x)[0], p.model(x), atol=1e-4)
+    # native code is for one instruction set: another CPU family gets its own package
+    other = backends.cache_key(p.manifest["sha256"], p.input_size, "aoti-avx2")
+    assert other != backends.cache_key(p.manifest["sha256"], p.input_size, "aoti-avx512")
+
+
+def test_openvino_bf16_runs_only_where_the_cpu_has_bf16_units_and_only_when_it_agrees(compiled_classifier):
+    ov = pytest.importorskip("openvino")
+    folder, cache = compiled_classifier
+    p = Predictor.from_folder(folder)
+    report = backends.choose_backend(p, "openvino-bf16", cache_dir=cache, threads=1)
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert report.chosen == "eager" and "no bf16 matrix units" in report.reason
+        return
+    if report.chosen == "eager":  # bfloat16 moved the probabilities by more than the parity bound
+        assert "openvino-bf16 disagrees with eager: class probabilities differ" in report.reason
+        return
+    assert p.backend == "openvino-bf16" and "agree" in report.reason
+    x = torch.rand(2, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        assert torch.allclose(p.runner(x)[0].softmax(1), p.model(x).softmax(1), atol=1e-3)
+
+
+def test_auto_times_every_backend_and_eager_stays_when_asked_or_when_the_runtime_fails(compiled_classifier,
+                                                                                     tmp_path, monkeypatch):
     pytest.importorskip("openvino")
-    p = Predictor.from_folder(folders["classify"])
-    report = backends.choose_backend(p, "auto", cache_dir=cache, threads=1, batch=2)  # cached by the test above
-    assert set(report.ms_per_image) == set(backends.BACKENDS) and report.chosen in backends.BACKENDS
-    fastest = min(report.ms_per_image, key=report.ms_per_image.get)
-    assert report.chosen == fastest and p.backend == fastest and "fastest" in report.reason
+    folder, cache = compiled_classifier
+    p = Predictor.from_folder(folder)
+    for batch in (2, None):  # a fixed forward batch; else each backend at its own best one
+        report = backends.choose_backend(p, "auto", cache_dir=cache, threads=1, batch=batch, max_batch=4)
+        usable = {b for b in backends.GRAPH_BACKENDS if not any(n.startswith(b + " ") for n in report.notes)}
+        assert set(report.ms_per_image) == {"eager", *usable} and {"compile", "onnxruntime", "openvino"} <= usable
+        fastest = min(report.ms_per_image, key=report.ms_per_image.get)
+        assert report.chosen == fastest and p.backend == fastest and "fastest" in report.reason
+        assert ("at 2 images per forward" if batch else "each at its best forward batch") in report.reason
+        assert p.forward_batch is None  # choosing measures; setting the forward batch is the caller's
     assert backends.choose_backend(p, "eager").chosen == "eager" and p.runner is None
 
     def broken(*a, **k):
