@@ -3,13 +3,17 @@
 Jobs wait in one FIFO per model. The model whose oldest job has waited longest is served first; its batch
 is collected until it holds the model's cap (``max_batch_size``, lowered per model by
 ``model_max_batch_size``) or ``max_delay_s`` has passed since that oldest job arrived, whichever comes
-first. Jobs whose request gave up (cancelled, or withdrawn at their deadline) are skipped, never
-batched. How the caller waits for more jobs differs -- a condition variable in the embedded dispatcher,
-a blocking ``XREADGROUP`` in the worker -- and is passed in.
+first -- but only while another job is expected in time: the batch goes at once when the model's recent
+jobs came further apart (the median of the last gaps between them) than the time left to wait. So a lone
+request (a line sending one part at a time) never waits for company that is not coming, while under load,
+where jobs come close together, batches fill. Jobs whose request gave up (cancelled, or withdrawn at
+their deadline) are skipped, never batched. How the caller waits for more jobs differs -- a condition
+variable in the embedded dispatcher, a blocking ``XREADGROUP`` in the worker -- and is passed in.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -39,20 +43,36 @@ class BatchCollector(Generic[T]):
     one thread. ``dropped(job)`` says whether a queued job is to be skipped (its request went away).
     """
 
+    GAPS = 5  # how many of a model's latest gaps between jobs predict the next one
+
     def __init__(self, models: Iterable[str], max_batch_size: int, max_delay_s: float,
-                 caps: Mapping[str, int] | None = None, dropped: Callable[[T], bool] | None = None):
+                 caps: Mapping[str, int] | None = None, dropped: Callable[[T], bool] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         models = list(models)
         self.caps = batch_caps(models, max_batch_size, caps)
         self.max_delay_s = max(0.0, float(max_delay_s))
         self.queues: dict[str, deque[T]] = {m: deque() for m in models}
         self._dropped = dropped or (lambda _job: False)
+        self._clock = clock
+        self._last_put: dict[str, float] = {}
+        self._gaps: dict[str, deque[float]] = {m: deque(maxlen=self.GAPS) for m in models}
 
     # -- the FIFOs
     def put(self, model: str, job: T) -> int:
         """Queue ``job``; returns the model's queue length."""
+        now = self._clock()
+        if model in self._last_put:
+            self._gaps[model].append(now - self._last_put[model])
+        self._last_put[model] = now
         q = self.queues[model]
         q.append(job)
         return len(q)
+
+    def expected_gap(self, model: str) -> float:
+        """Seconds until the model's next job is expected: the median of its latest gaps between jobs
+        (infinite before it has had two)."""
+        gaps = self._gaps[model]
+        return statistics.median(gaps) if gaps else float("inf")
 
     def remove(self, model: str, job: T) -> bool:
         """Take ``job`` out of its queue; False when it is no longer there (already batched)."""
@@ -99,14 +119,15 @@ class BatchCollector(Generic[T]):
 
     def fill(self, model: str, wait: Callable[[float], object], stop: Callable[[], bool]) -> None:
         """Let the model's batch fill: call ``wait(seconds left)`` (which may queue more jobs) until the
-        batch is full, ``max_delay_s`` has passed since its oldest job arrived, or ``stop()``."""
+        batch is full, ``max_delay_s`` has passed since its oldest job arrived, no job is expected before
+        then (`expected_gap`), or ``stop()``."""
         q = self.queues[model]
         if not q:
             return
         due = q[0].arrived + self.max_delay_s
         while not stop() and len(self.queues[model]) < self.caps[model]:
-            left = due - time.monotonic()
-            if left <= 0:
+            left = due - self._clock()
+            if left <= 0 or self.expected_gap(model) > left:
                 return
             wait(left)
 

@@ -221,11 +221,21 @@ def _task_and_size(folder: Path) -> tuple[str, list[int]]:
     return manifest["task"], list(manifest["arch"]["input_size"])
 
 
+SERVICE_BACKEND_ENV = ("S2AMNET_BACKEND", "S2AMNET_MODEL_BACKEND", "S2AMNET_CACHE_DIR")
+
+
+def service_backend() -> str:
+    """What runs the forwards of the benchmark's `s2amnet serve` processes, as the report states it."""
+    per_model = os.environ.get("S2AMNET_MODEL_BACKEND")
+    return os.environ.get("S2AMNET_BACKEND", "eager") + (f" ({per_model})" if per_model else "")
+
+
 def _process_env(**extra: str) -> dict[str, str]:
-    """This environment without S2AMNET_* settings (the benchmark's servers get only their flags), the
-    repository on PYTHONPATH, records off (nothing written where the benchmark runs; `--line` measures them),
-    plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_")}
+    """This environment without S2AMNET_* settings (the benchmark's servers get only their flags) except what
+    runs the forwards (`SERVICE_BACKEND_ENV`: `S2AMNET_BACKEND=compile s2amnet bench ...` measures the service
+    on that backend), the repository on PYTHONPATH, records off (nothing written where the benchmark runs;
+    `--line` measures them), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("S2AMNET_") or k in SERVICE_BACKEND_ENV}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -278,8 +288,9 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path, ext
 
 
 async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
-                 bar) -> tuple[list[float], dict, float]:
-    """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s)."""
+                 bar, server: list[tuple[float, float]] | None = None) -> tuple[list[float], dict, float]:
+    """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s). ``server``
+    collects each answer's own ``timing_ms`` (queue, inference) when given."""
     import httpx
 
     latencies: list[float] = []
@@ -294,6 +305,9 @@ async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, conc
                 r = await client.post(path, files={"file": part})
                 latencies.append(time.perf_counter() - t0)
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if server is not None and r.status_code == 200:
+                    timing = r.json()["timing_ms"]
+                    server.append((timing["queue"], timing["inference"]))
                 bar.update(1)
 
         t0 = time.perf_counter()
@@ -338,9 +352,11 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
         bar = tqdm(total=3 * args.requests + 4, desc="service", unit="req", disable=not progress, leave=False)
         for url in urls.values():
             asyncio.run(_round(url, path, part, 2, 1, bar))  # warm-up: connections, first batch
+        alone: list[tuple[float, float]] = []  # the service's own queue and inference ms, one at a time
         for n in slices:
             for key in rounds:
-                lat, st, wall = asyncio.run(_round(urls[key[0]], path, part, n, key[1], bar))
+                lat, st, wall = asyncio.run(_round(urls[key[0]], path, part, n, key[1], bar,
+                                                   alone if key == ("batched", 1) else None))
                 lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
@@ -352,7 +368,10 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
             "rounds": [seq, conc, unbatched],
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
             "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
-            "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2)}
+            "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2),
+            "alone_ms": {"p50": seq["p50_ms"], "forward": round(forward_ms, 2),
+                         "queue": round(statistics.median(q for q, _ in alone), 2) if alone else None,
+                         "inference": round(statistics.median(i for _, i in alone), 2) if alone else None}}
 
 
 def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
@@ -379,9 +398,12 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
     device = resolve_device(args.device)
     if missing_gpu(device):
         raise BenchError(f"--device {device}: no CUDA device here")
-    if args.backends not in (None, "all"):
-        from app.settings import BackendName
+    from app.settings import BackendName
 
+    if os.environ.get("S2AMNET_BACKEND", "eager") not in get_args(BackendName):
+        raise BenchError(f"S2AMNET_BACKEND={os.environ['S2AMNET_BACKEND']}: not one of "
+                         f"{', '.join(get_args(BackendName))}")
+    if args.backends not in (None, "all"):
         known = [b for b in get_args(BackendName) if b not in ("auto", "eager")]
         unknown = [b.strip() for b in args.backends.split(",") if b.strip() not in known]
         if unknown:
@@ -465,7 +487,8 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
-                              "machine": {**machine(device), "allocator_tuning": allocator_tuned}, "models": models,
+                              "machine": {**machine(device), "allocator_tuning": allocator_tuned,
+                                          "service_backend": service_backend()}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if backends is not None:
         result["backends"] = backends

@@ -47,7 +47,8 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{m['cpu']} ({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
              f"{m['torch_threads']} thread(s), "
              f"device {m.get('gpu', m['device'])}; glibc allocator tuning "
-             f"{'on' if m.get('allocator_tuning') else 'off'} (as in the service).", "",
+             f"{'on' if m.get('allocator_tuning') else 'off'} (as in the service); `s2amnet serve` backend "
+             f"{m.get('service_backend', 'eager')} (`S2AMNET_BACKEND`).", "",
              "Every figure that compares is a ratio of two numbers measured in this same run; absolute "
              "times move between runs on a shared machine.", "",
              "## Models: `Predictor.infer` on random images at the model's input size", "",
@@ -101,7 +102,15 @@ def to_markdown(result: dict[str, Any]) -> str:
                   f"- Concurrency gain (req/s at {c} in flight ÷ req/s one at a time): "
                   f"**{s['concurrency_gain']:.2f}×**.",
                   f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
-                  f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON).", ""]
+                  f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON)."]
+        a = s.get("alone_ms") or {}
+        if a.get("inference") is not None:
+            lines.append(f"- One at a time, p50 {a['p50']:.1f} ms = batch-1 forward {a['forward']:.1f} ms "
+                         f"+ {a['p50'] - a['forward']:.1f} ms. The answers' own `timing_ms` (medians): waiting in "
+                         f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
+                         f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "
+                         f"letterboxing and JSON.")
+        lines.append("")
     if result.get("peers"):
         from app.commands.bench_peers import peers_markdown
 

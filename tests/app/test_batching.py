@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import pytest
+
 from app.batching import BatchCollector, batch_caps
 
 
@@ -37,11 +39,13 @@ def test_the_longest_waiting_model_is_served_first_and_skipped_jobs_are_left_out
 def test_a_batch_waits_until_full_or_its_delay_has_passed():
     c: BatchCollector[Item] = BatchCollector(["a"], 3, 0.05)
     c.put("a", Item())
+    c.put("a", Item())  # two jobs at once: the next is expected at once too
     waits: list[float] = []
     t0 = time.monotonic()
     c.fill("a", lambda left: waits.append(left) or time.sleep(left), lambda: False)
     assert time.monotonic() - t0 >= 0.05 and len(waits) == 1
     c = BatchCollector(["a"], 3, 30.0)
+    c.put("a", Item())
     c.put("a", Item())
     calls: list[object] = []
     c.fill("a", lambda left: calls.append(left) or c.put("a", Item()), lambda: False)  # fills up at once
@@ -50,3 +54,38 @@ def test_a_batch_waits_until_full_or_its_delay_has_passed():
     assert c.depth("a") == 1
     c.fill("a", lambda left: calls.append("never"), lambda: True)  # stopping: no wait
     assert "never" not in calls
+
+
+def test_a_batch_does_not_wait_for_a_job_not_expected_before_its_delay_is_over():
+    now = [100.0]
+    c: BatchCollector[Item] = BatchCollector(["a"], 8, 0.005, clock=lambda: now[0])
+    waits: list[float] = []
+
+    def wait(left: float) -> None:
+        waits.append(left)
+        now[0] += left
+
+    c.put("a", Item(arrived=now[0]))  # the first job of a model: nothing known, nothing to wait for
+    c.fill("a", wait, lambda: False)
+    assert waits == [] and c.expected_gap("a") == float("inf")
+    c.take("a")
+    for _ in range(3):  # one part at a time, 40 ms apart (a forward's time): company is not coming
+        now[0] += 0.040
+        c.put("a", Item(arrived=now[0]))
+        c.fill("a", wait, lambda: False)
+        c.take("a")
+    assert waits == [] and c.expected_gap("a") == pytest.approx(0.040)
+    for _ in range(5):  # then a burst, 1 ms apart: the median gap follows within a few jobs
+        now[0] += 0.001
+        c.put("a", Item(arrived=now[0]))
+    assert c.expected_gap("a") == pytest.approx(0.001)
+    c.take("a")
+    now[0] += 0.001
+    c.put("a", Item(arrived=now[0]))
+    c.fill("a", wait, lambda: False)  # nobody comes: it waits out its delay, once
+    assert waits == [pytest.approx(0.005)]
+    c.take("a")
+    c.put("a", Item(arrived=now[0] - 0.0045))  # queued 4.5 ms ago: 0.5 ms left, less than the expected gap
+    assert c.expected_gap("a") == pytest.approx(0.001)
+    c.fill("a", wait, lambda: False)  # go now
+    assert len(waits) == 1
