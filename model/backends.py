@@ -146,12 +146,15 @@ def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in input_size)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
-    with _real_valued(model), torch.inference_mode():
-        program = torch.export.export(_Exported(model).eval(), (torch.zeros(2, 3, h, w),),
-                                      dynamic_shapes={"x": {0: _batch_dim()}})
-        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                 inductor_configs={"freezing": True})
-    os.replace(tmp, path)
+    try:
+        with _real_valued(model), torch.inference_mode():
+            program = torch.export.export(_Exported(model).eval(), (torch.zeros(2, 3, h, w),),
+                                          dynamic_shapes={"x": {0: _batch_dim()}})
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                     inductor_configs={"freezing": True})
+        os.replace(tmp, path)  # atomic: a replica starting beside this one never loads half a package
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -89,11 +89,22 @@ def _cell(ms: float, gain: float | None, batch: int | None = None, parity: dict 
     return text if parity is None or parity["ok"] else f"{text} (disagrees)"
 
 
-def backends_markdown(results: list[dict[str, Any]]) -> list[str]:
+BACKENDS_HEADING = "## Backends"
+
+
+def backends_markdown(results: list[dict[str, Any]], run: dict[str, Any] | None = None) -> list[str]:
+    """The Backends section of BENCHMARKS.md; with ``run`` (the whole result) it names its own command and
+    machine, as a section merged into a report of another run must."""
     names = list(dict.fromkeys(n for r in results for n in (*r["parity"], *r.get("missing", {}))))
     head = "| model | eager | " + " | ".join(names) + " |"
     rule = "|---|---|" + "---|" * len(names)
-    lines = ["## Backends: eager PyTorch, compiled, ONNX Runtime, OpenVINO (`S2AMNET_BACKEND`)", "",
+    own = []
+    if run is not None:
+        m = run["machine"]
+        own = [f"`{run['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(run['time']))}: {m['cpu']} "
+               f"({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
+               f"{m['torch_threads']} thread(s).", ""]
+    lines = [f"{BACKENDS_HEADING}: eager PyTorch, compiled, ONNX Runtime, OpenVINO (`S2AMNET_BACKEND`)", "", *own,
              "The same `Predictor.infer` with the forward run by eager PyTorch and by each backend of "
              "`model.backends` (`compile`: TorchInductor native code for this CPU; `onnxruntime` and `openvino`: the "
              "model exported once to ONNX with its real-valued frequency blocks; `openvino-bf16`: OpenVINO computing "

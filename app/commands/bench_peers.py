@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--litserve-batch", type=int, default=4, help="LitServe's max_batch_size (default 4)")
     g.add_argument("--peers-plot", help="write a PNG of throughput and p99 per concurrency here")
     g.add_argument("--merge", action="store_true",
-                   help="with --out: replace only the Peers section of an existing file, keep the others")
+                   help="with --out: replace only the sections this run measures (Peers, Backends) in an "
+                        "existing file, keep the others")
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -74,8 +75,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
             from None
     if not levels or levels[0] < 1:
         raise BenchError(f"--peer-concurrency must be integers >= 1, got {args.peer_concurrency!r}")
-    if args.merge and not (args.peers and args.out):
-        raise BenchError("--merge needs --peers and --out")
+    if args.merge and not ((args.peers or args.backends) and args.out):
+        raise BenchError("--merge needs --out and --peers or --backends")
     if not args.peers:
         return levels
     if not (Path(args.peer_model) / "manifest.json").is_file():
@@ -489,10 +490,19 @@ def run_peers(args, levels: list[int], result: dict[str, Any], sizes: list[int],
 
 
 def out_text(args, result: dict[str, Any], md: str) -> str:
-    """What --out gets: the whole report, or with --merge the file as it is with its Peers section replaced."""
-    if args.merge:
-        return merge_section(Path(args.out), peers_markdown(result["peers"], result))
-    return md + "\n"
+    """What --out gets: the whole report, or with --merge the file as it is with the sections this run
+    measured (Peers, Backends; each with its own command and machine line) replaced."""
+    if not args.merge:
+        return md + "\n"
+    from app.commands.bench_backends import BACKENDS_HEADING, backends_markdown
+
+    path = Path(args.out)
+    text = path.read_text() if path.exists() else ""
+    if result.get("peers"):
+        text = merge_section(text, peers_markdown(result["peers"], result), PEERS_HEADING)
+    if result.get("backends"):
+        text = merge_section(text, backends_markdown(result["backends"], result), BACKENDS_HEADING)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -512,7 +522,9 @@ def peers_markdown(p: dict[str, Any], result: dict[str, Any]) -> list[str]:
              f"{m.get('gpu', m['device'])}. Requests: {p['images']}, one per request (`POST` multipart `file`), "
              f"{p['task']} at {p['input_size'][1]}x{p['input_size'][0]}.", "",
              "Every server loads the same weights with `Predictor.from_folder` (BatchNorm folded) and runs the "
-             "service's decoding, preprocessing, eager PyTorch forward and JSON answer. All run at once; one "
+             "service's decoding, preprocessing, forward and JSON answer; the peers run the forward in eager "
+             f"PyTorch as their documentation shows, `s2amnet serve` with backend "
+             f"{m.get('service_backend', 'eager')} (`S2AMNET_BACKEND`). All run at once; one "
              f"client on the same machine drives them one after another in {p['slices']} alternating slices per "
              "level, so compare the ratios (CPU % is of all cores, for the server's processes only). Other "
              f"processes of the machine took {p['other_load_pct']:.0f} % of all cores while the rounds ran.", "",
@@ -552,11 +564,11 @@ def peers_markdown(p: dict[str, Any], result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def merge_section(path: Path, section: list[str]) -> str:
-    """The text of `path` with its Peers section (from its heading to the next `## ` heading) replaced by
+def merge_section(text: str, section: list[str], heading: str = PEERS_HEADING) -> str:
+    """``text`` with its section under ``heading`` (from that heading to the next `## ` heading) replaced by
     `section`, or `section` appended when it has none."""
-    old = path.read_text().rstrip("\n").split("\n") if path.exists() else []
-    start = next((i for i, line in enumerate(old) if line.startswith(PEERS_HEADING)), None)
+    old = text.rstrip("\n").split("\n") if text.strip() else []
+    start = next((i for i, line in enumerate(old) if line.startswith(heading)), None)
     if start is None:
         return "\n".join([*old, *([""] if old and old[-1] else []), *section]).rstrip("\n") + "\n"
     end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))

@@ -139,10 +139,11 @@ def test_bench_backends_times_the_listed_backends_in_the_same_rounds_each_at_its
     ov = pytest.importorskip("openvino")
     weights = make_weights(tmp_path / "weights", names=["cls"])
     out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n## Models\n\nkept\n\n## Backends: old\n\nold rows\n\n## Service\n\nalso kept\n")
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), "--no-http",
          "--backends", "onnxruntime,openvino,openvino-bf16", "--batch-sizes", "1", "--iters", "2", "--threads", "1",
-         "--device", "cpu", "--out", str(out), "--json"],
+         "--device", "cpu", "--out", str(out), "--merge", "--json"],
         cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT), S2AMNET_CACHE_DIR=str(tmp_path / "cache")),
         capture_output=True, text=True, timeout=600,
     )
@@ -164,8 +165,10 @@ def test_bench_backends_times_the_listed_backends_in_the_same_rounds_each_at_its
     for name, best in b["best"].items():  # each at its fastest batch in the rounds; gain against eager's best
         assert best["ms_per_image"] == pytest.approx(min(r["ms_per_image"][name] for r in b["rows"]), abs=0.01)
         assert best["gain"] == pytest.approx(b["best"]["eager"]["ms_per_image"] / best["ms_per_image"], abs=0.01)
-    text = out.read_text()
-    assert "## Backends" in text and "| cls 1 | 1 |" in text and "| cls 1 | " in text
+    text = out.read_text()  # --merge: only the Backends section replaced, with its own command line
+    assert "## Backends: eager PyTorch" in text and "| cls 1 | 1 |" in text and "old rows" not in text
+    assert text.startswith("# Benchmarks\n\n## Models\n\nkept\n") and text.endswith("## Service\n\nalso kept\n")
+    assert "`s2amnet bench --weights" in text.split("## Backends")[1]
     bad = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), "--no-http",
                           "--backends", "onnxruntime,tensorrt"], cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)),
                          capture_output=True, text=True, timeout=120)

@@ -87,12 +87,13 @@ def test_bench_peers_drives_every_server_with_one_client_and_merges_its_section(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
-def test_merge_section_appends_a_missing_section_and_writes_a_new_file(tmp_path):
-    path = tmp_path / "B.md"
-    assert merge_section(path, ["## Peers: x", "", "t"]) == "## Peers: x\n\nt\n"
-    path.write_text("# Benchmarks\n\n## Models\n\nrows\n")
-    merged = merge_section(path, ["## Peers: x", "", "t", ""])
+def test_merge_section_appends_a_missing_section_and_replaces_one_that_is_there():
+    assert merge_section("", ["## Peers: x", "", "t"]) == "## Peers: x\n\nt\n"
+    text = "# Benchmarks\n\n## Models\n\nrows\n"
+    merged = merge_section(text, ["## Peers: x", "", "t", ""])
     assert merged == "# Benchmarks\n\n## Models\n\nrows\n\n## Peers: x\n\nt\n"
+    again = merge_section(merged + "\n## Later\n\nkept\n", ["## Models: new", "", "n", ""], "## Models")
+    assert again == "# Benchmarks\n\n## Models: new\n\nn\n\n## Peers: x\n\nt\n\n## Later\n\nkept\n"
 
 
 def test_the_report_names_an_images_folder_outside_the_repository_by_its_name_only(tmp_path):
@@ -102,7 +103,7 @@ def test_the_report_names_an_images_folder_outside_the_repository_by_its_name_on
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--merge"], "--merge needs --peers and --out"),
+    (["--merge"], "--merge needs --out and --peers or --backends"),
     (["--peers", "--peer-concurrency", "0"], "--peer-concurrency must be integers >= 1"),
     (["--peers", "--peer-concurrency", "a,b"], "comma-separated integers"),
     (["--peers", "--peer-model", "/nonexistent/model"], "--peer-model"),
