@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.commands.bench_report import own_line
+
 
 def _load(predictor, names: list[str], threads: int | None) -> tuple[dict[str, Any], dict, dict, list]:
     """(runners by name with eager's None, parity per backend, why each missing one is missing, build seconds)."""
@@ -98,12 +100,7 @@ def backends_markdown(results: list[dict[str, Any]], run: dict[str, Any] | None 
     names = list(dict.fromkeys(n for r in results for n in (*r["parity"], *r.get("missing", {}))))
     head = "| model | eager | " + " | ".join(names) + " |"
     rule = "|---|---|" + "---|" * len(names)
-    own = []
-    if run is not None:
-        m = run["machine"]
-        own = [f"`{run['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(run['time']))}: {m['cpu']} "
-               f"({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
-               f"{m['torch_threads']} thread(s).", ""]
+    own = own_line(run) if run is not None else []
     lines = [f"{BACKENDS_HEADING}: eager PyTorch, compiled, ONNX Runtime, OpenVINO (`S2AMNET_BACKEND`)", "", *own,
              "The same `Predictor.infer` with the forward run by eager PyTorch and by each backend of "
              "`model.backends` (`compile`: TorchInductor native code for this CPU; `onnxruntime` and `openvino`: the "

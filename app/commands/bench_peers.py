@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--litserve-batch", type=int, default=4, help="LitServe's max_batch_size (default 4)")
     g.add_argument("--peers-plot", help="write a PNG of throughput and p99 per concurrency here")
     g.add_argument("--merge", action="store_true",
-                   help="with --out: replace only the sections this run measures (Peers, Backends) in an "
-                        "existing file, keep the others")
+                   help="with --out: replace only the sections of an existing file that this run measures "
+                        "and that stand on their own (Backends, Service, Peers), keep the others")
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -75,8 +75,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
             from None
     if not levels or levels[0] < 1:
         raise BenchError(f"--peer-concurrency must be integers >= 1, got {args.peer_concurrency!r}")
-    if args.merge and not ((args.peers or args.backends) and args.out):
-        raise BenchError("--merge needs --out and --peers or --backends")
+    if args.merge and not args.out:
+        raise BenchError("--merge needs --out")
     if not args.peers:
         return levels
     if not (Path(args.peer_model) / "manifest.json").is_file():
@@ -491,13 +491,16 @@ def run_peers(args, levels: list[int], result: dict[str, Any], sizes: list[int],
 
 def out_text(args, result: dict[str, Any], md: str) -> str:
     """What --out gets: the whole report, or with --merge the file as it is with the sections this run
-    measured (Peers, Backends; each with its own command and machine line) replaced."""
+    measured (Backends, Service, Peers; each with its own command and machine line) replaced."""
     if not args.merge:
         return md + "\n"
     from app.commands.bench_backends import BACKENDS_HEADING, backends_markdown
+    from app.commands.bench_report import SERVICE_HEADING, service_markdown
 
     path = Path(args.out)
     text = path.read_text() if path.exists() else ""
+    if result.get("service"):
+        text = merge_section(text, service_markdown(result["service"], result), SERVICE_HEADING)
     if result.get("peers"):
         text = merge_section(text, peers_markdown(result["peers"], result), PEERS_HEADING)
     if result.get("backends"):

@@ -39,6 +39,47 @@ def vector_units(flags: set[str]) -> str:
     return "AVX2" if "avx2" in flags else ("unknown" if not flags else "SSE")
 
 
+SERVICE_HEADING = "## Service"
+
+
+def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> list[str]:
+    """The Service section; with ``run`` (the whole result) it names its own command and machine, as a
+    section merged into a report of another run must."""
+    lines = [f"{SERVICE_HEADING}: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "
+             f"{s['image']} per request, model {s['model']}", "",
+             "| requests in flight | max batch | requests | 200 OK | p50 ms | p95 ms | requests / s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in s["rounds"]:
+        lines.append(f"| {r['concurrency']} | {r['max_batch_size']} | {r['requests']} | {r['ok']} | "
+                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['requests_per_s']:.1f} |")
+    c = s["rounds"][1]["concurrency"]
+    lines += ["", f"- Dynamic batching gain (req/s at {c} in flight ÷ req/s at {c} in flight with "
+              f"`--max-batch-size 1`): **{s['batching_gain']:.2f}×**.",
+              f"- Concurrency gain (req/s at {c} in flight ÷ req/s one at a time): "
+              f"**{s['concurrency_gain']:.2f}×**.",
+              f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
+              f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON)."]
+    a = s.get("alone_ms") or {}
+    if a.get("inference") is not None:
+        lines.append(f"- One at a time, p50 {a['p50']:.1f} ms = batch-1 forward {a['forward']:.1f} ms "
+                     f"+ {a['p50'] - a['forward']:.1f} ms. The answers' own `timing_ms` (medians): waiting in "
+                     f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
+                     f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "
+                     f"letterboxing and JSON.")
+    lines.append("")
+    if run is not None:
+        lines[1:1] = ["", *own_line(run)[:-1]]
+    return lines
+
+
+def own_line(run: dict[str, Any]) -> list[str]:
+    """A merged section's first line: the command and machine of the run that measured it."""
+    m = run["machine"]
+    return [f"`{run['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(run['time']))}: {m['cpu']} "
+            f"({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
+            f"{m['torch_threads']} thread(s); `s2amnet serve` backend {m.get('service_backend', 'eager')}.", ""]
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """BENCHMARKS.md from the result of a run."""
     m = result["machine"]
@@ -87,30 +128,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         from app.commands.bench_backends import backends_markdown
 
         lines += backends_markdown(result["backends"])
-    s = result.get("service")
-    if s:
-        lines += [f"## Service: `s2amnet serve` (embedded batching), `POST {s['endpoint']}` with one "
-                  f"{s['image']} per request, model {s['model']}", "",
-                  "| requests in flight | max batch | requests | 200 OK | p50 ms | p95 ms | requests / s |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in s["rounds"]:
-            lines.append(f"| {r['concurrency']} | {r['max_batch_size']} | {r['requests']} | {r['ok']} | "
-                         f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['requests_per_s']:.1f} |")
-        c = s["rounds"][1]["concurrency"]
-        lines += ["", f"- Dynamic batching gain (req/s at {c} in flight ÷ req/s at {c} in flight with "
-                  f"`--max-batch-size 1`): **{s['batching_gain']:.2f}×**.",
-                  f"- Concurrency gain (req/s at {c} in flight ÷ req/s one at a time): "
-                  f"**{s['concurrency_gain']:.2f}×**.",
-                  f"- Whole HTTP path over the bare forward (p50 one at a time ÷ batch-1 forward): "
-                  f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON)."]
-        a = s.get("alone_ms") or {}
-        if a.get("inference") is not None:
-            lines.append(f"- One at a time, p50 {a['p50']:.1f} ms = batch-1 forward {a['forward']:.1f} ms "
-                         f"+ {a['p50'] - a['forward']:.1f} ms. The answers' own `timing_ms` (medians): waiting in "
-                         f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
-                         f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "
-                         f"letterboxing and JSON.")
-        lines.append("")
+    if result.get("service"):
+        lines += service_markdown(result["service"])
     if result.get("peers"):
         from app.commands.bench_peers import peers_markdown
 

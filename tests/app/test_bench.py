@@ -70,6 +70,18 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     assert "## Service" in md and "Dynamic batching gain" in md and "| 3 | 1 | 6 | 6 |" in md
     assert f"One at a time, p50 {alone['p50']:.1f} ms" in md and "backend eager (`S2AMNET_BACKEND`)" in md
     assert md.strip() in proc.stdout  # the same report is printed
+    # --merge: this run's Service section, with its own command line, replaces only that section of a report
+    from types import SimpleNamespace
+
+    from app.commands.bench_peers import out_text
+
+    report = tmp_path / "REPORT.md"
+    report.write_text("# Benchmarks\n\n## Models\n\nkept\n\n## Service: old\n\nold\n\n## Peers: p\n\nkept too\n")
+    merged = out_text(SimpleNamespace(merge=True, out=str(report)), {**result, "models": []}, "")
+    section = merged.split("## Service: `s2amnet serve`")[1].split("## Peers")[0]
+    assert merged.startswith("# Benchmarks\n\n## Models\n\nkept\n") and merged.endswith("## Peers: p\n\nkept too\n")
+    assert "old" not in merged and "`s2amnet bench --weights" in section and "backend eager." in section
+    assert "| 3 | 1 | 6 | 6 |" in section
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
@@ -92,8 +104,10 @@ def test_bench_rejects_bad_options_with_a_message(args, message, tmp_path, capsy
     assert not out.exists()  # refused before any work
 
 
-def test_bench_refuses_a_service_backend_that_does_not_exist(tmp_path, monkeypatch, capsys):
+def test_bench_refuses_a_merge_without_out_and_a_service_backend_that_does_not_exist(tmp_path, monkeypatch, capsys):
     weights = make_weights(tmp_path / "weights", names=["cls"])
+    assert main(["bench", "--weights", str(weights / "cls"), "--merge"]) == 2
+    assert capsys.readouterr().err.startswith("error: --merge needs --out")
     monkeypatch.setenv("S2AMNET_BACKEND", "tensorrt")
     assert main(["bench", "--weights", str(weights / "cls"), "--out", str(tmp_path / "B.md")]) == 2
     assert capsys.readouterr().err.startswith("error: S2AMNET_BACKEND=tensorrt: not one of auto, eager, compile")

@@ -103,7 +103,6 @@ def test_the_report_names_an_images_folder_outside_the_repository_by_its_name_on
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--merge"], "--merge needs --out and --peers or --backends"),
     (["--peers", "--peer-concurrency", "0"], "--peer-concurrency must be integers >= 1"),
     (["--peers", "--peer-concurrency", "a,b"], "comma-separated integers"),
     (["--peers", "--peer-model", "/nonexistent/model"], "--peer-model"),
