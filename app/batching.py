@@ -3,10 +3,10 @@
 Jobs wait in one FIFO per model. The model whose oldest job has waited longest is served first; its batch
 is collected until it holds the model's cap (``max_batch_size``, lowered per model by
 ``model_max_batch_size``) or ``max_delay_s`` has passed since that oldest job arrived, whichever comes
-first -- but only while another job is expected in time: the batch goes at once when the model's recent
-jobs came further apart (the median of the last gaps between them) than the time left to wait. So a lone
-request (a line sending one part at a time) never waits for company that is not coming, while under load,
-where jobs come close together, batches fill. Jobs whose request gave up (cancelled, or withdrawn at
+first -- but only when company can be expected: the batch goes at once when the model's recent jobs came
+further apart (the median of the last gaps between them) than ``max_delay_s``. So a lone request (a line
+sending one part at a time) never waits for company that is not coming, while under load, where jobs come
+close together, batches fill as before. Jobs whose request gave up (cancelled, or withdrawn at
 their deadline) are skipped, never batched. How the caller waits for more jobs differs -- a condition
 variable in the embedded dispatcher, a blocking ``XREADGROUP`` in the worker -- and is passed in.
 """
@@ -119,15 +119,15 @@ class BatchCollector(Generic[T]):
 
     def fill(self, model: str, wait: Callable[[float], object], stop: Callable[[], bool]) -> None:
         """Let the model's batch fill: call ``wait(seconds left)`` (which may queue more jobs) until the
-        batch is full, ``max_delay_s`` has passed since its oldest job arrived, no job is expected before
-        then (`expected_gap`), or ``stop()``."""
+        batch is full, ``max_delay_s`` has passed since its oldest job arrived, or ``stop()`` -- unless the
+        model's jobs come further apart than ``max_delay_s`` (`expected_gap`): then it does not wait."""
         q = self.queues[model]
         if not q:
             return
         due = q[0].arrived + self.max_delay_s
         while not stop() and len(self.queues[model]) < self.caps[model]:
             left = due - self._clock()
-            if left <= 0 or self.expected_gap(model) > left:
+            if left <= 0 or self.expected_gap(model) > self.max_delay_s:
                 return
             wait(left)
 

@@ -56,7 +56,7 @@ def test_a_batch_waits_until_full_or_its_delay_has_passed():
     assert "never" not in calls
 
 
-def test_a_batch_does_not_wait_for_a_job_not_expected_before_its_delay_is_over():
+def test_a_batch_waits_only_when_the_models_jobs_come_closer_together_than_its_delay():
     now = [100.0]
     c: BatchCollector[Item] = BatchCollector(["a"], 8, 0.005, clock=lambda: now[0])
     waits: list[float] = []
@@ -85,7 +85,9 @@ def test_a_batch_does_not_wait_for_a_job_not_expected_before_its_delay_is_over()
     c.fill("a", wait, lambda: False)  # nobody comes: it waits out its delay, once
     assert waits == [pytest.approx(0.005)]
     c.take("a")
-    c.put("a", Item(arrived=now[0] - 0.0045))  # queued 4.5 ms ago: 0.5 ms left, less than the expected gap
-    assert c.expected_gap("a") == pytest.approx(0.001)
-    c.fill("a", wait, lambda: False)  # go now
-    assert len(waits) == 1
+    for _ in range(3):  # the load ends: one part at a time again; from the third such job on, no waiting
+        now[0] += 0.040
+        c.put("a", Item(arrived=now[0]))
+        c.fill("a", wait, lambda: False)
+        c.take("a")
+    assert len(waits) == 3 and c.expected_gap("a") > c.max_delay_s
