@@ -69,10 +69,10 @@ class BatchCollector(Generic[T]):
         return len(q)
 
     def expected_gap(self, model: str) -> float:
-        """Seconds until the model's next job is expected: the median of its latest gaps between jobs
-        (infinite before it has had two)."""
+        """Seconds until the model's next job is expected: the median of its latest gaps between jobs (0
+        before it has had two: a new service's first requests often come together, so they wait as always)."""
         gaps = self._gaps[model]
-        return statistics.median(gaps) if gaps else float("inf")
+        return statistics.median(gaps) if gaps else 0.0
 
     def remove(self, model: str, job: T) -> bool:
         """Take ``job`` out of its queue; False when it is no longer there (already batched)."""

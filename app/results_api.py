@@ -27,7 +27,18 @@ from app.state import service_state
 
 log = logging.getLogger("s2amnet.api")
 
-router = APIRouter(prefix="/results", tags=["records"], dependencies=[Depends(require_api_key)])
+def _one_value_each(request: Request) -> None:
+    """Every query parameter of these routes takes one value: a repeated one (``model=a&model=b``) is refused,
+    not silently read as its last value."""
+    names = [k for k, _ in request.query_params.multi_items()]
+    repeated = sorted({k for k in names if names.count(k) > 1})
+    if repeated:
+        raise invalid(f"query parameter given more than once: {', '.join(repeated)}",
+                      [{"loc": ["query", k], "msg": "given more than once", "type": "value_error"} for k in repeated])
+
+
+router = APIRouter(prefix="/results", tags=["records"],
+                   dependencies=[Depends(require_api_key), Depends(_one_value_each)])
 
 EXPORT_PAGE = 500  # records per query of an export
 T = TypeVar("T")

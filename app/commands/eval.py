@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, get_args
-
-from app.settings import BackendName
+from typing import Any
 
 SPLIT_HELP = ("part of the split by file stem: train (80 %%), val (10 %%: picks epochs and thresholds), "
               "test (10 %%: only for reporting), heldout (val + test), all")
@@ -33,9 +31,10 @@ def add_parser(sub) -> None:
                         "views (hflip, vflip) or 'none'")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="eager", choices=[b for b in get_args(BackendName) if b != "auto"],
-                   help="what runs the forward (default eager): evaluate the model as a service started with "
-                        "S2AMNET_BACKEND=onnxruntime serves it (the export is cached, as the service caches it)")
+    p.add_argument("--backend", default="eager",
+                   help="what runs the forward: eager (default), compile, onnxruntime, openvino or openvino-bf16; "
+                        "evaluate the model as a service started with S2AMNET_BACKEND=that serves it (exports and "
+                        "compiled packages are cached, as the service caches them)")
     p.add_argument("--plot", help="write a PNG (confusion matrix / prediction examples) here, and beside it "
                                   "<name>-verdict.png: escape and false-reject rates over the threshold")
     p.add_argument("--record", action="store_true",
@@ -93,13 +92,16 @@ def run(args) -> int:
     tta = None
     if args.tta is not None:
         tta = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
+    from model.backends import BACKENDS, choose_backend
+
+    if args.backend not in BACKENDS:
+        print(f"error: --backend must be one of {', '.join(BACKENDS)}, not {args.backend!r}", file=sys.stderr)
+        return 2
     try:
         predictor, records = load_inputs(args.weights, args.data, args.split, args.device, tta)
     except SystemExit as exc:
         return int(exc.code or 2)
     if args.backend != "eager":
-        from model.backends import choose_backend
-
         report = choose_backend(predictor, args.backend)
         if report.chosen != args.backend:
             print(f"error: {args.backend} cannot run this model: {report.reason}", file=sys.stderr)

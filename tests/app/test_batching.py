@@ -65,16 +65,16 @@ def test_a_batch_waits_only_when_the_models_jobs_come_closer_together_than_its_d
         waits.append(left)
         now[0] += left
 
-    c.put("a", Item(arrived=now[0]))  # the first job of a model: nothing known, nothing to wait for
-    c.fill("a", wait, lambda: False)
-    assert waits == [] and c.expected_gap("a") == float("inf")
+    c.put("a", Item(arrived=now[0]))  # a model's first job: nothing known yet, so it waits as always (a new
+    c.fill("a", wait, lambda: False)  # service's first requests often come together)
+    assert waits == [pytest.approx(0.005)] and c.expected_gap("a") == 0.0
     c.take("a")
     for _ in range(3):  # one part at a time, 40 ms apart (a forward's time): company is not coming
         now[0] += 0.040
         c.put("a", Item(arrived=now[0]))
         c.fill("a", wait, lambda: False)
         c.take("a")
-    assert waits == [] and c.expected_gap("a") == pytest.approx(0.040)
+    assert len(waits) == 1 and c.expected_gap("a") == pytest.approx(0.040, abs=0.006)
     for _ in range(5):  # then a burst, 1 ms apart: the median gap follows within a few jobs
         now[0] += 0.001
         c.put("a", Item(arrived=now[0]))
@@ -83,11 +83,11 @@ def test_a_batch_waits_only_when_the_models_jobs_come_closer_together_than_its_d
     now[0] += 0.001
     c.put("a", Item(arrived=now[0]))
     c.fill("a", wait, lambda: False)  # nobody comes: it waits out its delay, once
-    assert waits == [pytest.approx(0.005)]
+    assert waits[1:] == [pytest.approx(0.005)]
     c.take("a")
     for _ in range(3):  # the load ends: one part at a time again; from the third such job on, no waiting
         now[0] += 0.040
         c.put("a", Item(arrived=now[0]))
         c.fill("a", wait, lambda: False)
         c.take("a")
-    assert len(waits) == 3 and c.expected_gap("a") > c.max_delay_s
+    assert len(waits) == 4 and c.expected_gap("a") > c.max_delay_s

@@ -102,3 +102,5 @@ def test_export_compile_finds_the_cached_package_and_eval_runs_it(compiled_class
     assert results["compile"]["backend"] == "compile"
     assert results["compile"]["confusion"] == results["eager"]["confusion"]
     assert len(list(cache.glob("*.pt2"))) == 1  # nothing compiled again
+    bad = _cli(*args, "--backend", "tensorrt", env=env)
+    assert bad.returncode == 2 and "--backend must be one of eager, compile" in bad.stderr

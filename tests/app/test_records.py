@@ -439,6 +439,9 @@ def test_the_read_api_needs_an_api_key_and_checks_its_query(recorded):
         r = client.get("/results", params=params)
         assert r.status_code == 422 and r.json()["code"] == "invalid_request", params
     assert client.get("/results/export", params={"format": "xml"}).status_code == 422
+    for path in ("/results", "/results/export"):  # a repeated parameter is refused, not read as its last value
+        r = client.get(path, params=[("model", "a"), ("model", "b"), ("verdict", "fail")])
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "model"], path
     missing = client.get(f"/results/{uuid.uuid4()}")
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
 
