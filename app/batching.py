@@ -6,9 +6,10 @@ is collected until it holds the model's cap (``max_batch_size``, lowered per mod
 first -- but only when company can be expected: the batch goes at once when the model's recent jobs came
 further apart (the median of the last gaps between them) than ``max_delay_s``. So a lone request (a line
 sending one part at a time) never waits for company that is not coming, while under load, where jobs come
-close together, batches fill as before. Jobs whose request gave up (cancelled, or withdrawn at
-their deadline) are skipped, never batched. How the caller waits for more jobs differs -- a condition
-variable in the embedded dispatcher, a blocking ``XREADGROUP`` in the worker -- and is passed in.
+close together, and for a model's first jobs, batches fill as before. Jobs whose request gave up
+(cancelled, or withdrawn at their deadline) are skipped, never batched. How the caller waits for more jobs
+differs -- a condition variable in the embedded dispatcher, a blocking ``XREADGROUP`` in the worker -- and
+is passed in.
 """
 
 from __future__ import annotations
