@@ -102,14 +102,22 @@ def runs_on_cpu(predictor: Predictor) -> bool:
     return predictor.device.type == "cpu"
 
 
-def set_forward_batch(name: str, predictor: Predictor, setting: int | str, max_batch: int, warmed: bool) -> None:
+def set_forward_batch(name: str, predictor: Predictor, setting: int | str, max_batch: int, warmed: bool,
+                      measured: Mapping[int, float] | None = None) -> None:
     """Apply S2AMNET_FORWARD_BATCH to one model (on the thread that runs its forwards): N → at most N images
-    per forward; 'auto' → on a CPU, after warm-up, `Predictor.tune_forward_batch` measures it; otherwise
-    the whole batch in one forward. Logged, and exported as ``s2amnet_forward_batch_size``."""
+    per forward; 'auto' → on a CPU, after warm-up, `Predictor.tune_forward_batch` measures it (or ``measured``,
+    its ms per image by forward batch when choosing the backend already timed them); otherwise the whole
+    batch in one forward. Logged, and exported as ``s2amnet_forward_batch_size``."""
+    from model.predictor import choose_forward_batch
+
     if setting != "auto":
         predictor.forward_batch = int(setting)
     elif warmed and runs_on_cpu(predictor) and max_batch > 1:
-        timings = predictor.tune_forward_batch(max_batch)
+        if measured:
+            timings = dict(measured)
+            predictor.forward_batch = choose_forward_batch(timings)
+        else:
+            timings = predictor.tune_forward_batch(max_batch)
         log.info("forward batch of %s: %d (measured ms per image: %s)", name, predictor.forward_batch,
                  ", ".join(f"{k}: {v:.1f}" for k, v in timings.items()))
     else:
@@ -128,16 +136,17 @@ def prepare_predictors(predictors: Mapping[str, Predictor], settings: Settings,
             seconds[name] = warm_up(predictor)
             log.info("warmed up %s in %.3f s", name, seconds[name])
     for name, predictor in predictors.items():  # the backend first: the forward batch is tuned for it
-        set_backend(name, predictor, settings, batch_sizes[name])
-        set_forward_batch(name, predictor, settings.forward_batch, batch_sizes[name], warmed)
+        measured = set_backend(name, predictor, settings, batch_sizes[name])
+        set_forward_batch(name, predictor, settings.forward_batch, batch_sizes[name], warmed, measured)
     return seconds
 
 
-def set_backend(name: str, predictor: Predictor, settings: Settings, max_batch: int) -> None:
+def set_backend(name: str, predictor: Predictor, settings: Settings, max_batch: int) -> dict[int, float] | None:
     """Apply S2AMNET_BACKEND / S2AMNET_MODEL_BACKEND to one model (`model.backends.choose_backend`: a graph
     exported or compiled once and cached, checked against eager; 'auto' keeps the fastest, each backend at its
     best forward batch up to ``max_batch``, or at S2AMNET_FORWARD_BATCH when that is a number).
-    Logged with the reason, and exported as ``s2amnet_model_backend{model,backend} 1``."""
+    Logged with the reason, and exported as ``s2amnet_model_backend{model,backend} 1``. Returns the chosen
+    backend's ms per image by forward batch when choosing measured them (else None)."""
     from model.backends import choose_backend
 
     requested = settings.model_backend.get(name, settings.backend)
@@ -147,3 +156,4 @@ def set_backend(name: str, predictor: Predictor, settings: Settings, max_batch: 
                             max_batch=max(1, max_batch))
     log.info("backend of %s: %s (%s)", name, report.chosen, report.reason)
     metrics.MODEL_BACKEND.labels(model=name, backend=report.chosen).set(1)
+    return report.forward_batch_ms.get(report.chosen)

@@ -325,6 +325,8 @@ class BackendReport:
     export_s: float | None = None
     cached: bool = False
     parity: dict[str, str] = field(default_factory=dict)  # how each usable backend agreed with eager
+    # auto without a fixed batch: ms per image at each forward batch measured, per backend
+    forward_batch_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # backends left out, and why
 
     def as_dict(self) -> dict[str, Any]:
@@ -404,16 +406,18 @@ def _usable(predictor, backend: str, report: BackendReport, cache_dir, threads) 
     return runner
 
 
-def _speed(predictor, runner, batch: int | None, max_batch: int) -> tuple[float, int]:
-    """(ms per image, images per forward) of ``runner``: at ``batch`` when fixed, else at its own best forward
-    batch up to ``max_batch`` (`Predictor.tune_forward_batch`). Leaves the Predictor as it found it."""
+def _speed(predictor, runner, batch: int | None, max_batch: int) -> tuple[float, int, dict[int, float]]:
+    """(ms per image, images per forward, ms per image at each size measured) of ``runner``: at ``batch`` when
+    fixed, else at its own best forward batch up to ``max_batch`` (`Predictor.tune_forward_batch`). Leaves the
+    Predictor as it found it."""
     saved = predictor.runner, predictor.forward_batch
     try:
         if batch:
-            return _ms_per_image(predictor, runner, batch), batch
+            ms = _ms_per_image(predictor, runner, batch)
+            return ms, batch, {batch: ms}
         predictor.runner = runner
         timings = predictor.tune_forward_batch(max_batch)
-        return timings[predictor.forward_batch], predictor.forward_batch
+        return timings[predictor.forward_batch], predictor.forward_batch, timings
     finally:
         predictor.runner, predictor.forward_batch = saved
 
@@ -449,7 +453,9 @@ def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.Pa
         return report
     at: dict[str, int] = {}
     for name, runner in {"eager": None, **runners}.items():
-        report.ms_per_image[name], at[name] = _speed(predictor, runner, batch, max_batch)
+        report.ms_per_image[name], at[name], timings = _speed(predictor, runner, batch, max_batch)
+        if not batch:
+            report.forward_batch_ms[name] = timings
     report.chosen = min(report.ms_per_image, key=report.ms_per_image.get)
     predictor.runner = runners.get(report.chosen)
     timed = ", ".join(f"{n} {v:.1f} ms at {at[n]}" for n, v in report.ms_per_image.items())

@@ -94,7 +94,14 @@ def test_the_backend_is_chosen_before_the_forward_batch_is_tuned(monkeypatch):
 
     calls = []
     monkeypatch.setattr(runtime, "warm_up", lambda p: 0.0)
-    monkeypatch.setattr(runtime, "set_backend", lambda name, p, s, m: calls.append(("backend", name, m)))
-    monkeypatch.setattr(runtime, "set_forward_batch", lambda name, p, s, m, w: calls.append(("batch", name, m)))
+    timed = {"a": {1: 30.0, 2: 20.0}, "b": None}  # what choosing each backend measured, passed on
+
+    def set_backend(name, p, s, m):
+        calls.append(("backend", name, m))
+        return timed[name]
+
+    monkeypatch.setattr(runtime, "set_backend", set_backend)
+    monkeypatch.setattr(runtime, "set_forward_batch",
+                        lambda name, p, s, m, w, measured: calls.append(("batch", name, m, measured)))
     runtime.prepare_predictors({"a": object(), "b": object()}, Settings(), {"a": 4, "b": 8})
-    assert calls == [("backend", "a", 4), ("batch", "a", 4), ("backend", "b", 8), ("batch", "b", 8)]
+    assert calls == [("backend", "a", 4), ("batch", "a", 4, timed["a"]), ("backend", "b", 8), ("batch", "b", 8, None)]

@@ -137,6 +137,12 @@ def test_auto_times_every_backend_and_eager_stays_when_asked_or_when_the_runtime
         assert report.chosen == fastest and p.backend == fastest and "fastest" in report.reason
         assert ("at 2 images per forward" if batch else "each at its best forward batch") in report.reason
         assert p.forward_batch is None  # choosing measures; setting the forward batch is the caller's
+        if batch:
+            assert report.forward_batch_ms == {}
+        else:  # what the tuning measured, kept for the caller that sets the forward batch
+            assert set(report.forward_batch_ms) == set(report.ms_per_image)
+            for name, ms in report.ms_per_image.items():  # the chosen size's time among those measured
+                assert ms in report.forward_batch_ms[name].values()
     assert backends.choose_backend(p, "eager").chosen == "eager" and p.runner is None
 
     def broken(*a, **k):
