@@ -100,7 +100,7 @@ def backends_markdown(results: list[dict[str, Any]], run: dict[str, Any] | None 
     names = list(dict.fromkeys(n for r in results for n in (*r["parity"], *r.get("missing", {}))))
     head = "| model | eager | " + " | ".join(names) + " |"
     rule = "|---|---|" + "---|" * len(names)
-    own = own_line(run) if run is not None else []
+    own = [own_line(run), ""] if run is not None else []
     lines = [f"{BACKENDS_HEADING}: eager PyTorch, compiled, ONNX Runtime, OpenVINO (`S2AMNET_BACKEND`)", "", *own,
              "The same `Predictor.infer` with the forward run by eager PyTorch and by each backend of "
              "`model.backends` (`compile`: TorchInductor native code for this CPU; `onnxruntime` and `openvino`: the "

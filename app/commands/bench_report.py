@@ -68,16 +68,16 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
                      f"letterboxing and JSON.")
     lines.append("")
     if run is not None:
-        lines[1:1] = ["", *own_line(run)[:-1]]
+        lines[1:1] = ["", own_line(run)]
     return lines
 
 
-def own_line(run: dict[str, Any]) -> list[str]:
+def own_line(run: dict[str, Any]) -> str:
     """A merged section's first line: the command and machine of the run that measured it."""
     m = run["machine"]
-    return [f"`{run['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(run['time']))}: {m['cpu']} "
+    return (f"`{run['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(run['time']))}: {m['cpu']} "
             f"({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
-            f"{m['torch_threads']} thread(s); `s2amnet serve` backend {m.get('service_backend', 'eager')}.", ""]
+            f"{m['torch_threads']} thread(s); `s2amnet serve` backend {m.get('service_backend', 'eager')}.")
 
 
 def to_markdown(result: dict[str, Any]) -> str:
