@@ -41,7 +41,8 @@ import torch
 from model.blocks import use_real_valued_fft
 
 __all__ = ["BACKENDS", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx", "compile_package",
-           "cache_key", "check_parity", "choose_backend", "load_runner", "BackendReport", "default_cache_dir"]
+           "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner", "try_backend", "Trial",
+           "BackendReport", "default_cache_dir"]
 
 BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "openvino-bf16")
 GRAPH_BACKENDS = BACKENDS[1:]  # run an exported graph instead of the module
@@ -208,6 +209,16 @@ class OnnxRuntimeRunner:
         return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
 
 
+def _require_bf16_units(core=None) -> None:
+    """Raise ValueError unless OpenVINO finds bf16 matrix units on this CPU (ImportError without OpenVINO)."""
+    if core is None:
+        import openvino as ov
+
+        core = ov.Core()
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+
+
 class OpenVinoRunner:
     """Runs an exported graph (ONNX, or OpenVINO IR ``.xml``) with OpenVINO on the CPU, in fp32, or with
     ``precision="bf16"`` in bfloat16 (only on a CPU with bf16 units). The precision hint is always pinned: on
@@ -223,8 +234,8 @@ class OpenVinoRunner:
         if precision not in ("f32", "bf16"):
             raise ValueError(f"precision must be f32 or bf16, not {precision!r}")
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        if precision == "bf16":
+            _require_bf16_units(core)
         self.name = "openvino" if precision == "f32" else "openvino-bf16"
         if cache_dir is not None:
             core.set_property({"CACHE_DIR": str(cache_dir)})
@@ -335,13 +346,21 @@ class BackendReport:
                 "export_s": None if self.export_s is None else round(self.export_s, 1), "cached": self.cached}
 
 
-def _cached(predictor, cache_dir, suffix: str, kind: str, build: Callable[[Path], Any]) -> tuple[Path, float | None]:
-    """``cache_dir/<cache_key>.<suffix>``, built now by ``build(path)`` when missing: (path, seconds spent
-    building or None when it came from the cache)."""
+def cache_path(predictor, backend: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the export cache keeps ``backend``'s artefact for the predictor's weights, present or not: the
+    ONNX graph (onnxruntime and both openvino backends run it) or, for compile, the package for this CPU."""
+    if backend not in GRAPH_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(GRAPH_BACKENDS)}, not {backend!r}")
     sha = str(predictor.manifest.get("sha256") or "")
     if not sha:
         raise ValueError("the weights have no sha256 in their manifest: nothing to key a cached export by")
-    path = Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size, kind)}.{suffix}"
+    suffix, kind = ("pt2", f"aoti-{cpu_isa()}") if backend == "compile" else ("onnx", "onnx")
+    return Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size, kind)}.{suffix}"
+
+
+def _cached(path: Path, build: Callable[[Path], Any]) -> tuple[Path, float | None]:
+    """``path``, built now by ``build(path)`` when missing: (path, seconds spent building or None when it
+    came from the cache)."""
     if path.exists():
         return path, None
     t = time.perf_counter()
@@ -352,7 +371,7 @@ def _cached(predictor, cache_dir, suffix: str, kind: str, build: Callable[[Path]
 def exported_graph(predictor, cache_dir: str | os.PathLike | None = None) -> tuple[Path, float | None]:
     """The predictor's ONNX graph in the export cache, exported now when missing: (path, export seconds or
     None when it came from the cache)."""
-    return _cached(predictor, cache_dir, "onnx", "onnx",
+    return _cached(cache_path(predictor, "onnxruntime", cache_dir),
                    lambda path: export_onnx(predictor.model, predictor.input_size, path))
 
 
@@ -360,7 +379,7 @@ def compiled_package(predictor, cache_dir: str | os.PathLike | None = None) -> t
     """The predictor's AOTInductor package for this CPU in the cache, compiled now when missing (minutes)."""
     if predictor.device.type != "cpu":
         raise ValueError(f"the compile backend runs on the CPU, not {predictor.device}")
-    return _cached(predictor, cache_dir, "pt2", f"aoti-{cpu_isa()}",
+    return _cached(cache_path(predictor, "compile", cache_dir),
                    lambda path: compile_package(predictor.model, predictor.input_size, path))
 
 
@@ -373,6 +392,8 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
     if backend == "compile":
         path, spent = compiled_package(predictor, cache_dir)
         return CompiledRunner(path, device=device), spent, spent is None
+    if backend == "openvino-bf16":
+        _require_bf16_units()  # before exporting a graph it could not run
     path, spent = exported_graph(predictor, cache_dir)
     if backend.startswith("openvino"):
         blobs = Path(cache_dir or default_cache_dir()) / "openvino"
@@ -383,27 +404,48 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
     return runner, spent, spent is None
 
 
-def _usable(predictor, backend: str, report: BackendReport, cache_dir, threads) -> Callable | None:
-    """The backend's runner when it loads and agrees with eager; else None, with the reason in ``report``."""
+@dataclass
+class Trial:
+    """What trying one backend on a predictor found: its runner (None when it could not be loaded), the
+    seconds spent exporting or compiling (None when cached), whether its outputs agree with eager, and why
+    (the parity check's finding, or why it could not be loaded)."""
+
+    backend: str
+    runner: Callable | None = None
+    spent: float | None = None
+    cached: bool = False
+    agrees: bool = False
+    detail: str = ""
+
+
+def try_backend(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
+                threads: int | None = None) -> Trial:
+    """Load ``backend`` for ``predictor`` (exporting or compiling into the cache when needed) and check its
+    outputs against eager. Never raises: a failure of an optional backend is a finding, not an error."""
+    trial = Trial(backend)
     try:
-        runner, spent, cached = load_runner(predictor, backend, cache_dir, threads)
+        trial.runner, trial.spent, trial.cached = load_runner(predictor, backend, cache_dir, threads)
     except Exception as exc:  # noqa: BLE001 - any failure of an optional backend leaves eager serving
         if isinstance(exc, ImportError):  # onnxruntime / openvino: optional extras of the package
-            why = f"{backend} is not installed (pip install 's2amnet[{backend.split('-')[0]}]')"
+            trial.detail = f"{backend} is not installed (pip install 's2amnet[{backend.split('-')[0]}]')"
         else:
-            why = f"{backend} unavailable: {type(exc).__name__}: {exc}"[:300]
-        report.notes.append(why)
-        log.warning("%s: %s", predictor.name, why)
-        return None
-    if spent is not None:
-        report.export_s = (report.export_s or 0.0) + spent
-    ok, why = check_parity(predictor, runner)
-    if not ok:
-        report.notes.append(f"{backend} disagrees with eager: {why}")
-        log.warning("%s: %s", predictor.name, report.notes[-1])
-        return None
-    report.parity[backend] = why
-    return runner
+            trial.detail = f"{backend} unavailable: {type(exc).__name__}: {exc}"[:300]
+        return trial
+    trial.agrees, trial.detail = check_parity(predictor, trial.runner)
+    return trial
+
+
+def _usable(predictor, backend: str, report: BackendReport, cache_dir, threads) -> Callable | None:
+    """The backend's runner when it loads and agrees with eager; else None, with the reason in ``report``."""
+    trial = try_backend(predictor, backend, cache_dir, threads)
+    if trial.spent is not None:
+        report.export_s = (report.export_s or 0.0) + trial.spent
+    if trial.runner is not None and trial.agrees:
+        report.parity[backend] = trial.detail
+        return trial.runner
+    report.notes.append(trial.detail if trial.runner is None else f"{backend} disagrees with eager: {trial.detail}")
+    log.warning("%s: %s", predictor.name, report.notes[-1])
+    return None
 
 
 def _speed(predictor, runner, batch: int | None, max_batch: int) -> tuple[float, int, dict[int, float]]:

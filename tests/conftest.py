@@ -35,21 +35,35 @@ def dataset_path(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def compiled_classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(weights folder ``cls`` of a tiny random classifier, 64 px, classes dent/good/scratch in the order a
-    folder dataset lists them; export cache holding its package compiled by TorchInductor for this CPU):
-    compiling takes a minute or more, so the suite does it once."""
-    from model.backends import compiled_package
+def exported_classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(weights folder ``weights/cls`` of a tiny random classifier, 64 px, classes dent/good/scratch in the
+    order a folder dataset lists them; the export cache ``cache`` beside ``weights`` holding its ONNX graph):
+    an export takes tens of seconds, so the suite does it once. Tests that need a cache in a known state
+    copy what they need from it."""
+    from model.backends import exported_graph
     from model.checkpoint import save_model
     from model.predictor import Predictor
     from model.registry import build_model
 
-    root = tmp_path_factory.mktemp("compiled")
+    root = tmp_path_factory.mktemp("exported")
     torch.manual_seed(0)
-    folder = save_model(build_model("classify", "tiny", 3), root / "cls", {
+    folder = save_model(build_model("classify", "tiny", 3), root / "weights" / "cls", {
         "name": "cls", "version": "1", "classes": ["dent", "good", "scratch"], "arch": {"input_size": [64, 64]},
         "verdict": {"type": "classify", "pass_labels": ["good"], "min_score": 0.5}})
     cache = root / "cache"
+    _, seconds = exported_graph(Predictor.from_folder(folder), cache)
+    assert seconds is not None and seconds > 0  # exported here, not found
+    return Path(folder), cache
+
+
+@pytest.fixture(scope="session")
+def compiled_classifier(exported_classifier: tuple[Path, Path]) -> tuple[Path, Path]:
+    """`exported_classifier`, its cache also holding the package TorchInductor compiled for this CPU:
+    compiling takes a minute or more, so the suite does it once."""
+    from model.backends import compiled_package
+    from model.predictor import Predictor
+
+    folder, cache = exported_classifier
     _, seconds = compiled_package(Predictor.from_folder(folder), cache)
     assert seconds is not None and seconds > 0  # built here, not found
-    return Path(folder), cache
+    return folder, cache

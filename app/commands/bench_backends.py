@@ -13,26 +13,22 @@ from app.commands.bench_report import own_line
 
 
 def _load(predictor, names: list[str], threads: int | None) -> tuple[dict[str, Any], dict, dict, list]:
-    """(runners by name with eager's None, parity per backend, why each missing one is missing, build seconds)."""
-    from model.backends import check_parity, load_runner
+    """(runners by name with eager's None, parity per backend, why each missing one is missing, build seconds).
+    A runner whose outputs disagree with eager is kept, to be timed and reported as failing parity."""
+    from model.backends import try_backend
 
     runners: dict[str, Any] = {"eager": None}
     parity: dict[str, Any] = {}
     missing: dict[str, str] = {}
     builds: list[tuple[float | None, bool]] = []
     for backend in names:
-        try:
-            runner, spent, was_cached = load_runner(predictor, backend, threads=threads)
-        except ImportError as exc:
-            missing[backend] = f"not installed ({exc.name})"
+        trial = try_backend(predictor, backend, threads=threads)
+        if trial.runner is None:
+            missing[backend] = trial.detail
             continue
-        except Exception as exc:  # noqa: BLE001 - e.g. no bf16 units on this CPU: reported, not fatal
-            missing[backend] = f"{type(exc).__name__}: {exc}"[:200]
-            continue
-        builds.append((spent, was_cached))
-        ok, why = check_parity(predictor, runner)
-        runners[backend] = runner
-        parity[backend] = {"ok": ok, "detail": why}
+        builds.append((trial.spent, trial.cached))
+        runners[backend] = trial.runner
+        parity[backend] = {"ok": trial.agrees, "detail": trial.detail}
     return runners, parity, missing, builds
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from app.commands.bench import BenchError, _free_port, _launch, _process_env, _serve_cmd
+from app.commands.bench_report import machine_line
 
 SLICES = 3
 IDLE_S = 3.0
@@ -519,10 +520,9 @@ def _ratio(v: float | None) -> str:
 def peers_markdown(p: dict[str, Any], result: dict[str, Any]) -> list[str]:
     """The Peers section of BENCHMARKS.md (self-contained: its own command and machine line)."""
     m = result["machine"]
-    date = time.strftime("%Y-%m-%d", time.gmtime(result["time"]))
     lines = [f"{PEERS_HEADING}: {p['model']} {p['version']} behind s2amnet serve, plain FastAPI and LitServe", "",
-             f"`{p['command']}` on {date}: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, device "
-             f"{m.get('gpu', m['device'])}. Requests: {p['images']}, one per request (`POST` multipart `file`), "
+             f"{machine_line(p['command'], result['time'], m)}, device {m.get('gpu', m['device'])}. "
+             f"Requests: {p['images']}, one per request (`POST` multipart `file`), "
              f"{p['task']} at {p['input_size'][1]}x{p['input_size'][0]}.", "",
              "Every server loads the same weights with `Predictor.from_folder` (BatchNorm folded) and runs the "
              "service's decoding, preprocessing, forward and JSON answer; the peers run the forward in eager "

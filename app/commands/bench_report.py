@@ -72,22 +72,25 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
     return lines
 
 
+def machine_line(command: str, when: float, m: dict[str, Any]) -> str:
+    """Where a section's figures come from: "`command` on DATE: CPU (cores, vector ISA), torch with threads"."""
+    return (f"`{command}` on {time.strftime('%Y-%m-%d', time.gmtime(when))}: {m['cpu']} ({m['cores']} cores, "
+            f"{m.get('vector', 'unknown')}), torch {m['torch']} with {m['torch_threads']} thread(s)")
+
+
 def own_line(run: dict[str, Any]) -> str:
     """A merged section's first line: the command and machine of the run that measured it."""
     m = run["machine"]
-    return (f"`{run['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(run['time']))}: {m['cpu']} "
-            f"({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
-            f"{m['torch_threads']} thread(s); `s2amnet serve` backend {m.get('service_backend', 'eager')}.")
+    return (f"{machine_line(run['command'], run['time'], m)}; `s2amnet serve` backend "
+            f"{m.get('service_backend', 'eager')}.")
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     """BENCHMARKS.md from the result of a run."""
     m = result["machine"]
     lines = ["# Benchmarks", "",
-             f"`{result['command']}` on {time.strftime('%Y-%m-%d', time.gmtime(result['time']))}: "
-             f"{m['cpu']} ({m['cores']} cores, {m.get('vector', 'unknown')}), torch {m['torch']} with "
-             f"{m['torch_threads']} thread(s), "
-             f"device {m.get('gpu', m['device'])}; glibc allocator tuning "
+             f"{machine_line(result['command'], result['time'], m)}, device {m.get('gpu', m['device'])}; "
+             "glibc allocator tuning "
              f"{'on' if m.get('allocator_tuning') else 'off'} (as in the service); `s2amnet serve` backend "
              f"{m.get('service_backend', 'eager')} (`S2AMNET_BACKEND`).", "",
              "Every figure that compares is a ratio of two numbers measured in this same run; absolute "

@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx", "openvino", "compile"],
                    help="output format (default onnx)")
     p.add_argument("--out", help="output file (default: <weights>/model.onnx, model.xml for openvino, model.pt2 "
-                                 "for compile)")
+                                 "for compile); made from the service's export cache when it holds these weights")
     p.add_argument("--cache", action="store_true",
                    help="write into the service's export cache (S2AMNET_CACHE_DIR) instead, so that a service "
                         "started with S2AMNET_BACKEND=auto, compile, onnxruntime or openvino finds it")
@@ -77,17 +77,46 @@ def _export(args, predictor):
     t0 = time.perf_counter()
     default = {"openvino": "model.xml", "compile": "model.pt2"}.get(args.format, "model.onnx")
     path = Path(args.out) if args.out else Path(args.weights) / default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    found = _in_cache(predictor, backend)  # the service exported these weights already: the same graph
     if args.format == "onnx":
-        backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
-        return path, backends.OnnxRuntimeRunner(path), time.perf_counter() - t0, False
+        if found:
+            _copy(found, path)
+        else:
+            backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
+        return path, backends.OnnxRuntimeRunner(path), None if found else time.perf_counter() - t0, bool(found)
     if args.format == "compile":
-        backends.compile_package(predictor.model, predictor.input_size, path)
-        return path, backends.CompiledRunner(path), time.perf_counter() - t0, False
+        if found:
+            _copy(found, path)
+        else:
+            backends.compile_package(predictor.model, predictor.input_size, path)
+        return path, backends.CompiledRunner(path), None if found else time.perf_counter() - t0, bool(found)
     import tempfile
 
     import openvino as ov
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = backends.export_onnx(predictor.model, predictor.input_size, Path(tmp) / "model.onnx")
+        onnx_path = found or backends.export_onnx(predictor.model, predictor.input_size, Path(tmp) / "model.onnx")
         ov.save_model(ov.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)
-    return path, backends.OpenVinoRunner(path), time.perf_counter() - t0, False
+    return path, backends.OpenVinoRunner(path), None if found else time.perf_counter() - t0, bool(found)
+
+
+def _in_cache(predictor, backend: str) -> Path | None:
+    """The service's cached graph (or package) of these weights, when there is one."""
+    from model import backends
+
+    try:
+        path = backends.cache_path(predictor, backend)
+    except ValueError:  # weights without a sha256: nothing cached can be theirs
+        return None
+    return path if path.is_file() else None
+
+
+def _copy(source: Path, path: Path) -> None:
+    """Copy atomically: a reader never sees half a file."""
+    import os
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)

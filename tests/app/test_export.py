@@ -1,5 +1,6 @@
-"""`s2amnet export` and `s2amnet eval --backend onnxruntime` as a user runs them (real CLI processes): the
-export lands in the service's cache with a parity report, and eval then runs the cached graph."""
+"""`s2amnet export` and `s2amnet eval --backend X` as a user runs them (real CLI processes), on the suite's
+classifier whose graph and package are already in the service's export cache: export reports what the
+cache holds with a parity check, eval runs it, and files for other runtimes are made from it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-
-from model.checkpoint import save_model
-from model.registry import build_model
 
 pytest.importorskip("onnxruntime")
 
@@ -26,81 +23,62 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**os.environ, **env})
 
 
-def test_export_into_the_cache_then_eval_with_onnxruntime(tmp_path: Path):
-    torch.manual_seed(0)
-    weights = save_model(build_model("classify", "tiny", 2).eval(), tmp_path / "cls",
-                         {"name": "t-cls", "version": "1", "classes": ["bad", "good"],
-                          "arch": {"input_size": [64, 64]},
-                          "verdict": {"type": "classify", "pass_labels": ["good"], "min_score": 0.5}})
-    data = tmp_path / "data"
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        cls = "bad" if i % 3 == 0 else "good"
-        (data / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(data / cls / f"img{i:03d}.png")
-    env = {"S2AMNET_CACHE_DIR": str(tmp_path / "cache")}  # folder classes are sorted: bad, good
-
-    out = _cli("export", "--weights", str(weights), "--cache", "--json", env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["parity"] and not report["cached"] and report["export_s"] > 0
-    assert Path(report["path"]).is_file() and Path(report["path"]).parent == tmp_path / "cache"
-    assert report["input"] == [1, 3, 64, 64]
-
-    args = ["eval", "--weights", str(weights), "--data", str(data), "--json"]
-    eager = _cli(*args, env=env)
-    assert eager.returncode == 0, eager.stderr[-2000:]
-    eager = json.loads(eager.stdout.strip().splitlines()[-1])
-    ort = _cli(*args, "--backend", "onnxruntime", env=env)
-    assert ort.returncode == 0, ort.stderr[-2000:]
-    ort = json.loads(ort.stdout.strip().splitlines()[-1])
-    assert eager["backend"] == "eager" and ort["backend"] == "onnxruntime"
-    assert ort["top1"] == pytest.approx(eager["top1"], abs=1e-9) and ort["confusion"] == eager["confusion"]
-    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1  # eval found the export: no second one
-
-    again = _cli("export", "--weights", str(weights), "--cache", "--json", env=env)
-    assert json.loads(again.stdout.strip().splitlines()[-1])["cached"]
-    assert _cli("export", "--weights", str(tmp_path / "missing"), env=env).returncode == 2
-
-    if importlib.util.find_spec("openvino") is None:
-        return
-    ov = _cli(*args, "--backend", "openvino", env=env)  # compiles the cached graph: no second export
-    assert ov.returncode == 0, ov.stderr[-2000:]
-    ov = json.loads(ov.stdout.strip().splitlines()[-1])
-    assert ov["backend"] == "openvino" and ov["top1"] == pytest.approx(eager["top1"], abs=1e-9)
-    assert ov["confusion"] == eager["confusion"] and len(list((tmp_path / "cache").glob("*.onnx"))) == 1
-    ir = _cli("export", "--weights", str(weights), "--format", "openvino", "--out", str(tmp_path / "ir" / "m.xml"),
-              "--json", env=env)
-    assert ir.returncode == 0, ir.stderr[-2000:]
-    report = json.loads(ir.stdout.strip().splitlines()[-1])
-    assert report["parity"] and report["format"] == "openvino"
-    assert (tmp_path / "ir" / "m.xml").is_file() and (tmp_path / "ir" / "m.bin").is_file()
+def _json(run: subprocess.CompletedProcess) -> dict:
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def test_export_compile_finds_the_cached_package_and_eval_runs_it(compiled_classifier, tmp_path: Path):
-    """`export --format compile --cache` checks (and here finds) the package the service would load;
-    `eval --backend compile` then scores exactly what eager scores."""
-    folder, cache = compiled_classifier
-    env = {"S2AMNET_CACHE_DIR": str(cache)}
-    out = _cli("export", "--weights", str(folder), "--format", "compile", "--cache", "--json", env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["parity"] and report["cached"] and report["export_s"] is None
-    assert Path(report["path"]).suffix == ".pt2" and Path(report["path"]).parent == cache
-    data = tmp_path / "data"
+def _dataset(root: Path) -> Path:
+    """A folder dataset of the classifier's classes (dent, good, scratch): random 64 px images."""
     rng = np.random.default_rng(1)
     for i in range(12):
         cls = ("dent", "good", "scratch")[i % 3]
-        (data / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(data / cls / f"img{i:03d}.png")
-    args = ["eval", "--weights", str(folder), "--data", str(data), "--json"]
-    results = {}
-    for backend in ("eager", "compile"):
-        run = _cli(*args, "--backend", backend, env=env)
-        assert run.returncode == 0, run.stderr[-2000:]
-        results[backend] = json.loads(run.stdout.strip().splitlines()[-1])
-    assert results["compile"]["backend"] == "compile"
-    assert results["compile"]["confusion"] == results["eager"]["confusion"]
-    assert len(list(cache.glob("*.pt2"))) == 1  # nothing compiled again
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(root / cls / f"img{i:03d}.png")
+    return root
+
+
+def test_export_finds_what_the_service_cached_and_eval_scores_every_backend_as_eager(compiled_classifier,
+                                                                                    tmp_path: Path):
+    """`export --cache` checks (and here finds) the graph and the package a service would load; `eval
+    --backend X` then scores exactly what eager scores, from the cache, building nothing again."""
+    folder, cache = compiled_classifier
+    env = {"S2AMNET_CACHE_DIR": str(cache)}
+    before = sorted(p.name for p in cache.glob("*.*"))
+    for fmt, suffix in (("onnx", ".onnx"), ("compile", ".pt2")):
+        report = _json(_cli("export", "--weights", str(folder), "--format", fmt, "--cache", "--json", env=env))
+        assert report["parity"] and report["cached"] and report["export_s"] is None
+        assert Path(report["path"]).suffix == suffix and Path(report["path"]).parent == cache
+        assert report["input"] == [1, 3, 64, 64]
+
+    args = ["eval", "--weights", str(folder), "--data", str(_dataset(tmp_path / "data")), "--json"]
+    eager = _json(_cli(*args, env=env))
+    assert eager["backend"] == "eager"
+    runs = ["onnxruntime", "compile"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    for backend in runs:
+        got = _json(_cli(*args, "--backend", backend, env=env))
+        assert got["backend"] == backend and got["top1"] == pytest.approx(eager["top1"], abs=1e-9)
+        assert got["confusion"] == eager["confusion"]
+    assert sorted(p.name for p in cache.glob("*.*")) == before  # nothing exported or compiled again
     bad = _cli(*args, "--backend", "tensorrt", env=env)
     assert bad.returncode == 2 and "--backend must be one of eager, compile" in bad.stderr
+    missing = _cli("export", "--weights", str(tmp_path / "missing"), env=env)
+    assert missing.returncode == 2 and "error:" in missing.stderr
+
+
+def test_export_to_a_file_is_made_from_the_cache_when_it_holds_these_weights(exported_classifier, tmp_path: Path):
+    """`export --out`: a file for another runtime or device. With the service's cache holding this model's
+    graph, the file is made from it (seconds); the report says so and checks the file against eager."""
+    folder, cache = exported_classifier
+    env = {"S2AMNET_CACHE_DIR": str(cache)}
+    (graph,) = cache.glob("*.onnx")
+    report = _json(_cli("export", "--weights", str(folder), "--out", str(tmp_path / "m.onnx"), "--json", env=env))
+    assert report["parity"] and report["cached"] and report["export_s"] is None
+    assert (tmp_path / "m.onnx").read_bytes() == graph.read_bytes()
+    if importlib.util.find_spec("openvino") is None:
+        return
+    out = tmp_path / "ir" / "m.xml"
+    report = _json(_cli("export", "--weights", str(folder), "--format", "openvino", "--out", str(out), "--json",
+                        env=env))
+    assert report["parity"] and report["cached"] and report["format"] == "openvino"
+    assert out.is_file() and out.with_suffix(".bin").is_file()

@@ -32,9 +32,11 @@ def test_configure_runtime_follows_the_settings(monkeypatch):
     assert calls == [("threads", 3), "tuned", ("threads", None)]
 
 
-def test_the_service_runs_a_model_on_onnxruntime_when_asked(tmp_path):
-    """S2AMNET_MODEL_BACKEND puts one model on ONNX Runtime (exported into S2AMNET_CACHE_DIR at start-up),
-    the others stay eager; /metrics says which; the answers are those of the eager model."""
+def test_the_service_runs_a_model_on_onnxruntime_when_asked(exported_classifier, tmp_path):
+    """S2AMNET_MODEL_BACKEND puts one model on ONNX Runtime (its graph found in S2AMNET_CACHE_DIR: no export
+    at start-up), the others stay eager; /metrics says which; the answers are those of the eager model."""
+    import shutil
+
     import httpx
     import pytest
 
@@ -46,7 +48,12 @@ def test_the_service_runs_a_model_on_onnxruntime_when_asked(tmp_path):
 
     from model.predictor import Predictor
 
-    weights = make_weights(tmp_path / "weights", names=["cls", "det"])
+    folder, shared = exported_classifier
+    weights = make_weights(tmp_path / "weights", names=["det"])
+    shutil.copytree(folder, weights / "cls")
+    (graph,) = shared.glob("*.onnx")
+    (tmp_path / "cache").mkdir()
+    shutil.copy2(graph, tmp_path / "cache" / graph.name)
     upright = pattern(64, 64, seed=4)
     image = encode(upright)
     with running_server("embedded", weights, S2AMNET_MODEL_BACKEND="cls=onnxruntime",
@@ -56,7 +63,7 @@ def test_the_service_runs_a_model_on_onnxruntime_when_asked(tmp_path):
         assert metric(text, "s2amnet_model_backend", model="cls", backend="onnxruntime") == 1
         assert metric(text, "s2amnet_model_backend", model="det", backend="eager") == 1
         got = client.post("/classify", files={"file": ("a.png", image)}).json()
-    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
+    assert [p.name for p in (tmp_path / "cache").glob("*.onnx")] == [graph.name]  # the cached graph, loaded
     want = Predictor.from_folder(weights / "cls").predict([upright], top_k=5)[0]
     assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"][:len(got["top_k"])]]
     assert [t["score"] for t in got["top_k"]] == pytest.approx([t["score"] for t in want["top_k"]][:len(got["top_k"])],

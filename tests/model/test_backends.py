@@ -3,6 +3,8 @@ runs that agree with eager, the export cache, and the choice a Predictor is give
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from model.registry import build_model
 pytest.importorskip("onnxruntime")
 
 SIZE = 64
-CLASSES = {"classify": ["ok", "scratch", "dent"], "segment": ["background", "crack"], "detect": ["a", "b"]}
+CLASSES = {"segment": ["background", "crack"], "detect": ["a", "b"]}
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +27,19 @@ def folders(tmp_path_factory):
     for task, classes in CLASSES.items():
         torch.manual_seed(0)
         model = build_model(task, "tiny", len(classes)).eval()
-        verdict = ({"type": "classify", "pass_labels": ["ok"], "min_score": 0.5} if task == "classify"
-                   else {"type": "any_defect", "min_score": 0.5, "min_area": 0})
+        verdict = {"type": "any_defect", "min_score": 0.5, "min_area": 0}
         out[task] = save_model(model, root / task, {"name": f"t-{task}", "version": "1", "classes": classes,
                                                     "arch": {"input_size": [SIZE, SIZE]}, "verdict": verdict})
     return out
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One export cache for the module: each model is exported once (an export takes tens of seconds)."""
-    return tmp_path_factory.mktemp("cache")
+def exported_detector(folders, tmp_path_factory):
+    """(a Predictor of the tiny detector switched to onnxruntime by a first start, its report, the cache): the
+    detector's graph also decodes boxes; the suite's classifier graph is `exported_classifier`'s."""
+    cache = tmp_path_factory.mktemp("cache")
+    p = Predictor.from_folder(folders["detect"])
+    return p, backends.choose_backend(p, "onnxruntime", cache_dir=cache, threads=1), cache
 
 
 def _images(n=3, seed=0):
@@ -43,45 +47,50 @@ def _images(n=3, seed=0):
     return [rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(n)]
 
 
-@pytest.mark.parametrize("task", ["classify", "detect"])  # segment's graph is classify's backbone + a decoder
-def test_onnxruntime_agrees_with_eager_and_the_export_is_cached(task, folders, cache):
-    p = Predictor.from_folder(folders[task])
-    imgs = _images()
-    before = p.predict(imgs, conf=0.01)
-    report = backends.choose_backend(p, "onnxruntime", cache_dir=cache, threads=1)
+def test_a_first_start_exports_into_the_cache_and_the_next_start_loads_it(exported_detector, folders):
+    p, report, cache = exported_detector
     assert report.chosen == "onnxruntime" and p.backend == "onnxruntime" and not report.cached
     assert report.export_s is not None and "agree" in report.reason
-    files = list(cache.glob(f"{p.manifest['sha256'][:16]}-onnx-64x64-*.onnx"))
-    assert len(files) == 1
-    after = p.predict(imgs, conf=0.01)
-    for a, b in zip(before, after, strict=True):
-        assert a["verdict"] == b["verdict"] and [d["label"] for d in a["defects"]] == [d["label"] for d in b["defects"]]
-        if task == "classify":
-            assert [t["score"] for t in a["top_k"]] == pytest.approx([t["score"] for t in b["top_k"]], abs=1e-4)
+    (path,) = cache.glob(f"{p.manifest['sha256'][:16]}-onnx-64x64-*.onnx")
+    assert p.runner.path == path == backends.cache_path(p, "onnxruntime", cache)
     # the export left the eager module intact: no placeholder tensors of the trace in its caches
     p.runner = None
-    raw = p.infer([p.preprocess(imgs[0])])[0]
+    raw = p.infer([p.preprocess(_images(1)[0])])[0]
     assert all(type(v) is torch.Tensor for v in raw.values())
-    # a second start loads the cached graph: no export
-    again = Predictor.from_folder(folders[task])
+    again = Predictor.from_folder(folders["detect"])
     report = backends.choose_backend(again, "onnxruntime", cache_dir=cache, threads=1)
     assert report.cached and report.export_s is None and again.backend == "onnxruntime"
+    assert list(cache.glob("*.onnx")) == [path]
 
 
-@pytest.mark.parametrize("task", ["classify", "detect"])  # the graphs exported above
-def test_openvino_runs_the_same_graph_and_agrees_with_eager(task, folders, cache):
-    pytest.importorskip("openvino")
-    p = Predictor.from_folder(folders[task])
+@pytest.fixture(params=["classify", "detect"])
+def exported(request) -> tuple[Path, Path]:
+    """(weights folder, export cache holding its ONNX graph) of the suite's classifier and of the detector."""
+    if request.param == "classify":
+        return request.getfixturevalue("exported_classifier")
+    _, _, cache = request.getfixturevalue("exported_detector")
+    return request.getfixturevalue("folders")["detect"], cache
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_exported_graph_answers_as_eager_does(backend, exported):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    folder, cache = exported
+    p = Predictor.from_folder(folder)
     imgs = _images()
     before = p.predict(imgs, conf=0.01)
-    report = backends.choose_backend(p, "openvino", cache_dir=cache, threads=1)
-    assert report.chosen == "openvino" and p.backend == "openvino" and "agree" in report.reason, report.reason
+    report = backends.choose_backend(p, backend, cache_dir=cache, threads=1)
+    assert report.chosen == backend and p.backend == backend and "agree" in report.reason, report.reason
+    assert report.cached  # the graph exported once serves both runtimes
     after = p.predict(imgs, conf=0.01)
     for a, b in zip(before, after, strict=True):
         assert a["verdict"] == b["verdict"] and [d["label"] for d in a["defects"]] == [d["label"] for d in b["defects"]]
-        if task == "classify":
+        assert [d["score"] for d in a["defects"]] == pytest.approx([d["score"] for d in b["defects"]], abs=1e-4)
+        if p.task == "classify":
             assert [t["score"] for t in a["top_k"]] == pytest.approx([t["score"] for t in b["top_k"]], abs=1e-4)
-    assert (cache / "openvino").is_dir()  # compiled blobs kept for the next start
+    if backend == "openvino":
+        assert (cache / "openvino").is_dir()  # compiled blobs kept for the next start
 
 
 def test_compile_runs_the_package_built_for_this_cpu_and_agrees_with_eager(compiled_classifier):
@@ -107,9 +116,9 @@ def test_compile_runs_the_package_built_for_this_cpu_and_agrees_with_eager(compi
     assert other != backends.cache_key(p.manifest["sha256"], p.input_size, "aoti-avx512")
 
 
-def test_openvino_bf16_runs_only_where_the_cpu_has_bf16_units_and_only_when_it_agrees(compiled_classifier):
+def test_openvino_bf16_runs_only_where_the_cpu_has_bf16_units_and_only_when_it_agrees(exported_classifier):
     ov = pytest.importorskip("openvino")
-    folder, cache = compiled_classifier
+    folder, cache = exported_classifier
     p = Predictor.from_folder(folder)
     report = backends.choose_backend(p, "openvino-bf16", cache_dir=cache, threads=1)
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
