@@ -147,6 +147,37 @@ def test_every_offered_result_is_recorded_exactly_once(url, tmp_path):
     store.close()
 
 
+def test_parts_one_at_a_time_share_transactions_and_a_stop_does_not_wait_for_the_linger(tmp_path):
+    """A line sending one part every 50 ms: the writer waits `linger_s` for company, so 6 results take far
+    fewer than 6 transactions (each costs CPU the forwards need); at shutdown it writes at once."""
+    outlet = RecordOutlet(RecordStore(None, tmp_path), record_images="none")
+    store = outlet.store
+    transactions: list[int] = []
+    insert = store.insert
+
+    def counted(rows):
+        transactions.append(len(rows))
+        insert(rows)
+
+    store.insert = counted
+
+    async def go() -> float:
+        await outlet.start()
+        for i in range(6):
+            outlet.offer(a_result(i, "pass"), None)
+            await asyncio.sleep(0.05)
+        outlet.offer(a_result(6, "pass"), None)
+        t0 = time.monotonic()
+        await outlet.stop(30)
+        return time.monotonic() - t0
+
+    stopped_in = run(go())
+    assert sum(transactions) == 7 and count(store) == 7
+    assert len(transactions) <= 3, transactions  # without the linger: 7, one per part
+    assert stopped_in < outlet.linger_s, stopped_in  # the last result was written at once, not after the linger
+    store.close()
+
+
 def test_filters_and_cursor(url, tmp_path):
     store = RecordStore(url, tmp_path)
     t0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

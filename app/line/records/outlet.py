@@ -1,7 +1,8 @@
 """`RecordOutlet`: every answered result into the record store, off the request path.
 
 `offer` (event loop) stamps the result with the time, keeps its image when the settings say so and puts it in
-a bounded queue; one writer thread drains the queue in batches, one transaction per batch, and runs the
+a bounded queue; one writer thread drains the queue in batches (a batch waits up to `linger_s` for more
+results), one transaction per batch, and runs the
 retention every few minutes (and once at start). What cannot be recorded is counted in
 ``s2amnet_records_dropped_total{reason}`` and logged; the answer never waits for the store and never fails
 because of it.
@@ -39,6 +40,7 @@ class RecordOutlet(Outlet):
 
     name = "records"
     batch_size = 256  # most results per transaction
+    linger_s = 0.25  # how long a batch waits for more results: one transaction per part costs CPU the forwards need
     retention_interval_s = 300.0
     retry_delays_s = (0.2, 0.5, 1.0)  # between the tries of a batch while the store fails
 
@@ -132,14 +134,20 @@ class RecordOutlet(Outlet):
                 return
 
     def _take(self, first: Any) -> list[Pending]:
-        """``first`` and what else is queued, up to `batch_size` results."""
+        """``first`` and what else comes within `linger_s`, up to `batch_size` results (at once when stopping).
+        A line sending one part at a time then costs one transaction per few parts, not one per part."""
         batch = [first] if first is not _STOP else []
+        due = time.monotonic() + self.linger_s
         while len(batch) < self.batch_size:
+            left = due - time.monotonic()
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get(timeout=left) if left > 0 and not self._stopping.is_set() \
+                    else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            if item is _STOP:
+                due = 0.0  # take what is queued, then write it and stop
+            else:
                 batch.append(item)
         return batch
 
