@@ -2,10 +2,9 @@
 
 `offer` (event loop) stamps the result with the time, keeps its image when the settings say so and puts it in
 a bounded queue; one writer thread drains the queue in batches (a batch waits up to `linger_s` for more
-results), one transaction per batch, and runs the
-retention every few minutes (and once at start). What cannot be recorded is counted in
-``s2amnet_records_dropped_total{reason}`` and logged; the answer never waits for the store and never fails
-because of it.
+results), one transaction per batch, and runs the retention every few minutes (and once at start). What
+cannot be recorded is counted in ``s2amnet_records_dropped_total{reason}`` and logged; the answer never waits
+for the store and never fails because of it.
 """
 
 from __future__ import annotations
