@@ -70,7 +70,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it: a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -333,10 +334,10 @@ def save_model(model, folder: str | os.PathLike, manifest: Mapping[str, Any] | N
     data = st_save(state, metadata=meta)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(folder / WEIGHTS_FILE, data)
+    atomic_write_bytes(folder / WEIGHTS_FILE, data)
     manifest["sha256"] = hashlib.sha256(data).hexdigest()
     text = json.dumps(_ordered(manifest), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write_bytes(folder / MANIFEST_FILE, text.encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST_FILE, text.encode("utf-8"))
     return folder
 
 
@@ -408,7 +409,7 @@ def _record_metrics(folder: Path, key: str, metrics: Mapping[str, Any]) -> dict:
     block["eval"] = evals
     manifest["metrics"] = block
     text = json.dumps(_ordered(manifest), indent=2) + "\n"
-    _atomic_write_bytes(folder / MANIFEST_FILE, text.encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST_FILE, text.encode("utf-8"))
     return manifest
 
 
@@ -434,7 +435,7 @@ def update_verdict(folder: str | os.PathLike, rule: Mapping[str, Any]) -> dict:
         validate_manifest(candidate)  # a bad rule is refused before anything is written
         candidate["version"] = bump_minor(str(manifest.get("version", "0.0.0")))
         text = json.dumps(_ordered(candidate), indent=2) + "\n"
-        _atomic_write_bytes(path, text.encode("utf-8"))
+        atomic_write_bytes(path, text.encode("utf-8"))
         return candidate
 
 

@@ -69,6 +69,7 @@ def run(args) -> int:
 def _export(args, predictor):
     """(path written, runner over it, export seconds or None, whether it came from the cache)."""
     from model import backends
+    from model.checkpoint import atomic_write_bytes
 
     backend = {"openvino": "openvino", "compile": "compile"}.get(args.format, "onnxruntime")
     if args.cache:  # the service's cache holds the ONNX graph (OpenVINO compiles it at start) or the package
@@ -79,26 +80,24 @@ def _export(args, predictor):
     path = Path(args.out) if args.out else Path(args.weights) / default
     path.parent.mkdir(parents=True, exist_ok=True)
     found = _in_cache(predictor, backend)  # the service exported these weights already: the same graph
-    if args.format == "onnx":
+    if args.format in ("onnx", "compile"):
+        build, make_runner = {"onnx": (backends.export_onnx, backends.OnnxRuntimeRunner),
+                              "compile": (backends.compile_package, backends.CompiledRunner)}[args.format]
         if found:
-            _copy(found, path)
+            atomic_write_bytes(path, found.read_bytes())
         else:
-            backends.export_onnx(predictor.model, predictor.input_size, path)  # written atomically
-        return path, backends.OnnxRuntimeRunner(path), None if found else time.perf_counter() - t0, bool(found)
-    if args.format == "compile":
-        if found:
-            _copy(found, path)
-        else:
-            backends.compile_package(predictor.model, predictor.input_size, path)
-        return path, backends.CompiledRunner(path), None if found else time.perf_counter() - t0, bool(found)
-    import tempfile
+            build(predictor.model, predictor.input_size, path)  # written atomically
+        runner = make_runner(path)
+    else:
+        import tempfile
 
-    import openvino as ov
+        import openvino as ov
 
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = found or backends.export_onnx(predictor.model, predictor.input_size, Path(tmp) / "model.onnx")
-        ov.save_model(ov.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)
-    return path, backends.OpenVinoRunner(path), None if found else time.perf_counter() - t0, bool(found)
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = found or backends.export_onnx(predictor.model, predictor.input_size, Path(tmp) / "model.onnx")
+            ov.save_model(ov.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)
+        runner = backends.OpenVinoRunner(path)
+    return path, runner, None if found else time.perf_counter() - t0, bool(found)
 
 
 def _in_cache(predictor, backend: str) -> Path | None:
@@ -110,13 +109,3 @@ def _in_cache(predictor, backend: str) -> Path | None:
     except ValueError:  # weights without a sha256: nothing cached can be theirs
         return None
     return path if path.is_file() else None
-
-
-def _copy(source: Path, path: Path) -> None:
-    """Copy atomically: a reader never sees half a file."""
-    import os
-    import shutil
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
