@@ -10,9 +10,10 @@
   `max_delay_ms` have passed since its first job was queued (`app.batching`, the policy the Redis worker
   uses too), and runs `app.inference.run_forward` (which
   drops expired jobs without computing them).
-- Raw outputs go back to the asyncio futures with `loop.call_soon_threadsafe`; each request then
-  postprocesses its own output (`app.inference.finish`) on a small pool of threads (`decode_threads`), so a
-  large image's full-size masks never hold up the forwards of other requests and models. `submit` waits
+- The inference thread hands each computed job straight to a small pool of threads (`decode_threads`) that
+  postprocesses it (`app.inference.finish`), so a large image's full-size masks never hold up the forwards
+  of other requests and models; the answer goes back to the job's asyncio future with
+  `loop.call_soon_threadsafe` (one wake-up of the event loop per job). `submit` waits
   at most until the job's deadline (then `DeadlineExceeded`, 504); a job whose deadline passed or whose
   request went away leaves its queue at once (counted in `s2amnet_jobs_expired_total` when expired) and
   is never computed; one already taken into a batch is dropped by `run_forward` unless its forward has
@@ -51,6 +52,7 @@ class _Pending:
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    computed: bool = False  # its forward is done: it is being postprocessed
 
 
 def _resolve(fut: asyncio.Future, result: Any) -> None:
@@ -154,22 +156,13 @@ class LocalDispatcher(Dispatcher):
         try:
             result = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, timeout))
         except TimeoutError:
+            # a postprocessing thread is not stopped by a timeout; `finish` itself skips jobs already expired
             self._withdraw(pending, expired=True)
-            raise DeadlineExceeded(self._late(job, "before its batch was computed")) from None
+            when = "while its result was postprocessed" if pending.computed else "before its batch was computed"
+            raise DeadlineExceeded(self._late(job, when)) from None
         except asyncio.CancelledError:  # the request went away
             self._withdraw(pending, expired=False)
             raise
-        if isinstance(result, Staged):
-            # the thread is not stopped by a timeout; `finish` itself skips jobs already expired
-            try:
-                post = asyncio.get_running_loop().run_in_executor(
-                    self._post_pool, finish, self._predictors[job.model], job, result)
-            except RuntimeError:  # the pool is gone: the interpreter is shutting down
-                raise Unavailable("service is shutting down", self._retry_after) from None
-            try:
-                result = await asyncio.wait_for(asyncio.shield(post), timeout=max(0.0, job.deadline - time.time()))
-            except TimeoutError:
-                raise DeadlineExceeded(self._late(job, "while its result was postprocessed")) from None
         return raise_for_result(result)
 
     @staticmethod
@@ -196,6 +189,28 @@ class LocalDispatcher(Dispatcher):
         return self._batches.depth(model)
 
     # ------------------------------------------------------------------ inference thread
+    def _finish(self, predictor: Predictor, pending: _Pending, staged: Staged) -> None:
+        """On a postprocessing thread: the job's answer, to its future (nothing for a request gone away)."""
+        if pending.cancelled:
+            return
+        try:
+            result = finish(predictor, pending.job, staged)
+        except BaseException as exc:  # noqa: BLE001 - finish reports its own failures; never lose a job
+            result = {"error": "failed", "detail": f"postprocessing failed: {type(exc).__name__}: {exc}"}
+        self._post(_resolve, pending.future, result)
+
+    def _hand_over(self, predictor: Predictor, batch: list[_Pending], results: list[Any]) -> None:
+        """The batch's outcomes: computed jobs to the postprocessing pool, the others straight to their futures."""
+        for p, r in zip(batch, results, strict=True):
+            if not isinstance(r, Staged):
+                self._post(_resolve, p.future, r)
+                continue
+            p.computed = True
+            try:
+                self._post_pool.submit(self._finish, predictor, p, r)
+            except RuntimeError:  # the pool is gone: the interpreter is shutting down
+                self._post(_fail, p.future, Unavailable("service is shutting down", self._retry_after))
+
     def _post(self, fn: Any, *args: Any) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -253,12 +268,12 @@ class LocalDispatcher(Dispatcher):
             name, batch = nxt
             with self._cond:
                 self._in_hand = batch
+            predictor = self._predictors[name]
             try:
-                results = run_forward(self._predictors[name], [p.job for p in batch])
+                results = run_forward(predictor, [p.job for p in batch])
             except BaseException as exc:  # noqa: BLE001 - never let the thread die
                 log.exception("batch of %s failed", name)
                 results = [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"}] * len(batch)
-            for p, r in zip(batch, results, strict=True):
-                self._post(_resolve, p.future, r)
+            self._hand_over(predictor, batch, results)
             with self._cond:
                 self._in_hand = []
