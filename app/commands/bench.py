@@ -14,7 +14,8 @@ Two parts:
   and `--concurrency` at a time to the first, `--concurrency` at a time to the second (in alternating
   slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s concurrent
   without batching), the concurrency gain (÷ req/s one at a time) and the overhead of the whole HTTP path
-  over the bare forward (p50 one at a time ÷ the batch-1 forward time).
+  over the bare forward (p50 one at a time ÷ the batch-1 forward time, timed in this process before each of
+  those requests, so that both see the same spells of a shared machine).
 
 `--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
 """
@@ -288,9 +289,13 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path, ext
 
 
 async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
-                 bar, server: list[tuple[float, float]] | None = None) -> tuple[list[float], dict, float]:
+                 bar, server: list[tuple[float, float]] | None = None,
+                 before: Callable[[], None] | None = None) -> tuple[list[float], dict, float]:
     """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s). ``server``
-    collects each answer's own ``timing_ms`` (queue, inference) when given."""
+    collects each answer's own ``timing_ms`` (queue, inference) when given; ``before`` (one at a time only)
+    runs before each request, outside its latency and the round's wall time."""
+    if before is not None and concurrency != 1:
+        raise ValueError("before runs between requests one at a time only")
     import httpx
 
     latencies: list[float] = []
@@ -299,8 +304,15 @@ async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, conc
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
+        paused = 0.0
+
         async def one() -> None:
+            nonlocal paused
             async with sem:
+                if before is not None:
+                    t0 = time.perf_counter()
+                    before()
+                    paused += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 r = await client.post(path, files={"file": part})
                 latencies.append(time.perf_counter() - t0)
@@ -312,7 +324,7 @@ async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, conc
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0 - paused
     return latencies, statuses, wall
 
 
@@ -324,19 +336,33 @@ def _summary(concurrency: int, latencies: list[float], statuses: dict[int, int],
             "requests_per_s": round(len(latencies) / wall, 2)}
 
 
-def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: float, args, device: str,
+def bench_service(folder: Path, task: str, input_size: list[int], args, device: str,
                   progress: bool) -> dict[str, Any]:
     """Three rounds of `--requests` each: one at a time and `--concurrency` at a time against the service
     as configured, and `--concurrency` at a time against a second instance with `--max-batch-size 1` (the
     same service without dynamic batching: the baseline of the batching gain). The rounds alternate in
-    three slices, so that all see the same spells of a shared machine."""
+    three slices, so that all see the same spells of a shared machine; before each request one at a time,
+    this process times a bare batch-1 forward of the same image (`Predictor.infer`), the figure that the
+    one-at-a-time latency is compared with."""
     import tempfile
 
     import numpy as np
 
     from app.client import _image_bytes  # the client's lossless PNG encoding of an array
+    from model.predictor import Predictor
 
-    part = _image_bytes(np.random.default_rng(1).integers(0, 256, (*input_size, 3), dtype=np.uint8))
+    image = np.random.default_rng(1).integers(0, 256, (*input_size, 3), dtype=np.uint8)
+    part = _image_bytes(image)
+    predictor = Predictor.from_folder(folder, device=device)
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+    predictor.infer([chw])  # warm-up
+    forwards: list[float] = []
+
+    def bare_forward() -> None:
+        t0 = time.perf_counter()
+        predictor.infer([chw])
+        forwards.append(time.perf_counter() - t0)
+
     path = f"/{task}"
     tmp = Path(tempfile.gettempdir())
     c = args.concurrency
@@ -355,8 +381,10 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
         alone: list[tuple[float, float]] = []  # the service's own queue and inference ms, one at a time
         for n in slices:
             for key in rounds:
+                one_at_a_time = key == ("batched", 1)
                 lat, st, wall = asyncio.run(_round(urls[key[0]], path, part, n, key[1], bar,
-                                                   alone if key == ("batched", 1) else None))
+                                                   alone if one_at_a_time else None,
+                                                   bare_forward if one_at_a_time else None))
                 lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
@@ -364,6 +392,7 @@ def bench_service(folder: Path, task: str, input_size: list[int], forward_ms: fl
         bar.close()
     seq, conc, unbatched = ({**_summary(key[1], *acc[key]), "max_batch_size": "1" if key[0] == "unbatched"
                              else "default"} for key in rounds)
+    forward_ms = statistics.median(forwards) * 1000.0
     return {"model": folder.name, "endpoint": path, "image": f"{input_size[1]}x{input_size[0]} PNG",
             "rounds": [seq, conc, unbatched],
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
@@ -414,9 +443,9 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
     return sizes, folders, http_folder, device, allocator_tuning, peer_levels
 
 
-def _time_models(args, folders: list[Path], http_folder: Path, sizes: list[int], device: str,
-                 progress: bool) -> tuple[list[dict], list[dict] | None, dict | None]:
-    """(each model's timings, each model's backends or None, the service model's timings or None)."""
+def _time_models(args, folders: list[Path], sizes: list[int], device: str,
+                 progress: bool) -> tuple[list[dict], list[dict] | None]:
+    """(each model's timings, each model's backends or None)."""
     models = [bench_model(folder, sizes, args.iters, device)
               for folder in tqdm(folders, desc="models", unit="model", disable=not progress, leave=False)]
     backends = None
@@ -426,21 +455,18 @@ def _time_models(args, folders: list[Path], http_folder: Path, sizes: list[int],
         names = None if args.backends == "all" else [b.strip() for b in args.backends.split(",") if b.strip()]
         backends = [bench_backends(folder, args.iters, device, args.threads, names)
                     for folder in tqdm(folders, desc="backends", unit="model", disable=not progress, leave=False)]
-    ref = next((m for m in models if Path(m["folder"]) == http_folder), None)
-    if args.http and ref is None:
-        ref = bench_model(http_folder, [1], args.iters, device)
-    return models, backends, ref
+    return models, backends
 
 
-def _servers(args, result: dict[str, Any], http_folder: Path, ref: dict | None, sizes: list[int], device: str,
+def _servers(args, result: dict[str, Any], http_folder: Path, sizes: list[int], device: str,
              peer_levels: Any, progress: bool) -> int:
     """The parts that start servers (--http, --peers, --line, --soak), into ``result``; an exit status."""
     from app.commands import bench_peers
+    from model.checkpoint import CheckpointError
 
     try:
         if args.http:
-            result["service"] = bench_service(http_folder, ref["task"], ref["input_size"],
-                                              ref["rows"][0]["ms_per_image"], args, device, progress)
+            result["service"] = bench_service(http_folder, *_task_and_size(http_folder), args, device, progress)
         if args.peers and (code := bench_peers.run_peers(args, peer_levels, result, sizes, device, progress)):
             return code
         if args.line:
@@ -451,7 +477,7 @@ def _servers(args, result: dict[str, Any], http_folder: Path, ref: dict | None, 
             from app.commands.bench_soak import bench_soak
 
             result["soak"] = bench_soak(args, device, progress)
-    except BenchError as exc:
+    except (BenchError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a process did not start: its log tail is in the message
@@ -482,7 +508,7 @@ def run(args) -> int:
     allocator_tuned = tune_allocator() if allocator_tuning else False  # as the service does
     progress = not args.json
     try:
-        models, backends, ref = _time_models(args, folders, http_folder, sizes, device, progress)
+        models, backends = _time_models(args, folders, sizes, device, progress)
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -492,7 +518,7 @@ def run(args) -> int:
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if backends is not None:
         result["backends"] = backends
-    if code := _servers(args, result, http_folder, ref, sizes, device, peer_levels, progress):
+    if code := _servers(args, result, http_folder, sizes, device, peer_levels, progress):
         return code
     md = to_markdown(result)
     if args.out:
