@@ -163,19 +163,93 @@ def _outputs(outs) -> tuple[torch.Tensor, ...]:
     return tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)
 
 
+class _AotiLibrary:
+    """The native library of a `compile_package` package, called through AOTInductor's C interface (its model
+    container) with ctypes, which lets go of the GIL for the whole forward. Through torch's own loader
+    (``torch._inductor.aoti_load_package``) a forward holds the GIL from start to end, so that in the service the
+    event loop, decoding and postprocessing would all stop for every batch. Raises ValueError for a package laid
+    out otherwise than this torch version writes it (one ``.so`` under ``data/aotinductor/``, weights inside)."""
+
+    def __init__(self, path: Path):
+        import ctypes
+        import tempfile
+        import weakref
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            parts = [n for n in z.namelist() if "/data/aotinductor/" in f"/{n}" and not n.endswith("/")]
+            libs = [n for n in parts if n.endswith(".so")]
+            others = [n for n in parts if not n.endswith((".so", ".cpp", ".json"))]
+            if len(libs) != 1 or others:
+                raise ValueError(f"{path}: not one native library with its weights inside ({len(libs)} libraries, "
+                                 f"{len(others)} other files)")
+            fd, tmp = tempfile.mkstemp(suffix=".so", prefix="s2amnet-aoti-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(z.read(libs[0]))
+                self._lib = ctypes.CDLL(tmp)
+            finally:
+                os.unlink(tmp)  # the loaded library stays mapped; nothing is left behind in the temp folder
+        self._ct = ctypes
+        handle = ctypes.c_void_p()
+        self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
+            ctypes.byref(handle), ctypes.c_size_t(1), b"cpu", None), "create the model container")
+        self._handle = handle
+        n = ctypes.c_size_t()
+        self._check(self._lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(n)), "count its outputs")
+        self.num_outputs = int(n.value)
+        self._finalizer = weakref.finalize(self, self._lib.AOTInductorModelContainerDelete, handle)
+        # torch hands tensors to AOTInductor (and takes them back) as capsules holding AtenTensorHandle pointers
+        self._pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        self._pointer.restype, self._pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        self._capsule = ctypes.pythonapi.PyCapsule_New
+        self._capsule.restype = ctypes.py_object
+        self._capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+    @staticmethod
+    def _check(code: int, what: str) -> None:
+        if code != 0:
+            raise RuntimeError(f"AOTInductor could not {what} (error {code}; its message is on stderr)")
+
+    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+        ct = self._ct
+        inputs = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x])  # new handles, taken over by the run
+        in_arr = (ct.c_void_p * 1)(self._pointer(inputs[0], None))
+        out_arr = (ct.c_void_p * self.num_outputs)()
+        code = self._lib.AOTInductorModelContainerRun(self._handle, in_arr, ct.c_size_t(1), out_arr,
+                                                      ct.c_size_t(self.num_outputs), None, None)
+        self._check(code, "run the forward")
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [self._capsule(p, None, None) for p in out_arr])
+
+
 class CompiledRunner:
-    """Runs a `compile_package` package on the CPU, with torch's threads. Same call as `OnnxRuntimeRunner`."""
+    """Runs a `compile_package` package on the CPU, with torch's threads, without holding the GIL (`_AotiLibrary`;
+    through torch's loader, holding it, should the package be laid out otherwise). Same call as
+    `OnnxRuntimeRunner`. ``input_size`` (H, W), when given, is checked before each forward: the native code
+    does not check shapes, and a batch of another size would crash the process instead of raising."""
 
     name = "compile"
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", input_size: Sequence[int] | None = None):
         if not device.startswith("cpu"):
             raise ValueError(f"the compile backend runs on the CPU, not {device}")
         self.path = Path(path)
-        self.fn = torch._inductor.aoti_load_package(str(path))
+        self.input_size = tuple(int(v) for v in input_size) if input_size is not None else None
+        try:
+            self.fn = _AotiLibrary(self.path).run
+            self.releases_gil = True
+        except ValueError as exc:
+            log.warning("%s; running it through torch's loader, which holds the GIL during each forward", exc)
+            self.fn = torch._inductor.aoti_load_package(str(path))
+            self.releases_gil = False
         self._lock = threading.Lock()  # one compiled model: one batch at a time
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.input_size is not None and (x.dim() != 4 or tuple(x.shape[1:]) != (3, *self.input_size)
+                                            or not 1 <= x.shape[0] <= MAX_EXPORT_BATCH):
+            raise ValueError(f"the compiled model takes N x 3 x {self.input_size[0]} x {self.input_size[1]} "
+                             f"(N 1-{MAX_EXPORT_BATCH}), not {tuple(x.shape)}")
         with self._lock, torch.inference_mode():
             return _outputs(self.fn(x.detach().to("cpu", torch.float32).contiguous()))
 
@@ -391,7 +465,7 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
     device = str(predictor.device)
     if backend == "compile":
         path, spent = compiled_package(predictor, cache_dir)
-        return CompiledRunner(path, device=device), spent, spent is None
+        return CompiledRunner(path, device=device, input_size=predictor.input_size), spent, spent is None
     if backend == "openvino-bf16":
         _require_bf16_units()  # before exporting a graph it could not run
     path, spent = exported_graph(predictor, cache_dir)

@@ -4,6 +4,7 @@ against eager PyTorch."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -82,7 +83,8 @@ def _export(args, predictor):
     found = _in_cache(predictor, backend)  # the service exported these weights already: the same graph
     if args.format in ("onnx", "compile"):
         build, make_runner = {"onnx": (backends.export_onnx, backends.OnnxRuntimeRunner),
-                              "compile": (backends.compile_package, backends.CompiledRunner)}[args.format]
+                              "compile": (backends.compile_package, functools.partial(
+                                  backends.CompiledRunner, input_size=predictor.input_size))}[args.format]
         if found:
             atomic_write_bytes(path, found.read_bytes())
         else:

@@ -116,6 +116,53 @@ def test_compile_runs_the_package_built_for_this_cpu_and_agrees_with_eager(compi
     assert other != backends.cache_key(p.manifest["sha256"], p.input_size, "aoti-avx512")
 
 
+def _longest_gap_while(run) -> tuple[float, float]:
+    """(the longest gap between two turns of a Python loop on this thread, the duration of ``run()`` on another
+    thread), both in seconds: a forward that holds the GIL stops this loop for as long as it runs."""
+    import threading
+    import time
+
+    done = threading.Event()
+    span: list[float] = []
+
+    def forward() -> None:
+        t0 = time.perf_counter()
+        run()
+        span.append(time.perf_counter() - t0)
+        done.set()
+
+    thread = threading.Thread(target=forward)
+    gap, last = 0.0, time.perf_counter()
+    thread.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
+    thread.join()
+    return gap, span[0]
+
+
+def test_a_compiled_forward_lets_go_of_the_gil_and_refuses_a_wrong_shape(compiled_classifier):
+    """The service's event loop, decoding and postprocessing go on during a compiled forward (through torch's
+    own loader they would stop for all of it); an input of the wrong size raises instead of crashing."""
+    folder, cache = compiled_classifier
+    p = Predictor.from_folder(folder)
+    runner, _, cached = backends.load_runner(p, "compile", cache_dir=cache)
+    assert cached and runner.releases_gil
+    x = torch.rand(backends.MAX_EXPORT_BATCH, 3, SIZE, SIZE)
+    runner(x)  # warm
+    gap, span = _longest_gap_while(lambda: runner(x))
+    assert span > 0.02 and gap < span / 3, (gap, span)
+    with torch.inference_mode():
+        assert torch.allclose(runner(x[:5])[0], p.model(x[:5]), atol=1e-4)
+    held = torch._inductor.aoti_load_package(str(runner.path))  # the check above can fail: torch's loader
+    gap, span = _longest_gap_while(lambda: held(x))
+    assert gap > span / 2, (gap, span)
+    for bad in (torch.rand(2, 3, SIZE + 8, SIZE), torch.rand(3, SIZE, SIZE),
+                torch.rand(backends.MAX_EXPORT_BATCH + 1, 3, SIZE, SIZE)):
+        with pytest.raises(ValueError, match="the compiled model takes"):
+            runner(bad)
+
+
 def test_openvino_bf16_runs_only_where_the_cpu_has_bf16_units_and_only_when_it_agrees(exported_classifier):
     ov = pytest.importorskip("openvino")
     folder, cache = exported_classifier
