@@ -285,3 +285,33 @@ def test_only_the_inference_thread_runs_torch_with_several_threads(det):
     assert seen == {"inference": default_torch_threads(), "post": 1}
     asyncio.run(go(torch_threads=3))
     assert seen == {"inference": 3, "post": 1}
+
+
+def test_a_request_gone_away_during_its_forward_is_not_postprocessed(det):
+    """The inference thread hands each computed job to the postprocessing pool itself; a job whose request
+    went away while its forward ran is dropped there, and the others of its batch are answered."""
+    rec = SlowPostprocess(det)
+    rec.release.set()
+
+    async def go():
+        d = LocalDispatcher({"det": rec}, dispatcher_settings(max_delay_ms=50))
+        await d.start()
+        posted = len(rec.post_threads)
+        rec.gate.clear()  # hold the forward
+        leaving = asyncio.create_task(d.submit(job(det, 0)))
+        staying = asyncio.create_task(d.submit(replace(job(det, 1), job_id="stays")))
+        while len(rec.calls) < 2:  # the warm-up, then the batch of both, held in its forward
+            await asyncio.sleep(0.01)
+        leaving.cancel()
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        answered = await staying
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await d.stop()
+        return answered, rec.post_threads[posted:], rec.calls[-1]
+
+    answered, posts, batch = asyncio.run(go())
+    assert batch[1] == 2  # both were in the forward
+    assert "defects" in answered and len(posts) == 1  # only the job still wanted was postprocessed
+    assert posts[0].startswith("s2amnet-post")
