@@ -125,6 +125,13 @@ def set_forward_batch(name: str, predictor: Predictor, setting: int | str, max_b
     metrics.FORWARD_BATCH.labels(model=name).set(min(max_batch, predictor.forward_batch or max_batch))
 
 
+def one_forward_per_batch(predictors: Mapping[str, Predictor], caps: Mapping[str, int]) -> dict[str, int]:
+    """Batch caps lowered to each model's forward batch (once `set_forward_batch` has set it). A batch of several
+    forwards answers all of its jobs after its last forward; batches of one forward each answer every job as
+    soon as its own forward ends, with forwards of the same size."""
+    return {name: max(1, min(cap, predictors[name].forward_batch or cap)) for name, cap in caps.items()}
+
+
 def prepare_predictors(predictors: Mapping[str, Predictor], settings: Settings,
                        batch_sizes: Mapping[str, int]) -> dict[str, float]:
     """On the thread that will run the forwards (embedded inference thread, Redis worker): warm every model

@@ -67,9 +67,10 @@ class Settings(BaseSettings):
     )
     forward_batch: int | Literal["auto"] = Field(
         "auto",
-        description="Most images per forward pass within a batch. 'auto': on a CPU, measured per model at "
-        "warm-up (the size with the fewest ms per image: large activations make some models slower per image "
-        "in big batches), on a GPU the whole batch; N: at most N images per forward.",
+        description="Most images per forward pass, and so per batch (each job is answered when its own forward "
+        "ends). 'auto': on a CPU, measured per model at warm-up (the size with the fewest ms per image: large "
+        "activations make some models slower per image in big batches), on a GPU the whole batch; N: at most N "
+        "images per forward.",
     )
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."

@@ -47,7 +47,7 @@ def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
     # torch-heavy imports only when the command runs
     from app import metrics  # noqa: PLC0415
     from app.models import load_predictors  # noqa: PLC0415
-    from app.runtime import configure_runtime, prepare_predictors  # noqa: PLC0415
+    from app.runtime import configure_runtime, one_forward_per_batch, prepare_predictors  # noqa: PLC0415
     from app.worker import Worker  # noqa: PLC0415
 
     configure_runtime(settings)
@@ -60,6 +60,7 @@ def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
         metrics.init_model_series(name, predictor.task)
     batch_sizes = settings.batch_sizes(predictors, strict=False)
     prepare_predictors(predictors, settings, batch_sizes)
+    batch_sizes = one_forward_per_batch(predictors, batch_sizes)
     if settings.metrics_port:
         metrics.start_metrics_server(int(settings.metrics_port))
         log.info("worker metrics on :%d/metrics", settings.metrics_port)

@@ -9,7 +9,8 @@
   the model whose oldest job has waited longest, waits until `max_batch_size` jobs are queued for it or
   `max_delay_ms` have passed since its first job was queued (`app.batching`, the policy the Redis worker
   uses too), and runs `app.inference.run_forward` (which
-  drops expired jobs without computing them).
+  drops expired jobs without computing them). Once the forward batch is known (`S2AMNET_FORWARD_BATCH`), no
+  batch is larger than one forward (`one_forward_per_batch`).
 - The inference thread hands each computed job straight to a small pool of threads (`decode_threads`) that
   postprocesses it (`app.inference.finish`), so a large image's full-size masks never hold up the forwards
   of other requests and models; the answer goes back to the job's asyncio future with
@@ -37,7 +38,7 @@ from app import metrics
 from app.batching import BatchCollector
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
 from app.inference import Staged, finish, raise_for_result, run_forward
-from app.runtime import configure_runtime, one_torch_thread, prepare_predictors, runs_on_cpu
+from app.runtime import configure_runtime, one_forward_per_batch, one_torch_thread, prepare_predictors, runs_on_cpu
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -224,6 +225,8 @@ class LocalDispatcher(Dispatcher):
         try:
             configure_runtime(self._settings)
             self.warmup_seconds.update(prepare_predictors(self._predictors, self._settings, self._max_batch))
+            with self._cond:
+                self._batches.caps.update(one_forward_per_batch(self._predictors, self._batches.caps))
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             log.exception("warm-up failed")
             self._post(_fail, started, exc)

@@ -39,7 +39,7 @@ def test_dispatcher_batches_on_one_long_lived_thread(det):
     rec = Recording(det)
 
     async def go():
-        d = LocalDispatcher({"det": rec}, dispatcher_settings())
+        d = LocalDispatcher({"det": rec}, dispatcher_settings(forward_batch=4))  # batches of up to 4: one forward
         await d.start()
         assert d.ready()
         jobs = [job(det, i) for i in range(6)]
@@ -64,7 +64,8 @@ def test_dispatcher_caps_the_batch_of_one_model_only(det):
     slow, fast = Recording(det), Recording(det)
 
     async def go():
-        d = LocalDispatcher({"seg": slow, "det": fast}, dispatcher_settings(model_max_batch_size="seg=2"))
+        d = LocalDispatcher({"seg": slow, "det": fast}, dispatcher_settings(model_max_batch_size="seg=2",
+                                                                           forward_batch=4))
         await d.start()
         slow.gate.clear()
         fast.gate.clear()  # hold the forwards until every job is queued
@@ -89,9 +90,10 @@ def test_dispatcher_caps_the_batch_of_one_model_only(det):
 
 
 def test_dispatcher_forward_batch_setting(det):
-    """S2AMNET_FORWARD_BATCH: N → batches still fill up to max_batch_size, but no forward sees more than N
-    images; auto on a CPU → measured at warm-up (a size up to the batch cap); auto without warm-up → whole
-    batches. Each exported as s2amnet_forward_batch_size{model}."""
+    """S2AMNET_FORWARD_BATCH: N → no forward sees more than N images, and no batch is larger than one forward
+    (each job is answered when its own forward ends, not after the forwards of a whole larger batch); auto on
+    a CPU → measured at warm-up (a size up to the batch cap); auto without warm-up → whole batches. Each
+    exported as s2amnet_forward_batch_size{model}."""
     from model.predictor import Predictor
 
     def gauge(name):
@@ -112,7 +114,7 @@ def test_dispatcher_forward_batch_setting(det):
     sizes = []
     hook = p.model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
     try:
-        before = batches("fb2")
+        before = batches(p.name)  # run_forward counts under the model's own name
         results = asyncio.run(serve("fb2", p, 6, forward_batch="2", warmup=False))
         forwards = list(sizes)
     finally:
@@ -120,7 +122,7 @@ def test_dispatcher_forward_batch_setting(det):
     assert all("defects" in r for r in results)
     assert p.forward_batch == 2 and gauge("fb2") == 2
     assert sum(forwards) == 6 and max(forwards) == 2
-    assert batches("fb2") - before < len(forwards)  # a batch of more than 2 images ran as several forwards
+    assert batches(p.name) - before == len(forwards) == 3  # one forward per batch
     expected = [run_batch(det, [replace(job(det, i), model="fb2")])[0] for i in range(6)]
     assert [r["defects"] for r in results] == [e["defects"] for e in expected]
 

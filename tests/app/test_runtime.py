@@ -112,3 +112,14 @@ def test_the_backend_is_chosen_before_the_forward_batch_is_tuned(monkeypatch):
                         lambda name, p, s, m, w, measured: calls.append(("batch", name, m, measured)))
     runtime.prepare_predictors({"a": object(), "b": object()}, Settings(), {"a": 4, "b": 8})
     assert calls == [("backend", "a", 4), ("batch", "a", 4, timed["a"]), ("backend", "b", 8), ("batch", "b", 8, None)]
+
+
+def test_no_batch_is_larger_than_one_forward():
+    from types import SimpleNamespace
+
+    from app.runtime import one_forward_per_batch
+
+    predictors = {"a": SimpleNamespace(forward_batch=4), "b": SimpleNamespace(forward_batch=None),
+                  "c": SimpleNamespace(forward_batch=8)}
+    # a: forwards of 4 (CPU, tuned); b: whole batches (GPU, or no warm-up); c: the batch cap is lower already
+    assert one_forward_per_batch(predictors, {"a": 16, "b": 16, "c": 2}) == {"a": 4, "b": 16, "c": 2}
