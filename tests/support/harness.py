@@ -44,6 +44,8 @@ MAIN_SERVER_ENV = {
     "S2AMNET_MAX_PIXELS": "1000000",
     "S2AMNET_MAX_IMAGES": "4",
     "S2AMNET_MAX_DELAY_MS": "20",
+    # no batch is larger than one forward: measured, the tiny models' forward batch may be 1 (no batching at all)
+    "S2AMNET_FORWARD_BATCH": "4",
     "S2AMNET_RECIPES": str(Path(__file__).with_name("recipes.yaml")),
 }
 
