@@ -12,7 +12,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("S2AMNET_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 torch.set_num_threads(1)
 
@@ -28,14 +27,6 @@ def _records_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("S2AMNET_RECORDS_DIR", None)
     else:
         os.environ["S2AMNET_RECORDS_DIR"] = before
-
-
-def dataset_path(name: str) -> Path:
-    """A dataset folder under ../shared/data; the calling test is skipped when it is absent."""
-    path = DATA_DIR / name
-    if not path.is_dir():
-        pytest.skip(f"dataset {name} not found at {path} (set S2AMNET_DATA_DIR)")
-    return path
 
 
 @pytest.fixture(scope="session")

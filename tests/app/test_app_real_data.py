@@ -4,15 +4,14 @@ boxes. Skipped cleanly when the data or the shipped weights are absent."""
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import httpx
 import pytest
+from support.data import dataset
 from support.harness import MODES, ROOT, running_server
 
-DATA = Path(os.environ.get("S2AMNET_DATA_DIR", ROOT.parent / "shared" / "data"))
 SHIPPED_DETECTOR = ROOT / "weights" / "neu-det-detect"
 NEU_IMAGES = [
     "crazing_10.jpg",
@@ -23,13 +22,6 @@ NEU_IMAGES = [
 ]
 
 
-def data_dir(name: str) -> Path:
-    path = DATA / name
-    if not path.is_dir():
-        pytest.skip(f"dataset {name} not found at {path}")
-    return path
-
-
 def multipart(path: Path):
     return [("file", (path.name, path.read_bytes(), "image/jpeg"))]
 
@@ -37,10 +29,10 @@ def multipart(path: Path):
 def test_real_images_of_every_dataset(client: httpx.Client):
     """Grayscale and colour JPEGs of varied sizes, one request per dataset with several images."""
     picks = {
-        "neu-det": sorted((data_dir("neu-det") / "IMAGES").glob("*.jpg"))[:3],
-        "magnetic-tile": sorted((data_dir("magnetic-tile") / "MT_Crack" / "Imgs").glob("*.jpg"))[:3],
-        "crackforest": sorted((data_dir("crackforest") / "image").glob("*.jpg"))[:2],
-        "deepcrack": sorted((data_dir("deepcrack") / "test_img").glob("*.jpg"))[:2],
+        "neu-det": sorted((dataset("neu-det") / "IMAGES").glob("*.jpg"))[:3],
+        "magnetic-tile": sorted((dataset("magnetic-tile") / "MT_Crack" / "Imgs").glob("*.jpg"))[:3],
+        "crackforest": sorted((dataset("crackforest") / "image").glob("*.jpg"))[:2],
+        "deepcrack": sorted((dataset("deepcrack") / "test_img").glob("*.jpg"))[:2],
     }
     from PIL import Image
 
@@ -57,7 +49,7 @@ def test_real_images_of_every_dataset(client: httpx.Client):
 
 
 def _gt_boxes(stem: str) -> list[tuple[float, float, float, float]]:
-    root = ET.parse(data_dir("neu-det") / "ANNOTATIONS" / f"{stem}.xml").getroot()
+    root = ET.parse(dataset("neu-det") / "ANNOTATIONS" / f"{stem}.xml").getroot()
     out = []
     for obj in root.iter("object"):
         b = obj.find("bndbox")
@@ -77,7 +69,7 @@ def _iou(a, b) -> float:
 def test_shipped_detector_finds_boxes_on_neu_det(mode):
     if not (SHIPPED_DETECTOR / "manifest.json").is_file():
         pytest.skip("shipped weights/neu-det-detect not present yet")
-    images = data_dir("neu-det") / "IMAGES"
+    images = dataset("neu-det") / "IMAGES"
     with running_server(mode, ROOT / "weights", S2AMNET_MODELS="neu-det-detect") as server:
         hits = 0
         for name in NEU_IMAGES:

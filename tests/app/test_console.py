@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from support.data import dataset
 from support.harness import API_KEY, MAIN_SERVER_ENV, running_server
 from support.images import encode, exif_rotated, pattern
 from support.weights import make_weights
@@ -248,9 +249,7 @@ def test_an_exif_rotated_photo_gets_its_boxes_on_the_upright_image(browser, cons
 
 def test_console_on_a_real_defect_image(browser, tmp_path):
     """With S2AMNET_CONSOLE_SCREENSHOT=path, the screenshot is written there (docs/console.png is made so)."""
-    folder = Path(os.environ.get("S2AMNET_DATA_DIR", ROOT.parent / "shared" / "data")) / "neu-det"
-    if not folder.is_dir():
-        pytest.skip(f"dataset neu-det not found at {folder} (set S2AMNET_DATA_DIR)")
+    folder = dataset("neu-det")
     image = folder / "IMAGES" / "scratches_10.jpg"
     if not image.exists():
         image = sorted((folder / "IMAGES").glob("scratches_*.jpg"))[0]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.data import dataset
 
 from model.data import (
     CRACK_CLASSES,
@@ -23,7 +24,6 @@ from model.data import (
     balanced_sampler,
     collate,
     collate_detect,
-    default_data_root,
     detect_format,
     load_records,
     sample_weights,
@@ -356,14 +356,6 @@ def test_sample_weights():
 # ----------------------------------------------------------------------------------------------------
 # real data, read in place (skips when ../shared/data is absent)
 
-DATA = default_data_root()
-
-
-def _real(name):
-    d = DATA / name
-    if not d.is_dir():
-        pytest.skip(f"dataset {name} not found under {DATA} (set S2AMNET_DATA_DIR)")
-    return d
 
 
 def _holdout(stem):
@@ -372,7 +364,7 @@ def _holdout(stem):
 
 @pytest.mark.data
 def test_real_magnetic_tile():
-    info = load_records(_real("magnetic-tile"))
+    info = load_records(dataset("magnetic-tile"))
     assert info.format == "magnetic-tile"
     counts = Counter(info.class_names("classify")[r.label] for r in info.records)
     assert counts == {"MT_Blowhole": 77, "MT_Break": 66, "MT_Crack": 48, "MT_Fray": 24, "MT_Free": 693,
@@ -402,7 +394,7 @@ def test_real_magnetic_tile():
 
 @pytest.mark.data
 def test_real_neu_det():
-    info = load_records(_real("neu-det"))
+    info = load_records(dataset("neu-det"))
     assert info.format == "neu-det"
     assert info.class_names("detect") == NEU_CLASSES
     assert Counter(NEU_CLASSES[r.label] for r in info.records) == {
@@ -429,7 +421,7 @@ def test_real_neu_det():
 
 @pytest.mark.data
 def test_real_crackforest():
-    info = load_records(_real("crackforest"))
+    info = load_records(dataset("crackforest"))
     assert info.format == "crackforest" and len(info.records) == 89
     for r in info.records[::15]:
         m = r.load_mask()
@@ -441,7 +433,7 @@ def test_real_crackforest():
 
 @pytest.mark.data
 def test_real_deepcrack():
-    info = load_records(_real("deepcrack"))
+    info = load_records(dataset("deepcrack"))
     assert info.format == "deepcrack"
     assert Counter(r.subset for r in info.records) == {"train": 216, "test": 181}
     assert len({r.key for r in info.records}) == 397

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.data import dataset
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("S2AMNET_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 SHIPPED = ("mt-classify", "mt-segment", "neu-det-detect", "crack-segment")
 HEADLINE = {"classify": ("top1", "macro_recall"), "segment": ("miou", "f1"), "detect": ("map50", "map50_95")}
@@ -46,9 +46,7 @@ def test_every_shipped_model_has_recorded_test_and_val_figures():
 
 @pytest.mark.parametrize(("name", "data", "split"), _recorded())
 def test_eval_reproduces_the_recorded_metrics(name, data, split):
-    folder = DATA / data
-    if not folder.is_dir():
-        pytest.skip(f"dataset {data} not found under {DATA} (set S2AMNET_DATA_DIR)")
+    folder = dataset(data)
     manifest = json.loads((ROOT / "weights" / name / "manifest.json").read_text())
     recorded = manifest["metrics"]["eval"][f"{data}:{split}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
