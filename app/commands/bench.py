@@ -393,12 +393,16 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     seq, conc, unbatched = ({**_summary(key[1], *acc[key]), "max_batch_size": "1" if key[0] == "unbatched"
                              else "default"} for key in rounds)
     forward_ms = statistics.median(forwards) * 1000.0
+    # request by request: each latency less the bare forward timed just before it (both see the same spell)
+    over = statistics.quantiles([(lat - fw) * 1000.0 for lat, fw in zip(acc[rounds[0]][0], forwards, strict=True)],
+                                n=4, method="inclusive")
     return {"model": folder.name, "endpoint": path, "image": f"{input_size[1]}x{input_size[0]} PNG",
             "rounds": [seq, conc, unbatched],
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
             "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2),
             "alone_ms": {"p50": seq["p50_ms"], "forward": round(forward_ms, 2),
+                         "over_forward": {"p25": round(over[0], 2), "p50": round(over[1], 2), "p75": round(over[2], 2)},
                          "queue": round(statistics.median(q for q, _ in alone), 2) if alone else None,
                          "inference": round(statistics.median(i for _, i in alone), 2) if alone else None}}
 

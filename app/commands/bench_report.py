@@ -67,6 +67,11 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
                      f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
                      f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "
                      f"letterboxing and JSON.")
+    if a.get("over_forward"):
+        o = a["over_forward"]
+        lines.append(f"- Request by request (each one's latency less the bare forward timed just before it, so that "
+                     f"both see the same spell of the machine): median + {o['p50']:.1f} ms, quartiles "
+                     f"+ {o['p25']:.1f} to + {o['p75']:.1f} ms.")
     lines.append("")
     if run is not None:
         lines[1:1] = ["", own_line(run)]

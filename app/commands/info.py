@@ -67,7 +67,7 @@ def _complex_aware_mapping() -> dict:
     return mapping
 
 
-def _count(model, size: int, fake: bool) -> float:
+def _count(model, height: int, width: int, fake: bool) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -80,19 +80,30 @@ def _count(model, size: int, fake: bool) -> float:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(allow_non_fake_inputs=True):
-            x = torch.zeros(1, 3, size, size)
+            x = torch.zeros(1, 3, height, width)
             with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
                 model(x)
     else:
-        x = torch.zeros(1, 3, size, size)
+        x = torch.zeros(1, 3, height, width)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             model(x)
     return counter.get_total_flops() / 1e9
 
 
+def forward_gflops(model, height: int, width: int) -> float | None:
+    """GFLOPs of one forward of one height×width image, counted as this module's docstring says (None when
+    it cannot be counted). Runs under FakeTensorMode when torch supports it (identical counts, no real
+    compute), else a real forward on zeros. ``model`` must be in eval mode."""
+    for fake in (True, False):
+        try:
+            return _count(model, height, width, fake)
+        except Exception:  # noqa: BLE001 - fall back to a real forward; the callers must still print the rest
+            continue
+    return None
+
+
 def _gflops(model, on_meta: bool, size: int) -> float | None:
-    """GFLOPs of one forward at size×size (batch 1). Runs under FakeTensorMode when torch supports it
-    (identical counts, no real compute), else a real forward on zeros."""
+    """GFLOPs of one forward at size×size (batch 1) of a model built for counting (see _build)."""
     import torch
 
     if on_meta:  # allocate without initialising (values do not change FLOP counts)
@@ -102,12 +113,7 @@ def _gflops(model, on_meta: bool, size: int) -> float | None:
                 if t.is_floating_point():
                     t.zero_()
     model.eval()
-    for fake in (True, False):
-        try:
-            return _count(model, size, fake)
-        except Exception:  # noqa: BLE001 - fall back to a real forward; info must still print the rest
-            continue
-    return None
+    return forward_gflops(model, size, size)
 
 
 def variant_table(variants: list[str] | None = None, flops: bool = True) -> list[dict[str, Any]]:

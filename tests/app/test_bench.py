@@ -61,6 +61,8 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     # the bare forward it is compared with: timed in the bench process between those requests
     assert 0 < alone["forward"] < alone["p50"]
     assert service["http_overhead_vs_forward"] == pytest.approx(seq["p50_ms"] / alone["forward"], rel=0.02)
+    over = alone["over_forward"]  # paired request by request with the forward timed just before it
+    assert over["p25"] <= over["p50"] <= over["p75"] < alone["p50"]
     assert result["machine"]["service_backend"] == "eager"
 
     md = out.read_text()
@@ -69,6 +71,7 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     fold = result["models"][0]["batchnorm_folding"]
     assert "BatchNorm folded into the convs" in md and f"cls {fold['gain']:.2f}×" in md
     assert "## Service" in md and "Dynamic batching gain" in md and "| 3 | 1 | 6 | 6 |" in md
+    assert f"median + {over['p50']:.1f} ms, quartiles + {over['p25']:.1f} to + {over['p75']:.1f} ms" in md
     assert f"One at a time, p50 {alone['p50']:.1f} ms" in md and "backend eager (`S2AMNET_BACKEND`)" in md
     assert md.strip() in proc.stdout  # the same report is printed
     # --merge: this run's Service section, with its own command line, replaces only that section of a report
@@ -182,8 +185,22 @@ def test_bench_backends_times_the_listed_backends_in_the_same_rounds_each_at_its
     for name, best in b["best"].items():  # each at its fastest batch in the rounds; gain against eager's best
         assert best["ms_per_image"] == pytest.approx(min(r["ms_per_image"][name] for r in b["rows"]), abs=0.01)
         assert best["gain"] == pytest.approx(b["best"]["eager"]["ms_per_image"] / best["ms_per_image"], abs=0.01)
+    # the work per second: counted GFLOPs per image over each one's time, beside a matrix product's rate
+    from app.commands.bench_report import machine
+    from app.commands.info import forward_gflops
+    from model.predictor import Predictor
+
+    predictor = Predictor.from_folder(folder)
+    assert b["gflop_per_image"] == pytest.approx(forward_gflops(predictor.model, *predictor.input_size), abs=1e-3)
+    assert b["gflop_per_image"] > 0 and b["matmul_gflops"]["fp32"] > 0
+    bf16_units = "BF16" in machine("cpu")["vector"]  # /proc/cpuinfo's avx512_bf16
+    assert set(b["matmul_gflops"]) == ({"fp32", "bf16"} if bf16_units else {"fp32"})
+    for best in b["best"].values():
+        assert best["gflops"] == pytest.approx(b["gflop_per_image"] / best["ms_per_image"] * 1000.0, rel=0.02)
     text = out.read_text()  # --merge: only the Backends section replaced, with its own command line
     assert "## Backends: eager PyTorch" in text and "| cls 1 | 1 |" in text and "old rows" not in text
+    work = next(line for line in text.splitlines() if line.startswith("| cls 1 | ") and "GFLOP/s (" in line)
+    assert f"{b['gflop_per_image']:.2f}" in work and f"{b['matmul_gflops']['fp32']:.0f} GFLOP/s" in work
     assert text.startswith("# Benchmarks\n\n## Models\n\nkept\n") and text.endswith("## Service\n\nalso kept\n")
     assert "`s2amnet bench --weights" in text.split("## Backends")[1]
     bad = subprocess.run([sys.executable, "-m", "app.cli", "bench", "--weights", str(folder), "--no-http",
