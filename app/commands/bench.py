@@ -15,7 +15,8 @@ Two parts:
   slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s concurrent
   without batching), the concurrency gain (÷ req/s one at a time) and the overhead of the whole HTTP path
   over the bare forward (p50 one at a time ÷ the batch-1 forward time, timed in this process before each of
-  those requests, so that both see the same spells of a shared machine).
+  those requests, so that both see the same spells of a shared machine; also paired request by request:
+  the quartiles of each latency less the forward timed just before it).
 
 `--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
 """
