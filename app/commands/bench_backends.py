@@ -40,15 +40,16 @@ MATMUL_N = 2048  # large enough for the math library's best rate, small enough f
 
 
 def _matmuls(device: str) -> dict[str, Any]:
-    """Timers of one MATMUL_N² product, by dtype: fp32, and bf16 where this CPU has bf16 units (or on a GPU).
-    Each returns the GFLOP/s of one product."""
+    """Timers of one MATMUL_N² product, by dtype: fp32, and bf16 where this CPU has bf16 units that torch's
+    kernels may use (or on a GPU). Each returns the GFLOP/s of one product."""
     import torch
 
-    from app.commands.bench_report import machine
+    from app.commands.bench_report import kernels_limited, machine
 
     dtypes = {"fp32": torch.float32}
     dev = torch.device(device)
-    if dev.type == "cuda" or "BF16" in machine("cpu")["vector"]:
+    cpu = machine("cpu")
+    if dev.type == "cuda" or ("BF16" in cpu["vector"] and not kernels_limited(cpu)):
         dtypes["bf16"] = torch.bfloat16
     timers = {}
     for name, dtype in dtypes.items():

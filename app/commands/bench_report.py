@@ -23,7 +23,8 @@ def machine(device: str) -> dict[str, Any]:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(flags), "torch": torch.__version__,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(flags),
+            "kernels": str(torch.backends.cpu.get_cpu_capability()), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": device, "python": platform.python_version()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -78,10 +79,17 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
     return lines
 
 
+def kernels_limited(m: dict[str, Any]) -> bool:
+    """Whether torch's CPU kernels use a narrower instruction set than the CPU has (``ATEN_CPU_CAPABILITY=avx2``
+    on an AVX-512 CPU: what an AVX2 machine of the same cores would get)."""
+    return m.get("vector", "").startswith("AVX-512") and not m.get("kernels", "AVX512").startswith("AVX512")
+
+
 def machine_line(command: str, when: float, m: dict[str, Any]) -> str:
     """Where a section's figures come from: "`command` on DATE: CPU (cores, vector ISA), torch with threads"."""
+    limited = f", torch's kernels limited to {m['kernels']}" if kernels_limited(m) else ""
     return (f"`{command}` on {time.strftime('%Y-%m-%d', time.gmtime(when))}: {m['cpu']} ({m['cores']} cores, "
-            f"{m.get('vector', 'unknown')}), torch {m['torch']} with {m['torch_threads']} thread(s)")
+            f"{m.get('vector', 'unknown')}{limited}), torch {m['torch']} with {m['torch_threads']} thread(s)")
 
 
 def own_line(run: dict[str, Any]) -> str:

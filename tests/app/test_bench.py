@@ -193,7 +193,8 @@ def test_bench_backends_times_the_listed_backends_in_the_same_rounds_each_at_its
     predictor = Predictor.from_folder(folder)
     assert b["gflop_per_image"] == pytest.approx(forward_gflops(predictor.model, *predictor.input_size), abs=1e-3)
     assert b["gflop_per_image"] > 0 and b["matmul_gflops"]["fp32"] > 0
-    bf16_units = "BF16" in machine("cpu")["vector"]  # /proc/cpuinfo's avx512_bf16
+    m = machine("cpu")  # /proc/cpuinfo's avx512_bf16, and the instruction set torch's kernels use
+    bf16_units = "BF16" in m["vector"] and m["kernels"].startswith("AVX512")
     assert set(b["matmul_gflops"]) == ({"fp32", "bf16"} if bf16_units else {"fp32"})
     for best in b["best"].values():
         assert best["gflops"] == pytest.approx(b["gflop_per_image"] / best["ms_per_image"] * 1000.0, rel=0.02)
@@ -216,3 +217,19 @@ def test_the_machine_line_names_the_cpus_vector_units():
     assert vector_units({"avx2", "avx512f"}) == "AVX-512"
     assert vector_units({"avx2", "fma"}) == "AVX2"
     assert vector_units(set()) == "unknown"
+    from app.commands.bench_report import machine_line
+
+    line = machine_line("s2amnet bench", 0.0, {"cpu": "AMD EPYC", "cores": 2, "vector": "AVX-512 + BF16",
+                                               "kernels": "AVX2", "torch": "2.13.0", "torch_threads": 2})
+    assert "(2 cores, AVX-512 + BF16, torch's kernels limited to AVX2)" in line
+    assert "limited" not in machine_line("s2amnet bench", 0.0, {"cpu": "x", "cores": 2, "vector": "AVX-512",
+                                                                "kernels": "AVX512", "torch": "2", "torch_threads": 2})
+
+
+def test_the_machine_record_names_the_instruction_set_torchs_kernels_use():
+    """ATEN_CPU_CAPABILITY=avx2 (what an AVX2 machine would run) shows in the record of a run."""
+    code = "import json; from app.commands.bench_report import machine; print(json.dumps(machine('cpu')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=process_env(PYTHONPATH=str(ROOT), ATEN_CPU_CAPABILITY="avx2"))
+    m = json.loads(out.stdout)
+    assert m["kernels"] == "AVX2"
