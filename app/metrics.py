@@ -104,6 +104,14 @@ POSTPROCESS_DURATION = Histogram(
     namespace=PREFIX,
     buckets=LATENCY_BUCKETS,
 )
+WORKER_STAGE = Histogram(
+    "worker_stage_seconds",
+    "A worker's time per batch beside its forward passes and postprocessing, by stage: decode (uploaded "
+    "images back into arrays), commit (replies written and jobs acked in Redis, one MULTI).",
+    ["model", "stage"],
+    namespace=PREFIX,
+    buckets=LATENCY_BUCKETS,
+)
 BATCH_SIZE = Histogram(
     "batch_size",
     "Images per forward pass.",

@@ -343,7 +343,10 @@ class Worker:
                     live.append((e, e.decode(redis_now_ms)))
                 except Exception as exc:  # noqa: BLE001 - a malformed job never succeeds
                     dead.append((e, f"malformed job: {type(exc).__name__}: {exc}"))
-        live = self._decode_images(model, live, dead)
+        t0 = time.perf_counter()
+        if any(job.array is None for _, job in live):
+            live = self._decode_images(model, live, dead)
+            metrics.WORKER_STAGE.labels(model=model, stage="decode").observe(time.perf_counter() - t0)
 
         if live:
             results = run_batch_isolating_failures(self.predictors[model], [j for _, j in live], self._run_batch)
@@ -364,15 +367,15 @@ class Worker:
                     requeue.append(e)
         for e, reason in dead:
             replies.append((e, encode_reply(e.job_id, DEAD, detail=f"job dead-lettered: {reason}")))
+        t0 = time.perf_counter()
         self._commit(model, batch, replies, dead, requeue)
+        metrics.WORKER_STAGE.labels(model=model, stage="commit").observe(time.perf_counter() - t0)
 
     def _decode_images(self, model: str, live: list[tuple[JobEntry, Job]],
                        dead: list[tuple[JobEntry, str]]) -> list[tuple[JobEntry, Job]]:
         """Fill in the array of the jobs that carry their uploaded image (`decode_encoded`, on the decode
         threads when there are several); the jobs whose image does not decode go to ``dead``."""
         encoded = [job for _, job in live if job.array is None]
-        if not encoded:
-            return live
         predictor = self.predictors[model]
 
         def decode(job: Job) -> BaseException | None:

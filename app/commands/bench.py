@@ -68,6 +68,9 @@ def add_parser(sub) -> None:
     from app.commands.bench_peers import add_arguments as add_peer_arguments
 
     add_peer_arguments(p)
+    from app.commands.bench_redis_path import add_arguments as add_redis_path_arguments
+
+    add_redis_path_arguments(p)
     from app.commands.bench_line import add_arguments as add_line_arguments
     from app.commands.bench_payload import add_arguments as add_payload_arguments
 
@@ -408,10 +411,11 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
                          "inference": round(statistics.median(i for _, i in alone), 2) if alone else None}}
 
 
-def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
+def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, dict[str, list[int]]]:
     """The options, checked: (batch sizes, weights folders, the service part's folder, device, allocator tuning,
-    the peers' concurrency levels). Raises BenchError."""
+    the concurrency levels of the peers and of the Redis path). Raises BenchError."""
     from app.commands import bench_peers
+    from app.commands.bench_redis_path import check_args as check_redis_path_args
     from app.commands.bench_soak import check_args as check_soak_args
     from model.device import missing_gpu, resolve_device
 
@@ -443,9 +447,9 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, Any]:
         if unknown:
             raise BenchError(f"--backends: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     allocator_tuning = _allocator_tuning_setting()
-    peer_levels = bench_peers.check_args(args)
+    levels = {"peers": bench_peers.check_args(args), "redis_path": check_redis_path_args(args)}
     check_soak_args(args)
-    return sizes, folders, http_folder, device, allocator_tuning, peer_levels
+    return sizes, folders, http_folder, device, allocator_tuning, levels
 
 
 def _time_models(args, folders: list[Path], sizes: list[int], device: str,
@@ -464,16 +468,21 @@ def _time_models(args, folders: list[Path], sizes: list[int], device: str,
 
 
 def _servers(args, result: dict[str, Any], http_folder: Path, sizes: list[int], device: str,
-             peer_levels: Any, progress: bool) -> int:
-    """The parts that start servers (--http, --peers, --line, --soak), into ``result``; an exit status."""
+             levels: dict[str, list[int]], progress: bool) -> int:
+    """The parts that start servers (--http, --peers, --redis-path, --line, --soak), into ``result``; an exit
+    status."""
     from app.commands import bench_peers
     from model.checkpoint import CheckpointError
 
     try:
         if args.http:
             result["service"] = bench_service(http_folder, *_task_and_size(http_folder), args, device, progress)
-        if args.peers and (code := bench_peers.run_peers(args, peer_levels, result, sizes, device, progress)):
+        if args.peers and (code := bench_peers.run_peers(args, levels["peers"], result, sizes, device, progress)):
             return code
+        if args.redis_path:
+            from app.commands.bench_redis_path import run_redis_path
+
+            run_redis_path(args, levels["redis_path"], result, sizes, device, progress)
         if args.line:
             from app.commands.bench_line import bench_line
 
@@ -504,7 +513,7 @@ def run(args) -> int:
     from model.checkpoint import CheckpointError
 
     try:
-        sizes, folders, http_folder, device, allocator_tuning, peer_levels = _checked(args)
+        sizes, folders, http_folder, device, allocator_tuning, levels = _checked(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -523,7 +532,7 @@ def run(args) -> int:
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if backends is not None:
         result["backends"] = backends
-    if code := _servers(args, result, http_folder, sizes, device, peer_levels, progress):
+    if code := _servers(args, result, http_folder, sizes, device, levels, progress):
         return code
     md = to_markdown(result)
     if args.out:

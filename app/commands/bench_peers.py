@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peers-plot", help="write a PNG of throughput and p99 per concurrency here")
     g.add_argument("--merge", action="store_true",
                    help="with --out: replace only the sections of an existing file that this run measures "
-                        "and that stand on their own (Backends, Service, Peers), keep the others")
+                        "and that stand on their own (Backends, Service, Peers, Redis path), keep the others")
 
 
 def check_args(args: argparse.Namespace) -> list[int]:
@@ -198,11 +198,14 @@ def _script(stack: contextlib.ExitStack, name: str, module: str, what: str, fold
 
 
 def _redis_mode(stack: contextlib.ExitStack, folder: Path, task: str, device: str, threads: int | None,
-                log_dir: Path, workers: int) -> Server:
+                log_dir: Path, workers: int, metrics_port: int = 0, api_env: dict[str, str] | None = None) -> Server:
     """A redis-server of its own, `workers` `s2amnet worker` processes (up once each heartbeats) and
-    `s2amnet serve --redis-url` in front of them."""
+    `s2amnet serve --redis-url` in front of them. ``metrics_port``: the (one) worker's Prometheus port, 0: off;
+    ``api_env``: settings of the API beside SERVE_ENV."""
     import redis
 
+    if metrics_port and workers > 1:
+        raise ValueError("one metrics port serves one worker")
     port = _free_port()
     redis_url = f"redis://127.0.0.1:{port}/0"
     r = stack.enter_context(contextlib.closing(redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)))
@@ -218,8 +221,9 @@ def _redis_mode(stack: contextlib.ExitStack, folder: Path, task: str, device: st
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(log_dir)], _process_env(), answers, log_dir / f"{tag}-redis.log", "redis-server")).pid]
     base = [sys.executable, "-m", "app.cli", "worker", "--redis-url", redis_url, "--weights-dir",
-            str(folder.resolve().parent), "--models", folder.name, "--device", device, "--metrics-port", "0",
-            "--log-level", "warning", *(["--torch-threads", str(threads)] if threads else [])]
+            str(folder.resolve().parent), "--models", folder.name, "--device", device,
+            "--metrics-port", str(metrics_port), "--log-level", "warning",
+            *(["--torch-threads", str(threads)] if threads else [])]
     for i in range(workers):
         up = i + 1
         pids.append(stack.enter_context(_launch(
@@ -228,8 +232,8 @@ def _redis_mode(stack: contextlib.ExitStack, folder: Path, task: str, device: st
     api_port = _free_port()
     url = f"http://127.0.0.1:{api_port}"
     cmd = _serve_cmd(folder, device, threads, api_port, ("--redis-url", redis_url))
-    pids.append(stack.enter_context(_launch(cmd, _process_env(**SERVE_ENV), url + "/readyz", log_dir / f"{tag}-api.log",
-                                            "s2amnet serve --redis-url")).pid)
+    pids.append(stack.enter_context(_launch(cmd, _process_env(**SERVE_ENV, **(api_env or {})), url + "/readyz",
+                                            log_dir / f"{tag}-api.log", "s2amnet serve --redis-url")).pid)
     return Server(f"s2amnet-{tag}", f"`s2amnet serve --redis-url` with {workers} `s2amnet worker`"
                   f"{'s' if workers > 1 else ''} (Redis Streams), records off", url, f"/{task}", pids)
 
@@ -492,7 +496,7 @@ def run_peers(args, levels: list[int], result: dict[str, Any], sizes: list[int],
 
 def out_text(args, result: dict[str, Any], md: str) -> str:
     """What --out gets: the whole report, or with --merge the file as it is with the sections this run
-    measured (Backends, Service, Peers; each with its own command and machine line) replaced."""
+    measured (Backends, Service, Peers, Redis path; each with its own command and machine line) replaced."""
     if not args.merge:
         return md + "\n"
     from app.commands.bench_backends import BACKENDS_HEADING, backends_markdown
@@ -504,6 +508,10 @@ def out_text(args, result: dict[str, Any], md: str) -> str:
         text = merge_section(text, service_markdown(result["service"], result), SERVICE_HEADING)
     if result.get("peers"):
         text = merge_section(text, peers_markdown(result["peers"], result), PEERS_HEADING)
+    if result.get("redis_path"):
+        from app.commands.bench_redis_path import HEADING, redis_path_markdown
+
+        text = merge_section(text, redis_path_markdown(result["redis_path"], result), HEADING)
     if result.get("backends"):
         text = merge_section(text, backends_markdown(result["backends"], result), BACKENDS_HEADING)
     return text

@@ -151,6 +151,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         from app.commands.bench_peers import peers_markdown
 
         lines += peers_markdown(result["peers"], result)
+    if result.get("redis_path"):
+        from app.commands.bench_redis_path import redis_path_markdown
+
+        lines += redis_path_markdown(result["redis_path"], result)
     if result.get("line"):
         from app.commands.bench_line import line_markdown
 
