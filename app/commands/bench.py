@@ -99,14 +99,19 @@ def _allocator_tuning_setting() -> bool:
         raise BenchError(f"service settings from the environment: {exc}") from None
 
 
-def _batch_sizes(text: str) -> list[int]:
+def positive_ints(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (option ``flag``), sorted and without repeats; BenchError else."""
     try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
+        values = {int(t) for t in text.split(",") if t.strip()}
     except ValueError:
-        raise BenchError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise BenchError(f"--batch-sizes must be integers >= 1, got {text!r}")
-    return sorted(set(sizes) | {1})  # batch 1 is what every gain is measured against
+        raise BenchError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise BenchError(f"{flag} must be integers >= 1, got {text!r}")
+    return sorted(values)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    return sorted(set(positive_ints(text, "--batch-sizes")) | {1})  # batch 1: what every gain is measured against
 
 
 def _weights(args) -> list[Path]:

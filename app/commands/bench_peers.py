@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.commands.bench import BenchError, _free_port, _launch, _process_env, _serve_cmd
+from app.commands.bench import BenchError, _free_port, _launch, _process_env, _serve_cmd, positive_ints
 from app.commands.bench_report import machine_line
 
 SLICES = 3
@@ -69,13 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> list[int]:
     """The concurrency levels; BenchError for bad peer options."""
-    try:
-        levels = sorted({int(t) for t in args.peer_concurrency.split(",") if t.strip()})
-    except ValueError:
-        raise BenchError(f"--peer-concurrency must be comma-separated integers, got {args.peer_concurrency!r}") \
-            from None
-    if not levels or levels[0] < 1:
-        raise BenchError(f"--peer-concurrency must be integers >= 1, got {args.peer_concurrency!r}")
+    levels = positive_ints(args.peer_concurrency, "--peer-concurrency")
     if args.merge and not args.out:
         raise BenchError("--merge needs --out")
     if not args.peers:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.commands.bench import BenchError, _free_port
+from app.commands.bench import BenchError, _free_port, positive_ints
 from app.commands.bench_report import machine_line
 
 HEADING = "## Redis path"
@@ -49,13 +49,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
     """The concurrency levels ([] without --redis-path); BenchError for bad options."""
     if not args.redis_path:
         return []
-    try:
-        levels = sorted({int(t) for t in args.redis_path_concurrency.split(",") if t.strip()})
-    except ValueError:
-        raise BenchError("--redis-path-concurrency must be comma-separated integers, "
-                         f"got {args.redis_path_concurrency!r}") from None
-    if not levels or levels[0] < 1:
-        raise BenchError(f"--redis-path-concurrency must be integers >= 1, got {args.redis_path_concurrency!r}")
+    levels = positive_ints(args.redis_path_concurrency, "--redis-path-concurrency")
     if args.redis_path_requests < 0:
         raise BenchError("--redis-path-requests must be >= 0")
     if not shutil.which("redis-server"):
