@@ -50,6 +50,8 @@ def check_args(args: argparse.Namespace) -> list[int]:
     if not args.redis_path:
         return []
     levels = positive_ints(args.redis_path_concurrency, "--redis-path-concurrency")
+    if not (Path(args.redis_path_model) / "manifest.json").is_file():
+        raise BenchError(f"--redis-path-model {args.redis_path_model} is not a weights folder (no manifest.json)")
     if args.redis_path_requests < 0:
         raise BenchError("--redis-path-requests must be >= 0")
     if not shutil.which("redis-server"):

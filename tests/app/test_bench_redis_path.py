@@ -57,6 +57,11 @@ def test_bench_redis_path_reports_where_one_workers_time_goes(tmp_path):
     assert "| 4 | 12 | 0 |" in section and "replies + acks to Redis" in section
 
 
-def test_bench_redis_path_refuses_bad_levels():
-    bad = _bench("--no-http", "--redis-path", "--redis-path-concurrency", "0,4", timeout=120)
-    assert bad.returncode == 2 and "--redis-path-concurrency must be integers >= 1" in bad.stderr
+@pytest.mark.parametrize(("args", "says"), [
+    (["--redis-path-concurrency", "0,4"], "--redis-path-concurrency must be integers >= 1"),
+    (["--redis-path-requests", "-1"], "--redis-path-requests must be >= 0"),
+    (["--redis-path-model", "README.md"], "--redis-path-model README.md is not a weights folder"),
+])
+def test_bench_redis_path_refuses_bad_options_before_timing_anything(args, says):
+    bad = _bench("--no-http", "--redis-path", *args, timeout=120)
+    assert bad.returncode == 2 and says in bad.stderr and not bad.stdout
