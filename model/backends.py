@@ -2,6 +2,9 @@
 or run by ONNX Runtime or OpenVINO.
 
 - ``eager``: the PyTorch module (BatchNorm folded), as trained.
+- ``eager-bf16``: the same module under autocast to bfloat16: convolutions and matrix products in bf16, the
+  frequency blocks in float32 as always (they turn autocast off); on a GPU, or a CPU with bf16 matrix units.
+  Less exact: like every backend, used only where its outputs pass the parity check.
 - ``compile``: the module captured by `torch.export` (real-valued frequency blocks, dynamic batch) and compiled
   ahead of time by TorchInductor (AOTInductor, weights frozen into the graph) into a ``.pt2`` package of native
   code for this CPU's instruction set; CPU only. Compiling takes minutes on a small CPU, once: the package is
@@ -40,12 +43,13 @@ import torch
 
 from model.blocks import use_real_valued_fft
 
-__all__ = ["BACKENDS", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx", "compile_package",
-           "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner", "try_backend", "Trial",
-           "BackendReport", "default_cache_dir"]
+__all__ = ["BACKENDS", "AutocastRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
+           "compile_package", "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner",
+           "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units"]
 
-BACKENDS = ("eager", "compile", "onnxruntime", "openvino", "openvino-bf16")
-GRAPH_BACKENDS = BACKENDS[1:]  # run an exported graph instead of the module
+GRAPH_BACKENDS = ("compile", "onnxruntime", "openvino", "openvino-bf16")  # run an exported graph, not the module
+BACKENDS = ("eager", "eager-bf16", *GRAPH_BACKENDS)
+RUNNER_BACKENDS = BACKENDS[1:]  # set a runner on the Predictor: what `auto` chooses among, beside plain eager
 MAX_EXPORT_BATCH = 256
 
 log = logging.getLogger("s2amnet.backends")
@@ -161,6 +165,35 @@ def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str
 
 def _outputs(outs) -> tuple[torch.Tensor, ...]:
     return tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class AutocastRunner:
+    """``eager-bf16``: the module itself (no export) under `torch.autocast` to bfloat16, returning what an
+    exported graph returns (classify / segment logits, detect boxes and scores)."""
+
+    name = "eager-bf16"
+
+    def __init__(self, model: torch.nn.Module, device: str = "cpu"):
+        dev = torch.device(device)
+        if dev.type == "cpu" and not cpu_has_bf16_units():
+            raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"{device} does not compute in bfloat16")
+        self.module, self.device_type = _Exported(model), dev.type
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode(), torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return _outputs(self.module(x))
 
 
 class _AotiLibrary:
@@ -460,9 +493,11 @@ def compiled_package(predictor, cache_dir: str | os.PathLike | None = None) -> t
 def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
                 threads: int | None = None) -> tuple[Callable, float | None, bool]:
     """(runner, seconds spent exporting or compiling, or None, whether it came from the cache) for ``backend``."""
-    if backend not in GRAPH_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(GRAPH_BACKENDS)}, not {backend!r}")
+    if backend not in RUNNER_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(RUNNER_BACKENDS)}, not {backend!r}")
     device = str(predictor.device)
+    if backend == "eager-bf16":  # nothing to export or compile
+        return AutocastRunner(predictor.model, device), None, True
     if backend == "compile":
         path, spent = compiled_package(predictor, cache_dir)
         return CompiledRunner(path, device=device, input_size=predictor.input_size), spent, spent is None
@@ -557,7 +592,7 @@ def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.Pa
     if predictor.tta:
         report.reason = "test-time augmentation runs in eager only"
         return report
-    candidates = GRAPH_BACKENDS if requested == "auto" else (requested,)
+    candidates = RUNNER_BACKENDS if requested == "auto" else (requested,)
     runners = {b: r for b in candidates if (r := _usable(predictor, b, report, cache_dir, threads)) is not None}
     report.cached = bool(runners) and report.export_s is None
     if not runners:

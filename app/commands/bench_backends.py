@@ -75,12 +75,12 @@ def bench_backends(folder: Path, iters: int, device: str, threads: int | None,
     import numpy as np
 
     from app.commands.info import forward_gflops
-    from model.backends import GRAPH_BACKENDS
+    from model.backends import RUNNER_BACKENDS
     from model.predictor import Predictor
 
     predictor = Predictor.from_folder(folder, device=device)
     gflop = forward_gflops(predictor.model, *predictor.input_size)
-    runners, parity, missing, builds = _load(predictor, list(names or GRAPH_BACKENDS), threads)
+    runners, parity, missing, builds = _load(predictor, list(names or RUNNER_BACKENDS), threads)
     best_batch: dict[str, int] = {}
     tuned: dict[str, dict[str, float]] = {}
     for name, runner in runners.items():  # each backend's own best forward batch, as the service tunes it

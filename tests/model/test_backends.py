@@ -187,7 +187,7 @@ def test_auto_times_every_backend_and_eager_stays_when_asked_or_when_the_runtime
     p = Predictor.from_folder(folder)
     for batch in (2, None):  # a fixed forward batch; else each backend at its own best one
         report = backends.choose_backend(p, "auto", cache_dir=cache, threads=1, batch=batch, max_batch=4)
-        usable = {b for b in backends.GRAPH_BACKENDS if not any(n.startswith(b + " ") for n in report.notes)}
+        usable = {b for b in backends.RUNNER_BACKENDS if not any(n.startswith(b + " ") for n in report.notes)}
         assert set(report.ms_per_image) == {"eager", *usable} and {"compile", "onnxruntime", "openvino"} <= usable
         fastest = min(report.ms_per_image, key=report.ms_per_image.get)
         assert report.chosen == fastest and p.backend == fastest and "fastest" in report.reason
@@ -224,3 +224,26 @@ def test_a_runner_that_disagrees_is_refused(folders, tmp_path):
     assert not ok and "agree on" in why and p.runner is None
     p2 = Predictor.from_folder(folders["segment"], tta=["hflip"])
     assert backends.choose_backend(p2, "auto", cache_dir=tmp_path).reason.startswith("test-time augmentation")
+
+
+def test_eager_bf16_runs_the_module_under_autocast_on_a_cpu_with_bf16_units(folders):
+    p = Predictor.from_folder(folders["detect"])
+    if not backends.cpu_has_bf16_units():  # refused, and the model stays on eager with the reason
+        with pytest.raises(ValueError, match="bf16 matrix units"):
+            backends.AutocastRunner(p.model, "cpu")
+        report = backends.choose_backend(p, "eager-bf16")
+        assert report.chosen == "eager" and p.runner is None and "bf16 matrix units" in report.reason
+        return
+    runner, spent, cached = backends.load_runner(p, "eager-bf16")
+    assert runner.name == "eager-bf16" and spent is None and cached  # nothing exported or compiled
+    x = torch.rand(2, 3, SIZE, SIZE)
+    boxes, scores = runner(x)  # what the exported graph returns: decoded boxes and class scores
+    with torch.inference_mode():
+        ref_boxes, ref_scores = p.model.decode(p.model(x))
+    assert boxes.shape == ref_boxes.shape and scores.shape == ref_scores.shape
+    assert scores.dtype == torch.bfloat16 or not torch.equal(scores, ref_scores)  # computed in bf16, not fp32
+    assert torch.allclose(scores.float(), ref_scores, atol=0.05)
+    arrays = [np.random.default_rng(i).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8) for i in range(2)]
+    p.runner = runner  # served through the Predictor as any runner
+    out = p.infer(arrays)
+    assert [set(o) for o in out] == [{"boxes", "scores"}] * 2 and out[0]["scores"].dtype == torch.float32
