@@ -216,6 +216,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def timings_of(folder: Path, result: dict[str, Any], sizes: list[int], iters: int, device: str) -> dict[str, Any]:
+    """The models part's entry for ``folder`` in ``result``, or the model timed now when that part did not time it
+    (the bare forward that the server parts compare with)."""
+    folder = Path(folder).resolve()
+    found = next((m for m in result["models"] if Path(m["folder"]).resolve() == folder), None)
+    return found or bench_model(folder, sizes, iters, device)
+
+
 def _serve_cmd(folder: Path, device: str, threads: int | None, port: int, extra: tuple[str, ...] = ()) -> list[str]:
     """The `s2amnet serve` command line with the one model of `folder` on `port`."""
     cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),

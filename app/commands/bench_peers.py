@@ -469,13 +469,11 @@ def bench_peers(args, levels: list[int], device: str, raw: dict[str, Any], progr
 def run_peers(args, levels: list[int], result: dict[str, Any], sizes: list[int], device: str,
               progress: bool) -> int:
     """The peers part of `s2amnet bench`'s run: result["peers"] (and --peers-plot); 0, or the exit code."""
-    from app.commands.bench import bench_model
+    from app.commands.bench import timings_of
     from model.checkpoint import CheckpointError
 
-    folder = Path(args.peer_model).resolve()
-    raw = next((m for m in result["models"] if Path(m["folder"]).resolve() == folder), None)
     try:
-        raw = raw or bench_model(folder, sizes, args.iters, device)
+        raw = timings_of(Path(args.peer_model), result, sizes, args.iters, device)
         result["peers"] = bench_peers(args, levels, device, raw, progress)
     except (BenchError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

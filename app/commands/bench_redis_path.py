@@ -154,11 +154,9 @@ def bench_redis_path(args, levels: list[int], device: str, raw: dict[str, Any], 
 def run_redis_path(args, levels: list[int], result: dict[str, Any], sizes: list[int], device: str,
                    progress: bool) -> None:
     """result["redis_path"]; the model's bare forward comes from the models part when it timed this model."""
-    from app.commands.bench import bench_model
+    from app.commands.bench import timings_of
 
-    folder = Path(args.redis_path_model).resolve()
-    raw = next((m for m in result["models"] if Path(m["folder"]).resolve() == folder), None)
-    raw = raw or bench_model(folder, sizes, args.iters, device)
+    raw = timings_of(Path(args.redis_path_model), result, sizes, args.iters, device)
     result["redis_path"] = bench_redis_path(args, levels, device, raw, progress)
 
 
