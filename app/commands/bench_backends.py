@@ -45,11 +45,11 @@ def _matmuls(device: str) -> dict[str, Any]:
     import torch
 
     from app.commands.bench_report import kernels_limited, machine
+    from model.backends import cpu_has_bf16_units
 
     dtypes = {"fp32": torch.float32}
     dev = torch.device(device)
-    cpu = machine("cpu")
-    if dev.type == "cuda" or ("BF16" in cpu["vector"] and not kernels_limited(cpu)):
+    if dev.type == "cuda" or (cpu_has_bf16_units() and not kernels_limited(machine("cpu"))):
         dtypes["bf16"] = torch.bfloat16
     timers = {}
     for name, dtype in dtypes.items():
