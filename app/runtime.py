@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app import metrics
@@ -25,12 +26,79 @@ if TYPE_CHECKING:
 log = logging.getLogger("s2amnet.runtime")
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _cgroup_dirs(mount: Path, path: str):
+    """The cgroup's directory under ``mount`` and each of its parents up to the mount (limits of the parents
+    apply too). In a container the mount is the container's own cgroup, so only the mount itself exists."""
+    d = mount / path.strip("/")
+    while True:
+        yield d
+        if d == mount or mount not in d.parents:
+            return
+        d = d.parent
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _v2_limit(d: Path) -> float | None:
+    text = _read(d / "cpu.max")  # "max 100000" or "<quota> <period>" (microseconds)
+    if not text or text.startswith("max"):
+        return None
+    quota, _, period = text.partition(" ")
+    return int(quota) / int(period or 100000)
+
+
+def _v1_limit(d: Path) -> float | None:
+    quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
+    if not quota or not period or int(quota) <= 0:  # -1: no quota
+        return None
+    return int(quota) / int(period)
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """CPUs per second this process may use by its cgroup's CPU quota (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us``), the lowest along its cgroup's path; None without a quota. A container started with
+    ``--cpus 2`` (compose: ``cpus`` or ``deploy.resources.limits.cpus``) has one; its affinity mask still
+    shows every core of the host."""
+    text = _read(proc_cgroup)
+    if text is None:
+        return None
+    limits: list[float | None] = []
+    for line in text.splitlines():
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0":  # cgroup v2: mounted at the root, or at root/unified beside v1 hierarchies
+            mount = root if (root / "cgroup.controllers").exists() else root / "unified"
+            limits += [_v2_limit(d) for d in _cgroup_dirs(mount, path)]
+        elif "cpu" in controllers.split(","):
+            mount = root / controllers if (root / controllers).is_dir() else root / "cpu"
+            limits += [_v1_limit(d) for d in _cgroup_dirs(mount, path)]
+    found = [x for x in limits if x is not None]
+    return min(found) if found else None
+
+
 @functools.cache
 def default_torch_threads() -> int:
-    """torch's intra-op thread count as the process started (read once, before `one_torch_thread`)."""
+    """The forward's intra-op threads when S2AMNET_TORCH_THREADS is unset: torch's count as the process
+    started (the CPUs of its affinity mask; read once, before `one_torch_thread`), at most the CPUs its
+    cgroup's quota allows (at least one). With more threads than the quota allows, the kernel throttles the
+    whole process once the quota is spent, and the threads of every op wait for the throttled ones."""
     import torch
 
-    return torch.get_num_threads()
+    threads = torch.get_num_threads()
+    limit = cgroup_cpu_limit()
+    if limit is not None and limit < threads:
+        capped = max(1, int(limit))
+        log.info("torch threads: %d, for a CPU quota of %.2f CPUs (of %d cores)", capped, limit, threads)
+        return capped
+    return threads
 
 
 def configure_torch_threads(num_threads: int | None) -> None:

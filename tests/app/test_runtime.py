@@ -32,6 +32,75 @@ def test_configure_runtime_follows_the_settings(monkeypatch):
     assert calls == [("threads", 3), "tuned", ("threads", None)]
 
 
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_the_cpu_quota_is_read_from_cgroup_v2_and_v1_the_lowest_along_the_path(tmp_path):
+    from app.runtime import cgroup_cpu_limit
+
+    def limit(proc: str, files: dict[str, str]) -> float | None:
+        case = tmp_path / str(len(list(tmp_path.iterdir())))
+        _tree(case / "fs", files)
+        return cgroup_cpu_limit(case / "fs", _tree(case, {"self_cgroup": proc}) / "self_cgroup")
+
+    # a container on cgroup v2: its own cgroup is the mount; the host's path of it does not exist there
+    assert limit("0::/system.slice/docker-1.scope\n",
+                 {"cgroup.controllers": "cpu io", "cpu.max": "150000 100000"}) == 1.5
+    assert limit("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "max 100000"}) is None
+    # a host cgroup below one whose quota is lower: the parent's holds
+    assert limit("0::/a/b\n", {"cgroup.controllers": "cpu", "a/cpu.max": "100000 100000",
+                                "a/b/cpu.max": "400000 100000"}) == 1.0
+    # v2 beside v1 hierarchies (mounted at unified/), and v1's cpu controller with cpuacct
+    assert limit("1:cpu,cpuacct:/docker/1\n0::/docker/1\n",
+                 {"unified/docker/1/cpu.max": "250000 100000", "cpu,cpuacct/cpu.cfs_quota_us": "300000",
+                  "cpu,cpuacct/cpu.cfs_period_us": "100000"}) == 2.5
+    assert limit("3:cpu:/job\n", {"cpu/job/cpu.cfs_quota_us": "50000", "cpu/job/cpu.cfs_period_us": "100000",
+                                   "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}) == 0.5
+    assert limit("3:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}) is None
+    assert limit("3:memory:/x\n", {}) is None
+    assert cgroup_cpu_limit(tmp_path, tmp_path / "no-such-file") is None
+
+
+def test_a_process_under_a_cpu_quota_runs_its_forwards_on_as_many_threads_as_the_quota_allows(tmp_path):
+    """A real cgroup (v1 cpu controller, as root): 1.5 CPUs of a quota give one torch thread, not one per core."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    mount = Path("/sys/fs/cgroup/cpu")
+    if os.geteuid() != 0 or not (mount / "cgroup.procs").exists() or not os.access(mount, os.W_OK):
+        pytest.skip("needs root and a writable cgroup v1 cpu controller")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores")
+    group = mount / f"s2amnet-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("150000")
+        probe = ("from app.runtime import cgroup_cpu_limit, default_torch_threads\n"
+                 "import torch; print(torch.get_num_threads(), cgroup_cpu_limit(), default_torch_threads())")
+
+        def run(cgroup: Path | None) -> list[str]:
+            enter = f"echo $$ > {cgroup / 'cgroup.procs'}; " if cgroup else ""
+            out = subprocess.run(["sh", "-c", f'{enter}exec "$0" -c "$1"', sys.executable, probe], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120, check=True)
+            return out.stdout.split()
+        torch_default, quota, threads = run(group)
+        assert (quota, threads) == ("1.5", "1") and int(torch_default) >= 2
+        from app.runtime import cgroup_cpu_limit
+
+        if cgroup_cpu_limit() is None:  # outside the group, on a machine without a quota: torch's own count
+            assert run(None)[2] == torch_default
+    finally:
+        group.rmdir()
+
+
 def test_the_service_runs_a_model_on_onnxruntime_when_asked(exported_classifier, tmp_path):
     """S2AMNET_MODEL_BACKEND puts one model on ONNX Runtime (its graph found in S2AMNET_CACHE_DIR: no export
     at start-up), the others stay eager; /metrics says which; the answers are those of the eager model."""
