@@ -214,10 +214,17 @@ def _redis_mode(stack: contextlib.ExitStack, folder: Path, task: str, device: st
     pids = [stack.enter_context(_launch(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(log_dir)], _process_env(), answers, log_dir / f"{tag}-redis.log", "redis-server")).pid]
+    # CPU workers on one machine share its cores: each gets its share of the threads, as DEPLOY.md advises
+    # (each with every core's worth of threads, their forwards wait for each other's at every op)
+    per_worker = threads
+    if workers > 1 and not device.startswith("cuda"):
+        from app.runtime import default_torch_threads
+
+        per_worker = max(1, (threads or default_torch_threads()) // workers)
     base = [sys.executable, "-m", "app.cli", "worker", "--redis-url", redis_url, "--weights-dir",
             str(folder.resolve().parent), "--models", folder.name, "--device", device,
             "--metrics-port", str(metrics_port), "--log-level", "warning",
-            *(["--torch-threads", str(threads)] if threads else [])]
+            *(["--torch-threads", str(per_worker)] if per_worker else [])]
     for i in range(workers):
         up = i + 1
         pids.append(stack.enter_context(_launch(
@@ -228,8 +235,9 @@ def _redis_mode(stack: contextlib.ExitStack, folder: Path, task: str, device: st
     cmd = _serve_cmd(folder, device, threads, api_port, ("--redis-url", redis_url))
     pids.append(stack.enter_context(_launch(cmd, _process_env(**SERVE_ENV, **(api_env or {})), url + "/readyz",
                                             log_dir / f"{tag}-api.log", "s2amnet serve --redis-url")).pid)
+    each = f", {per_worker} torch thread{'s' if per_worker > 1 else ''} each" if workers > 1 and per_worker else ""
     return Server(f"s2amnet-{tag}", f"`s2amnet serve --redis-url` with {workers} `s2amnet worker`"
-                  f"{'s' if workers > 1 else ''} (Redis Streams), records off", url, f"/{task}", pids)
+                  f"{'s' if workers > 1 else ''} (Redis Streams){each}, records off", url, f"/{task}", pids)
 
 
 def start_servers(stack: contextlib.ExitStack, folder: Path, task: str, args, device: str,

@@ -144,3 +144,30 @@ def test_bench_peers_reports_litserve_skipped_when_it_cannot_be_imported(tmp_pat
         ("s2amnet", 3, None), ("fastapi", 3, None)]
     assert p["open_loop"] == [] and p["target"]["met"] is None and "no litserve here" in p["target"]["why"]
     assert "| litserve | skipped: litserve is not installed (no litserve here)" in proc.stdout
+
+
+def test_two_cpu_workers_on_one_machine_share_its_cores(tmp_path):
+    """--peer-redis's two workers: real processes, each started with its share of the forward threads, and
+    the pair answers through Redis."""
+    import contextlib
+    from pathlib import Path
+
+    import httpx
+    from support.harness import require_redis_server
+    from support.images import png
+
+    from app.commands.bench_peers import _redis_mode
+
+    require_redis_server()
+    weights = make_weights(tmp_path / "weights", names=["cls"])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with contextlib.ExitStack() as stack:
+        server = _redis_mode(stack, weights / "cls", "classify", "cpu", 4, logs, workers=2)
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in server.pids]
+        workers = [c for c in cmdlines if b"worker" in c]
+        assert len(workers) == 2
+        assert all(c[c.index(b"--torch-threads") + 1] == b"2" for c in workers)  # 4 threads, 2 workers
+        assert "2 `s2amnet worker`s (Redis Streams), 2 torch threads each" in server.what
+        answer = httpx.post(server.url + server.path, files={"file": ("p.png", png(), "image/png")}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["verdict"] in ("pass", "fail")
