@@ -28,7 +28,8 @@ def _split_csv(value: Any) -> Any:
 
 
 # what can run a model's forward: "auto" or one of model.backends.BACKENDS (a test keeps the two equal)
-BackendName = Literal["auto", "eager", "eager-bf16", "compile", "onnxruntime", "openvino", "openvino-bf16"]
+BackendName = Literal["auto", "eager", "eager-channels-last", "eager-bf16", "compile", "onnxruntime", "openvino",
+                      "openvino-bf16"]
 
 
 class Settings(BaseSettings):
@@ -77,7 +78,8 @@ class Settings(BaseSettings):
     )
     backend: BackendName = Field(
         "eager",
-        description="What runs each model's forward: 'eager' PyTorch; 'eager-bf16' (the same under autocast to "
+        description="What runs each model's forward: 'eager' PyTorch; 'eager-channels-last' (the same with its "
+        "weights and input in channels-last memory order); 'eager-bf16' (that under autocast to "
         "bfloat16: a GPU, or a CPU with bf16 units); 'compile' (TorchInductor native code for "
         "this CPU, compiled once, minutes, and cached); 'onnxruntime', 'openvino' or 'openvino-bf16' (the model "
         "exported to ONNX once and cached; openvino: CPU only, the openvino extra; bf16 only on CPUs with bf16 "

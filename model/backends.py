@@ -2,7 +2,9 @@
 or run by ONNX Runtime or OpenVINO.
 
 - ``eager``: the PyTorch module (BatchNorm folded), as trained.
-- ``eager-bf16``: the same module under autocast to bfloat16: convolutions and matrix products in bf16, the
+- ``eager-channels-last``: the same module with its weights and input in channels-last memory order (NHWC),
+  the order oneDNN's and cuDNN's convolutions run fastest in; the same arithmetic.
+- ``eager-bf16``: the same, under autocast to bfloat16: convolutions and matrix products in bf16, the
   frequency blocks in float32 as always (they turn autocast off); on a GPU, or a CPU with bf16 matrix units.
   Less exact: like every backend, used only where its outputs pass the parity check.
 - ``compile``: the module captured by `torch.export` (real-valued frequency blocks, dynamic batch) and compiled
@@ -28,6 +30,7 @@ Test-time augmentation runs only in eager (the flipped views are averaged betwee
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -43,12 +46,13 @@ import torch
 
 from model.blocks import use_real_valued_fft
 
-__all__ = ["BACKENDS", "AutocastRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
+__all__ = ["BACKENDS", "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
            "compile_package", "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner",
            "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units"]
 
 GRAPH_BACKENDS = ("compile", "onnxruntime", "openvino", "openvino-bf16")  # run an exported graph, not the module
-BACKENDS = ("eager", "eager-bf16", *GRAPH_BACKENDS)
+MODULE_BACKENDS = ("eager-channels-last", "eager-bf16")  # run the module itself, differently
+BACKENDS = ("eager", *MODULE_BACKENDS, *GRAPH_BACKENDS)
 RUNNER_BACKENDS = BACKENDS[1:]  # set a runner on the Predictor: what `auto` chooses among, beside plain eager
 MAX_EXPORT_BATCH = 256
 
@@ -177,23 +181,29 @@ def cpu_has_bf16_units() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class AutocastRunner:
-    """``eager-bf16``: the module itself (no export) under `torch.autocast` to bfloat16, returning what an
-    exported graph returns (classify / segment logits, detect boxes and scores)."""
+class ModuleRunner:
+    """``eager-channels-last`` and ``eager-bf16``: the module itself, nothing exported or compiled, on a copy of
+    its weights in channels-last memory order (NHWC) and fed its input in the same order. Convolutions in
+    oneDNN (CPU) and cuDNN (GPU) run fastest in that order and eager PyTorch otherwise reorders around every
+    one of them; the arithmetic is the same, so the outputs agree with eager to float rounding. ``bf16``
+    (``eager-bf16``): also under `torch.autocast` to bfloat16 (the frequency blocks stay in float32: they turn
+    autocast off), on a GPU or a CPU with bf16 matrix units. Returns what an exported graph returns (classify /
+    segment logits, detect boxes and scores), in the usual contiguous order."""
 
-    name = "eager-bf16"
-
-    def __init__(self, model: torch.nn.Module, device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, device: str = "cpu", bf16: bool = False):
         dev = torch.device(device)
-        if dev.type == "cpu" and not cpu_has_bf16_units():
+        if bf16 and dev.type == "cpu" and not cpu_has_bf16_units():
             raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
-        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if bf16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"{device} does not compute in bfloat16")
-        self.module, self.device_type = _Exported(model), dev.type
+        self.name = "eager-bf16" if bf16 else "eager-channels-last"
+        self.bf16, self.device_type = bf16, dev.type
+        self.module = _Exported(copy.deepcopy(model).to(memory_format=torch.channels_last)).eval()
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.inference_mode(), torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return _outputs(self.module(x))
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16):
+            return tuple(o.contiguous() for o in _outputs(self.module(x)))
 
 
 class _AotiLibrary:
@@ -496,8 +506,8 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
     if backend not in RUNNER_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(RUNNER_BACKENDS)}, not {backend!r}")
     device = str(predictor.device)
-    if backend == "eager-bf16":  # nothing to export or compile
-        return AutocastRunner(predictor.model, device), None, True
+    if backend in MODULE_BACKENDS:  # nothing to export or compile
+        return ModuleRunner(predictor.model, device, bf16=backend == "eager-bf16"), None, True
     if backend == "compile":
         path, spent = compiled_package(predictor, cache_dir)
         return CompiledRunner(path, device=device, input_size=predictor.input_size), spent, spent is None

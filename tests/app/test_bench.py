@@ -115,7 +115,8 @@ def test_bench_refuses_a_merge_without_out_and_a_service_backend_that_does_not_e
     monkeypatch.setenv("S2AMNET_BACKEND", "tensorrt")
     assert main(["bench", "--weights", str(weights / "cls"), "--out", str(tmp_path / "B.md")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: S2AMNET_BACKEND=tensorrt: not one of auto, eager, eager-bf16, compile")
+    assert err.startswith("error: S2AMNET_BACKEND=tensorrt: not one of auto, eager, eager-channels-last, eager-bf16, "
+                          "compile")
 
 
 def test_bench_without_weights_needs_a_weights_folder(tmp_path, monkeypatch, capsys):

@@ -61,7 +61,8 @@ def test_export_finds_what_the_service_cached_and_eval_scores_every_backend_as_e
         assert got["confusion"] == eager["confusion"]
     assert sorted(p.name for p in cache.glob("*.*")) == before  # nothing exported or compiled again
     bad = _cli(*args, "--backend", "tensorrt", env=env)
-    assert bad.returncode == 2 and "--backend must be one of eager, eager-bf16, compile" in bad.stderr
+    assert bad.returncode == 2
+    assert "--backend must be one of eager, eager-channels-last, eager-bf16, compile" in bad.stderr
     missing = _cli("export", "--weights", str(tmp_path / "missing"), env=env)
     assert missing.returncode == 2 and "error:" in missing.stderr
 

@@ -230,7 +230,7 @@ def test_eager_bf16_runs_the_module_under_autocast_on_a_cpu_with_bf16_units(fold
     p = Predictor.from_folder(folders["detect"])
     if not backends.cpu_has_bf16_units():  # refused, and the model stays on eager with the reason
         with pytest.raises(ValueError, match="bf16 matrix units"):
-            backends.AutocastRunner(p.model, "cpu")
+            backends.ModuleRunner(p.model, "cpu", bf16=True)
         report = backends.choose_backend(p, "eager-bf16")
         assert report.chosen == "eager" and p.runner is None and "bf16 matrix units" in report.reason
         return
@@ -247,3 +247,26 @@ def test_eager_bf16_runs_the_module_under_autocast_on_a_cpu_with_bf16_units(fold
     p.runner = runner  # served through the Predictor as any runner
     out = p.infer(arrays)
     assert [set(o) for o in out] == [{"boxes", "scores"}] * 2 and out[0]["scores"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_eager_channels_last_runs_a_copy_of_the_module_in_nhwc_and_agrees_with_eager(folders, task):
+    p = Predictor.from_folder(folders[task])
+    report = backends.choose_backend(p, "eager-channels-last")
+    assert report.chosen == "eager-channels-last" and p.runner.name == "eager-channels-last", report.reason
+    conv = next(m for m in p.runner.module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and conv.weight.shape[1] > 1
+    plain = next(m for m in p.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert not plain.weight.is_contiguous(memory_format=torch.channels_last)  # eager's own weights untouched
+    x = torch.rand(3, 3, SIZE, SIZE)
+    outs = p.runner(x)
+    with torch.inference_mode():
+        y = p.model(x)
+        ref = p.model.decode(y) if task == "detect" else (y,)
+    for o, r in zip(outs, ref, strict=True):  # the same arithmetic, and handed back in the usual order
+        assert o.is_contiguous() and o.dtype == torch.float32 and torch.allclose(o, r, atol=1e-4, rtol=1e-4)
+    arrays = [np.random.default_rng(i).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8) for i in range(3)]
+    served = p.infer(arrays)
+    p.runner = None
+    for a, b in zip(served, p.infer(arrays), strict=True):
+        assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
