@@ -28,8 +28,8 @@ def _split_csv(value: Any) -> Any:
 
 
 # what can run a model's forward: "auto" or one of model.backends.BACKENDS (a test keeps the two equal)
-BackendName = Literal["auto", "eager", "eager-channels-last", "eager-bf16", "compile", "onnxruntime", "openvino",
-                      "openvino-bf16"]
+BackendName = Literal["auto", "eager", "eager-channels-last", "eager-bf16", "compile", "compile-bf16", "onnxruntime",
+                      "openvino", "openvino-bf16"]
 
 
 class Settings(BaseSettings):

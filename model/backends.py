@@ -11,6 +11,8 @@ or run by ONNX Runtime or OpenVINO.
   ahead of time by TorchInductor (AOTInductor, weights frozen into the graph) into a ``.pt2`` package of native
   code for this CPU's instruction set; CPU only. Compiling takes minutes on a small CPU, once: the package is
   cached, and loading it takes milliseconds.
+- ``compile-bf16``: the same, captured under autocast to bfloat16 (the frequency blocks in float32, as in
+  eager-bf16); on a CPU with bf16 matrix units. Less exact, like every bf16 backend.
 - ``onnxruntime``: the module exported to ONNX (`export_onnx`: the frequency blocks switched to their
   real-valued formulation, detect with its box decoding inside the graph, a dynamic batch dimension) and
   run by ONNX Runtime's CPU provider (or CUDA where it is installed and the device is a GPU).
@@ -50,7 +52,8 @@ __all__ = ["BACKENDS", "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "O
            "compile_package", "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner",
            "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units"]
 
-GRAPH_BACKENDS = ("compile", "onnxruntime", "openvino", "openvino-bf16")  # run an exported graph, not the module
+# run an exported graph, not the module
+GRAPH_BACKENDS = ("compile", "compile-bf16", "onnxruntime", "openvino", "openvino-bf16")
 MODULE_BACKENDS = ("eager-channels-last", "eager-bf16")  # run the module itself, differently
 BACKENDS = ("eager", *MODULE_BACKENDS, *GRAPH_BACKENDS)
 RUNNER_BACKENDS = BACKENDS[1:]  # set a runner on the Predictor: what `auto` chooses among, beside plain eager
@@ -102,13 +105,21 @@ def _real_valued(model: torch.nn.Module):
 
 
 class _Exported(torch.nn.Module):
-    """What the graph computes: normalised input → classify / segment logits, detect (boxes, scores)."""
+    """What the graph computes: normalised input → classify / segment logits, detect (boxes, scores).
+    ``bf16``: under autocast to bfloat16 on the CPU, the outputs handed back in float32."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, bf16: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.bf16 = model, bf16
 
     def forward(self, x: torch.Tensor):
+        if self.bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = self._forward(x)
+            return out.float() if isinstance(out, torch.Tensor) else tuple(o.float() for o in out)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
         y = self.model(x)
         if getattr(self.model, "task", "") == "detect":
             return self.model.decode(y)
@@ -147,17 +158,19 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
 
 
-def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str | os.PathLike) -> Path:
+def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str | os.PathLike,
+                    bf16: bool = False) -> Path:
     """Compile ``model`` (eval mode, on the CPU) ahead of time with TorchInductor into a ``.pt2`` package:
     `torch.export` of what `_Exported` computes with a dynamic batch dimension, the weights frozen into the
-    graph (constant folding, convolutions fused with what follows them), native code for this machine's CPU."""
+    graph (constant folding, convolutions fused with what follows them), native code for this machine's CPU.
+    ``bf16``: captured under autocast to bfloat16 (outputs in float32)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in input_size)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
     try:
         with _real_valued(model), torch.inference_mode():
-            program = torch.export.export(_Exported(model).eval(), (torch.zeros(2, 3, h, w),),
+            program = torch.export.export(_Exported(model, bf16).eval(), (torch.zeros(2, 3, h, w),),
                                           dynamic_shapes={"x": {0: _batch_dim()}})
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                      inductor_configs={"freezing": True})
@@ -272,11 +285,11 @@ class CompiledRunner:
     `OnnxRuntimeRunner`. ``input_size`` (H, W), when given, is checked before each forward: the native code
     does not check shapes, and a batch of another size would crash the process instead of raising."""
 
-    name = "compile"
-
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", input_size: Sequence[int] | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", input_size: Sequence[int] | None = None,
+                 name: str = "compile"):
         if not device.startswith("cpu"):
             raise ValueError(f"the compile backend runs on the CPU, not {device}")
+        self.name = name  # compile, or compile-bf16 (what the package was compiled as)
         self.path = Path(path)
         self.input_size = tuple(int(v) for v in input_size) if input_size is not None else None
         try:
@@ -465,13 +478,17 @@ class BackendReport:
 
 def cache_path(predictor, backend: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the export cache keeps ``backend``'s artefact for the predictor's weights, present or not: the
-    ONNX graph (onnxruntime and both openvino backends run it) or, for compile, the package for this CPU."""
+    ONNX graph (onnxruntime and both openvino backends run it) or, for compile and compile-bf16, the package
+    for this CPU."""
     if backend not in GRAPH_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(GRAPH_BACKENDS)}, not {backend!r}")
     sha = str(predictor.manifest.get("sha256") or "")
     if not sha:
         raise ValueError("the weights have no sha256 in their manifest: nothing to key a cached export by")
-    suffix, kind = ("pt2", f"aoti-{cpu_isa()}") if backend == "compile" else ("onnx", "onnx")
+    if backend.startswith("compile"):
+        suffix, kind = "pt2", f"aoti{'-bf16' if backend.endswith('bf16') else ''}-{cpu_isa()}"
+    else:
+        suffix, kind = "onnx", "onnx"
     return Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size, kind)}.{suffix}"
 
 
@@ -492,12 +509,14 @@ def exported_graph(predictor, cache_dir: str | os.PathLike | None = None) -> tup
                    lambda path: export_onnx(predictor.model, predictor.input_size, path))
 
 
-def compiled_package(predictor, cache_dir: str | os.PathLike | None = None) -> tuple[Path, float | None]:
-    """The predictor's AOTInductor package for this CPU in the cache, compiled now when missing (minutes)."""
+def compiled_package(predictor, cache_dir: str | os.PathLike | None = None,
+                     bf16: bool = False) -> tuple[Path, float | None]:
+    """The predictor's AOTInductor package for this CPU in the cache (``bf16``: the compile-bf16 one), compiled
+    now when missing (minutes)."""
     if predictor.device.type != "cpu":
-        raise ValueError(f"the compile backend runs on the CPU, not {predictor.device}")
-    return _cached(cache_path(predictor, "compile", cache_dir),
-                   lambda path: compile_package(predictor.model, predictor.input_size, path))
+        raise ValueError(f"the compile backends run on the CPU, not {predictor.device}")
+    return _cached(cache_path(predictor, "compile-bf16" if bf16 else "compile", cache_dir),
+                   lambda path: compile_package(predictor.model, predictor.input_size, path, bf16=bf16))
 
 
 def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
@@ -508,9 +527,12 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
     device = str(predictor.device)
     if backend in MODULE_BACKENDS:  # nothing to export or compile
         return ModuleRunner(predictor.model, device, bf16=backend == "eager-bf16"), None, True
-    if backend == "compile":
-        path, spent = compiled_package(predictor, cache_dir)
-        return CompiledRunner(path, device=device, input_size=predictor.input_size), spent, spent is None
+    if backend.startswith("compile"):
+        bf16 = backend == "compile-bf16"
+        if bf16 and not cpu_has_bf16_units():  # refused before minutes of compiling
+            raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        path, spent = compiled_package(predictor, cache_dir, bf16=bf16)
+        return CompiledRunner(path, device=device, input_size=predictor.input_size, name=backend), spent, spent is None
     if backend == "openvino-bf16":
         _require_bf16_units()  # before exporting a graph it could not run
     path, spent = exported_graph(predictor, cache_dir)

@@ -17,20 +17,22 @@ def add_parser(sub) -> None:
         description="Exports the model (BatchNorm folded, the frequency blocks in their real-valued form, "
                     "detect with its box decoding, a dynamic batch dimension) to ONNX (or, --format openvino, "
                     "to OpenVINO IR: model.xml + model.bin; --format compile, to a TorchInductor package of "
-                    "native code for this machine's CPU: model.pt2), runs it on a fixed "
+                    "native code for this machine's CPU: model.pt2; --format compile-bf16, the same computing "
+                    "in bfloat16 on a CPU with bf16 units: model-bf16.pt2), runs it on a fixed "
                     "check set and reports whether its outputs agree with eager PyTorch "
                     "(classify probabilities within 1e-3, the same detections after NMS, segment labels on "
                     ">= 99.9 %% of the pixels). The graph takes the normalised image, N x 3 x H x W float32 "
                     "((pixel / 255 - mean) / std, from the manifest); detect returns boxes in input pixels "
                     "and per-class scores before NMS.")
     p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "openvino", "compile"],
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino", "compile", "compile-bf16"],
                    help="output format (default onnx)")
     p.add_argument("--out", help="output file (default: <weights>/model.onnx, model.xml for openvino, model.pt2 "
-                                 "for compile); made from the service's export cache when it holds these weights")
+                                 "for compile, model-bf16.pt2 for compile-bf16); made from the service's export "
+                                 "cache when it holds these weights")
     p.add_argument("--cache", action="store_true",
                    help="write into the service's export cache (S2AMNET_CACHE_DIR) instead, so that a service "
-                        "started with S2AMNET_BACKEND=auto, compile, onnxruntime or openvino finds it")
+                        "started with S2AMNET_BACKEND=auto, compile, compile-bf16, onnxruntime or openvino finds it")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
     p.set_defaults(func=run)
 
@@ -72,19 +74,25 @@ def _export(args, predictor):
     from model import backends
     from model.checkpoint import atomic_write_bytes
 
-    backend = {"openvino": "openvino", "compile": "compile"}.get(args.format, "onnxruntime")
+    backend = args.format if args.format in ("openvino", "compile", "compile-bf16") else "onnxruntime"
     if args.cache:  # the service's cache holds the ONNX graph (OpenVINO compiles it at start) or the package
         runner, spent, cached = backends.load_runner(predictor, backend)
         return runner.path, runner, spent, cached
     t0 = time.perf_counter()
-    default = {"openvino": "model.xml", "compile": "model.pt2"}.get(args.format, "model.onnx")
+    default = {"openvino": "model.xml", "compile": "model.pt2", "compile-bf16": "model-bf16.pt2"}.get(
+        args.format, "model.onnx")
     path = Path(args.out) if args.out else Path(args.weights) / default
     path.parent.mkdir(parents=True, exist_ok=True)
     found = _in_cache(predictor, backend)  # the service exported these weights already: the same graph
-    if args.format in ("onnx", "compile"):
-        build, make_runner = {"onnx": (backends.export_onnx, backends.OnnxRuntimeRunner),
-                              "compile": (backends.compile_package, functools.partial(
-                                  backends.CompiledRunner, input_size=predictor.input_size))}[args.format]
+    if args.format != "openvino":
+        if args.format == "onnx":
+            build, make_runner = backends.export_onnx, backends.OnnxRuntimeRunner
+        else:
+            bf16 = args.format == "compile-bf16"
+            if bf16 and not backends.cpu_has_bf16_units():
+                raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+            build = functools.partial(backends.compile_package, bf16=bf16)
+            make_runner = functools.partial(backends.CompiledRunner, input_size=predictor.input_size, name=args.format)
         if found:
             atomic_write_bytes(path, found.read_bytes())
         else:

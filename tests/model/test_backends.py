@@ -270,3 +270,24 @@ def test_eager_channels_last_runs_a_copy_of_the_module_in_nhwc_and_agrees_with_e
     p.runner = None
     for a, b in zip(served, p.infer(arrays), strict=True):
         assert all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
+
+
+def test_compile_bf16_runs_the_package_compiled_under_autocast_on_a_cpu_with_bf16_units(compiled_classifier,
+                                                                                          tmp_path):
+    folder, cache = compiled_classifier
+    p = Predictor.from_folder(folder)
+    if not backends.cpu_has_bf16_units():  # refused before any compiling, and the model stays on eager
+        report = backends.choose_backend(p, "compile-bf16", cache_dir=tmp_path)
+        assert report.chosen == "eager" and "bf16 matrix units" in report.reason and not list(tmp_path.iterdir())
+        return
+    runner, spent, cached = backends.load_runner(p, "compile-bf16", cache_dir=cache)
+    assert runner.name == "compile-bf16" and cached and spent is None  # built in the background, found here
+    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-bf16-{backends.cpu_isa()}-64x64-*.pt2")
+    assert runner.path == package and package != backends.cache_path(p, "compile", cache)
+    x = torch.rand(3, 3, SIZE, SIZE)
+    (got,) = runner(x)
+    with torch.inference_mode():
+        ref = p.model(x)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert not torch.allclose(got, ref, atol=1e-5)  # computed in bf16, not fp32
+    assert torch.allclose(got.softmax(1), ref.softmax(1), atol=0.02)
