@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         description="What runs each model's forward: 'eager' PyTorch; 'eager-channels-last' (the same with its "
         "weights and input in channels-last memory order); 'eager-bf16' (that under autocast to "
         "bfloat16: a GPU, or a CPU with bf16 units); 'compile' (TorchInductor native code for "
-        "this CPU, compiled once, minutes, and cached); 'onnxruntime', 'openvino' or 'openvino-bf16' (the model "
+        "this CPU, compiled once, minutes, and cached); 'compile-bf16' (the same under autocast to bfloat16, on a "
+        "CPU with bf16 units); 'onnxruntime', 'openvino' or 'openvino-bf16' (the model "
         "exported to ONNX once and cached; openvino: CPU only, the openvino extra; bf16 only on CPUs with bf16 "
         "units). Every backend is checked against eager before use. 'auto': at start-up the fastest of them "
         "whose outputs agree with eager. A backend that cannot run a model leaves it on eager, logged.",

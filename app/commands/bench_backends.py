@@ -177,7 +177,9 @@ def backends_markdown(results: list[dict[str, Any]], run: dict[str, Any] | None 
     own = [own_line(run), ""] if run is not None else []
     lines = [f"{BACKENDS_HEADING}: eager PyTorch, compiled, ONNX Runtime, OpenVINO (`S2AMNET_BACKEND`)", "", *own,
              "The same `Predictor.infer` with the forward run by eager PyTorch and by each backend of "
-             "`model.backends` (`compile`: TorchInductor native code for this CPU; `onnxruntime` and `openvino`: the "
+             "`model.backends` (`eager-channels-last`: the module with its weights and input in NHWC memory order; "
+             "`eager-bf16`: that under autocast to bfloat16; `compile`: TorchInductor native code for this CPU, "
+             "`compile-bf16` the same compiled under autocast to bfloat16; `onnxruntime` and `openvino`: the "
              "model exported once to ONNX with its real-valued frequency blocks; `openvino-bf16`: OpenVINO computing "
              "in bfloat16), timed in interleaved rounds. Cells: ms per image, gain = eager ms ÷ backend ms. "
              "\"(disagrees)\": the outputs fail the parity check of `model.backends.check_parity` (classify "
