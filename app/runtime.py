@@ -53,14 +53,21 @@ def _v2_limit(d: Path) -> float | None:
     if not text or text.startswith("max"):
         return None
     quota, _, period = text.partition(" ")
-    return int(quota) / int(period or 100000)
+    return _ratio(quota, period or "100000")
 
 
 def _v1_limit(d: Path) -> float | None:
     quota, period = _read(d / "cpu.cfs_quota_us"), _read(d / "cpu.cfs_period_us")
-    if not quota or not period or int(quota) <= 0:  # -1: no quota
+    return _ratio(quota, period) if quota and period else None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    """quota ÷ period; None for no quota (-1) or what is not a pair of positive integers."""
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
         return None
-    return int(quota) / int(period)
+    return q / p if q > 0 and p > 0 else None
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:

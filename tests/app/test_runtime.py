@@ -62,6 +62,7 @@ def test_the_cpu_quota_is_read_from_cgroup_v2_and_v1_the_lowest_along_the_path(t
                                    "cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}) == 0.5
     assert limit("3:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}) is None
     assert limit("3:memory:/x\n", {}) is None
+    assert limit("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "garbage"}) is None  # never a crash at start
     assert cgroup_cpu_limit(tmp_path, tmp_path / "no-such-file") is None
 
 
