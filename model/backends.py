@@ -163,7 +163,9 @@ def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str
     """Compile ``model`` (eval mode, on the CPU) ahead of time with TorchInductor into a ``.pt2`` package:
     `torch.export` of what `_Exported` computes with a dynamic batch dimension, the weights frozen into the
     graph (constant folding, convolutions fused with what follows them), native code for this machine's CPU.
-    ``bf16``: captured under autocast to bfloat16 (outputs in float32)."""
+    ``bf16``: captured under autocast to bfloat16 (outputs in float32); only on a CPU with bf16 units."""
+    if bf16:
+        require_cpu_bf16_units()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in input_size)
@@ -194,6 +196,15 @@ def cpu_has_bf16_units() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+NO_BF16_UNITS = "this CPU has no bf16 matrix units (AVX512-BF16 or AMX)"
+
+
+def require_cpu_bf16_units() -> None:
+    """Raise ValueError unless this CPU has bf16 matrix units (`cpu_has_bf16_units`): the bf16 backends need them."""
+    if not cpu_has_bf16_units():
+        raise ValueError(NO_BF16_UNITS)
+
+
 class ModuleRunner:
     """``eager-channels-last`` and ``eager-bf16``: the module itself, nothing exported or compiled, on a copy of
     its weights in channels-last memory order (NHWC) and fed its input in the same order. Convolutions in
@@ -205,8 +216,8 @@ class ModuleRunner:
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", bf16: bool = False):
         dev = torch.device(device)
-        if bf16 and dev.type == "cpu" and not cpu_has_bf16_units():
-            raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        if bf16 and dev.type == "cpu":
+            require_cpu_bf16_units()
         if bf16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"{device} does not compute in bfloat16")
         self.name = "eager-bf16" if bf16 else "eager-channels-last"
@@ -346,7 +357,7 @@ def _require_bf16_units(core=None) -> None:
 
         core = ov.Core()
     if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        raise ValueError(NO_BF16_UNITS)
 
 
 class OpenVinoRunner:
@@ -529,8 +540,8 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
         return ModuleRunner(predictor.model, device, bf16=backend == "eager-bf16"), None, True
     if backend.startswith("compile"):
         bf16 = backend == "compile-bf16"
-        if bf16 and not cpu_has_bf16_units():  # refused before minutes of compiling
-            raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
+        if bf16:  # refused before minutes of compiling, or before loading a package built on another CPU
+            require_cpu_bf16_units()
         path, spent = compiled_package(predictor, cache_dir, bf16=bf16)
         return CompiledRunner(path, device=device, input_size=predictor.input_size, name=backend), spent, spent is None
     if backend == "openvino-bf16":

@@ -88,10 +88,7 @@ def _export(args, predictor):
         if args.format == "onnx":
             build, make_runner = backends.export_onnx, backends.OnnxRuntimeRunner
         else:
-            bf16 = args.format == "compile-bf16"
-            if bf16 and not backends.cpu_has_bf16_units():
-                raise ValueError("this CPU has no bf16 matrix units (AVX512-BF16 or AMX)")
-            build = functools.partial(backends.compile_package, bf16=bf16)
+            build = functools.partial(backends.compile_package, bf16=args.format == "compile-bf16")
             make_runner = functools.partial(backends.CompiledRunner, input_size=predictor.input_size, name=args.format)
         if found:
             atomic_write_bytes(path, found.read_bytes())
