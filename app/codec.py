@@ -76,18 +76,18 @@ def decode_base64(text: str, index: int = 0) -> bytes:
         raise bad_image(f"image {index}: invalid base64 ({exc})") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any mode → 8-bit RGB by the conversion that training and evaluation use too
-    (`model.transforms.to_rgb_uint8`)."""
-    if img.mode == "RGB":
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Any mode → 8-bit grey (L) or RGB by the conversion that training and evaluation use too
+    (`model.transforms.to_uint8`)."""
+    if img.mode in ("L", "RGB"):
         return img
-    from model.transforms import to_rgb_uint8
+    from model.transforms import to_uint8
 
-    return Image.fromarray(to_rgb_uint8(img), "RGB")
+    return Image.fromarray(to_uint8(img))
 
 
 def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0) -> Image.Image:
-    """Bytes -> upright RGB image (fully loaded), or raise a Problem."""
+    """Bytes -> upright 8-bit image, grey (L) or RGB, fully loaded; or raise a Problem."""
     if not data:
         raise bad_image(f"image {index}: empty file")
     try:
@@ -118,8 +118,8 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int 
             warnings.simplefilter("ignore")
             img.load()  # truncated / corrupt data fails here (LOAD_TRUNCATED_IMAGES stays False)
             img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
-            rgb.load()
+            img = _to_8bit(img)
+            img.load()
     except Problem:
         raise
     except MemoryError:
@@ -128,4 +128,4 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int 
         raise bad_image(
             f"image {index}: corrupt or truncated image data ({type(exc).__name__}: {exc})"
         ) from None
-    return rgb
+    return img

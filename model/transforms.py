@@ -1,7 +1,8 @@
 """Inference-time preprocessing geometry and its inverse.
 
-* :func:`to_rgb_uint8` — any decoded image (PIL in any mode, or a numpy array H×W / H×W×1/3/4 of
-  uint8 / uint16 / bool / float) → H×W×3 uint8 RGB.
+* :func:`to_uint8` — any decoded image (PIL in any mode, or a numpy array H×W / H×W×1/3/4 of
+  uint8 / uint16 / bool / float) → H×W uint8 for a grey image, H×W×3 uint8 RGB otherwise;
+  :func:`to_rgb_uint8` — the same, always H×W×3 (a grey image in all three channels).
 * :func:`prepare` — letterbox or resize ("stretch") to the model input size → (C×H×W uint8 array,
   meta). Both are ``model.data.augment``'s own ``letterbox`` / ``resize`` (the functions training uses),
   so inference sees the same geometry and interpolation as training.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "to_uint8",
     "to_rgb_uint8",
     "resize_rgb",
     "prepare",
@@ -45,7 +47,7 @@ def _float_to_uint8(a: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+def _array_to_uint8(a: np.ndarray) -> np.ndarray:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
@@ -68,21 +70,21 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
         a = _float_to_uint8(a)
     else:
         raise ValueError(f"unsupported image dtype {a.dtype}")
-    if a.ndim == 2:
-        a = np.repeat(a[:, :, None], 3, axis=2)
-    elif a.shape[2] == 4:  # RGBA: alpha is ignored (inspection images are opaque)
+    if a.ndim == 3 and a.shape[2] == 4:  # RGBA: alpha is ignored (inspection images are opaque)
         a = a[:, :, :3]
     return np.ascontiguousarray(a)
 
 
-def to_rgb_uint8(image) -> np.ndarray:
-    """Decoded image → H×W×3 uint8 RGB: the one conversion that serving, training and evaluation share.
+def to_uint8(image) -> np.ndarray:
+    """Decoded image → H×W uint8 (grey) or H×W×3 uint8 RGB: the one conversion that serving, training and
+    evaluation share.
 
     PIL images: EXIF orientation is applied if the image still carries it (idempotent: an already
     transposed image has no orientation tag); 16-bit / 32-bit integer modes are scaled from their full
     range (65535 → 255), not clipped and not by each image's own maximum; float images as `_float_to_uint8`;
-    palette, LA, RGBA, CMYK, YCbCr and 1-bit images are converted, alpha dropped.
-    numpy arrays are taken as H×W×C (channels last) RGB(A) or H×W grey.
+    grey modes (L, LA, 1, 16-bit, integer, float) stay grey; palette, RGBA, CMYK and YCbCr images become
+    RGB; alpha is dropped.
+    numpy arrays are taken as H×W×C (channels last) RGB(A) or H×W (×1) grey.
     """
     try:
         from PIL import Image, ImageOps
@@ -107,15 +109,23 @@ def to_rgb_uint8(image) -> np.ndarray:
                 )
             elif mode.startswith("I;16"):
                 arr = arr.astype(np.uint16)
-            return _array_to_rgb(arr)
-        if mode != "RGB":
+            return _array_to_uint8(arr)
+        if mode in ("1", "LA"):
+            img = img.convert("L")
+        elif mode not in ("L", "RGB"):
             if mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
             img = img.convert("RGB")
         return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
+        return _array_to_uint8(image)
     raise TypeError(f"expected a PIL.Image or a numpy array, got {type(image).__name__}")
+
+
+def to_rgb_uint8(image) -> np.ndarray:
+    """Decoded image → H×W×3 uint8 RGB (`to_uint8`, a grey image copied into all three channels)."""
+    a = to_uint8(image)
+    return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2)) if a.ndim == 2 else a
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,7 +133,8 @@ def to_rgb_uint8(image) -> np.ndarray:
 
 
 def resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (aspect ratio not kept) to (h, w) — ``model.data.augment.resize``, as in training."""
+    """Bilinear resize (aspect ratio not kept) of an H×W×3 or H×W image to (h, w) —
+    ``model.data.augment.resize``, as in training."""
     from model.data.augment import resize
 
     return resize(rgb, (int(size_hw[1]), int(size_hw[0])))
@@ -138,17 +149,17 @@ def prepare(image, input_size, mode: str = "letterbox", pad_value: int = 114) ->
     ``mode``: "letterbox" (keep the aspect ratio, pad centred with ``pad_value``) or "resize" (alias
     "stretch": scale each axis independently). Both are the training pipeline's own functions.
     """
-    rgb = to_rgb_uint8(image)
-    oh, ow = rgb.shape[:2]
+    pixels = to_uint8(image)  # a grey image is resized once, not once per channel: the same values
+    oh, ow = pixels.shape[:2]
     ih, iw = int(input_size[0]), int(input_size[1])
     kind = RESIZE_MODES.get(mode)
     if kind == "resize":
-        out = resize_rgb(rgb, (ih, iw))
+        out = resize_rgb(pixels, (ih, iw))
         meta = {"scale_x": iw / ow, "scale_y": ih / oh, "pad_x": 0.0, "pad_y": 0.0}
     elif kind == "letterbox":
         from model.data.augment import letterbox
 
-        out, scale, (pad_x, pad_y) = letterbox(rgb, (ih, iw), pad_value=int(pad_value))
+        out, scale, (pad_x, pad_y) = letterbox(pixels, (ih, iw), pad_value=int(pad_value))
         meta = {
             "scale_x": float(scale),
             "scale_y": float(scale),
@@ -158,10 +169,11 @@ def prepare(image, input_size, mode: str = "letterbox", pad_value: int = 114) ->
     else:
         raise ValueError(f"unknown preprocessing mode {mode!r} (resize | letterbox)")
     out = np.asarray(out)
-    if out.shape != (ih, iw, 3):  # pragma: no cover - guards the contract with model.data.augment
-        raise RuntimeError(f"preprocessing produced {out.shape}, expected {(ih, iw, 3)}")
+    if out.shape[:2] != (ih, iw):  # pragma: no cover - guards the contract with model.data.augment
+        raise RuntimeError(f"preprocessing produced {out.shape}, expected {(ih, iw)}")
     meta = {"mode": kind, "orig_w": int(ow), "orig_h": int(oh), "input_w": iw, "input_h": ih, **meta}
-    return np.ascontiguousarray(out.transpose(2, 0, 1)), meta
+    chw = np.broadcast_to(out, (3, ih, iw)) if out.ndim == 2 else out.transpose(2, 0, 1)
+    return np.ascontiguousarray(chw), meta
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""app.codec: every input mode becomes upright 8-bit RGB; bad input becomes the right problem."""
+"""app.codec: every input mode becomes upright 8-bit grey (L) or RGB; bad input becomes the right problem."""
 
 from __future__ import annotations
 
@@ -33,26 +33,26 @@ def test_rgb_png_roundtrip_is_exact():
 
 
 @pytest.mark.parametrize(
-    "mode, fmt",
+    "mode, fmt, decoded",
     [
-        ("L", "PNG"),
-        ("L", "JPEG"),
-        ("1", "PNG"),
-        ("P", "PNG"),
-        ("RGBA", "PNG"),
-        ("LA", "PNG"),
-        ("CMYK", "JPEG"),
-        ("CMYK", "TIFF"),
-        ("I;16", "PNG"),
-        ("I", "TIFF"),
-        ("F", "TIFF"),
-        ("RGB", "BMP"),
-        ("RGB", "WEBP"),
-        ("RGB", "GIF"),
-        ("YCbCr", "JPEG"),
+        ("L", "PNG", "L"),
+        ("L", "JPEG", "L"),
+        ("1", "PNG", "L"),
+        ("P", "PNG", "RGB"),
+        ("RGBA", "PNG", "RGB"),
+        ("LA", "PNG", "L"),
+        ("CMYK", "JPEG", "RGB"),
+        ("CMYK", "TIFF", "RGB"),
+        ("I;16", "PNG", "L"),
+        ("I", "TIFF", "L"),
+        ("F", "TIFF", "L"),
+        ("RGB", "BMP", "RGB"),
+        ("RGB", "WEBP", "RGB"),
+        ("RGB", "GIF", "RGB"),  # GIF keeps a palette: colour
+        ("YCbCr", "JPEG", "RGB"),
     ],
 )
-def test_every_mode_becomes_rgb(mode, fmt):
+def test_every_mode_becomes_8_bit_grey_or_rgb(mode, fmt, decoded):
     base = Image.fromarray(pattern(40, 24))
     if mode == "I;16":
         img = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)
@@ -63,7 +63,7 @@ def test_every_mode_becomes_rgb(mode, fmt):
     else:
         img = base.convert(mode)
     out = decode(encode(img, fmt))
-    assert out.mode == "RGB" and out.size == (40, 24)
+    assert out.mode == decoded and out.size == (40, 24)
     arr = np.asarray(out)
     assert arr.dtype == np.uint8 and arr.std() > 10  # real content, not a blank/saturated image
 
@@ -71,7 +71,7 @@ def test_every_mode_becomes_rgb(mode, fmt):
 def test_16_bit_grey_is_scaled_not_clipped():
     grey = np.linspace(0, 65535, 32 * 16).reshape(16, 32).astype(np.uint16)
     out = np.asarray(decode(encode(Image.fromarray(grey), "PNG")))
-    assert np.array_equal(out[..., 0], ((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    assert np.array_equal(out, ((grey.astype(np.uint32) + 128) // 257).astype(np.uint8))
     assert out.min() == 0 and out.max() == 255  # a naive convert("RGB") saturates everything > 255
 
 
@@ -95,8 +95,8 @@ def test_a_16_bit_image_is_seen_alike_by_the_api_the_dataset_readers_and_eval(tm
     rec = next(r for r in load_records(tmp_path / "data").records if r.stem == "part")
     reader = rec.load_image()
     training = dataset_decode(rec.image)  # grey content: one channel
-    assert np.array_equal(api[..., 0], expected) and expected.max() == 16
-    assert np.array_equal(reader, api) and np.array_equal(training, api[..., 0])
+    assert np.array_equal(api, expected) and expected.max() == 16
+    assert np.array_equal(reader, np.dstack([api] * 3)) and np.array_equal(training, api)
     # eval preprocesses what the reader decoded, the service what the API decoded: the same model input
     a, _ = prepare(Image.fromarray(api), (32, 32), "letterbox", 114)
     b, _ = prepare(reader, (32, 32), "letterbox", 114)
@@ -105,14 +105,14 @@ def test_a_16_bit_image_is_seen_alike_by_the_api_the_dataset_readers_and_eval(tm
 
 def test_32_bit_integer_grey_keeps_8_bit_values():
     """A 32-bit integer image (TIFF mode "I") holding 0..255 is 8-bit data: kept, not shifted to black;
-    the same rule as model.transforms.to_rgb_uint8 (training, eval, `s2amnet predict`)."""
-    from model.transforms import to_rgb_uint8
+    the same rule as model.transforms.to_uint8 (training, eval, `s2amnet predict`)."""
+    from model.transforms import to_uint8
 
     grey = pattern(32, 16)[..., 0]
     img = Image.fromarray(grey.astype(np.int32))
     assert img.mode == "I"
     out = np.asarray(decode(encode(img, "TIFF")))
-    assert np.array_equal(out[..., 0], grey) and np.array_equal(out, to_rgb_uint8(img))
+    assert np.array_equal(out, grey) and np.array_equal(out, to_uint8(img))
 
 
 def test_palette_with_transparency_and_rgba_keep_colours():

@@ -78,6 +78,25 @@ def test_to_rgb_conversions():
         T.to_rgb_uint8("image.png")
 
 
+def test_grey_stays_one_channel_and_prepares_as_its_rgb_copy():
+    """A grey image is resized once (not once per channel) and only then copied into three channels: the
+    model input is exactly that of the same image converted to RGB first, for both resize modes, up and
+    down."""
+    rng = np.random.default_rng(3)
+    assert T.to_uint8(Image.new("L", (5, 4), 9)).shape == (4, 5)
+    assert T.to_uint8(Image.new("LA", (5, 4), (9, 0))).shape == (4, 5)
+    assert T.to_uint8(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5)
+    for h, w in [(200, 200), (37, 91), (900, 700), (3, 300)]:
+        grey = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+        for size in [(256, 256), (320, 512), (64, 64)]:
+            for mode in ("letterbox", "resize"):
+                a, meta_a = T.prepare(Image.fromarray(grey), size, mode)
+                b, meta_b = T.prepare(rgb, size, mode)
+                assert a.shape == (3, *size) and a.flags.c_contiguous
+                assert np.array_equal(a, b) and meta_a == meta_b
+
+
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (40, 20), (0, 0, 0))
     exif = img.getexif()
