@@ -23,8 +23,8 @@ or run by ONNX Runtime or OpenVINO.
 `choose_backend` picks one for a Predictor: the requested backend, or with ``auto`` the fastest one (each at
 its own best forward batch, or at the one the operator fixed) whose outputs agree with eager on a fixed check
 set (`check_parity`). Exported graphs and compiled packages are cached (`cache_key`: weights sha256, input
-size, the versions of torch and of this package's model code, and for compiled code the CPU's instruction
-set), so only the first start of a model pays for the export.
+size, the versions of torch and of the network's code (`graph_sources`), and for compiled code the CPU's
+instruction set), so only the first start of a model pays for the export.
 
 Test-time augmentation runs only in eager (the flipped views are averaged between the forward and NMS).
 """
@@ -50,7 +50,7 @@ from model.blocks import use_real_valued_fft
 
 __all__ = ["BACKENDS", "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
            "compile_package", "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner",
-           "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units"]
+           "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units", "graph_sources"]
 
 # run an exported graph, not the module
 GRAPH_BACKENDS = ("compile", "compile-bf16", "onnxruntime", "openvino", "openvino-bf16")
@@ -70,11 +70,24 @@ def default_cache_dir() -> Path:
     return Path(base) / "s2amnet"
 
 
+# Sources that take no part in an exported or compiled graph (training, data, evaluation, preprocessing and
+# postprocessing): editing them keeps the cached exports; every other source under model/ is the graph's.
+NOT_IN_GRAPH = ("data/", "train.py", "losses.py", "evaluate.py", "metrics.py", "plots.py", "transforms.py",
+                "verdict.py", "masks.py")
+
+
+def graph_sources() -> list[Path]:
+    """The model sources an exported graph is built from (`cache_key` hashes them)."""
+    root = Path(__file__).resolve().parent
+    return [path for path in sorted(root.rglob("*.py"))
+            if not path.relative_to(root).as_posix().startswith(NOT_IN_GRAPH)]
+
+
 def _model_code_hash() -> str:
-    """sha1 of this package's model sources: an exported graph is stale once the model code changes."""
+    """sha1 of the graph's sources: an exported graph is stale once the code of the network changes."""
     h = hashlib.sha1()
     root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
+    for path in graph_sources():
         h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]

@@ -72,6 +72,26 @@ def exported(request) -> tuple[Path, Path]:
     return request.getfixturevalue("folders")["detect"], cache
 
 
+def test_the_cache_key_follows_the_network_code_only(monkeypatch):
+    """Every module of every task's network (and the export wrapper) is defined in a hashed source, so a
+    change to it makes a new key; preprocessing, training and evaluation code are not hashed, so editing
+    them keeps the cached packages (minutes of compiling per model)."""
+    import inspect
+
+    sources = {p.resolve() for p in backends.graph_sources()}
+    for task in ("classify", "detect", "segment"):
+        for module in build_model(task, "tiny").modules():
+            if type(module).__module__.startswith("model."):
+                assert Path(inspect.getsourcefile(type(module))).resolve() in sources, type(module)
+    root = Path(backends.__file__).resolve().parent
+    assert {root / "backends.py", root / "blocks.py", root / "boxes.py", root / "heads" / "detect.py"} <= sources
+    assert not {root / "transforms.py", root / "train.py", root / "data" / "augment.py"} & sources
+    # the key moves with the hashed sources, not with the others
+    key = backends.cache_key("ab" * 32, (64, 64), "onnx")
+    monkeypatch.setattr(backends, "graph_sources", lambda: [*sources - {root / "blocks.py"}])
+    assert backends.cache_key("ab" * 32, (64, 64), "onnx") != key
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_the_exported_graph_answers_as_eager_does(backend, exported):
     if backend == "openvino":
