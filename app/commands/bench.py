@@ -360,18 +360,29 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     same service without dynamic batching: the baseline of the batching gain). The rounds alternate in
     three slices, so that all see the same spells of a shared machine; before each request one at a time,
     this process times a bare batch-1 forward of the same image (`Predictor.infer`), the figure that the
-    one-at-a-time latency is compared with."""
+    one-at-a-time latency is compared with. The image: the first of ``--images`` when given (a real part, as
+    a line sends it), else a random RGB PNG at the input size (incompressible: the costliest to decode)."""
     import tempfile
 
     import numpy as np
 
     from app.client import _image_bytes  # the client's lossless PNG encoding of an array
+    from app.codec import decode_image
+    from app.commands.bench_peers import load_images
     from model.predictor import Predictor
 
-    image = np.random.default_rng(1).integers(0, 256, (*input_size, 3), dtype=np.uint8)
-    part = _image_bytes(image)
     predictor = Predictor.from_folder(folder, device=device)
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1))
+    if getattr(args, "images", None):
+        (part,), _ = load_images(args.images, input_size, limit=1)
+        decoded = decode_image(part[1], max_pixels=10**9)
+        kind = Path(part[0]).suffix.lstrip(".").upper() or "image"
+        described = f"{decoded.width}x{decoded.height} {kind} ({part[0]}, {len(part[1]) / 1024:.0f} KiB)"
+        chw = predictor.preprocess(decoded).array
+    else:
+        image = np.random.default_rng(1).integers(0, 256, (*input_size, 3), dtype=np.uint8)
+        part = _image_bytes(image)
+        described = f"{input_size[1]}x{input_size[0]} PNG"
+        chw = np.ascontiguousarray(image.transpose(2, 0, 1))
     predictor.infer([chw])  # warm-up
     forwards: list[float] = []
 
@@ -413,7 +424,7 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     # request by request: each latency less the bare forward timed just before it (both see the same spell)
     over = statistics.quantiles([(lat - fw) * 1000.0 for lat, fw in zip(acc[rounds[0]][0], forwards, strict=True)],
                                 n=4, method="inclusive")
-    return {"model": folder.name, "endpoint": path, "image": f"{input_size[1]}x{input_size[0]} PNG",
+    return {"model": folder.name, "endpoint": path, "image": described,
             "rounds": [seq, conc, unbatched],
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
             "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),

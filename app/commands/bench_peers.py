@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--open-loop-s", type=float, default=30.0, help="open-loop seconds per server (0: none)")
     g.add_argument("--open-loop-load", type=float, default=0.7,
                    help="open-loop arrival rate as a fraction of the server's best closed-loop images/s")
-    g.add_argument("--images", help="send the images under this folder (JPEGs, else PNG/BMP; at most 64) "
-                   "instead of random PNGs at the model's input size")
+    g.add_argument("--images", help="send the images under this folder (JPEGs, else PNG/BMP; at most 64; the "
+                   "service part sends the first) instead of random PNGs at the model's input size")
     g.add_argument("--peer-redis", action="store_true",
                    help="also s2amnet in Redis mode with one and with two workers (needs redis-server)")
     g.add_argument("--litserve-batch", type=int, default=4, help="LitServe's max_batch_size (default 4)")

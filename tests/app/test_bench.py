@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 from support.harness import ROOT, process_env
 from support.weights import make_weights
 
@@ -16,10 +18,13 @@ from app.cli import main
 def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path):
     weights = make_weights(tmp_path / "weights", names=["cls", "det"])
     out, png = tmp_path / "BENCHMARKS.md", tmp_path / "bench.png"
+    parts = tmp_path / "parts"  # the service part sends a real image of the line when given one
+    parts.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)).save(parts / "part.png")
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), str(weights / "det"),
          "--batch-sizes", "2", "--iters", "2", "--requests", "6", "--concurrency", "3", "--threads", "1",
-         "--device", "cpu", "--out", str(out), "--plot", str(png), "--json"],
+         "--device", "cpu", "--images", str(parts), "--out", str(out), "--plot", str(png), "--json"],
         cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,6 +51,7 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
 
     service = result["service"]  # the first --weights folder, through real HTTP
     assert service["model"] == "cls" and service["endpoint"] == "/classify"
+    assert service["image"] == "40x30 PNG (part.png, 1 KiB)"
     # one at a time, 3 in flight, and 3 in flight against a second server without batching
     assert [(r["concurrency"], r["max_batch_size"]) for r in service["rounds"]] == [(1, "default"),
                                                                                    (3, "default"), (3, "1")]
