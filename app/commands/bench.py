@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import resource
-import shlex
 import socket
 import statistics
 import subprocess
@@ -532,6 +531,7 @@ def run(args) -> int:
     import torch
 
     from app.commands import bench_peers
+    from app.commands.bench_peers import shown_command
     from app.commands.bench_report import machine, plot, to_markdown
     from app.runtime import tune_allocator
     from model.checkpoint import CheckpointError
@@ -550,7 +550,8 @@ def run(args) -> int:
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result: dict[str, Any] = {"command": "s2amnet " + shlex.join(sys.argv[1:]), "time": time.time(),
+    command = shown_command(sys.argv[1:], getattr(args, "images", None))
+    result: dict[str, Any] = {"command": command, "time": time.time(),
                               "machine": {**machine(device), "allocator_tuning": allocator_tuned,
                                           "service_backend": service_backend()}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}

@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run a plain FastAPI server and LitServe on the same weights beside s2amnet serve")
     g.add_argument("--peer-model", default="weights/mt-classify", help="weights folder the peers serve")
     g.add_argument("--peer-concurrency", default="1,4,16,64", help="closed-loop requests in flight (1,4,16,64)")
-    g.add_argument("--peer-requests", type=int, default=96,
-                   help="closed-loop requests per server at each concurrency level (default 96)")
+    g.add_argument("--peer-requests", type=int, default=240,
+                   help="closed-loop requests per server at each concurrency level (default 240: a p99 between "
+                        "the 3rd and 4th slowest, not the slowest)")
     g.add_argument("--open-loop-s", type=float, default=30.0, help="open-loop seconds per server (0: none)")
     g.add_argument("--open-loop-load", type=float, default=0.7,
                    help="open-loop arrival rate as a fraction of the server's best closed-loop images/s")
