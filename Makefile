@@ -49,13 +49,16 @@ lint: install-dev
 # Times the shipped models and the service (ratios in one run); writes BENCHMARKS.md and its plot.
 # The peers (plain FastAPI, LitServe: the bench extra) get the magnetic-tile JPEGs when the data is there.
 PEER_IMAGES ?= $(wildcard ../shared/data/magnetic-tile)
+# The service part sends one NEU-DET part when the data is there (else a random PNG).
+HTTP_IMAGE ?= $(firstword $(sort $(wildcard ../shared/data/neu-det/IMAGES/*.jpg)))
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $@
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/s2amnet bench --http-model weights/neu-det-detect --backends --line --out BENCHMARKS.md --plot docs/bench.png \
+	$(BIN)/s2amnet bench --http-model weights/neu-det-detect $(if $(HTTP_IMAGE),--http-image $(HTTP_IMAGE)) \
+	  --backends --line --out BENCHMARKS.md --plot docs/bench.png \
 	  --peers $(if $(PEER_IMAGES),--images $(PEER_IMAGES)) --peers-plot docs/bench-peers.png
 
 clean:

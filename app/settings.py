@@ -76,10 +76,11 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
     )
-    backend: BackendName = Field(
-        "eager",
-        description="What runs each model's forward: 'eager' PyTorch; 'eager-channels-last' (the same with its "
-        "weights and input in channels-last memory order); 'eager-bf16' (that under autocast to "
+    backend: BackendName | None = Field(
+        None,
+        description="What runs each model's forward; unset: 'eager-channels-last' on a CPU, 'eager' on a GPU. "
+        "'eager' PyTorch; 'eager-channels-last' (the same with its weights and input in channels-last memory "
+        "order: the same arithmetic, faster CPU convolutions); 'eager-bf16' (that under autocast to "
         "bfloat16: a GPU, or a CPU with bf16 units); 'compile' (TorchInductor native code for "
         "this CPU, compiled once, minutes, and cached); 'compile-bf16' (the same under autocast to bfloat16, on a "
         "CPU with bf16 units); 'onnxruntime', 'openvino' or 'openvino-bf16' (the model "
@@ -199,6 +200,11 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value  # S2AMNET_BACKEND= : unset
 
     @field_validator("forward_batch", mode="before")
     @classmethod

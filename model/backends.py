@@ -630,8 +630,10 @@ def _speed(predictor, runner, batch: int | None, max_batch: int) -> tuple[float,
 
 
 def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.PathLike | None = None,
-                   threads: int | None = None, batch: int | None = None, max_batch: int = 8) -> BackendReport:
-    """Set ``predictor.runner`` by ``requested`` (auto or one of `BACKENDS`) and say why.
+                   threads: int | None = None, batch: int | None = None, max_batch: int = 8,
+                   why: str = "requested") -> BackendReport:
+    """Set ``predictor.runner`` by ``requested`` (auto or one of `BACKENDS`) and say why (``why``: how the
+    backend was asked for, the reason's first words when it is used as asked).
 
     A requested backend that cannot be used (runtime not installed, export failed, no bf16 units, outputs
     disagree with eager) falls back to eager, with the reason. ``auto`` times eager and every usable backend
@@ -643,7 +645,7 @@ def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.Pa
     report = BackendReport(model=predictor.name, requested=requested)
     predictor.runner = None
     if requested == "eager":
-        report.reason = "requested"
+        report.reason = why
         return report
     if predictor.tta:
         report.reason = "test-time augmentation runs in eager only"
@@ -656,7 +658,7 @@ def choose_backend(predictor, requested: str = "auto", *, cache_dir: str | os.Pa
         return report
     if requested != "auto":
         predictor.runner = runners[requested]
-        report.chosen, report.reason = requested, f"requested; {report.parity[requested]}"
+        report.chosen, report.reason = requested, f"{why}; {report.parity[requested]}"
         return report
     at: dict[str, int] = {}
     for name, runner in {"eager": None, **runners}.items():

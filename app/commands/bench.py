@@ -55,6 +55,8 @@ def add_parser(sub) -> None:
     p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
                    help="also benchmark the HTTP service (default on; --no-http skips it)")
     p.add_argument("--http-model", help="weights folder the service part uses (default: the first --weights)")
+    p.add_argument("--http-image", help="image file the service part sends (a real part; default: a random PNG "
+                   "at the model's input size, the costliest to decode)")
     p.add_argument("--requests", type=int, default=48, help="requests at each concurrency level (default 48)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round")
     p.add_argument("--backends", nargs="?", const="all", default=None, metavar="LIST",
@@ -241,10 +243,26 @@ def _task_and_size(folder: Path) -> tuple[str, list[int]]:
 SERVICE_BACKEND_ENV = ("S2AMNET_BACKEND", "S2AMNET_MODEL_BACKEND", "S2AMNET_CACHE_DIR")
 
 
-def service_backend() -> str:
-    """What runs the forwards of the benchmark's `s2amnet serve` processes, as the report states it."""
+def service_backend(device: str) -> str:
+    """What runs the forwards of the benchmark's `s2amnet serve` processes on ``device``, as the report states it."""
+    from app.runtime import default_backend
+
     per_model = os.environ.get("S2AMNET_MODEL_BACKEND")
-    return os.environ.get("S2AMNET_BACKEND", "eager") + (f" ({per_model})" if per_model else "")
+    backend = os.environ.get("S2AMNET_BACKEND", "").strip() or f"{default_backend(device.split(':')[0])} (default)"
+    return backend + (f" ({per_model})" if per_model else "")
+
+
+def _as_served(predictor) -> None:
+    """Let ``predictor`` run its forwards with the backend the benchmark's `s2amnet serve` gives its model
+    (S2AMNET_BACKEND / S2AMNET_MODEL_BACKEND, unset: the device's default), so that the bare forward that the
+    service is compared with is the service's own."""
+    from app.runtime import default_backend
+    from app.settings import Settings
+    from model.backends import choose_backend
+
+    settings = Settings()
+    requested = settings.model_backend.get(predictor.name, settings.backend)
+    choose_backend(predictor, requested or default_backend(predictor.device.type), cache_dir=settings.cache_dir)
 
 
 def _process_env(**extra: str) -> dict[str, str]:
@@ -359,20 +377,21 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     same service without dynamic batching: the baseline of the batching gain). The rounds alternate in
     three slices, so that all see the same spells of a shared machine; before each request one at a time,
     this process times a bare batch-1 forward of the same image (`Predictor.infer`), the figure that the
-    one-at-a-time latency is compared with. The image: the first of ``--images`` when given (a real part, as
-    a line sends it), else a random RGB PNG at the input size (incompressible: the costliest to decode)."""
+    one-at-a-time latency is compared with. The image: ``--http-image`` when given (a real part, as a line
+    sends it), else a random RGB PNG at the input size (incompressible: the costliest to decode)."""
     import tempfile
 
     import numpy as np
 
     from app.client import _image_bytes  # the client's lossless PNG encoding of an array
     from app.codec import decode_image
-    from app.commands.bench_peers import load_images
     from model.predictor import Predictor
 
     predictor = Predictor.from_folder(folder, device=device)
-    if getattr(args, "images", None):
-        (part,), _ = load_images(args.images, input_size, limit=1)
+    _as_served(predictor)
+    if args.http_image:
+        path = Path(args.http_image)
+        part = (path.name, path.read_bytes(), "application/octet-stream")
         decoded = decode_image(part[1], max_pixels=10**9)
         kind = Path(part[0]).suffix.lstrip(".").upper() or "image"
         described = f"{decoded.width}x{decoded.height} {kind} ({part[0]}, {len(part[1]) / 1024:.0f} KiB)"
@@ -428,7 +447,7 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
             "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2),
-            "alone_ms": {"p50": seq["p50_ms"], "forward": round(forward_ms, 2),
+            "alone_ms": {"p50": seq["p50_ms"], "forward": round(forward_ms, 2), "forward_backend": predictor.backend,
                          "over_forward": {"p25": round(over[0], 2), "p50": round(over[1], 2), "p75": round(over[2], 2)},
                          "queue": round(statistics.median(q for q, _ in alone), 2) if alone else None,
                          "inference": round(statistics.median(i for _, i in alone), 2) if alone else None}}
@@ -447,6 +466,8 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, dict[str, li
     http_folder = Path(args.http_model) if args.http_model else folders[0]
     if args.http and not (http_folder / "manifest.json").is_file():
         raise BenchError(f"--http-model {http_folder} is not a weights folder (no manifest.json)")
+    if args.http_image and not Path(args.http_image).is_file():
+        raise BenchError(f"--http-image {args.http_image}: no such file")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -461,7 +482,7 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, dict[str, li
         raise BenchError(f"--device {device}: no CUDA device here")
     from app.settings import BackendName
 
-    if os.environ.get("S2AMNET_BACKEND", "eager") not in get_args(BackendName):
+    if os.environ.get("S2AMNET_BACKEND", "").strip() not in ("", *get_args(BackendName)):
         raise BenchError(f"S2AMNET_BACKEND={os.environ['S2AMNET_BACKEND']}: not one of "
                          f"{', '.join(get_args(BackendName))}")
     if args.backends not in (None, "all"):
@@ -550,10 +571,10 @@ def run(args) -> int:
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    command = shown_command(sys.argv[1:], getattr(args, "images", None))
+    command = shown_command(sys.argv[1:], getattr(args, "images", None), args.http_image)
     result: dict[str, Any] = {"command": command, "time": time.time(),
                               "machine": {**machine(device), "allocator_tuning": allocator_tuned,
-                                          "service_backend": service_backend()}, "models": models,
+                                          "service_backend": service_backend(device)}, "models": models,
                               "peak_rss_mib": round(_peak_rss_mib(), 1)}
     if backends is not None:
         result["backends"] = backends

@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--open-loop-s", type=float, default=30.0, help="open-loop seconds per server (0: none)")
     g.add_argument("--open-loop-load", type=float, default=0.7,
                    help="open-loop arrival rate as a fraction of the server's best closed-loop images/s")
-    g.add_argument("--images", help="send the images under this folder (JPEGs, else PNG/BMP; at most 64; the "
-                   "service part sends the first) instead of random PNGs at the model's input size")
+    g.add_argument("--images", help="send the images under this folder (JPEGs, else PNG/BMP; at most 64) "
+                   "instead of random PNGs at the model's input size")
     g.add_argument("--peer-redis", action="store_true",
                    help="also s2amnet in Redis mode with one and with two workers (needs redis-server)")
     g.add_argument("--litserve-batch", type=int, default=4, help="LitServe's max_batch_size (default 4)")
@@ -416,15 +416,14 @@ def target(rows: list[dict], skipped: dict[str, str]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------- run
-def shown_command(argv: list[str], images: str | None) -> str:
-    """The command line as the report shows it: an --images folder outside the repository by its name only."""
+def shown_command(argv: list[str], *paths: str | None) -> str:
+    """The command line as the report shows it: each of ``paths`` (an --images folder, an image file) that lies
+    outside the repository by its name only."""
     import shlex
 
     root = Path(__file__).resolve().parents[2]
-    shown = [shlex.quote(a) for a in argv]
-    if images and not Path(images).resolve().is_relative_to(root):
-        shown = [f"…/{Path(images).resolve().name}" if a == images else q for a, q in zip(argv, shown, strict=True)]
-    return " ".join(["s2amnet", *shown])
+    outside = {p for p in paths if p and not Path(p).resolve().is_relative_to(root)}
+    return " ".join(["s2amnet", *(f"…/{Path(a).resolve().name}" if a in outside else shlex.quote(a) for a in argv)])
 
 
 def bench_peers(args, levels: list[int], device: str, raw: dict[str, Any], progress: bool) -> dict[str, Any]:

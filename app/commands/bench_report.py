@@ -62,8 +62,10 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
               f"**{s['http_overhead_vs_forward']:.2f}×** (decode, letterbox, queue, postprocess, JSON)."]
     a = s.get("alone_ms") or {}
     if a.get("inference") is not None:
-        lines.append(f"- One at a time, p50 {a['p50']:.1f} ms = batch-1 forward {a['forward']:.1f} ms (timed in the "
-                     f"benchmark's process before each of those requests) + {a['p50'] - a['forward']:.1f} ms. "
+        backend = f"{a['forward_backend']}, " if a.get("forward_backend") else ""
+        lines.append(f"- One at a time, p50 {a['p50']:.1f} ms = batch-1 forward {a['forward']:.1f} ms ({backend}"
+                     f"timed in the benchmark's process before each of those requests) + "
+                     f"{a['p50'] - a['forward']:.1f} ms. "
                      f"The answers' own `timing_ms` (medians): waiting in "
                      f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
                      f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "

@@ -1,7 +1,8 @@
 """`s2amnet predict IMAGE... --task detect [--model NAME] [--url URL]`: print the JSON result.
 
 Without --url the model is loaded from --weights-dir and run in this process, through the service's
-inspection pipeline (app.pipeline: decode + limits, preprocess, app.inference.run_batch); with --url
+inspection pipeline (app.pipeline: decode + limits, preprocess, app.inference.run_batch) on the service's
+backend (`app.runtime.set_backend`: S2AMNET_BACKEND, unset the device's default); with --url
 the images are sent to a running server (app.client). Either way the output has the API's format: one
 image -> one JSON object, several -> a JSON list in argument order. Errors go to stderr as problem+json,
 with exit status 1.
@@ -132,6 +133,7 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
     from app.models import discover_models
     from app.pipeline import ImageLimits, in_process, inspect_images
     from app.recipes import RecipeBook, RecipeError
+    from app.runtime import set_backend
     from app.settings import Settings
     from model.predictor import Predictor
 
@@ -164,6 +166,7 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
         raise Problem(422, "invalid_recipes", str(exc), title="Invalid recipe file") from None
     decision = book.decide(options.recipe_id, predictor, options.on_timeout)
     batch_size = settings.batch_sizes([predictor.name], strict=False)[predictor.name]
+    set_backend(predictor.name, predictor, settings, batch_size)  # the service's forward: the same answers
     images = [Path(path).read_bytes() for path in args.images]
 
     async def inspect() -> list[dict[str, Any]]:

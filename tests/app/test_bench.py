@@ -18,13 +18,12 @@ from app.cli import main
 def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path):
     weights = make_weights(tmp_path / "weights", names=["cls", "det"])
     out, png = tmp_path / "BENCHMARKS.md", tmp_path / "bench.png"
-    parts = tmp_path / "parts"  # the service part sends a real image of the line when given one
-    parts.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)).save(parts / "part.png")
+    part = tmp_path / "part.png"  # the service part sends a real image of the line when given one
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40), dtype=np.uint8)).save(part)
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "bench", "--weights", str(weights / "cls"), str(weights / "det"),
          "--batch-sizes", "2", "--iters", "2", "--requests", "6", "--concurrency", "3", "--threads", "1",
-         "--device", "cpu", "--images", str(parts), "--out", str(out), "--plot", str(png), "--json"],
+         "--device", "cpu", "--http-image", str(part), "--out", str(out), "--plot", str(png), "--json"],
         cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,7 +68,9 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     assert service["http_overhead_vs_forward"] == pytest.approx(seq["p50_ms"] / alone["forward"], rel=0.02)
     over = alone["over_forward"]  # paired request by request with the forward timed just before it
     assert over["p25"] <= over["p50"] <= over["p75"] < alone["p50"]
-    assert result["machine"]["service_backend"] == "eager"
+    # S2AMNET_BACKEND unset: the service runs the CPU's default, and so does the bare forward it is compared with
+    assert result["machine"]["service_backend"] == "eager-channels-last (default)"
+    assert alone["forward_backend"] == "eager-channels-last"
 
     md = out.read_text()
     assert md.startswith("# Benchmarks") and "| cls 1 | classify | 64x64 | none | 2 |" in md
@@ -78,7 +79,9 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     assert "BatchNorm folded into the convs" in md and f"cls {fold['gain']:.2f}×" in md
     assert "## Service" in md and "Dynamic batching gain" in md and "| 3 | 1 | 6 | 6 |" in md
     assert f"median + {over['p50']:.1f} ms, quartiles + {over['p25']:.1f} to + {over['p75']:.1f} ms" in md
-    assert f"One at a time, p50 {alone['p50']:.1f} ms" in md and "backend eager (`S2AMNET_BACKEND`)" in md
+    assert f"One at a time, p50 {alone['p50']:.1f} ms" in md
+    assert f"forward {alone['forward']:.1f} ms (eager-channels-last, " in md
+    assert "backend eager-channels-last (default) (`S2AMNET_BACKEND`)" in md
     assert md.strip() in proc.stdout  # the same report is printed
     # --merge: this run's Service section, with its own command line, replaces only that section of a report
     from types import SimpleNamespace
@@ -90,7 +93,8 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     merged = out_text(SimpleNamespace(merge=True, out=str(report)), {**result, "models": []}, "")
     section = merged.split("## Service: `s2amnet serve`")[1].split("## Peers")[0]
     assert merged.startswith("# Benchmarks\n\n## Models\n\nkept\n") and merged.endswith("## Peers: p\n\nkept too\n")
-    assert "old" not in merged and "`s2amnet bench --weights" in section and "backend eager." in section
+    assert "old" not in merged and "`s2amnet bench --weights" in section
+    assert "backend eager-channels-last (default)." in section
     assert "| 3 | 1 | 6 | 6 |" in section
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
@@ -102,6 +106,7 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     (["--iters", "0"], "--iters must be >= 1"),
     (["--requests", "0"], "--requests must be >= 1"),
     (["--http-model", "/nonexistent/model"], "--http-model"),
+    (["--http-image", "/nonexistent/part.jpg"], "--http-image /nonexistent/part.jpg: no such file"),
 ])
 def test_bench_rejects_bad_options_with_a_message(args, message, tmp_path, capsys):
     weights = make_weights(tmp_path / "weights", names=["cls"])

@@ -104,7 +104,8 @@ def test_a_process_under_a_cpu_quota_runs_its_forwards_on_as_many_threads_as_the
 
 def test_the_service_runs_a_model_on_onnxruntime_when_asked(exported_classifier, tmp_path):
     """S2AMNET_MODEL_BACKEND puts one model on ONNX Runtime (its graph found in S2AMNET_CACHE_DIR: no export
-    at start-up), the others stay eager; /metrics says which; the answers are those of the eager model."""
+    at start-up), the others get the CPU's default (S2AMNET_BACKEND unset: eager in channels-last order);
+    /metrics says which; the answers are those of the eager model."""
     import shutil
 
     import httpx
@@ -131,7 +132,7 @@ def test_the_service_runs_a_model_on_onnxruntime_when_asked(exported_classifier,
             httpx.Client(base_url=server.url, timeout=60) as client:
         text = client.get("/metrics").text
         assert metric(text, "s2amnet_model_backend", model="cls", backend="onnxruntime") == 1
-        assert metric(text, "s2amnet_model_backend", model="det", backend="eager") == 1
+        assert metric(text, "s2amnet_model_backend", model="det", backend="eager-channels-last") == 1
         got = client.post("/classify", files={"file": ("a.png", image)}).json()
     assert [p.name for p in (tmp_path / "cache").glob("*.onnx")] == [graph.name]  # the cached graph, loaded
     want = Predictor.from_folder(weights / "cls").predict([upright], top_k=5)[0]

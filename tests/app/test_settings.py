@@ -114,3 +114,17 @@ def test_the_settings_offer_exactly_the_backends_there_are():
     assert set(get_args(BackendName)) == {"auto", *BACKENDS}
     assert Settings(backend="openvino-bf16", model_backend="a=compile,b=auto").model_backend == {"a": "compile",
                                                                                                 "b": "auto"}
+
+
+def test_an_unset_or_empty_backend_leaves_the_choice_to_the_device(monkeypatch):
+    """S2AMNET_BACKEND unset or empty (compose's `${S2AMNET_BACKEND:-}`): None, which the runtime reads as the
+    device's default (`app.runtime.default_backend`: channels-last eager on a CPU, eager on a GPU)."""
+    from app.runtime import default_backend
+
+    monkeypatch.delenv("S2AMNET_BACKEND", raising=False)
+    assert Settings().backend is None
+    monkeypatch.setenv("S2AMNET_BACKEND", " ")
+    assert Settings().backend is None
+    monkeypatch.setenv("S2AMNET_BACKEND", "eager")
+    assert Settings().backend == "eager"
+    assert default_backend("cpu") == "eager-channels-last" and default_backend("cuda") == "eager"
