@@ -256,13 +256,10 @@ def _as_served(predictor) -> None:
     """Let ``predictor`` run its forwards with the backend the benchmark's `s2amnet serve` gives its model
     (S2AMNET_BACKEND / S2AMNET_MODEL_BACKEND, unset: the device's default), so that the bare forward that the
     service is compared with is the service's own."""
-    from app.runtime import default_backend
+    from app.runtime import set_backend
     from app.settings import Settings
-    from model.backends import choose_backend
 
-    settings = Settings()
-    requested = settings.model_backend.get(predictor.name, settings.backend)
-    choose_backend(predictor, requested or default_backend(predictor.device.type), cache_dir=settings.cache_dir)
+    set_backend(predictor.name, predictor, Settings(), max_batch=1)
 
 
 def _process_env(**extra: str) -> dict[str, str]:
