@@ -117,7 +117,7 @@ def test_the_settings_offer_exactly_the_backends_there_are():
 
 
 def test_an_unset_or_empty_backend_leaves_the_choice_to_the_device(monkeypatch):
-    """S2AMNET_BACKEND unset or empty (compose's `${S2AMNET_BACKEND:-}`): None, which the runtime reads as the
+    """S2AMNET_BACKEND unset or empty (`S2AMNET_BACKEND=` in an env file): None, which the runtime reads as the
     device's default (`app.runtime.default_backend`: channels-last eager on a CPU, eager on a GPU)."""
     from app.runtime import default_backend
 
