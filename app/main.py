@@ -50,6 +50,8 @@ async def _startup(app: FastAPI) -> None:
         dispatcher = create_dispatcher(predictors, settings)
         state.dispatcher = dispatcher
         await dispatcher.start()  # the embedded dispatcher warms every model up on its inference thread
+        if state.on_ready is not None:
+            state.on_ready()
         state.ready = True
         log.info("ready: %d model(s) %s, defaults %s, in %.2f s", len(predictors), sorted(predictors),
                  state.defaults, time.perf_counter() - t0)
@@ -122,5 +124,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """App factory for `uvicorn --factory` / several worker processes: settings from S2AMNET_*."""
-    return create_app(Settings())
+    """App factory for `uvicorn --factory` / several worker processes: settings from S2AMNET_*; each process
+    freezes its start-up objects once ready (`app.runtime.freeze_startup_objects`), as `s2amnet serve` does."""
+    from app.runtime import freeze_startup_objects
+
+    app = create_app(Settings())
+    service_state(app).on_ready = freeze_startup_objects
+    return app

@@ -31,6 +31,7 @@ class ServiceState:
     draining: bool = False  # shutting down: new inspection requests get 503
     startup_error: str | None = None
     on_startup_failure: Callable[[str], None] | None = None  # `s2amnet serve`: exit when start-up fails
+    on_ready: Callable[[], object] | None = None  # `s2amnet serve`: once ready, `runtime.freeze_startup_objects`
     inflight: int = 0  # inspection requests being answered
     decode_limiter: anyio.CapacityLimiter | None = None  # images decoded at the same time
     startup_task: asyncio.Task | None = None

@@ -150,9 +150,11 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     server = DrainingServer.create(config, app, settings)
+    from app.runtime import freeze_startup_objects
     from app.state import service_state
 
     service_state(app).on_startup_failure = server.startup_failed
+    service_state(app).on_ready = freeze_startup_objects
     server.run()
     return server.exit_code
 

@@ -47,7 +47,12 @@ def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
     # torch-heavy imports only when the command runs
     from app import metrics  # noqa: PLC0415
     from app.models import load_predictors  # noqa: PLC0415
-    from app.runtime import configure_runtime, one_forward_per_batch, prepare_predictors  # noqa: PLC0415
+    from app.runtime import (  # noqa: PLC0415
+        configure_runtime,
+        freeze_startup_objects,
+        one_forward_per_batch,
+        prepare_predictors,
+    )
     from app.worker import Worker  # noqa: PLC0415
 
     configure_runtime(settings)
@@ -72,6 +77,7 @@ def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
                     batch_sizes=batch_sizes, max_delay_ms=settings.max_delay_ms,
                     visibility_timeout_s=settings.visibility_timeout_s, max_deliveries=settings.max_deliveries)
     worker.install_signal_handlers()
+    freeze_startup_objects()
     if stop_early.is_set():
         worker.request_stop()
     import torch  # noqa: PLC0415

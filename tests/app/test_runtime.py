@@ -131,6 +131,7 @@ def test_the_service_runs_a_model_on_onnxruntime_when_asked(exported_classifier,
                         S2AMNET_CACHE_DIR=str(tmp_path / "cache")) as server, \
             httpx.Client(base_url=server.url, timeout=60) as client:
         text = client.get("/metrics").text
+        assert "start-up objects moved out of the garbage collector's reach" in server.log()  # `s2amnet serve`
         assert metric(text, "s2amnet_model_backend", model="cls", backend="onnxruntime") == 1
         assert metric(text, "s2amnet_model_backend", model="det", backend="eager-channels-last") == 1
         got = client.post("/classify", files={"file": ("a.png", image)}).json()
@@ -194,3 +195,29 @@ def test_no_batch_is_larger_than_one_forward():
                   "c": SimpleNamespace(forward_batch=8)}
     # a: forwards of 4 (CPU, tuned); b: whole batches (GPU, or no warm-up); c: the batch cap is lower already
     assert one_forward_per_batch(predictors, {"a": 16, "b": 16, "c": 2}) == {"a": 4, "b": 16, "c": 2}
+
+
+def test_a_serving_process_freezes_what_start_up_left_after_collecting_its_garbage():
+    """`freeze_startup_objects` (run by `s2amnet serve` and `s2amnet worker` once ready) collects first, so that
+    garbage is freed and not frozen, then freezes the survivors: a full collection afterwards has nothing
+    of them to walk. In a process of its own: the test runner's heap must stay collectable."""
+    import subprocess
+    import sys
+
+    from support.harness import ROOT, process_env
+
+    code = """
+import gc, time, weakref
+gc.disable()  # no automatic collection before the call
+from app.runtime import freeze_startup_objects
+class Node: pass
+a = Node(); a.me = a; dead = weakref.ref(a); del a  # garbage in a cycle: only the collector frees it
+kept = [Node() for _ in range(100_000)]
+tracked = len(gc.get_objects())
+n = freeze_startup_objects()
+assert dead() is None, "the garbage was frozen instead of collected"
+assert n == gc.get_freeze_count() >= 100_000 and len(gc.get_objects()) < tracked // 100, (n, tracked)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

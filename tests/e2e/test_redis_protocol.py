@@ -359,6 +359,7 @@ def test_worker_metrics_and_heartbeat(stack: Stack):
     # S2AMNET_FORWARD_BATCH=auto on this CPU worker: measured after the warm-up, logged and exported
     chosen = re.search(r"forward batch of cls: (\d+) \(measured ms per image: 1: ", stack.workers[0].log())
     assert chosen and metric(text, "s2amnet_forward_batch_size", model="cls") == int(chosen.group(1))
+    assert "start-up objects moved out of the garbage collector's reach" in stack.workers[0].log()
     info = json.loads(stack.r().get(f"s2amnet:worker:{worker}"))
     assert info["pid"] == stack.workers[0].pid and info["models"] == ["cls"]
     assert 0 < stack.r().pttl(f"s2amnet:worker:{worker}") <= 10_000  # a dead worker's key expires
