@@ -246,9 +246,10 @@ SERVICE_BACKEND_ENV = ("S2AMNET_BACKEND", "S2AMNET_MODEL_BACKEND", "S2AMNET_CACH
 def service_backend(device: str) -> str:
     """What runs the forwards of the benchmark's `s2amnet serve` processes on ``device``, as the report states it."""
     from app.runtime import default_backend
+    from app.settings import Settings
 
     per_model = os.environ.get("S2AMNET_MODEL_BACKEND")
-    backend = os.environ.get("S2AMNET_BACKEND", "").strip() or f"{default_backend(device.split(':')[0])} (default)"
+    backend = Settings().backend or f"{default_backend(device.split(':')[0])} (default)"
     return backend + (f" ({per_model})" if per_model else "")
 
 
