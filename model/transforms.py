@@ -141,6 +141,21 @@ def resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 RESIZE_MODES = {"resize": "resize", "stretch": "resize", "letterbox": "letterbox"}
+_PROBE = (slice(None, None, 7), slice(None, None, 5))  # pixels compared first, to answer colour images early
+
+
+def _one_channel_if_grey(pixels: np.ndarray) -> np.ndarray:
+    """An H×W×3 image whose three channels are equal (a grey part saved as RGB, as many cameras' JPEGs
+    are) → its one channel; anything else unchanged. Resizing and padding work per channel with the same
+    arithmetic, so the grey channel prepared once and copied into three is exactly the RGB image prepared."""
+    if pixels.ndim != 3:
+        return pixels
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    if not (np.array_equal(r[_PROBE], g[_PROBE]) and np.array_equal(r[_PROBE], b[_PROBE])):
+        return pixels  # a colour image differs somewhere in this sample at once
+    if not (np.array_equal(r, g) and np.array_equal(r, b)):
+        return pixels
+    return np.ascontiguousarray(r)
 
 
 def prepare(image, input_size, mode: str = "letterbox", pad_value: int = 114) -> tuple[np.ndarray, dict]:
@@ -149,7 +164,7 @@ def prepare(image, input_size, mode: str = "letterbox", pad_value: int = 114) ->
     ``mode``: "letterbox" (keep the aspect ratio, pad centred with ``pad_value``) or "resize" (alias
     "stretch": scale each axis independently). Both are the training pipeline's own functions.
     """
-    pixels = to_uint8(image)  # a grey image is resized once, not once per channel: the same values
+    pixels = _one_channel_if_grey(to_uint8(image))  # a grey image is resized once, not once per channel
     oh, ow = pixels.shape[:2]
     ih, iw = int(input_size[0]), int(input_size[1])
     kind = RESIZE_MODES.get(mode)

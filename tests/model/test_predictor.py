@@ -78,10 +78,19 @@ def test_to_rgb_conversions():
         T.to_rgb_uint8("image.png")
 
 
+def _prepared_as_rgb(rgb: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """The model input made the plain way: the H×W×3 image resized and padded as training does, all three
+    channels at once."""
+    from model.data.augment import letterbox, resize
+
+    out = letterbox(rgb, size)[0] if mode == "letterbox" else resize(rgb, (size[1], size[0]))
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
 def test_grey_stays_one_channel_and_prepares_as_its_rgb_copy():
-    """A grey image is resized once (not once per channel) and only then copied into three channels: the
-    model input is exactly that of the same image converted to RGB first, for both resize modes, up and
-    down."""
+    """A grey image, and an RGB image whose three channels are equal (a grey part saved as RGB), is resized
+    once (not once per channel) and only then copied into three channels: the model input is exactly that
+    of the RGB image prepared the plain way, for both resize modes, up and down."""
     rng = np.random.default_rng(3)
     assert T.to_uint8(Image.new("L", (5, 4), 9)).shape == (4, 5)
     assert T.to_uint8(Image.new("LA", (5, 4), (9, 0))).shape == (4, 5)
@@ -89,12 +98,31 @@ def test_grey_stays_one_channel_and_prepares_as_its_rgb_copy():
     for h, w in [(200, 200), (37, 91), (900, 700), (3, 300)]:
         grey = rng.integers(0, 256, (h, w), dtype=np.uint8)
         rgb = np.repeat(grey[:, :, None], 3, axis=2)
+        assert T._one_channel_if_grey(rgb).ndim == 2
         for size in [(256, 256), (320, 512), (64, 64)]:
             for mode in ("letterbox", "resize"):
+                want = _prepared_as_rgb(rgb, size, mode)
                 a, meta_a = T.prepare(Image.fromarray(grey), size, mode)
                 b, meta_b = T.prepare(rgb, size, mode)
+                c, meta_c = T.prepare(Image.fromarray(rgb), size, mode)
                 assert a.shape == (3, *size) and a.flags.c_contiguous
-                assert np.array_equal(a, b) and meta_a == meta_b
+                assert np.array_equal(a, want) and np.array_equal(b, want) and np.array_equal(c, want)
+                assert meta_a == meta_b == meta_c
+
+
+def test_colour_images_keep_their_three_channels():
+    """Only an image whose channels are equal everywhere is taken as grey: one pixel that differs, outside
+    the pixels compared first, keeps it colour, and it is prepared as the RGB image it is."""
+    rng = np.random.default_rng(4)
+    grey = rng.integers(0, 255, (90, 120), dtype=np.uint8)
+    almost = np.repeat(grey[:, :, None], 3, axis=2)
+    almost[1, 1, 2] += 1  # row 1, column 1: not on the first comparison's grid
+    assert T._one_channel_if_grey(almost) is almost
+    colour = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    assert T._one_channel_if_grey(colour) is colour
+    for img in (almost, colour):
+        for mode in ("letterbox", "resize"):
+            assert np.array_equal(T.prepare(img, (64, 96), mode)[0], _prepared_as_rgb(img, (64, 96), mode))
 
 
 def test_exif_orientation_is_applied():
