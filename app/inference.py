@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -103,8 +104,8 @@ def _defect(defect: dict[str, Any], mask_format: str, size: tuple[int, int] | No
         out["area"] = round(float(defect["area"]), 2)
     mask = defect.get("mask")
     if mask is not None:
-        if isinstance(mask, dict):
-            out["mask"] = mask
+        if isinstance(mask, dict):  # encoded already
+            out["mask"] = _plain(mask)
         else:
             corner = (out["box"]["x1"], out["box"]["y1"]) if "box" in out else None
             out["mask"] = encode_mask(mask, mask_format, corner, size if corner is not None else None)
@@ -112,7 +113,8 @@ def _defect(defect: dict[str, Any], mask_format: str, size: tuple[int, int] | No
 
 
 def format_result(predictor: Predictor, job: Job, out: dict[str, Any]) -> dict[str, Any]:
-    """Predictor.postprocess output -> the JSON-ready part of an InspectionResult computed by a worker."""
+    """Predictor.postprocess output -> the JSON-ready part of an InspectionResult computed by a worker
+    (built of plain str, int, float, list and dict as it goes: no second pass over it)."""
     mask_format = job.options.get("mask_format") or "rle"
     meta = job.meta
     result: dict[str, Any] = {
@@ -128,15 +130,15 @@ def format_result(predictor: Predictor, job: Job, out: dict[str, Any]) -> dict[s
             {"label": str(t["label"]), "class_id": int(t["class_id"]), "score": round(float(t["score"]), 6)}
             for t in out.get("top_k", [])
         ]
-    return _plain(result)
+    return result
 
 
 def _record_outcome(predictor: Predictor, result: dict[str, Any]) -> None:
     name = str(predictor.name)
     metrics.IMAGES.labels(model=name, task=str(predictor.task)).inc()
     metrics.VERDICTS.labels(model=name, verdict=result["verdict"]).inc()
-    for d in result["defects"]:
-        metrics.DEFECTS.labels(model=name, label=d["label"]).inc()
+    for label, n in Counter(d["label"] for d in result["defects"]).items():
+        metrics.DEFECTS.labels(model=name, label=label).inc(n)
 
 
 @dataclass

@@ -60,6 +60,30 @@ def test_run_batch_all_expired_and_failures(det):
         raise_for_result(results[0])
 
 
+def _plain_json(value) -> bool:
+    """Whether ``value`` is made only of the types JSON has (no numpy or torch scalars, no tuples)."""
+    if isinstance(value, dict):
+        return all(type(k) is str and _plain_json(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain_json(v) for v in value)
+    return value is None or type(value) in (str, int, float, bool)
+
+
+@pytest.mark.parametrize("fmt", ["rle", "polygon", "png"])
+def test_results_are_plain_json(weights_dir: Path, fmt: str):
+    """Every task's result is built of plain JSON types as it is formatted: what the API and the Redis
+    wire format send as they are."""
+    from model.predictor import Predictor
+
+    seen = set()
+    for name in ("cls", "det", "seg"):
+        predictor = Predictor.from_folder(weights_dir / name)
+        for result in run_batch(predictor, [job(predictor, seed, mask_format=fmt) for seed in range(3)]):
+            assert _plain_json(result), result
+            seen.update(k for d in result["defects"] for k in d)
+    assert {"box", "area", "mask"} <= seen  # boxes, areas and masks were among what was checked
+
+
 @pytest.mark.parametrize("fmt", ["rle", "polygon", "png"])
 def test_a_mask_cropped_to_its_box_encodes_like_the_full_mask(fmt):
     from app.inference import encode_mask
