@@ -77,10 +77,19 @@ def _validation_problem(exc: ValidationError, prefix: str) -> Problem:
 
 
 def merge_options(query: dict[str, str], body_fields: dict[str, Any], where: str) -> InspectOptions:
-    merged: dict[str, Any] = {k: v for k, v in query.items() if k in FIELDS}
-    merged.update({k: v for k, v in body_fields.items() if k in FIELDS and v is not None})
+    """The request's options: the query's (checked on their own, so that an error names the query),
+    overridden by the body's fields (``where`` names the body in errors). Unknown query parameters are
+    ignored."""
+    given: dict[str, Any] = {k: v for k, v in query.items() if k in FIELDS}
     try:
-        return InspectOptions.model_validate(merged)
+        options = InspectOptions.model_validate(given)
+    except ValidationError as exc:
+        raise _validation_problem(exc, "query") from None
+    body = {k: v for k, v in body_fields.items() if k in FIELDS and v is not None}
+    if not body:
+        return options
+    try:
+        return InspectOptions.model_validate({**given, **body})
     except ValidationError as exc:
         raise _validation_problem(exc, where) from None
 

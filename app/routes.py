@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
@@ -25,7 +25,6 @@ from app.schemas import (
     Health,
     InspectionResult,
     InspectOptions,
-    InspectQuery,
     JsonInspectRequest,
     ModelInfo,
     ModelsResponse,
@@ -55,7 +54,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _body_doc() -> dict[str, Any]:
+    """The inspection routes' body and query parameters for the OpenAPI document. The options are read
+    from the query by `parse_inspect_body` (with the body's), not by FastAPI: declaring them as a query
+    model in the endpoint's signature made FastAPI inspect that model's annotations on every request."""
     fields = InspectOptions.model_json_schema()["properties"]
+    query = [{"name": name, "in": "query", "required": False, "schema": schema, "description": schema["description"]}
+             for name, schema in fields.items()]
     multipart = {
         "type": "object",
         "properties": {
@@ -70,6 +74,7 @@ def _body_doc() -> dict[str, Any]:
         "required": ["file"],
     }
     return {
+        "parameters": query,
         "requestBody": {
             "required": True,
             "content": {
@@ -223,7 +228,6 @@ def _add_inspect_route(task: str) -> None:
 
     async def endpoint(
         request: Request,
-        query: Annotated[InspectQuery, Query()],
         _key: Annotated[str | None, Depends(require_api_key)],
         x_request_timeout: Annotated[
             float | None,

@@ -59,12 +59,6 @@ class InspectOptions(BaseModel):
         return {name: getattr(self, name) for name in MES_FIELDS}
 
 
-class InspectQuery(InspectOptions):
-    """The same options as query parameters (unknown query parameters are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-
 class JsonInspectRequest(InspectOptions):
     """JSON body: exactly one of `image` (one base64 image; the answer is one result object) or `images`
     (a list; the answer is a list of results in the same order)."""

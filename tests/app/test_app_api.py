@@ -241,7 +241,21 @@ def test_named_model(client: httpx.Client):
 )
 def test_out_of_range_options_422_in_query(client: httpx.Client, params):
     body = assert_problem(client.post("/detect", files=files(png()), params=params), 422, "invalid_request")
-    assert body["errors"]
+    assert [e["loc"] for e in body["errors"]] == [["query", *params]]
+
+
+def test_options_are_documented_as_query_parameters(client: httpx.Client):
+    """Every option and MES field is an optional query parameter of each inspection route in the OpenAPI
+    document, beside the deadline and idempotency headers."""
+    from app.schemas import MES_FIELDS, OPTION_FIELDS
+
+    spec = client.get("/openapi.json").json()
+    for task in ("classify", "detect", "segment"):
+        params = {(p["in"], p["name"]): p for p in spec["paths"][f"/{task}"]["post"]["parameters"]}
+        assert {name for where, name in params if where == "query"} == set(OPTION_FIELDS) | set(MES_FIELDS)
+        assert {name for where, name in params if where == "header"} == {"x-request-timeout", "idempotency-key"}
+        conf = params[("query", "conf")]
+        assert not conf["required"] and conf["schema"]["maximum"] == 1.0 and conf["description"]
 
 
 @pytest.mark.parametrize("fields", [{"conf": "7"}, {"top_k": "-1"}, {"mask_format": "svg"}, {"bogus": "1"}])
