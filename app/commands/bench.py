@@ -14,9 +14,9 @@ Two parts:
   and `--concurrency` at a time to the first, `--concurrency` at a time to the second (in alternating
   slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s concurrent
   without batching), the concurrency gain (÷ req/s one at a time) and the overhead of the whole HTTP path
-  over the bare forward (p50 one at a time ÷ the batch-1 forward time, timed in this process before each of
-  those requests, so that both see the same spells of a shared machine; also paired request by request:
-  the quartiles of each latency less the forward timed just before it).
+  over the bare forward (p50 one at a time ÷ the batch-1 forward time, timed in this process in blocks that
+  alternate with those requests, so that both see the same spells of a shared machine; also slice by slice:
+  each slice's p50 less the median of the forwards timed just before it).
 
 `--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
 """
@@ -320,14 +320,19 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path, ext
         yield url
 
 
-async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
-                 bar, server: list[tuple[float, float]] | None = None,
-                 before: Callable[[], None] | None = None) -> tuple[list[float], dict, float]:
-    """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s). ``server``
-    collects each answer's own ``timing_ms`` (queue, inference) when given; ``before`` (one at a time only)
-    runs before each request, outside its latency and the round's wall time."""
-    if before is not None and concurrency != 1:
-        raise ValueError("before runs between requests one at a time only")
+def _count(r, latency: float, latencies: list[float], statuses: dict[int, int],
+           server: list[tuple[float, float]] | None, bar) -> None:
+    """One answer into a round's tallies."""
+    latencies.append(latency)
+    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    if server is not None and r.status_code == 200:
+        timing = r.json()["timing_ms"]
+        server.append((timing["queue"], timing["inference"]))
+    bar.update(1)
+
+
+async def _concurrent(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
+                      bar, server: list[tuple[float, float]] | None) -> tuple[list[float], dict, float]:
     import httpx
 
     latencies: list[float] = []
@@ -336,28 +341,43 @@ async def _round(url: str, path: str, part: tuple[str, bytes, str], n: int, conc
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
-        paused = 0.0
-
         async def one() -> None:
-            nonlocal paused
             async with sem:
-                if before is not None:
-                    t0 = time.perf_counter()
-                    before()
-                    paused += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 r = await client.post(path, files={"file": part})
-                latencies.append(time.perf_counter() - t0)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if server is not None and r.status_code == 200:
-                    timing = r.json()["timing_ms"]
-                    server.append((timing["queue"], timing["inference"]))
-                bar.update(1)
+                _count(r, time.perf_counter() - t0, latencies, statuses, server, bar)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
-        wall = time.perf_counter() - t0 - paused
+        wall = time.perf_counter() - t0
     return latencies, statuses, wall
+
+
+def _one_at_a_time(url: str, path: str, part: tuple[str, bytes, str], n: int,
+                   bar, server: list[tuple[float, float]] | None) -> tuple[list[float], dict, float]:
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t1 = time.perf_counter()
+            r = client.post(path, files={"file": part})
+            _count(r, time.perf_counter() - t1, latencies, statuses, server, bar)
+        wall = time.perf_counter() - t0
+    return latencies, statuses, wall
+
+
+def run_round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
+              bar, server: list[tuple[float, float]] | None = None) -> tuple[list[float], dict, float]:
+    """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s). ``server``
+    collects each answer's own ``timing_ms`` (queue, inference) when given. One at a time, a blocking
+    client sends them: with one request in flight there is nothing to overlap, and an asyncio client
+    (httpx.AsyncClient) added about 0.7 ms of its own to each request, measured side by side."""
+    if concurrency == 1:
+        return _one_at_a_time(url, path, part, n, bar, server)
+    return asyncio.run(_concurrent(url, path, part, n, concurrency, bar, server))
 
 
 def _summary(concurrency: int, latencies: list[float], statuses: dict[int, int], wall: float) -> dict[str, Any]:
@@ -373,10 +393,13 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     """Three rounds of `--requests` each: one at a time and `--concurrency` at a time against the service
     as configured, and `--concurrency` at a time against a second instance with `--max-batch-size 1` (the
     same service without dynamic batching: the baseline of the batching gain). The rounds alternate in
-    three slices, so that all see the same spells of a shared machine; before each request one at a time,
-    this process times a bare batch-1 forward of the same image (`Predictor.infer`), the figure that the
-    one-at-a-time latency is compared with. The image: ``--http-image`` when given (a real part, as a line
-    sends it), else a random RGB PNG at the input size (incompressible: the costliest to decode)."""
+    three slices, so that all see the same spells of a shared machine; before each slice's requests one at a
+    time, this process times as many bare batch-1 forwards of the same image (`Predictor.infer`), the figure
+    that the one-at-a-time latency is compared with. Blocks, not a forward before each request: this
+    process's forward fills the CPU's caches with its own data, and the service's forward right after it
+    is slower than it is between requests that come on their own. The image: ``--http-image`` when given
+    (a real part, as a line sends it), else a random RGB PNG at the input size (incompressible: the
+    costliest to decode)."""
     import tempfile
 
     import numpy as np
@@ -401,11 +424,16 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
         chw = np.ascontiguousarray(image.transpose(2, 0, 1))
     predictor.infer([chw])  # warm-up
     forwards: list[float] = []
+    by_slice: list[tuple[float, float]] = []  # (median bare forward, p50 one at a time) of each slice, s
 
-    def bare_forward() -> None:
-        t0 = time.perf_counter()
-        predictor.infer([chw])
-        forwards.append(time.perf_counter() - t0)
+    def bare_forwards(n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            predictor.infer([chw])
+            times.append(time.perf_counter() - t0)
+        forwards.extend(times)
+        return statistics.median(times)
 
     path = f"/{task}"
     tmp = Path(tempfile.gettempdir())
@@ -421,14 +449,16 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
                                                           ("--max-batch-size", "1")))}
         bar = tqdm(total=3 * args.requests + 4, desc="service", unit="req", disable=not progress, leave=False)
         for url in urls.values():
-            asyncio.run(_round(url, path, part, 2, 1, bar))  # warm-up: connections, first batch
+            run_round(url, path, part, 2, 1, bar)  # warm-up: connections, first batch
         alone: list[tuple[float, float]] = []  # the service's own queue and inference ms, one at a time
         for n in slices:
             for key in rounds:
                 one_at_a_time = key == ("batched", 1)
-                lat, st, wall = asyncio.run(_round(urls[key[0]], path, part, n, key[1], bar,
-                                                   alone if one_at_a_time else None,
-                                                   bare_forward if one_at_a_time else None))
+                forward = bare_forwards(n) if one_at_a_time else None
+                lat, st, wall = run_round(urls[key[0]], path, part, n, key[1], bar,
+                                          alone if one_at_a_time else None)
+                if forward is not None:
+                    by_slice.append((forward, statistics.median(lat)))
                 lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
@@ -437,16 +467,13 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     seq, conc, unbatched = ({**_summary(key[1], *acc[key]), "max_batch_size": "1" if key[0] == "unbatched"
                              else "default"} for key in rounds)
     forward_ms = statistics.median(forwards) * 1000.0
-    # request by request: each latency less the bare forward timed just before it (both see the same spell)
-    over = statistics.quantiles([(lat - fw) * 1000.0 for lat, fw in zip(acc[rounds[0]][0], forwards, strict=True)],
-                                n=4, method="inclusive")
     return {"model": folder.name, "endpoint": path, "image": described,
             "rounds": [seq, conc, unbatched],
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
             "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2),
             "alone_ms": {"p50": seq["p50_ms"], "forward": round(forward_ms, 2), "forward_backend": predictor.backend,
-                         "over_forward": {"p25": round(over[0], 2), "p50": round(over[1], 2), "p75": round(over[2], 2)},
+                         "over_forward_by_slice": [round((lat - fw) * 1000.0, 2) for fw, lat in by_slice],
                          "queue": round(statistics.median(q for q, _ in alone), 2) if alone else None,
                          "inference": round(statistics.median(i for _, i in alone), 2) if alone else None}}
 

@@ -8,7 +8,6 @@ says it recorded and published (every answered result, or the benchmark says how
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -76,7 +75,7 @@ def bench_line(folder: Path, task: str, input_size: list[int], args, device: str
     import numpy as np
 
     from app.client import _image_bytes
-    from app.commands.bench import _free_port, _launch, _process_env, _round, _serve_cmd, _summary
+    from app.commands.bench import _free_port, _launch, _process_env, _serve_cmd, _summary, run_round
 
     part = _image_bytes(np.random.default_rng(2).integers(0, 256, (*input_size, 3), dtype=np.uint8))
     path, c, n = f"/{task}", args.line_concurrency, args.line_requests
@@ -97,11 +96,11 @@ def bench_line(folder: Path, task: str, input_size: list[int], args, device: str
             urls[name] = url
         bar = tqdm(total=2 * n + 4, desc="line", unit="req", disable=not progress, leave=False)
         for url in urls.values():
-            asyncio.run(_round(url, path, part, 2, 1, bar))  # warm-up
+            run_round(url, path, part, 2, 1, bar)  # warm-up
         acc: dict[str, tuple[list[float], dict[int, int], float]] = {k: ([], {}, 0.0) for k in urls}
         for k in (len(s) for s in (range(n)[i::4] for i in range(4)) if len(s)):
             for name, url in urls.items():
-                lat, st, wall = asyncio.run(_round(url, path, part, k, c, bar))
+                lat, st, wall = run_round(url, path, part, k, c, bar)
                 lat0, st0, wall0 = acc[name]
                 acc[name] = (lat0 + lat, {s: st0.get(s, 0) + st.get(s, 0) for s in {*st0, *st}}, wall0 + wall)
         bar.close()

@@ -64,17 +64,16 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
     if a.get("inference") is not None:
         backend = f"{a['forward_backend']}, " if a.get("forward_backend") else ""
         lines.append(f"- One at a time, p50 {a['p50']:.1f} ms = batch-1 forward {a['forward']:.1f} ms ({backend}"
-                     f"timed in the benchmark's process before each of those requests) + "
+                     f"timed in the benchmark's process in blocks between those requests) + "
                      f"{a['p50'] - a['forward']:.1f} ms. "
                      f"The answers' own `timing_ms` (medians): waiting in "
                      f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
                      f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "
                      f"letterboxing and JSON.")
-    if a.get("over_forward"):
-        o = a["over_forward"]
-        lines.append(f"- Request by request (each one's latency less the bare forward timed just before it, so that "
-                     f"both see the same spell of the machine): median + {o['p50']:.1f} ms, quartiles "
-                     f"+ {o['p25']:.1f} to + {o['p75']:.1f} ms.")
+    if a.get("over_forward_by_slice"):
+        each = ", ".join(f"+ {v:.1f}" for v in a["over_forward_by_slice"])
+        lines.append(f"- Slice by slice (the p50 of each slice's requests less the median of the bare forwards timed "
+                     f"just before them, so that both see the same spell of the machine): {each} ms.")
     lines.append("")
     if run is not None:
         lines[1:1] = ["", own_line(run)]
