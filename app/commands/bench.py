@@ -15,8 +15,8 @@ Two parts:
   slices): latency p50/p95, requests/s, the dynamic-batching gain (req/s concurrent ÷ req/s concurrent
   without batching), the concurrency gain (÷ req/s one at a time) and the overhead of the whole HTTP path
   over the bare forward (p50 one at a time ÷ the batch-1 forward time, timed in this process in blocks that
-  alternate with those requests, so that both see the same spells of a shared machine; also slice by slice:
-  each slice's p50 less the median of the forwards timed just before it).
+  alternate with blocks of those requests, so that both see the same spells of a shared machine; also block
+  by block: the quartiles of each block's p50 less the median of the forwards timed just before it).
 
 `--out BENCHMARKS.md` writes the tables with the machine they ran on; `--plot PNG` draws them.
 """
@@ -353,30 +353,40 @@ async def _concurrent(url: str, path: str, part: tuple[str, bytes, str], n: int,
     return latencies, statuses, wall
 
 
-def _one_at_a_time(url: str, path: str, part: tuple[str, bytes, str], n: int,
-                   bar, server: list[tuple[float, float]] | None) -> tuple[list[float], dict, float]:
+def _one_at_a_time(url: str, path: str, part: tuple[str, bytes, str], n: int, bar,
+                   server: list[tuple[float, float]] | None, between: Callable[[], None] | None,
+                   every: int) -> tuple[list[float], dict, float]:
     import httpx
 
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    paused = 0.0
     with httpx.Client(base_url=url, timeout=120) as client:
         t0 = time.perf_counter()
-        for _ in range(n):
+        for i in range(n):
+            if between is not None and i % every == 0:
+                t1 = time.perf_counter()
+                between()
+                paused += time.perf_counter() - t1
             t1 = time.perf_counter()
             r = client.post(path, files={"file": part})
             _count(r, time.perf_counter() - t1, latencies, statuses, server, bar)
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0 - paused
     return latencies, statuses, wall
 
 
-def run_round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int,
-              bar, server: list[tuple[float, float]] | None = None) -> tuple[list[float], dict, float]:
+def run_round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int, bar,
+              server: list[tuple[float, float]] | None = None, between: Callable[[], None] | None = None,
+              every: int = 8) -> tuple[list[float], dict, float]:
     """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s). ``server``
     collects each answer's own ``timing_ms`` (queue, inference) when given. One at a time, a blocking
-    client sends them: with one request in flight there is nothing to overlap, and an asyncio client
-    (httpx.AsyncClient) added about 0.7 ms of its own to each request, measured side by side."""
+    client sends them (with one request in flight there is nothing to overlap, and an asyncio client,
+    httpx.AsyncClient, added about 0.7 ms of its own to each request, measured side by side), and
+    ``between`` runs before every ``every`` requests, outside their latencies and the round's wall time."""
     if concurrency == 1:
-        return _one_at_a_time(url, path, part, n, bar, server)
+        return _one_at_a_time(url, path, part, n, bar, server, between, every)
+    if between is not None:
+        raise ValueError("between runs between requests one at a time only")
     return asyncio.run(_concurrent(url, path, part, n, concurrency, bar, server))
 
 
@@ -388,16 +398,19 @@ def _summary(concurrency: int, latencies: list[float], statuses: dict[int, int],
             "requests_per_s": round(len(latencies) / wall, 2)}
 
 
+BLOCK = 8  # one at a time: requests between two blocks of bare forwards, and forwards per block
+
+
 def bench_service(folder: Path, task: str, input_size: list[int], args, device: str,
                   progress: bool) -> dict[str, Any]:
     """Three rounds of `--requests` each: one at a time and `--concurrency` at a time against the service
     as configured, and `--concurrency` at a time against a second instance with `--max-batch-size 1` (the
     same service without dynamic batching: the baseline of the batching gain). The rounds alternate in
-    three slices, so that all see the same spells of a shared machine; before each slice's requests one at a
-    time, this process times as many bare batch-1 forwards of the same image (`Predictor.infer`), the figure
-    that the one-at-a-time latency is compared with. Blocks, not a forward before each request: this
-    process's forward fills the CPU's caches with its own data, and the service's forward right after it
-    is slower than it is between requests that come on their own. The image: ``--http-image`` when given
+    three slices, so that all see the same spells of a shared machine; before every BLOCK requests one at a
+    time, this process times BLOCK bare batch-1 forwards of the same image (`Predictor.infer`), the figure
+    that the one-at-a-time latency is compared with, block by block. Blocks, not a forward before each
+    request: this process's forward fills the CPU's caches with its own data, and the service's forward
+    right after it is slower than it is between requests that come on their own. The image: ``--http-image`` when given
     (a real part, as a line sends it), else a random RGB PNG at the input size (incompressible: the
     costliest to decode)."""
     import tempfile
@@ -423,17 +436,15 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
         described = f"{input_size[1]}x{input_size[0]} PNG"
         chw = np.ascontiguousarray(image.transpose(2, 0, 1))
     predictor.infer([chw])  # warm-up
-    forwards: list[float] = []
-    by_slice: list[tuple[float, float]] = []  # (median bare forward, p50 one at a time) of each slice, s
+    forwards: list[list[float]] = []  # one block of bare forwards before every BLOCK requests one at a time, s
 
-    def bare_forwards(n: int) -> float:
+    def bare_forwards() -> None:
         times = []
-        for _ in range(n):
+        for _ in range(BLOCK):
             t0 = time.perf_counter()
             predictor.infer([chw])
             times.append(time.perf_counter() - t0)
-        forwards.extend(times)
-        return statistics.median(times)
+        forwards.append(times)
 
     path = f"/{task}"
     tmp = Path(tempfile.gettempdir())
@@ -454,11 +465,9 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
         for n in slices:
             for key in rounds:
                 one_at_a_time = key == ("batched", 1)
-                forward = bare_forwards(n) if one_at_a_time else None
                 lat, st, wall = run_round(urls[key[0]], path, part, n, key[1], bar,
-                                          alone if one_at_a_time else None)
-                if forward is not None:
-                    by_slice.append((forward, statistics.median(lat)))
+                                          alone if one_at_a_time else None,
+                                          bare_forwards if one_at_a_time else None, BLOCK)
                 lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
@@ -466,14 +475,21 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
         bar.close()
     seq, conc, unbatched = ({**_summary(key[1], *acc[key]), "max_batch_size": "1" if key[0] == "unbatched"
                              else "default"} for key in rounds)
-    forward_ms = statistics.median(forwards) * 1000.0
+    forward_ms = statistics.median(t for block in forwards for t in block) * 1000.0
+    # block by block: the p50 of each block of requests less the median of the forwards timed just before it
+    starts = [sum(slices[:k]) + i for k, n in enumerate(slices) for i in range(0, n, BLOCK)]
+    seq_lat = acc[rounds[0]][0]
+    by_block = [(statistics.median(seq_lat[a:b]) - statistics.median(fw)) * 1000.0
+                for a, b, fw in zip(starts, [*starts[1:], len(seq_lat)], forwards, strict=True)]
+    over = statistics.quantiles(by_block, n=4, method="inclusive") if len(by_block) > 1 else by_block * 3
     return {"model": folder.name, "endpoint": path, "image": described,
             "rounds": [seq, conc, unbatched],
             "batching_gain": round(conc["requests_per_s"] / unbatched["requests_per_s"], 2),
             "concurrency_gain": round(conc["requests_per_s"] / seq["requests_per_s"], 2),
             "http_overhead_vs_forward": round(seq["p50_ms"] / forward_ms, 2),
             "alone_ms": {"p50": seq["p50_ms"], "forward": round(forward_ms, 2), "forward_backend": predictor.backend,
-                         "over_forward_by_slice": [round((lat - fw) * 1000.0, 2) for fw, lat in by_slice],
+                         "over_forward": {"blocks": len(by_block), "p25": round(over[0], 2),
+                                          "p50": round(over[1], 2), "p75": round(over[2], 2)},
                          "queue": round(statistics.median(q for q, _ in alone), 2) if alone else None,
                          "inference": round(statistics.median(i for _, i in alone), 2) if alone else None}}
 

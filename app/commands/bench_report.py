@@ -70,10 +70,11 @@ def service_markdown(s: dict[str, Any], run: dict[str, Any] | None = None) -> li
                      f"the queue {a['queue']:.2f} ms, forward + postprocess in the service {a['inference']:.1f} "
                      f"ms; the remaining {a['p50'] - a['queue'] - a['inference']:.1f} ms are HTTP, decoding, "
                      f"letterboxing and JSON.")
-    if a.get("over_forward_by_slice"):
-        each = ", ".join(f"+ {v:.1f}" for v in a["over_forward_by_slice"])
-        lines.append(f"- Slice by slice (the p50 of each slice's requests less the median of the bare forwards timed "
-                     f"just before them, so that both see the same spell of the machine): {each} ms.")
+    if a.get("over_forward"):
+        o = a["over_forward"]
+        lines.append(f"- Block by block ({o['blocks']} blocks: the p50 of each block of requests less the median of "
+                     f"the bare forwards timed just before it, so that both see the same spell of the machine): median "
+                     f"+ {o['p50']:.1f} ms, quartiles + {o['p25']:.1f} to + {o['p75']:.1f} ms.")
     lines.append("")
     if run is not None:
         lines[1:1] = ["", own_line(run)]
