@@ -445,6 +445,7 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
             predictor.infer([chw])
             times.append(time.perf_counter() - t0)
         forwards.append(times)
+        time.sleep(0.05)  # torch's idle threads spin for a while after a forward: not into the requests' time
 
     path = f"/{task}"
     tmp = Path(tempfile.gettempdir())
