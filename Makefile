@@ -48,9 +48,11 @@ lint: install-dev
 
 # Times the shipped models and the service (ratios in one run); writes BENCHMARKS.md and its plot.
 # The peers (plain FastAPI, LitServe: the bench extra) get the magnetic-tile JPEGs when the data is there.
-PEER_IMAGES ?= $(wildcard ../shared/data/magnetic-tile)
+# The data folder: S2AMNET_DATA_DIR, else shared/data beside the project folder (as the dataset readers).
+DATA_DIR ?= $(or $(S2AMNET_DATA_DIR),$(dir $(CURDIR))shared/data)
+PEER_IMAGES ?= $(wildcard $(DATA_DIR)/magnetic-tile)
 # The service part sends one NEU-DET part when the data is there (else a random PNG).
-HTTP_IMAGE ?= $(firstword $(sort $(wildcard ../shared/data/neu-det/IMAGES/*.jpg)))
+HTTP_IMAGE ?= $(firstword $(sort $(wildcard $(DATA_DIR)/neu-det/IMAGES/*.jpg)))
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev
 	$(BIN)/pip install -q -e '.[dev,bench]'

@@ -1,5 +1,5 @@
-"""Real images from ../shared/data (read in place, never copied) through the API; and, once the shipped
-detector exists in weights/, the README's promise: `curl -F file=@some.jpg localhost:8000/detect` gives
+"""Real images from the data folder (S2AMNET_DATA_DIR; read in place, never copied) through the API; and,
+once the shipped detector exists in weights/, the README's promise: `curl -F file=@some.jpg localhost:8000/detect` gives
 boxes. Skipped cleanly when the data or the shipped weights are absent."""
 
 from __future__ import annotations

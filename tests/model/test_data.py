@@ -354,7 +354,7 @@ def test_sample_weights():
 
 
 # ----------------------------------------------------------------------------------------------------
-# real data, read in place (skips when ../shared/data is absent)
+# real data, read in place (skips when the data folder lacks it)
 
 
 

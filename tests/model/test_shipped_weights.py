@@ -1,7 +1,7 @@
 """Every shipped weights folder carries the figures `s2amnet eval --split test` measured on images used neither
 for training nor for choosing epochs or thresholds, and the same command reproduces them from this checkout
 (task metrics and part-level escape / false-reject counts). Runs the real CLI in a subprocess per (model,
-dataset); skipped when ../shared/data lacks the dataset."""
+dataset); skipped when the data folder (S2AMNET_DATA_DIR) lacks the dataset."""
 
 from __future__ import annotations
 
