@@ -1,7 +1,8 @@
 """All service settings, in one place.
 
-Every field reads the environment variable `S2AMNET_<FIELD>` (case-insensitive); command-line flags of
-`s2amnet serve` / `s2amnet worker` override them by passing init arguments (init > environment > default).
+Every field reads the environment variable `S2AMNET_<FIELD>` (case-insensitive; set to nothing, it counts as
+unset); command-line flags of `s2amnet serve` / `s2amnet worker` override them by passing init arguments
+(init > environment > default).
 List settings (`models`, `api_keys`) are comma-separated in the environment; `model_max_batch_size` is
 ``name=N,name=N``.
 """
@@ -33,7 +34,9 @@ BackendName = Literal["auto", "eager", "eager-channels-last", "eager-bf16", "com
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="S2AMNET_", extra="ignore", validate_default=True)
+    # an empty variable counts as unset (`S2AMNET_RECORDS_DIR=` in an env file, `${VAR:-}` in compose)
+    model_config = SettingsConfigDict(env_prefix="S2AMNET_", extra="ignore", validate_default=True,
+                                      env_ignore_empty=True)
 
     # --- where the API listens
     host: str = Field("0.0.0.0", description="Interface the HTTP API binds to.")

@@ -128,3 +128,21 @@ def test_an_unset_or_empty_backend_leaves_the_choice_to_the_device(monkeypatch):
     monkeypatch.setenv("S2AMNET_BACKEND", "eager")
     assert Settings().backend == "eager"
     assert default_backend("cpu") == "eager-channels-last" and default_backend("cuda") == "eager"
+
+
+def test_an_empty_variable_counts_as_unset(monkeypatch):
+    """`S2AMNET_X=` (an env file, or `${X:-}` in compose) gives the field its default, never an empty path, URL
+    or number: an empty S2AMNET_RECORDS_DIR is not the current folder, an empty S2AMNET_RECIPES not a recipe
+    file named "."."""
+    fields = ("records_dir", "records_url", "recipes", "device", "max_batch_size", "redis_url", "models", "api_keys",
+              "mqtt_url", "request_timeout_s")
+    for name in fields:
+        monkeypatch.delenv(f"S2AMNET_{name.upper()}", raising=False)
+    defaults = Settings()
+    for name in fields:
+        monkeypatch.setenv(f"S2AMNET_{name.upper()}", "")
+    empty = Settings()
+    assert {n: getattr(empty, n) for n in fields} == {n: getattr(defaults, n) for n in fields}
+    assert empty.records_dir == Path("records") and empty.recipes is None and empty.redis_url is None
+    monkeypatch.setenv("S2AMNET_RECORDS_DIR", "/var/lib/s2amnet/records")
+    assert Settings().records_dir == Path("/var/lib/s2amnet/records")
