@@ -10,7 +10,10 @@ from support.images import pattern
 
 
 class Recording:
-    """Wraps a real Predictor: records the thread and batch size of every infer call; can be held."""
+    """Wraps a real Predictor: records the thread and batch size of every infer call; can be held. Reads and
+    writes of any other attribute go to the Predictor (the runtime sets its backend and forward batch)."""
+
+    _OWN = frozenset({"p", "calls", "gate", "fail"})
 
     def __init__(self, predictor):
         self.p = predictor
@@ -21,6 +24,12 @@ class Recording:
 
     def __getattr__(self, name):
         return getattr(self.p, name)
+
+    def __setattr__(self, name, value):
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.p, name, value)
 
     def infer(self, arrays):
         self.calls.append((threading.current_thread().name, len(arrays)))
