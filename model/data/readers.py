@@ -150,16 +150,18 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
     """Decode an image file to a uint8 array (H×W×3 for RGB, H×W for L) by the service's own conversion
     (`model.transforms.to_rgb_uint8`: EXIF orientation applied, 16-bit scaled from its full range), so that
     training and evaluation see an image exactly as the service does."""
-    from model.transforms import to_rgb_uint8
+    from model.transforms import to_rgb_uint8, to_uint8
 
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"mode must be RGB or L, not {mode!r}")
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        rgb = to_rgb_uint8(im)
-    if mode == "RGB":
-        return rgb
-    if mode != "L":
-        raise ValueError(f"mode must be RGB or L, not {mode!r}")
-    return np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.uint8).copy()
+        if mode == "RGB":
+            return to_rgb_uint8(im)
+        pixels = to_uint8(im)  # grey images stay grey; colour ones are converted to luma below
+    if pixels.ndim == 2:
+        return pixels
+    return np.asarray(Image.fromarray(pixels, "RGB").convert("L"), dtype=np.uint8).copy()
 
 
 def _read_mask_png(path: Path) -> np.ndarray:

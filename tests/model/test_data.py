@@ -463,3 +463,25 @@ def _check_split(info, task):
     else:
         for part in (tr, va):
             assert any(part[i].load_mask().any() for i in range(min(5, len(part))))
+
+
+def test_load_image_grey_and_colour(tmp_path: Path):
+    """`load_image` decodes as the service does: mode L keeps a grey file's pixels as they are (8- or 16-bit,
+    the latter scaled from its full range) and takes the luma of a colour one; mode RGB copies grey into three
+    channels."""
+    from model.data.readers import load_image
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    colour = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    assert np.array_equal(load_image(tmp_path / "grey.png", "L"), grey)
+    assert np.array_equal(load_image(tmp_path / "grey16.png", "L"), grey)
+    assert np.array_equal(load_image(tmp_path / "grey.png"), np.repeat(grey[:, :, None], 3, axis=2))
+    luma = np.asarray(Image.fromarray(colour).convert("L"))
+    assert np.array_equal(load_image(tmp_path / "colour.png", "L"), luma)
+    assert np.array_equal(load_image(tmp_path / "colour.png"), colour)
+    with pytest.raises(ValueError, match="RGB or L"):
+        load_image(tmp_path / "grey.png", "CMYK")
