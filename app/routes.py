@@ -55,11 +55,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def _body_doc() -> dict[str, Any]:
     """The inspection routes' body and query parameters for the OpenAPI document. The options are read
-    from the query by `parse_inspect_body` (with the body's), not by FastAPI: declaring them as a query
-    model in the endpoint's signature made FastAPI inspect that model's annotations on every request."""
+    from the query by `parse_inspect_body` (with the body's), not by FastAPI: declared as a query model in
+    the endpoint's signature, they would make FastAPI inspect that model's annotations on every request."""
     fields = InspectOptions.model_json_schema()["properties"]
-    query = [{"name": name, "in": "query", "required": False, "schema": schema, "description": schema["description"]}
-             for name, schema in fields.items()]
+    query = [{"name": name, "in": "query", "required": False, "schema": schema,
+              "description": schema.get("description", "")} for name, schema in fields.items()]
     multipart = {
         "type": "object",
         "properties": {

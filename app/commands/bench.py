@@ -409,10 +409,10 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
     three slices, so that all see the same spells of a shared machine; before every BLOCK requests one at a
     time, this process times BLOCK bare batch-1 forwards of the same image (`Predictor.infer`), the figure
     that the one-at-a-time latency is compared with, block by block. Blocks, not a forward before each
-    request: this process's forward fills the CPU's caches with its own data, and the service's forward
-    right after it is slower than it is between requests that come on their own. The image: ``--http-image`` when given
-    (a real part, as a line sends it), else a random RGB PNG at the input size (incompressible: the
-    costliest to decode)."""
+    request: two processes' forwards back to back slow each other (caches, torch's spinning threads), so the
+    service's forward right after this process's is slower than between requests that come on their own.
+    The image: ``--http-image`` when given (a real part, as a line sends it), else a random RGB PNG at the
+    input size (incompressible: the costliest to decode)."""
     import tempfile
 
     import numpy as np
