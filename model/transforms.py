@@ -248,13 +248,13 @@ def logits_to_original(logits, meta: dict, max_elems: int = 1 << 24) -> tuple[np
     band = max(1, min(oh, max_elems // max(1, t.shape[0] * max(ow, iw))))
     for r in range(0, oh, band):
         sl = slice(r, min(oh, r + band))
-        a = t[:, torch.from_numpy(y0[sl]), :]
-        b = t[:, torch.from_numpy(y1[sl]), :]
-        wy = torch.from_numpy(ly[sl])[None, :, None]
-        rows = a + (b - a) * wy  # nc × band × iw
-        ra = rows.index_select(2, x0t)
-        rb = rows.index_select(2, x1t)
-        up = ra + (rb - ra) * lxt  # nc × band × ow (1 × band × ow for two classes)
+        # a + (b - a) * w, computed in place (the same arithmetic); gathers along dim 1 of 2-D views (several
+        # times faster than along the last dim of a 3-D tensor)
+        a = t.index_select(1, torch.from_numpy(y0[sl]))
+        rows = t.index_select(1, torch.from_numpy(y1[sl])).sub_(a).mul_(torch.from_numpy(ly[sl])[None, :, None])
+        rows = rows.add_(a).reshape(-1, iw)  # (nc · band) × iw
+        ra = rows.index_select(1, x0t)
+        up = rows.index_select(1, x1t).sub_(ra).mul_(lxt).add_(ra).reshape(t.shape[0], -1, ow)  # nc × band × ow
         if two:
             idx, p = up[0] > 0, torch.sigmoid(up[0].abs())
         else:

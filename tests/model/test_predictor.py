@@ -379,6 +379,35 @@ def test_logits_resampling_equals_torch_interpolate():
     assert (labels == l_ref.numpy()).mean() > 0.999
 
 
+def _plain_bilinear(logits: torch.Tensor, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The resampling written plainly, all at once: rows, then columns, each ``a + (b - a) * w``."""
+    nc, ih, iw = logits.shape
+    y0, y1, ly = T.axis_interp(int(meta["orig_h"]), ih, meta["scale_y"], meta["pad_y"])
+    x0, x1, lx = T.axis_interp(int(meta["orig_w"]), iw, meta["scale_x"], meta["pad_x"])
+    a, b = logits[:, torch.from_numpy(y0), :], logits[:, torch.from_numpy(y1), :]
+    rows = a + (b - a) * torch.from_numpy(ly)[None, :, None]
+    a, b = rows[:, :, torch.from_numpy(x0)], rows[:, :, torch.from_numpy(x1)]
+    p, idx = torch.softmax(a + (b - a) * torch.from_numpy(lx), dim=0).max(dim=0)
+    return idx.numpy().astype(np.uint8), p.numpy()
+
+
+def test_logits_resampling_is_exactly_the_plain_formula():
+    """However it is laid out for speed, the resampling is the plain formula to the last bit (the recorded
+    segment metrics stay reproducible): letterbox and stretch, up and down. (Split into bands, softmax's
+    vector and scalar paths fall on other pixels, so bands are compared with `F.interpolate` above.)"""
+    rng = np.random.default_rng(7)
+    for nc, (ih, iw), (oh, ow) in [(6, (64, 64), (61, 40)), (4, (32, 48), (100, 70)), (3, (64, 64), (7, 90))]:
+        logits = torch.from_numpy(rng.normal(size=(nc, ih, iw)).astype(np.float32) * 4)
+        scale = min(ih / oh, iw / ow)
+        nw, nh = round(ow * scale), round(oh * scale)
+        for meta in ({"orig_w": ow, "orig_h": oh, "scale_x": scale, "scale_y": scale, "pad_x": float((iw - nw) // 2),
+                      "pad_y": float((ih - nh) // 2)},
+                     {"orig_w": ow, "orig_h": oh, "scale_x": iw / ow, "scale_y": ih / oh, "pad_x": 0.0, "pad_y": 0.0}):
+            labels, probs = T.logits_to_original(logits, meta)
+            want = _plain_bilinear(logits, meta)
+            assert np.array_equal(labels, want[0]) and np.array_equal(probs, want[1])
+
+
 def test_two_class_resampling_equals_the_general_softmax_path():
     """Two classes take a shortcut (the resampled logit difference, sigmoid): same labels and
     probabilities as softmax + argmax over both resampled channels, ties going to class 0 as argmax does."""
