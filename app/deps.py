@@ -39,21 +39,26 @@ async def require_api_key(
     x_api_key: Annotated[str | None, Security(api_key_header)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> str | None:
-    """When API keys are configured, the request must carry one (X-API-Key or Authorization: Bearer)."""
+    """When API keys are configured, the request must carry one (X-API-Key or Authorization: Bearer), and
+    every key it carries must be valid: an Authorization header that is not `Bearer <key>`, or a second key
+    that is wrong, is refused rather than ignored."""
     keys = service_state(request.app).settings.api_keys
     if not keys:
         return None
-    given = x_api_key or (credentials.credentials if credentials else None)
+    if credentials is None and "authorization" in request.headers:
+        raise unauthorized("unreadable Authorization header: send it as 'Authorization: Bearer <key>'")
+    given = [k for k in (x_api_key, credentials.credentials if credentials else None) if k]
     if not given:
         raise unauthorized("missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'")
-    given_b = given.encode("utf-8", "replace")
-    ok = False
-    for key in keys:  # compare against every key, in constant time per key
-        ok |= hmac.compare_digest(given_b, key.encode("utf-8", "replace"))
-    if not ok:
-        raise unauthorized("invalid API key")
-    request.state.principal = given
-    return given
+    for one in given:
+        one_b = one.encode("utf-8", "replace")
+        ok = False
+        for key in keys:  # compare against every key, in constant time per key
+            ok |= hmac.compare_digest(one_b, key.encode("utf-8", "replace"))
+        if not ok:
+            raise unauthorized("invalid API key")
+    request.state.principal = given[0]
+    return given[0]
 
 
 @dataclass

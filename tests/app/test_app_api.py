@@ -458,6 +458,12 @@ def test_api_key_required(anon: httpx.Client):
         anon.post("/detect", files=files(png()), headers={"Authorization": f"Bearer {API_KEY}"}).status_code
         == 200
     )
+    # every key a request carries must be valid: a wrong or unreadable second one is refused, not ignored
+    for auth in ("Bearer wrong", f"Basic {API_KEY}", "Bearer", "garbage"):
+        body = assert_problem(anon.get("/models", headers={"X-API-Key": API_KEY, "Authorization": auth}), 401)
+        assert "Authorization" in body["detail"] or "invalid API key" in body["detail"], auth
+    both = anon.get("/models", headers={"X-API-Key": API_KEY, "Authorization": f"Bearer {OTHER_API_KEY}"})
+    assert both.status_code == 200
 
 
 def test_auth_is_checked_before_the_body(anon: httpx.Client):
