@@ -1,8 +1,27 @@
-"""Which torch device to run on: one rule for every command and the service."""
+"""Which torch device to run on: one rule for every command and the service; and what this machine's CPU is."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 AUTO = "auto"
+
+
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This machine's CPU from /proc/cpuinfo: (model name, instruction-set flags) of its first processor;
+    ("", empty) where there is no /proc/cpuinfo."""
+    name, flags = "", frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, flags
+    for line in text.splitlines():
+        if line.startswith("model name") and not name:
+            name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            flags = frozenset(line.split(":", 1)[1].split())
+            break
+    return name, flags
 
 
 def gpu_available() -> bool:

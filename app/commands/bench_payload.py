@@ -318,10 +318,9 @@ def _check(args: argparse.Namespace) -> None:
 def _machine(url: str) -> dict[str, Any]:
     import redis
 
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
+    from model.device import cpu_info
+
+    cpu = cpu_info()[0]
     with redis.Redis.from_url(url) as r:
         version = r.info("server").get("redis_version")
     return {"cpu": cpu, "cores": os.cpu_count(), "redis": version}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import time
@@ -14,16 +13,11 @@ def machine(device: str) -> dict[str, Any]:
     """CPU, cores, torch version and threads, device (and GPU name) of this run."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(flags),
+    from model.device import cpu_info
+
+    name, flags = cpu_info()
+    cpu = name or platform.processor() or platform.machine()
+    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(set(flags)),
             "kernels": str(torch.backends.cpu.get_cpu_capability()), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": device, "python": platform.python_version()}
     if device.startswith("cuda"):
