@@ -320,6 +320,9 @@ def _service(folder: Path, device: str, threads: int | None, log_path: Path, ext
         yield url
 
 
+BLOCK = 8  # one at a time: requests between two blocks of bare forwards, and forwards per block
+
+
 def _count(r, latency: float, latencies: list[float], statuses: dict[int, int],
            server: list[tuple[float, float]] | None, bar) -> None:
     """One answer into a round's tallies."""
@@ -354,8 +357,8 @@ async def _concurrent(url: str, path: str, part: tuple[str, bytes, str], n: int,
 
 
 def _one_at_a_time(url: str, path: str, part: tuple[str, bytes, str], n: int, bar,
-                   server: list[tuple[float, float]] | None, between: Callable[[], None] | None,
-                   every: int) -> tuple[list[float], dict, float]:
+                   server: list[tuple[float, float]] | None,
+                   between: Callable[[], None] | None) -> tuple[list[float], dict, float]:
     import httpx
 
     latencies: list[float] = []
@@ -364,7 +367,7 @@ def _one_at_a_time(url: str, path: str, part: tuple[str, bytes, str], n: int, ba
     with httpx.Client(base_url=url, timeout=120) as client:
         t0 = time.perf_counter()
         for i in range(n):
-            if between is not None and i % every == 0:
+            if between is not None and i % BLOCK == 0:
                 t1 = time.perf_counter()
                 between()
                 paused += time.perf_counter() - t1
@@ -376,15 +379,15 @@ def _one_at_a_time(url: str, path: str, part: tuple[str, bytes, str], n: int, ba
 
 
 def run_round(url: str, path: str, part: tuple[str, bytes, str], n: int, concurrency: int, bar,
-              server: list[tuple[float, float]] | None = None, between: Callable[[], None] | None = None,
-              every: int = 8) -> tuple[list[float], dict, float]:
+              server: list[tuple[float, float]] | None = None,
+              between: Callable[[], None] | None = None) -> tuple[list[float], dict, float]:
     """`n` requests, at most `concurrency` in flight: (latencies s, {status: count}, wall s). ``server``
     collects each answer's own ``timing_ms`` (queue, inference) when given. One at a time, a blocking
     client sends them (with one request in flight there is nothing to overlap, and an asyncio client,
     httpx.AsyncClient, added about 0.7 ms of its own to each request, measured side by side), and
-    ``between`` runs before every ``every`` requests, outside their latencies and the round's wall time."""
+    ``between`` runs before every BLOCK requests, outside their latencies and the round's wall time."""
     if concurrency == 1:
-        return _one_at_a_time(url, path, part, n, bar, server, between, every)
+        return _one_at_a_time(url, path, part, n, bar, server, between)
     if between is not None:
         raise ValueError("between runs between requests one at a time only")
     return asyncio.run(_concurrent(url, path, part, n, concurrency, bar, server))
@@ -396,9 +399,6 @@ def _summary(concurrency: int, latencies: list[float], statuses: dict[int, int],
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "p50_ms": round(statistics.median(latencies) * 1000, 2), "p95_ms": round(q[18] * 1000, 2),
             "requests_per_s": round(len(latencies) / wall, 2)}
-
-
-BLOCK = 8  # one at a time: requests between two blocks of bare forwards, and forwards per block
 
 
 def bench_service(folder: Path, task: str, input_size: list[int], args, device: str,
@@ -468,7 +468,7 @@ def bench_service(folder: Path, task: str, input_size: list[int], args, device: 
                 one_at_a_time = key == ("batched", 1)
                 lat, st, wall = run_round(urls[key[0]], path, part, n, key[1], bar,
                                           alone if one_at_a_time else None,
-                                          bare_forwards if one_at_a_time else None, BLOCK)
+                                          bare_forwards if one_at_a_time else None)
                 lat0, st0, wall0 = acc[key]
                 for k, v in st.items():
                     st0[k] = st0.get(k, 0) + v
