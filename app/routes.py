@@ -293,6 +293,7 @@ async def models(request: Request, _key: Annotated[str | None, Depends(require_a
                 input_size=[int(v) for v in p.input_size],
                 tta=list(p.tta),
                 default=state.defaults.get(p.task) == name,
+                nms_iou=p.nms_iou if p.task == "detect" else None,
                 verdict=manifest.get("verdict"),
                 metrics=manifest.get("metrics"),
                 trained_on=manifest.get("trained_on"),

@@ -27,7 +27,10 @@ class InspectOptions(BaseModel):
         None, max_length=128, description="Name of a loaded model of this task; default: the task's default."
     )
     conf: float = Field(0.25, ge=0.0, le=1.0, description="Minimum score of a reported defect.")
-    iou: float = Field(0.7, ge=0.0, le=1.0, description="NMS IoU threshold (detect).")
+    iou: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="NMS IoU threshold (detect); default: the model's own (its manifest's postprocess.iou, 0.7 "
+                    "where it names none).")
     max_det: int = Field(300, ge=1, le=1000, description="Most defects reported per image.")
     top_k: int = Field(5, ge=1, le=100, description="Number of top classes reported (classify).")
     mask_format: MaskFormat = Field(
@@ -160,6 +163,8 @@ class ModelInfo(BaseModel):
     tta: list[str] = Field(default_factory=list, description="Flipped views averaged into every prediction "
                                                             "(test-time augmentation; each costs one more forward).")
     default: bool = Field(..., description="Used when a request names no model.")
+    nms_iou: float | None = Field(None, description="Detect: the NMS IoU threshold used when a request gives no "
+                                                    "`iou` (chosen with the verdict rule).")
     verdict: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     trained_on: Any = None

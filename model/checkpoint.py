@@ -11,7 +11,8 @@ what is wrong and, where it can tell, what the weights really are (task, variant
 
 Manifest (see docs/ARCHITECTURE.md): ``name``, ``version``, ``task``, ``arch {variant, input_size [H, W],
 num_classes, layer_scale, in_chans, reg_max (detect)}``, ``classes``, ``mean``, ``std`` (0..1 scale),
-``preprocess {resize: resize|letterbox, pad_value}``, ``verdict``, ``metrics``, ``trained_on``,
+``preprocess {resize: resize|letterbox, pad_value}``, ``postprocess {iou}`` (detect: the NMS IoU threshold),
+``verdict``, ``metrics``, ``trained_on``,
 ``train_command``, ``sha256``.
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "default_verdict",
     "bump_minor",
     "update_verdict",
+    "DEFAULT_NMS_IOU",
     "load_state_dict_file",
     "load_backbone_from",
     "describe_state_dict",
@@ -50,6 +52,7 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 CARD_FILE = "MODEL_CARD.md"  # the model card beside the weights: data, recipe, figures, known limits
 FORMAT = "s2amnet/1"
+DEFAULT_NMS_IOU = 0.7  # detect: the NMS IoU threshold of a manifest that names none
 # test-time augmentation: extra views the Predictor averages with the plain image (input dims flipped)
 TTA_VIEWS = {"hflip": (3,), "vflip": (2,)}
 
@@ -117,6 +120,11 @@ def validate_manifest(manifest: Mapping[str, Any], *, require_sha: bool = True) 
     for key in ("mean", "std"):
         m[key] = _checked_norm(key, m.get(key, list(cfg[key])))
     m["preprocess"] = _checked_preprocess(m.get("preprocess"), cfg)
+    post = _checked_postprocess(m.get("postprocess"), task)
+    if post:
+        m["postprocess"] = post
+    else:
+        m.pop("postprocess", None)
     m["verdict"] = _checked_verdict(m.get("verdict") or default_verdict(task), task, m["classes"])
     m["tta"] = _checked_tta(m.get("tta"), task, m["arch"]["input_size"])
     m.setdefault("name", "model")
@@ -202,6 +210,25 @@ def _checked_preprocess(pre: Any, cfg: Mapping[str, Any]) -> dict:
     return pre
 
 
+def _checked_postprocess(post: Any, task: str) -> dict:
+    """Detect: ``{"iou": NMS IoU threshold}`` (default `DEFAULT_NMS_IOU`); the other tasks have none."""
+    if post is None:
+        post = {}
+    if not isinstance(post, Mapping):
+        raise CheckpointError("manifest postprocess must be an object")
+    post = dict(post)
+    unknown = sorted(set(post) - ({"iou"} if task == "detect" else set()))
+    if unknown:
+        raise CheckpointError(f"manifest postprocess: {', '.join(map(repr, unknown))} is not a setting of a "
+                              f"{task} model" + (" (detect has 'iou')" if task != "detect" else ""))
+    if task == "detect":
+        iou = post.setdefault("iou", DEFAULT_NMS_IOU)
+        if not isinstance(iou, (int, float)) or isinstance(iou, bool) or not 0.0 < iou <= 1.0:
+            raise CheckpointError(f"manifest postprocess.iou must be a number in (0, 1], got {iou!r}")
+        post["iou"] = float(iou)
+    return post
+
+
 def _checked_verdict(verdict: Any, task: str, classes: list[str]) -> dict:
     """The verdict rule (see model.verdict), with its defaults."""
     if not isinstance(verdict, Mapping):
@@ -274,6 +301,7 @@ _KEY_ORDER = (
     "mean",
     "std",
     "preprocess",
+    "postprocess",
     "tta",
     "verdict",
     "metrics",
@@ -424,14 +452,18 @@ def bump_minor(version: str) -> str:
     return f"{version}.1"
 
 
-def update_verdict(folder: str | os.PathLike, rule: Mapping[str, Any]) -> dict:
-    """Replace the manifest's verdict rule (validated first) and bump its minor version: the weights are
-    unchanged, but the same images may now get other verdicts. Returns the updated manifest."""
+def update_verdict(folder: str | os.PathLike, rule: Mapping[str, Any],
+                   postprocess: Mapping[str, Any] | None = None) -> dict:
+    """Replace the manifest's verdict rule (and, when given, its postprocess settings: detect's NMS IoU),
+    validated first, and bump its minor version: the weights are unchanged, but the same images may now
+    get other answers. Returns the updated manifest."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     with _manifest_locked(path):
         manifest = read_manifest(folder)
         candidate = {**manifest, "verdict": dict(rule)}
+        if postprocess is not None:
+            candidate["postprocess"] = {**(manifest.get("postprocess") or {}), **postprocess}
         validate_manifest(candidate)  # a bad rule is refused before anything is written
         candidate["version"] = bump_minor(str(manifest.get("version", "0.0.0")))
         text = json.dumps(_ordered(candidate), indent=2) + "\n"

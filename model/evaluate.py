@@ -2,7 +2,8 @@
 service runs — over labelled records of a dataset (see `model.data.readers`).
 
 classify: ``top1``, ``macro_recall``, confusion matrix (rows = true class).
-detect: COCO ``map50`` / ``map50_95`` via pycocotools, per-class AP50 (predictions at conf 0.001).
+detect: COCO ``map50`` / ``map50_95`` via pycocotools, per-class AP50 (predictions at conf 0.001, NMS at the
+model's IoU threshold; `nms_iou_sweep` compares thresholds).
 segment: ``miou`` (background and defect classes), ``iou_per_class``, ``f1`` (defect classes), computed on
 the label map at the ORIGINAL image size.
 
@@ -24,7 +25,7 @@ from model.metrics import ClassifyMetrics, DetectMetrics, SegmentMetrics
 from model.predictor import Predictor
 from model.verdict import LOCALISE_IOU, Candidate, PartOutcome, part_metrics
 
-__all__ = ["evaluate", "part_outcome", "EVAL_CONF", "EVAL_MAX_DET", "PART_CONF"]
+__all__ = ["evaluate", "nms_iou_sweep", "part_outcome", "EVAL_CONF", "EVAL_MAX_DET", "PART_CONF"]
 
 EVAL_CONF = 0.001  # COCO protocol: keep low-score detections, the PR curve needs them
 EVAL_MAX_DET = 100
@@ -103,6 +104,39 @@ class _Fanout:
         self.by_group[self.group].update(*args)
 
 
+def _update_detect(meter: Any, predictor: Predictor, rec: Record, meta: dict, raw: Any,
+                   iou: float | None = None) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Postprocess one image's raw detect output for mAP (conf `EVAL_CONF`, NMS at ``iou``, None = the
+    model's own), add it to ``meter`` and return the defects and the arrays the meter got."""
+    dets = predictor.postprocess(raw, meta, conf=EVAL_CONF, iou=iou, max_det=EVAL_MAX_DET)["defects"]
+    pred = {"boxes": np.array([[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in dets],
+                              np.float64).reshape(-1, 4),
+            "scores": np.array([d["score"] for d in dets], np.float64),
+            "classes": np.array([d["class_id"] for d in dets], np.int64)}
+    gt = {"boxes": rec.boxes, "classes": rec.box_classes, "width": meta["orig_w"], "height": meta["orig_h"]}
+    meter.update([pred], [gt])
+    return dets, pred
+
+
+def nms_iou_sweep(predictor: Predictor, records: Sequence[Record], candidates: Sequence[float], *,
+                  batch_size: int = 16, progress: bool = True) -> dict[float, dict[str, Any]]:
+    """Detect: the box metrics of ``records`` (``map50``, ``map50_95``, ``ap50_per_class``) with each NMS IoU
+    threshold of ``candidates``, from one forward pass over the images."""
+    if predictor.task != "detect":
+        raise ValueError(f"an NMS IoU threshold is a detect setting; {predictor.name} is a {predictor.task} model")
+    meters = {float(c): _meter("detect", predictor.classes) for c in candidates}
+    bar = tqdm(total=len(records), desc=f"NMS sweep {predictor.name}", unit="img", disable=not progress,
+               leave=False)
+    for chunk in _batches(list(records), batch_size):
+        samples = [predictor.preprocess(r.load_image()) for r in chunk]
+        for rec, s, raw in zip(chunk, samples, predictor.infer([s.array for s in samples]), strict=True):
+            for iou, meter in meters.items():
+                _update_detect(meter, predictor, rec, s.meta, raw, iou)
+        bar.update(len(chunk))
+    bar.close()
+    return {iou: meter.compute() for iou, meter in meters.items()}
+
+
 def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int = 16,
              progress: bool = True, keep_predictions: bool = False,
              groups: Sequence[str] | None = None, keep_outcomes: bool = False) -> dict[str, Any]:
@@ -147,16 +181,7 @@ def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int
                 found = predictor.segment_defects(labels, probs, conf=PART_CONF, max_det=1 << 30, mask_crops=True)
                 outcome = part_outcome(predictor, rec, raw, found["defects"], gt_mask)
             else:
-                res = predictor.postprocess(raw, s.meta, conf=EVAL_CONF, iou=0.7, max_det=EVAL_MAX_DET)
-                dets = res["defects"]
-                pred = {"boxes": np.array([[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in dets],
-                                          np.float64).reshape(-1, 4),
-                        "scores": np.array([d["score"] for d in dets], np.float64),
-                        "classes": np.array([d["class_id"] for d in dets], np.int64)}
-                w, h = s.meta["orig_w"], s.meta["orig_h"]
-                gt = {"boxes": rec.boxes, "classes": rec.box_classes, "width": w, "height": h}
-                meter.update([pred], [gt])
-                out = pred
+                dets, out = _update_detect(meter, predictor, rec, s.meta, raw)
                 outcome = part_outcome(predictor, rec, raw, dets)  # the same NMS answer, at PART_CONF and up
             outcomes.append(outcome)
             if keep_predictions:

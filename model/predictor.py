@@ -54,7 +54,7 @@ import torch
 
 from model import masks as mask_ops
 from model import transforms as T
-from model.checkpoint import TTA_VIEWS, CheckpointError, load_model, validate_manifest
+from model.checkpoint import DEFAULT_NMS_IOU, TTA_VIEWS, CheckpointError, load_model, validate_manifest
 from model.verdict import thresholds as verdict_thresholds
 from model.verdict import verdict_for
 
@@ -120,6 +120,8 @@ class Predictor:
         self.verdict_rule: dict = dict(m["verdict"])
         self.resize_mode: str = m["preprocess"]["resize"]
         self.pad_value: int = int(m["preprocess"]["pad_value"])
+        # detect: the NMS IoU threshold of answers that ask for none (the manifest's postprocess.iou)
+        self.nms_iou: float = float(m.get("postprocess", {}).get("iou", DEFAULT_NMS_IOU))
         self.tta: list[str] = list(m["tta"])
         # most images per forward pass; None = a whole batch at once. On a CPU, large activations make a
         # batch slower per image than single images for some models (tune_forward_batch measures it)
@@ -266,7 +268,7 @@ class Predictor:
         raw: Mapping[str, Any],
         meta: Mapping[str, Any],
         conf: float = 0.25,
-        iou: float = 0.7,
+        iou: float | None = None,
         max_det: int = 300,
         top_k: int = 5,
         mask_crops: bool = False,
@@ -277,12 +279,14 @@ class Predictor:
         inside the defect's box, ``mask[y1:y2, x1:x2]``: a large image with many defects then holds one
         box-sized array per defect instead of one full-size array each). ``rule``: the verdict rule to
         apply instead of the manifest's (a recipe's). A defect that fails the part by the rule is always
-        reported, even under ``conf``, so that every ``fail`` shows what caused it."""
+        reported, even under ``conf``, so that every ``fail`` shows what caused it. ``iou`` (detect): the NMS
+        IoU threshold; None = the model's own (`nms_iou`)."""
         r = self.rule(rule)
         if self.task == "classify":
             return self._post_classify(raw, int(top_k), r)
         if self.task == "detect":
-            return self._post_detect(raw, meta, float(conf), float(iou), int(max_det), r)
+            return self._post_detect(raw, meta, float(conf), self.nms_iou if iou is None else float(iou),
+                                     int(max_det), r)
         return self._post_segment(raw, meta, float(conf), int(max_det), bool(mask_crops), r)
 
     def rule(self, rule: Mapping[str, Any] | None = None) -> Rule:
@@ -399,7 +403,7 @@ class Predictor:
         *,
         batch_size: int = 16,
         conf: float = 0.25,
-        iou: float = 0.7,
+        iou: float | None = None,
         max_det: int = 300,
         top_k: int = 5,
     ) -> list[dict[str, Any]]:

@@ -543,6 +543,8 @@ def _train_epoch(cfg: TrainConfig, task: _Task, m: _Models, loader, opt, sched, 
 
 def _manifest_base(cfg: TrainConfig, info, classes, mean, std, data_name: str, train_count: int,
                    resumed_with: list[str], lineage: list) -> dict[str, Any]:
+    from model.checkpoint import read_manifest
+
     return {
         "name": cfg.name,
         "version": "1.0.0",
@@ -558,6 +560,9 @@ def _manifest_base(cfg: TrainConfig, info, classes, mean, std, data_name: str, t
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
         **({"resumed_with": resumed_with} if resumed_with else {}),
         **({"initialised_from": lineage} if lineage else {}),
+        # a detector continued from a calibrated one keeps its NMS threshold: epochs are picked at it
+        **({"postprocess": read_manifest(cfg.init_weights)["postprocess"]}
+           if cfg.init_weights and cfg.task == "detect" else {}),
     }
 
 

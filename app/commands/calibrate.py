@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--areas", metavar="PX,PX,...",
                    help="detect / segment: also choose each class's minimum defect area (pixels; box area for "
                         "detect) from these values, e.g. 0,16,64,256 (default: keep the rule's min_area)")
+    p.add_argument("--nms-iou", metavar="IOU,IOU,...",
+                   help="detect: first choose the NMS IoU threshold among these values by the mAP50 of the same "
+                        "images (e.g. 0.3,0.4,0.5,0.6,0.7), then the thresholds with it; both are written")
     p.add_argument("--dry-run", action="store_true", help="print the thresholds; leave the manifest as it is")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -51,7 +54,7 @@ def run(args) -> int:
     import sys
 
     from model.checkpoint import CheckpointError, update_verdict
-    from model.evaluate import evaluate
+    from model.evaluate import evaluate, nms_iou_sweep
     from model.verdict import calibrate, part_metrics
 
     problem = _check(args)
@@ -63,6 +66,14 @@ def run(args) -> int:
             areas = []
         if not areas or any(a < 0 for a in areas):
             problem = f"--areas must be comma-separated pixel counts >= 0, got {args.areas!r}"
+    ious = None
+    if args.nms_iou:
+        try:
+            ious = sorted({float(v) for v in args.nms_iou.split(",") if v.strip()})
+        except ValueError:
+            ious = []
+        if not ious or not all(0.0 < v <= 1.0 for v in ious):
+            problem = f"--nms-iou must be comma-separated values within (0, 1], got {args.nms_iou!r}"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -70,6 +81,17 @@ def run(args) -> int:
         predictor, records = load_inputs(args.weights, args.data, args.split, args.device, None)
     except SystemExit as exc:
         return int(exc.code or 2)
+    sweep = None
+    if ious is not None:
+        if predictor.task != "detect":
+            print(f"error: --nms-iou is a detect setting; {predictor.name} is a {predictor.task} model",
+                  file=sys.stderr)
+            return 2
+        sweep = {iou: m["map50"] for iou, m in nms_iou_sweep(predictor, records, ious, batch_size=args.batch,
+                                                               progress=not args.json).items()}
+        was = predictor.nms_iou
+        # the best mAP50; of equal ones the value the model has, else the highest (fewest boxes merged)
+        predictor.nms_iou = max(sweep, key=lambda v: (round(sweep[v], 4), v == was, v))
     metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json, keep_outcomes=True)
     outcomes = metrics.pop("outcomes")
     before = metrics["parts"]
@@ -83,18 +105,27 @@ def run(args) -> int:
     after = part_metrics(outcomes, rule, predictor.classes)
     rule["calibration"] = {"data": Path(args.data).resolve().name, "split": args.split, "num_images": len(records),
                            "from_version": predictor.version, **report}
+    post = None
+    if sweep is not None:
+        post = {"iou": predictor.nms_iou}
+        rule["calibration"]["nms_iou_map50"] = {f"{iou:g}": round(v, 4) for iou, v in sweep.items()}
     version = predictor.version
     if not args.dry_run:
         try:
-            version = update_verdict(args.weights, rule)["version"]
+            version = update_verdict(args.weights, rule, post)["version"]
         except CheckpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps({"model": predictor.name, "version": version, "verdict": rule, "before": before}))
+        print(json.dumps({"model": predictor.name, "version": version, "verdict": rule, "before": before,
+                          **({"postprocess": post} if post else {})}))
         return 0
     print(f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} ({len(records)} images)")
-    print("\nwith the rule it had:\n" + format_parts(before))
+    if sweep is not None:
+        print("\nmAP50 by NMS IoU threshold: " + ", ".join(f"{iou:g}: {v:.4f}" for iou, v in sweep.items())
+              + f"\nNMS IoU threshold: {was:g} -> {predictor.nms_iou:g}")
+    print("\nwith the rule it had" + (f" (NMS IoU {predictor.nms_iou:g})" if sweep else "") + ":\n"
+          + format_parts(before))
     if predictor.task == "classify":
         print(f"\ndefect-probability threshold: {predictor.verdict_rule['min_score']} -> {rule['min_score']}")
     else:

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tta", metavar="VIEWS",
                    help="test-time augmentation for this evaluation instead of the manifest's: comma-separated "
                         "views (hflip, vflip) or 'none'")
+    p.add_argument("--iou", type=float, metavar="IOU",
+                   help="detect: the NMS IoU threshold for this evaluation instead of the manifest's "
+                        "(s2amnet calibrate --nms-iou chooses it)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="eager",
@@ -97,10 +100,19 @@ def run(args) -> int:
     if args.backend not in BACKENDS:
         print(f"error: --backend must be one of {', '.join(BACKENDS)}, not {args.backend!r}", file=sys.stderr)
         return 2
+    if args.iou is not None and not 0.0 < args.iou <= 1.0:
+        print(f"error: --iou must be within (0, 1], got {args.iou}", file=sys.stderr)
+        return 2
     try:
         predictor, records = load_inputs(args.weights, args.data, args.split, args.device, tta)
     except SystemExit as exc:
         return int(exc.code or 2)
+    if args.iou is not None:
+        if predictor.task != "detect":
+            print(f"error: --iou is the NMS threshold of detect models; {predictor.name} is a {predictor.task} "
+                  "model", file=sys.stderr)
+            return 2
+        predictor.nms_iou = args.iou
     if args.backend != "eager":
         report = choose_backend(predictor, args.backend)
         if report.chosen != args.backend:
@@ -122,7 +134,7 @@ def run(args) -> int:
                            f"({len(records)} images)")
     metrics = {"model": predictor.name, "version": predictor.version, "task": predictor.task,
                "data": str(args.data), "split": args.split, "tta": predictor.tta, "backend": predictor.backend,
-               **metrics}
+               **({"nms_iou": predictor.nms_iou} if predictor.task == "detect" else {}), **metrics}
     if args.record:
         from model.checkpoint import record_metrics
 

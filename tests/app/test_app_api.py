@@ -14,7 +14,7 @@ from support.harness import API_KEY, OTHER_API_KEY
 from support.images import encode, exif_rotated, jpeg, pattern, png, png_bomb_header, real_png_bomb
 from support.metrics import metric, metric_delta
 from support.problems import assert_problem
-from support.weights import TEST_MODELS
+from support.weights import DET_NMS_IOU, TEST_MODELS
 
 from model.masks import png_b64_to_mask
 
@@ -575,6 +575,18 @@ def test_models(client: httpx.Client):
         )
         assert m["verdict"]["type"] == verdict["type"]
         assert m["tta"] == []
+        assert m["nms_iou"] == (DET_NMS_IOU if task == "detect" else None)
+
+
+def test_detect_uses_the_models_nms_threshold_unless_asked(client: httpx.Client):
+    def boxes(**params):
+        r = client.post("/detect", files=files(png(seed=31)), params={"conf": 0.0, **params})
+        assert r.status_code == 200, r.text
+        return [(d["label"], d["score"], d["box"]) for d in r.json()["defects"]]
+
+    own = boxes()
+    assert own == boxes(iou=DET_NMS_IOU)
+    assert len(boxes(iou=1.0)) > len(own) > len(boxes(iou=0.1))  # the threshold reaches the NMS
 
 
 def test_model_cards(client: httpx.Client, anon: httpx.Client, weights_dir):

@@ -20,7 +20,7 @@ from PIL import Image
 from support.data import dataset
 from support.harness import API_KEY, MAIN_SERVER_ENV, running_server
 from support.images import encode, exif_rotated, pattern
-from support.weights import make_weights
+from support.weights import DET_NMS_IOU, make_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -178,6 +178,13 @@ def test_detect_boxes_are_drawn_where_the_json_puts_them(browser, console_server
     curl = browser.find_element("id", "curl").get_attribute("textContent")
     assert curl.startswith("curl -F file=@part.png") and "/detect?" in curl and "conf=0.00" in curl
     assert API_KEY not in curl  # the key is never printed
+    # the IoU slider starts at the model's own NMS threshold, which the service applies when none is sent
+    assert "iou=" not in curl
+    assert browser.execute_script("return document.getElementById('iou').value") == str(DET_NMS_IOU)
+    assert browser.find_element("id", "iou-value").get_attribute("textContent") == f"{DET_NMS_IOU:.2f}"
+    browser.execute_script("const s = document.getElementById('iou'); s.value = 0.3;"
+                           "s.dispatchEvent(new Event('input'));")
+    _wait(browser, "return document.getElementById('curl').textContent.includes('iou=0.30')", what="iou sent")
 
 
 def test_segment_masks_are_drawn_pixel_for_pixel(browser, console_server, tmp_path):

@@ -176,6 +176,28 @@ def test_per_class_verdict_rules(tmp_path):
                                                                                  "v2.1"]
 
 
+def test_detect_manifests_carry_their_nms_iou(tmp_path):
+    _, folder = _save("detect", tmp_path)
+    assert read_manifest(folder)["postprocess"] == {"iou": 0.7}  # a manifest naming none gets the default
+    _, plain = _save("classify", tmp_path)
+    assert "postprocess" not in json.loads((plain / MANIFEST_FILE).read_text())  # only detect has one
+    rule = read_manifest(folder)["verdict"]
+    m = update_verdict(folder, rule, {"iou": 0.5})
+    assert m["version"] == "1.3" and read_manifest(folder)["postprocess"] == {"iou": 0.5}
+    for bad, match in (({"iou": 0}, r"postprocess.iou must be a number in \(0, 1\]"),
+                       ({"iou": 1.5}, "postprocess.iou"), ({"iou": True}, "postprocess.iou"),
+                       ({"nms": 0.5}, "'nms' is not a setting of a detect model")):
+        with pytest.raises(CheckpointError, match=match):
+            update_verdict(folder, rule, bad)
+    assert read_manifest(folder)["postprocess"] == {"iou": 0.5} and read_manifest(folder)["version"] == "1.3"
+    _edit_manifest(plain, lambda m: m.update(postprocess={"iou": 0.5}))
+    with pytest.raises(CheckpointError, match="'iou' is not a setting of a classify model"):
+        read_manifest(plain)
+    _edit_manifest(plain, lambda m: m.update(postprocess=[0.5]))
+    with pytest.raises(CheckpointError, match="postprocess must be an object"):
+        read_manifest(plain)
+
+
 def test_save_rejects_contradictions(tmp_path):
     model = build_model("classify", "tiny", 3)
     with pytest.raises(CheckpointError, match="num_classes"):

@@ -340,6 +340,22 @@ def test_nms_is_per_class(predictors):
     assert len(p.postprocess({"boxes": boxes, "scores": scores}, meta, iou=0.5, max_det=1)["defects"]) == 1
 
 
+def test_nms_iou_defaults_to_the_manifests(predictors):
+    p = predictors["detect"]
+    meta = p.preprocess(np.zeros((64, 96, 3), np.uint8)).meta
+    boxes = torch.tensor([[10.0, 10, 50, 50], [16, 16, 56, 56]])  # IoU 0.56 with each other
+    scores = torch.tensor([[0.9, 0, 0], [0.8, 0, 0]])
+
+    def count(**kw):
+        return len(p.postprocess({"boxes": boxes, "scores": scores}, meta, **kw)["defects"])
+
+    assert p.nms_iou == 0.7 and count() == 2  # a manifest naming none: 0.7, both boxes stay
+    copy = Predictor(p.model, {**p.manifest, "postprocess": {"iou": 0.5}})
+    assert copy.nms_iou == 0.5
+    assert len(copy.postprocess({"boxes": boxes, "scores": scores}, meta)["defects"]) == 1  # merged
+    assert len(copy.postprocess({"boxes": boxes, "scores": scores}, meta, iou=0.7)["defects"]) == 2  # asked
+
+
 @pytest.mark.parametrize("mode", ["letterbox", "resize"])
 def test_segment_masks_map_back(mode):
     torch.manual_seed(0)

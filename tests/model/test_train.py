@@ -511,6 +511,19 @@ def test_init_weights_continues_from_a_weights_folder_of_the_same_model(tmp_path
                           init_weights=str(tmp_path / "a" / "best")), progress=False)
 
 
+def test_a_detector_continued_from_another_keeps_its_nms_threshold(tmp_path):
+    from model.checkpoint import read_manifest, save_model
+
+    src = save_model(build_model("detect", "tiny", 1), tmp_path / "src",
+                     {"classes": ["spot"], "arch": {"input_size": [64, 64]}, "postprocess": {"iou": 0.45}})
+    base = dict(task="detect", data=str(make_detect(tmp_path / "data")), imgsz=64, batch=4, workers=0,
+                max_train_batches=0, epochs=1)
+    train(TrainConfig(**base, out=str(tmp_path / "b"), init_weights=str(src)), progress=False)
+    assert read_manifest(tmp_path / "b" / "best")["postprocess"] == {"iou": 0.45}
+    train(TrainConfig(**base, out=str(tmp_path / "c")), progress=False)
+    assert read_manifest(tmp_path / "c" / "best")["postprocess"] == {"iou": 0.7}  # from scratch: the default
+
+
 def test_time_limit_refits_the_schedule_so_the_run_ends_annealed():
     """After the first epochs the horizon only shrinks, to what the measured epoch time leaves; the LR
     is re-set on the new cosine at once (so the last epoch runs at the final LR, not cut off mid-way)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 INPUT_SIZE = 64  # tiny models at 64x64 keep CPU cost low
+DET_NMS_IOU = 0.6  # the detect model's own NMS IoU threshold (manifest postprocess.iou), not the default 0.7
 SMALLEST_INPUT_SIZE = 32  # the smallest input the model family supports: cheapest forwards
 
 # name -> (task, classes, verdict rule)
@@ -31,5 +32,6 @@ def make_weights(root: Path, input_size: int = INPUT_SIZE, names: list[str] | No
             "name": name, "version": "1", "classes": classes, "verdict": verdict,
             "arch": {"variant": "tiny", "input_size": [input_size, input_size]},
             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+            **({"postprocess": {"iou": DET_NMS_IOU}} if task == "detect" else {}),
         })
     return Path(root)

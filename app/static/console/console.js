@@ -8,7 +8,8 @@
     "#9a6324", "#800000"];
   const MES = ["station_id", "part_id", "meas_id", "recipe_id"];
   const KEY_STORE = "s2amnet-api-key";
-  const state = { files: [], results: [], current: 0, models: [], seq: 0, timer: null, lastCount: null };
+  const state = { files: [], results: [], current: 0, models: [], seq: 0, timer: null, lastCount: null,
+    iouMoved: false };
 
   // ------------------------------------------------------------------ request options
 
@@ -29,7 +30,7 @@
     const p = new URLSearchParams();
     if ($("model").value) p.set("model", $("model").value);
     p.set("conf", Number($("conf").value).toFixed(2));
-    if (task === "detect") p.set("iou", Number($("iou").value).toFixed(2));
+    if (task === "detect" && state.iouMoved) p.set("iou", Number($("iou").value).toFixed(2));
     if (task === "segment") p.set("mask_format", "rle");
     return p;
   }
@@ -68,6 +69,15 @@
       select.appendChild(opt);
     }
     $("iou").disabled = task !== "detect";
+    showModelIou();
+  }
+
+  // the IoU slider starts at the chosen model's own NMS threshold, until it is moved
+  function showModelIou() {
+    const m = state.models.find((x) => x.name === $("model").value);
+    if (state.iouMoved || !m || m.nms_iou == null) return;
+    $("iou").value = m.nms_iou;
+    $("iou-value").textContent = Number(m.nms_iou).toFixed(2);
   }
 
   // ------------------------------------------------------------------ images in
@@ -104,11 +114,12 @@
   for (const id of ["conf", "iou"]) {
     $(id).addEventListener("input", () => {
       $(`${id}-value`).textContent = Number($(id).value).toFixed(2);
+      if (id === "iou") state.iouMoved = true;
       rerunSoon();
     });
   }
   $("task").addEventListener("change", () => { fillModels(); run(); });
-  $("model").addEventListener("change", run);
+  $("model").addEventListener("change", () => { showModelIou(); run(); });
   for (const name of MES) $(name).addEventListener("change", run);
   $("fit").addEventListener("change", () => $("stage").classList.toggle("fit", $("fit").checked));
 
