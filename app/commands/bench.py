@@ -248,8 +248,9 @@ def service_backend(device: str) -> str:
     from app.runtime import default_backend
     from app.settings import Settings
 
-    per_model = os.environ.get("S2AMNET_MODEL_BACKEND")
-    backend = Settings().backend or f"{default_backend(device.split(':')[0])} (default)"
+    settings = Settings()
+    backend = settings.backend or f"{default_backend(device.split(':')[0])} (default)"
+    per_model = ",".join(f"{name}={b}" for name, b in settings.model_backend.items())
     return backend + (f" ({per_model})" if per_model else "")
 
 

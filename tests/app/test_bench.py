@@ -131,6 +131,17 @@ def test_bench_refuses_a_merge_without_out_and_a_service_backend_that_does_not_e
                           "compile")
 
 
+def test_the_report_names_the_backends_the_service_runs(monkeypatch):
+    from app.commands.bench import service_backend
+
+    monkeypatch.delenv("S2AMNET_BACKEND", raising=False)
+    monkeypatch.delenv("S2AMNET_MODEL_BACKEND", raising=False)
+    assert service_backend("cpu") == "eager-channels-last (default)" and service_backend("cuda:0") == "eager (default)"
+    monkeypatch.setenv("S2AMNET_BACKEND", "compile")
+    monkeypatch.setenv("S2AMNET_MODEL_BACKEND", " det = onnxruntime , seg=eager")  # read as the service reads it
+    assert service_backend("cpu") == "compile (det=onnxruntime,seg=eager)"
+
+
 def test_bench_without_weights_needs_a_weights_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no ./weights here
     assert main(["bench", "--out", str(tmp_path / "B.md")]) == 2
