@@ -121,20 +121,23 @@ def _update_detect(meter: Any, predictor: Predictor, rec: Record, meta: dict, ra
 def nms_iou_sweep(predictor: Predictor, records: Sequence[Record], candidates: Sequence[float], *,
                   batch_size: int = 16, progress: bool = True) -> dict[float, dict[str, Any]]:
     """Detect: the box metrics of ``records`` (``map50``, ``map50_95``, ``ap50_per_class``) with each NMS IoU
-    threshold of ``candidates``, from one forward pass over the images."""
+    threshold of ``candidates``, from one forward pass over the images, and the `PartOutcome` of every image
+    at that threshold (``outcomes``, for calibrating the verdict rule with it)."""
     if predictor.task != "detect":
         raise ValueError(f"an NMS IoU threshold is a detect setting; {predictor.name} is a {predictor.task} model")
     meters = {float(c): _meter("detect", predictor.classes) for c in candidates}
+    outcomes: dict[float, list[PartOutcome]] = {iou: [] for iou in meters}
     bar = tqdm(total=len(records), desc=f"NMS sweep {predictor.name}", unit="img", disable=not progress,
                leave=False)
     for chunk in _batches(list(records), batch_size):
         samples = [predictor.preprocess(r.load_image()) for r in chunk]
         for rec, s, raw in zip(chunk, samples, predictor.infer([s.array for s in samples]), strict=True):
             for iou, meter in meters.items():
-                _update_detect(meter, predictor, rec, s.meta, raw, iou)
+                dets, _ = _update_detect(meter, predictor, rec, s.meta, raw, iou)
+                outcomes[iou].append(part_outcome(predictor, rec, raw, dets))
         bar.update(len(chunk))
     bar.close()
-    return {iou: meter.compute() for iou, meter in meters.items()}
+    return {iou: {**meter.compute(), "outcomes": outcomes[iou]} for iou, meter in meters.items()}
 
 
 def evaluate(predictor: Predictor, records: Sequence[Record], *, batch_size: int = 16,

@@ -33,8 +33,10 @@ def add_parser(sub) -> None:
                    help="detect / segment: also choose each class's minimum defect area (pixels; box area for "
                         "detect) from these values, e.g. 0,16,64,256 (default: keep the rule's min_area)")
     p.add_argument("--nms-iou", metavar="IOU,IOU,...",
-                   help="detect: first choose the NMS IoU threshold among these values by the mAP50 of the same "
-                        "images (e.g. 0.3,0.4,0.5,0.6,0.7), then the thresholds with it; both are written")
+                   help="detect: also choose the NMS IoU threshold among these values (e.g. 0.3,0.4,0.5,0.6,0.7): "
+                        "the thresholds are calibrated at each, and of the values whose rule meets the bounds the one "
+                        "with the best mAP50 is kept (where none does, the one that lets the fewest parts escape); "
+                        "both are written")
     p.add_argument("--dry-run", action="store_true", help="print the thresholds; leave the manifest as it is")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto")
@@ -81,24 +83,31 @@ def run(args) -> int:
         predictor, records = load_inputs(args.weights, args.data, args.split, args.device, None)
     except SystemExit as exc:
         return int(exc.code or 2)
-    sweep = None
-    if ious is not None:
-        if predictor.task != "detect":
-            print(f"error: --nms-iou is a detect setting; {predictor.name} is a {predictor.task} model",
-                  file=sys.stderr)
-            return 2
-        sweep = {iou: m["map50"] for iou, m in nms_iou_sweep(predictor, records, ious, batch_size=args.batch,
-                                                               progress=not args.json).items()}
-        was = predictor.nms_iou
-        # the best mAP50; of equal ones the value the model has, else the highest (fewest boxes merged)
-        predictor.nms_iou = max(sweep, key=lambda v: (round(sweep[v], 4), v == was, v))
-    metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json, keep_outcomes=True)
-    outcomes = metrics.pop("outcomes")
-    before = metrics["parts"]
+
+    def fit(outcomes):
+        return calibrate(outcomes, predictor.verdict_rule, predictor.classes, max_escape=args.max_escape,
+                         max_false_reject=args.max_false_reject, max_class_escape=args.max_class_escape,
+                         min_precision=args.min_precision, floor=args.floor, area_grid=areas)
+
+    sweep, was = None, predictor.nms_iou
     try:
-        rule, report = calibrate(outcomes, predictor.verdict_rule, predictor.classes, max_escape=args.max_escape,
-                                 max_false_reject=args.max_false_reject, max_class_escape=args.max_class_escape,
-                                 min_precision=args.min_precision, floor=args.floor, area_grid=areas)
+        if ious is not None:
+            if predictor.task != "detect":
+                raise ValueError(f"--nms-iou is a detect setting; {predictor.name} is a {predictor.task} model")
+            sweep = {}
+            for iou, m in nms_iou_sweep(predictor, records, ious, batch_size=args.batch,
+                                        progress=not args.json).items():
+                rule, report = fit(m["outcomes"])
+                sweep[iou] = {"map50": round(m["map50"], 4), "met": report["met"],
+                              "escaped": part_metrics(m["outcomes"], rule, predictor.classes)["escaped"]}
+            # the verdict first: of the values whose calibrated rule meets the bounds, the best mAP50; where none
+            # does, the fewest escapes. Of equal ones the value the model has, else the highest (fewest merges)
+            predictor.nms_iou = max(sweep, key=lambda v: (sweep[v]["met"], 0 if sweep[v]["met"] else
+                                                          -sweep[v]["escaped"], sweep[v]["map50"], v == was, v))
+        metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json, keep_outcomes=True)
+        outcomes = metrics.pop("outcomes")
+        before = metrics["parts"]
+        rule, report = fit(outcomes)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +117,7 @@ def run(args) -> int:
     post = None
     if sweep is not None:
         post = {"iou": predictor.nms_iou}
-        rule["calibration"]["nms_iou_map50"] = {f"{iou:g}": round(v, 4) for iou, v in sweep.items()}
+        rule["calibration"]["nms_iou"] = {f"{iou:g}": v for iou, v in sweep.items()}
     version = predictor.version
     if not args.dry_run:
         try:
@@ -122,8 +131,10 @@ def run(args) -> int:
         return 0
     print(f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} ({len(records)} images)")
     if sweep is not None:
-        print("\nmAP50 by NMS IoU threshold: " + ", ".join(f"{iou:g}: {v:.4f}" for iou, v in sweep.items())
-              + f"\nNMS IoU threshold: {was:g} -> {predictor.nms_iou:g}")
+        print("\neach NMS IoU threshold, with the thresholds calibrated at it:\n  IoU    mAP50   escaped  bounds")
+        for iou, v in sweep.items():
+            print(f"  {iou:<5g}  {v['map50']:.4f}  {v['escaped']:>7}  {'met' if v['met'] else 'NOT met'}")
+        print(f"NMS IoU threshold: {was:g} -> {predictor.nms_iou:g}")
     print("\nwith the rule it had" + (f" (NMS IoU {predictor.nms_iou:g})" if sweep else "") + ":\n"
           + format_parts(before))
     if predictor.task == "classify":
