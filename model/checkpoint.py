@@ -12,8 +12,7 @@ what is wrong and, where it can tell, what the weights really are (task, variant
 Manifest (see docs/ARCHITECTURE.md): ``name``, ``version``, ``task``, ``arch {variant, input_size [H, W],
 num_classes, layer_scale, in_chans, reg_max (detect)}``, ``classes``, ``mean``, ``std`` (0..1 scale),
 ``preprocess {resize: resize|letterbox, pad_value}``, ``postprocess {iou}`` (detect: the NMS IoU threshold),
-``verdict``, ``metrics``, ``trained_on``,
-``train_command``, ``sha256``.
+``verdict``, ``metrics``, ``trained_on``, ``train_command``, ``sha256``.
 """
 
 from __future__ import annotations
