@@ -91,27 +91,29 @@ def run(args) -> int:
 
     sweep, was = None, predictor.nms_iou
     try:
-        if ious is not None:
+        if ious is None:
+            outcomes = evaluate(predictor, records, batch_size=args.batch, progress=not args.json,
+                                keep_outcomes=True)["outcomes"]
+            rule, report = fit(outcomes)
+            after = part_metrics(outcomes, rule, predictor.classes)
+        else:
             if predictor.task != "detect":
                 raise ValueError(f"--nms-iou is a detect setting; {predictor.name} is a {predictor.task} model")
-            sweep = {}
+            sweep, fitted = {}, {}
             for iou, m in nms_iou_sweep(predictor, records, ious, batch_size=args.batch,
                                         progress=not args.json).items():
                 rule, report = fit(m["outcomes"])
-                sweep[iou] = {"map50": round(m["map50"], 4), "met": report["met"],
-                              "escaped": part_metrics(m["outcomes"], rule, predictor.classes)["escaped"]}
+                fitted[iou] = (m["outcomes"], rule, report, part_metrics(m["outcomes"], rule, predictor.classes))
+                sweep[iou] = {"map50": round(m["map50"], 4), "met": report["met"], "escaped": fitted[iou][3]["escaped"]}
             # the verdict first: of the values whose calibrated rule meets the bounds, the best mAP50; where none
             # does, the fewest escapes. Of equal ones the value the model has, else the highest (fewest merges)
             predictor.nms_iou = max(sweep, key=lambda v: (sweep[v]["met"], 0 if sweep[v]["met"] else
                                                           -sweep[v]["escaped"], sweep[v]["map50"], v == was, v))
-        metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json, keep_outcomes=True)
-        outcomes = metrics.pop("outcomes")
-        before = metrics["parts"]
-        rule, report = fit(outcomes)
+            outcomes, rule, report, after = fitted[predictor.nms_iou]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    after = part_metrics(outcomes, rule, predictor.classes)
+    before = part_metrics(outcomes, predictor.verdict_rule, predictor.classes)
     rule["calibration"] = {"data": Path(args.data).resolve().name, "split": args.split, "num_images": len(records),
                            "from_version": predictor.version, **report}
     post = None
