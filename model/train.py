@@ -543,8 +543,9 @@ def _train_epoch(cfg: TrainConfig, task: _Task, m: _Models, loader, opt, sched, 
 
 def _manifest_base(cfg: TrainConfig, info, classes, mean, std, data_name: str, train_count: int,
                    resumed_with: list[str], lineage: list) -> dict[str, Any]:
-    from model.checkpoint import read_manifest
-
+    # a detector continued from a calibrated one keeps its NMS threshold (epochs are picked at it), as the
+    # source's manifest had it when the run started (in the lineage)
+    post = next((e["postprocess"] for e in lineage if e["how"] == "init_weights" and "postprocess" in e), None)
     return {
         "name": cfg.name,
         "version": "1.0.0",
@@ -560,9 +561,7 @@ def _manifest_base(cfg: TrainConfig, info, classes, mean, std, data_name: str, t
         "train_command": cfg.command or "s2amnet train " + shlex.join(sys.argv[1:]),
         **({"resumed_with": resumed_with} if resumed_with else {}),
         **({"initialised_from": lineage} if lineage else {}),
-        # a detector continued from a calibrated one keeps its NMS threshold: epochs are picked at it
-        **({"postprocess": read_manifest(cfg.init_weights)["postprocess"]}
-           if cfg.init_weights and cfg.task == "detect" else {}),
+        **({"postprocess": post} if post else {}),
     }
 
 
@@ -748,7 +747,8 @@ def _fit_time_limit(cfg: TrainConfig, epoch: int, start_epoch: int, requested: i
 
 def _lineage(cfg: TrainConfig) -> list[dict]:
     """The weights folders a run started from (--init-backbone / --init-weights), with their name,
-    version and sha256, so that a shipped model's whole history can be followed."""
+    version and sha256 (and, for --init-weights of a detector, its postprocess settings), so that a shipped
+    model's whole history can be followed."""
     from model.checkpoint import read_manifest
 
     out = []
@@ -756,7 +756,8 @@ def _lineage(cfg: TrainConfig) -> list[dict]:
         if folder:
             m = read_manifest(folder)
             out.append({"how": how, "folder": folder, "name": m.get("name"), "version": m.get("version"),
-                        "sha256": m.get("sha256")})
+                        "sha256": m.get("sha256"),
+                        **({"postprocess": m["postprocess"]} if how == "init_weights" and "postprocess" in m else {})})
     return out
 
 

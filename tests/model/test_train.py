@@ -512,14 +512,19 @@ def test_init_weights_continues_from_a_weights_folder_of_the_same_model(tmp_path
 
 
 def test_a_detector_continued_from_another_keeps_its_nms_threshold(tmp_path):
-    from model.checkpoint import read_manifest, save_model
+    from model.checkpoint import read_manifest, save_model, update_verdict
 
     src = save_model(build_model("detect", "tiny", 1), tmp_path / "src",
                      {"classes": ["spot"], "arch": {"input_size": [64, 64]}, "postprocess": {"iou": 0.45}})
     base = dict(task="detect", data=str(make_detect(tmp_path / "data")), imgsz=64, batch=4, workers=0,
                 max_train_batches=0, epochs=1)
-    train(TrainConfig(**base, out=str(tmp_path / "b"), init_weights=str(src)), progress=False)
+    train(TrainConfig(**base, out=str(tmp_path / "b"), init_weights=str(src), keep_epochs=True), progress=False)
     assert read_manifest(tmp_path / "b" / "best")["postprocess"] == {"iou": 0.45}
+    # resumed after the source folder changed (e.g. --export to it): the threshold the run started with
+    update_verdict(src, read_manifest(src)["verdict"], {"iou": 0.6})
+    train(TrainConfig(**{**base, "epochs": 2}, out=str(tmp_path / "b"), init_weights=str(src), resume=True),
+          progress=False)
+    assert read_manifest(tmp_path / "b" / "epochs" / "002")["postprocess"] == {"iou": 0.45}
     train(TrainConfig(**base, out=str(tmp_path / "c")), progress=False)
     assert read_manifest(tmp_path / "c" / "best")["postprocess"] == {"iou": 0.7}  # from scratch: the default
 
