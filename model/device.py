@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 AUTO = "auto"
 
 
+@functools.cache  # the CPU does not change while a process runs; /proc/cpuinfo lists every core (large on servers)
 def cpu_info() -> tuple[str, frozenset[str]]:
     """This machine's CPU from /proc/cpuinfo: (model name, instruction-set flags) of its first processor;
     ("", empty) where there is no /proc/cpuinfo."""

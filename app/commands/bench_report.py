@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ def machine(device: str) -> dict[str, Any]:
 
     name, flags = cpu_info()
     cpu = name or platform.processor() or platform.machine()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(set(flags)),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "vector": vector_units(flags),
             "kernels": str(torch.backends.cpu.get_cpu_capability()), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "device": device, "python": platform.python_version()}
     if device.startswith("cuda"):
@@ -25,7 +26,7 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def vector_units(flags: set[str]) -> str:
+def vector_units(flags: AbstractSet[str]) -> str:
     """The widest vector / matrix units of a CPU from its /proc/cpuinfo flags (what decides which backend and
     precision pay on it): e.g. 'AVX-512 + BF16 + AMX', 'AVX2'."""
     if any(f.startswith("avx512") for f in flags):
