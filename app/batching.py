@@ -122,12 +122,11 @@ class BatchCollector(Generic[T]):
         """Let the model's batch fill: call ``wait(seconds left)`` (which may queue more jobs) until the
         batch is full, ``max_delay_s`` has passed since its oldest job arrived, or ``stop()`` -- unless the
         model's jobs come further apart than ``max_delay_s`` (`expected_gap`): then it does not wait."""
-        q = self.queues[model]
-        if not q:
-            return
-        due = q[0].arrived + self.max_delay_s
-        while not stop() and len(self.queues[model]) < self.caps[model]:
-            left = due - self._clock()
+        while not stop():
+            q = self.queues[model]  # read again after each wait: another thread may have taken jobs meanwhile
+            if not q or len(q) >= self.caps[model]:
+                return
+            left = q[0].arrived + self.max_delay_s - self._clock()
             if left <= 0 or self.expected_gap(model) > self.max_delay_s:
                 return
             wait(left)

@@ -194,6 +194,13 @@ FORWARD_BATCH = Gauge(
     namespace=PREFIX,
     multiprocess_mode="livemax",
 )
+CPU_STREAMS = Gauge(
+    "cpu_streams",
+    "Forwards the embedded service runs at once, each on its share of the torch threads (S2AMNET_CPU_STREAMS; "
+    "1 with a GPU or a backend with threads of its own).",
+    namespace=PREFIX,
+    multiprocess_mode="livemax",
+)
 
 # ---------------------------------------------------------------- what was inspected
 IMAGES = Counter("images", "Images inspected.", ["model", "task"], namespace=PREFIX)

@@ -1,7 +1,8 @@
 """Process runtime of the code that runs the forwards (embedded inference thread, Redis worker).
 
 - torch intra-op threads: the thread that runs the forwards keeps torch's default (or
-  S2AMNET_TORCH_THREADS); threads that run torch beside it (model loading, postprocessing) use one;
+  S2AMNET_TORCH_THREADS); threads that run torch beside it (model loading, postprocessing) use one; in the
+  embedded service several inference streams may share them (S2AMNET_CPU_STREAMS, `ThreadShares`);
 - allocator tuning (glibc's mallopt), so that every forward's activations reuse memory;
 - warm-up (one blank image per model), the per-model forward-batch size (S2AMNET_FORWARD_BATCH) and
   backend (S2AMNET_BACKEND: eager PyTorch or ONNX Runtime).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -126,6 +128,69 @@ def one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def cpu_streams(setting: int | str, predictors: Mapping[str, Predictor], threads: int) -> tuple[int, str]:
+    """How many forwards the embedded service runs at once (S2AMNET_CPU_STREAMS), and why: 1 unless every
+    model runs on the CPU with a backend whose forwards take the calling thread's torch threads
+    (`model.backends.THREAD_SHARING_BACKENDS`); then the setting ('auto': 2), at most one per thread."""
+    from model.backends import THREAD_SHARING_BACKENDS
+
+    if not all(runs_on_cpu(p) for p in predictors.values()):
+        return 1, "forwards on a GPU"
+    own = sorted({p.backend for p in predictors.values()} - set(THREAD_SHARING_BACKENDS))
+    if own:
+        return 1, f"backend {', '.join(own)} runs on threads of its own"
+    if threads < 2:
+        return 1, "one torch thread"
+    streams = max(1, min(2 if setting == "auto" else int(setting), threads))
+    how = "auto" if setting == "auto" else "requested"
+    return streams, f"{how}; {threads} torch threads, {max(1, threads // streams)} per forward while others wait"
+
+
+class ThreadShares:
+    """The forwards' torch threads, shared by the embedded service's inference streams (`cpu_streams`).
+
+    The first stream's forward gets every thread when no other forward runs and no job waits (a part sent
+    alone gets the whole CPU), else its share (threads ÷ streams); the other streams' forwards always get
+    their share: a thread whose OpenMP team once had every core keeps that team, and two such teams make
+    libgomp throttle both (lone forwards taken in turn by two such threads took twice as long). A forward
+    waits until its threads are free, so that the streams together never ask for more threads than there
+    are. `take` sets the calling thread's torch threads to what it got (each thread has its own count)."""
+
+    def __init__(self, threads: int, streams: int):
+        self.total = max(1, int(threads))
+        self.share = max(1, self.total // max(1, int(streams)))
+        self._free = self.total
+        self._running = 0
+        self._waiting = 0  # streams in `take`
+        self._cond = threading.Condition()
+
+    def take(self, waiting: bool, first: bool = True) -> int:
+        """Threads for the calling stream's next forward (``waiting``: other jobs wait for a forward;
+        ``first``: the first stream); blocks until they are free. Give them back with `give`."""
+        import torch
+
+        with self._cond:
+            self._waiting += 1
+            while True:  # another stream's batch waiting for threads counts as company, or it could starve
+                alone = first and not (waiting or self._running or self._waiting > 1)
+                want = self.total if alone else self.share
+                if want <= self._free:
+                    break
+                self._cond.wait()
+            self._waiting -= 1
+            self._free -= want
+            self._running += 1
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+        return want
+
+    def give(self, threads: int) -> None:
+        with self._cond:
+            self._free += threads
+            self._running -= 1
+            self._cond.notify_all()
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -76,6 +76,14 @@ class Settings(BaseSettings):
         "activations make some models slower per image in big batches), on a GPU the whole batch; N: at most N "
         "images per forward.",
     )
+    cpu_streams: int | Literal["auto"] = Field(
+        "auto",
+        description="Embedded service, forwards on a CPU: how many forwards may run at once, each on its share of "
+        "the torch threads (a part alone gets them all). Small convolutions use few threads well, so under load "
+        "two forwards on half the threads each serve more images per second than one on all of them. 'auto': "
+        "2 when every model runs on the CPU with an eager backend and there are at least 2 threads, else 1; "
+        "compiled, ONNX Runtime and OpenVINO backends fix their own threads, so they always get 1.",
+    )
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
     )
@@ -209,9 +217,9 @@ class Settings(BaseSettings):
     def _backend(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # S2AMNET_BACKEND= : unset
 
-    @field_validator("forward_batch", mode="before")
+    @field_validator("forward_batch", "cpu_streams", mode="before")
     @classmethod
-    def _forward_batch(cls, value: Any) -> Any:
+    def _auto_or_number(cls, value: Any) -> Any:
         number = value
         if isinstance(value, str):
             if value.strip().lower() == "auto":
@@ -271,9 +279,9 @@ class Settings(BaseSettings):
 # The settings `s2amnet serve` and `s2amnet worker` also take as flags (--field-name); each flag's help is
 # its field's description.
 SERVE_FLAGS = ("host", "port", "weights_dir", "models", "device", "max_batch_size", "model_max_batch_size",
-               "forward_batch", "backend", "max_delay_ms", "max_queue", "request_timeout_s", "redis_url", "api_keys",
-               "torch_threads", "drain_timeout_s", "recipes", "records_url", "records_dir", "record_images", "mqtt_url",
-               "opcua_endpoint", "log_level")
+               "forward_batch", "backend", "cpu_streams", "max_delay_ms", "max_queue", "request_timeout_s", "redis_url",
+               "api_keys", "torch_threads", "drain_timeout_s", "recipes", "records_url", "records_dir", "record_images",
+               "mqtt_url", "opcua_endpoint", "log_level")
 WORKER_FLAGS = ("redis_url", "device", "models", "weights_dir", "max_batch_size", "model_max_batch_size",
                 "forward_batch", "backend", "max_delay_ms", "metrics_port", "torch_threads", "visibility_timeout_s",
                 "max_deliveries", "log_level")

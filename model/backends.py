@@ -48,7 +48,8 @@ import torch
 
 from model.blocks import use_real_valued_fft
 
-__all__ = ["BACKENDS", "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
+__all__ = ["BACKENDS", "THREAD_SHARING_BACKENDS",
+           "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
            "compile_package", "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner",
            "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units", "graph_sources"]
 
@@ -56,6 +57,10 @@ __all__ = ["BACKENDS", "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "O
 GRAPH_BACKENDS = ("compile", "compile-bf16", "onnxruntime", "openvino", "openvino-bf16")
 MODULE_BACKENDS = ("eager-channels-last", "eager-bf16")  # run the module itself, differently
 BACKENDS = ("eager", *MODULE_BACKENDS, *GRAPH_BACKENDS)
+# forwards on the calling thread's torch threads (`torch.set_num_threads` on that thread), so that forwards on
+# several threads can share the cores; the graph backends fix their threads when built (compile) or keep pools
+# of their own (ONNX Runtime, OpenVINO)
+THREAD_SHARING_BACKENDS = ("eager", *MODULE_BACKENDS)
 RUNNER_BACKENDS = BACKENDS[1:]  # set a runner on the Predictor: what `auto` chooses among, beside plain eager
 MAX_EXPORT_BATCH = 256
 

@@ -1,17 +1,20 @@
-"""Embedded dispatcher: in-process dynamic batching on one long-lived inference thread.
+"""Embedded dispatcher: in-process dynamic batching on long-lived inference threads.
 
 - One bounded FIFO per model (`max_queue`); a full queue refuses with `QueueFull` (503 + Retry-After).
-- ONE inference thread for all models. It owns every forward pass, including the warm-up, so torch's
-  intra-op (OpenMP) thread team lives on that one thread: forwards cost there what they cost on the main
-  thread, while a pool of threads each running torch would build competing OpenMP teams on the same
-  cores; with forwards on the CPU, the threads that load models and postprocess use one torch thread each
-  (`one_torch_thread`), so that no second OpenMP team makes libgomp throttle this one's. The thread picks
-  the model whose oldest job has waited longest, waits until `max_batch_size` jobs are queued for it or
-  `max_delay_ms` have passed since its first job was queued (`app.batching`, the policy the Redis worker
-  uses too), and runs `app.inference.run_forward` (which
-  drops expired jobs without computing them). Once the forward batch is known (`S2AMNET_FORWARD_BATCH`), no
-  batch is larger than one forward (`one_forward_per_batch`).
-- The inference thread hands each computed job straight to a small pool of threads (`decode_threads`) that
+- Inference threads own every forward pass, and no other thread starts torch's intra-op (OpenMP) thread
+  teams: the first one warms the models up and runs the forwards alone, as the main thread would, while a
+  pool of threads each running torch would build competing OpenMP teams on the same cores; with forwards on
+  the CPU, the threads that load models and postprocess use one torch thread each (`one_torch_thread`), so
+  that no idle OpenMP team makes libgomp throttle the forwards'. With forwards on a CPU and an eager backend,
+  more inference threads ("streams", `S2AMNET_CPU_STREAMS`, 2 by default, `app.runtime.cpu_streams`) run
+  forwards at the same time, sharing the torch threads (`app.runtime.ThreadShares`): a forward alone gets
+  them all, forwards side by side a share each, never more than there are.
+- Each inference thread picks the model whose oldest job has waited longest, waits until `max_batch_size`
+  jobs are queued for it or `max_delay_ms` have passed since its first job was queued (`app.batching`, the
+  policy the Redis worker uses too), and runs `app.inference.run_forward` (which drops expired jobs without
+  computing them). Once the forward batch is known (`S2AMNET_FORWARD_BATCH`), no batch is larger than one
+  forward (`one_forward_per_batch`).
+- An inference thread hands each computed job straight to a small pool of threads (`decode_threads`) that
   postprocesses it (`app.inference.finish`), so a large image's full-size masks never hold up the forwards
   of other requests and models; the answer goes back to the job's asyncio future with
   `loop.call_soon_threadsafe` (one wake-up of the event loop per job). `submit` waits
@@ -19,7 +22,7 @@
   request went away leaves its queue at once (counted in `s2amnet_jobs_expired_total` when expired) and
   is never computed; one already taken into a batch is dropped by `run_forward` unless its forward has
   started, and is not postprocessed once its deadline has passed.
-- `stop()` refuses new work, lets the thread finish what is queued (up to `drain_timeout`), then fails
+- `stop()` refuses new work, lets the threads finish what is queued (up to `drain_timeout`), then fails
   whatever is left with `Unavailable`, the batch still in its forward included.
 """
 
@@ -38,7 +41,15 @@ from app import metrics
 from app.batching import BatchCollector
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable, UnknownModel
 from app.inference import Staged, finish, raise_for_result, run_forward
-from app.runtime import configure_runtime, one_forward_per_batch, one_torch_thread, prepare_predictors, runs_on_cpu
+from app.runtime import (
+    ThreadShares,
+    configure_runtime,
+    cpu_streams,
+    one_forward_per_batch,
+    one_torch_thread,
+    prepare_predictors,
+    runs_on_cpu,
+)
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -77,7 +88,7 @@ class LocalDispatcher(Dispatcher):
             self._predictors, settings.max_batch_size, float(settings.max_delay_ms) / 1000.0,
             caps=self._max_batch, dropped=lambda p: p.cancelled)
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []  # the inference threads: the first, then the other streams
         # postprocessing (full-size masks of large images can take seconds) on its own bounded pool, not
         # the event loop's default executor, which /metrics and shutdown also use
         # forwards on the CPU: the pool's threads use one torch thread (`one_torch_thread`); with a GPU they
@@ -90,7 +101,9 @@ class LocalDispatcher(Dispatcher):
         self._accepting = False
         self._closing = False  # stop accepting, flush the queues, then exit
         self._abort = False  # exit after the batch in hand
-        self._in_hand: list[_Pending] = []  # the batch the inference thread is computing
+        self._in_hand: dict[int, list[_Pending]] = {}  # per stream, the batch it is computing
+        self._shares: ThreadShares | None = None
+        self.streams = 1
         self._ready = False
         self.warmup_seconds: dict[str, float] = {}
         for name, predictor in self._predictors.items():
@@ -99,14 +112,13 @@ class LocalDispatcher(Dispatcher):
 
     # ------------------------------------------------------------------ Dispatcher interface
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._loop = asyncio.get_running_loop()
         started: asyncio.Future = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._thread_main, args=(started,), name="s2amnet-inference", daemon=True
-        )
-        self._thread.start()
+        first = threading.Thread(target=self._thread_main, args=(started,), name="s2amnet-inference", daemon=True)
+        self._threads.append(first)
+        first.start()
         await started  # re-raises a warm-up failure
         self._accepting = True
         self._ready = True
@@ -114,13 +126,12 @@ class LocalDispatcher(Dispatcher):
     async def stop(self, drain_timeout: float = 30.0) -> None:
         self._accepting = False
         self._ready = False
-        thread = self._thread
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if thread is not None and thread.is_alive():
-            await asyncio.to_thread(thread.join, max(0.0, drain_timeout))
-            if thread.is_alive():
+        if any(t.is_alive() for t in self._threads):
+            await asyncio.to_thread(self._join, time.monotonic() + max(0.0, drain_timeout))
+            if any(t.is_alive() for t in self._threads):
                 log.warning(
                     "inference thread still busy after %.1f s drain; abandoning queued jobs", drain_timeout
                 )
@@ -134,8 +145,13 @@ class LocalDispatcher(Dispatcher):
                     _fail(p.future, Unavailable("service is shutting down", self._retry_after))
                 metrics.QUEUE_DEPTH.labels(model=name).set(0)
             if self._abort:
-                for p in self._in_hand:
-                    _fail(p.future, Unavailable("service is shutting down", self._retry_after))
+                for batch in self._in_hand.values():
+                    for p in batch:
+                        _fail(p.future, Unavailable("service is shutting down", self._retry_after))
+
+    def _join(self, until: float) -> None:
+        for t in list(self._threads):
+            t.join(max(0.0, until - time.monotonic()))
 
     async def submit(self, job: Job) -> dict[str, Any]:
         if job.model not in self._predictors:
@@ -152,7 +168,7 @@ class LocalDispatcher(Dispatcher):
                 )
             depth = self._batches.put(job.model, pending)
             metrics.QUEUE_DEPTH.labels(model=job.model).set(depth)
-            self._cond.notify()
+            self._cond.notify_all()  # the first stream among the inference threads, whichever waits
         timeout = job.deadline - time.time()
         try:
             result = await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, timeout))
@@ -184,7 +200,7 @@ class LocalDispatcher(Dispatcher):
         (metrics.JOBS_EXPIRED if expired else metrics.JOBS_CANCELLED).labels(model=job.model).inc()
 
     def ready(self) -> bool:
-        return self._ready and self._thread is not None and self._thread.is_alive()
+        return self._ready and bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def queue_depth(self, model: str) -> int:
         return self._batches.depth(model)
@@ -227,26 +243,39 @@ class LocalDispatcher(Dispatcher):
             self.warmup_seconds.update(prepare_predictors(self._predictors, self._settings, self._max_batch))
             with self._cond:
                 self._batches.caps.update(one_forward_per_batch(self._predictors, self._batches.caps))
+            self._start_streams()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             log.exception("warm-up failed")
             self._post(_fail, started, exc)
             return
         self._post(_resolve, started, None)
-        try:
-            import torch
+        self._stream_main(0)
 
-            grad_ctx = torch.inference_mode()
-        except Exception:  # pragma: no cover
-            import contextlib
+    def _start_streams(self) -> None:
+        """After warm-up, on the first inference thread: how many forwards run at once (`cpu_streams`), and
+        the threads of the other streams."""
+        import torch
 
-            grad_ctx = contextlib.nullcontext()
-        with grad_ctx:
-            self._batch_loop()
-        log.info("inference thread stopped")
+        threads = torch.get_num_threads()  # as configure_runtime set them for the forwards
+        self.streams, why = cpu_streams(self._settings.cpu_streams, self._predictors, threads)
+        self._shares = ThreadShares(threads, self.streams)
+        log.info("inference streams: %d (%s)", self.streams, why)
+        metrics.CPU_STREAMS.set(self.streams)
+        for i in range(1, self.streams):
+            t = threading.Thread(target=self._stream_main, args=(i,), name=f"s2amnet-inference-{i + 1}", daemon=True)
+            self._threads.append(t)
+            t.start()
 
-    def _next_batch(self) -> tuple[str, list[_Pending]] | None:
-        """The next batch (see `app.batching`), waiting for jobs; None once closing with nothing queued,
-        or aborted."""
+    def _stream_main(self, stream: int) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self._batch_loop(stream)
+        log.info("inference thread %d stopped", stream + 1)
+
+    def _next_batch(self, stream: int) -> tuple[str, list[_Pending], bool] | None:
+        """The next batch (see `app.batching`), waiting for jobs, and whether more jobs wait behind it; None
+        once closing with nothing queued, or aborted."""
         with self._cond:
             while True:
                 if self._abort:
@@ -257,26 +286,35 @@ class LocalDispatcher(Dispatcher):
                         return None
                     self._cond.wait()
                     continue
+                if stream and 0 not in self._in_hand:  # the other streams help while the first one computes
+                    self._cond.wait()
+                    continue
                 self._batches.fill(name, self._cond.wait, lambda: self._closing or self._abort)
                 batch = self._batches.take(name)
                 metrics.QUEUE_DEPTH.labels(model=name).set(self._batches.depth(name))
                 if batch:
-                    return name, batch
+                    self._in_hand[stream] = batch
+                    waiting = not self._batches.empty()
+                    if waiting and stream == 0:
+                        self._cond.notify_all()  # work for the other streams
+                    return name, batch, waiting
 
-    def _batch_loop(self) -> None:
+    def _batch_loop(self, stream: int) -> None:
+        assert self._shares is not None
         while True:
-            nxt = self._next_batch()
+            nxt = self._next_batch(stream)
             if nxt is None:
                 return
-            name, batch = nxt
-            with self._cond:
-                self._in_hand = batch
+            name, batch, waiting = nxt
             predictor = self._predictors[name]
+            threads = self._shares.take(waiting, first=stream == 0)
             try:
                 results = run_forward(predictor, [p.job for p in batch])
             except BaseException as exc:  # noqa: BLE001 - never let the thread die
                 log.exception("batch of %s failed", name)
                 results = [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"}] * len(batch)
+            finally:
+                self._shares.give(threads)
             self._hand_over(predictor, batch, results)
             with self._cond:
-                self._in_hand = []
+                self._in_hand.pop(stream, None)

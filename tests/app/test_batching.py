@@ -56,6 +56,41 @@ def test_a_batch_waits_until_full_or_its_delay_has_passed():
     assert "never" not in calls
 
 
+def test_a_batch_stops_waiting_once_another_consumer_has_taken_the_jobs():
+    """Several inference threads share the queues: when another one takes the jobs while this one waits for
+    company, this one stops waiting (and takes nothing) instead of waiting out the old job's delay and then
+    sending whatever came meanwhile without its company."""
+    c: BatchCollector[Item] = BatchCollector(["a"], 4, 30.0)
+    c.put("a", Item())
+    c.put("a", Item())
+    waits: list[float] = []
+
+    def another_thread_takes_them(left: float) -> None:
+        waits.append(left)
+        assert c.take("a")
+
+    c.fill("a", another_thread_takes_them, lambda: False)
+    assert waits and len(waits) == 1 and c.take("a") == []
+    now = [100.0]
+    c = BatchCollector(["a"], 4, 0.05, clock=lambda: now[0])
+    c.put("a", Item(arrived=100.0))
+    c.put("a", Item(arrived=100.0))
+    waits.clear()
+
+    def taken_then_a_new_job(left: float) -> None:
+        waits.append(left)
+        if len(waits) == 1:  # 40 ms later another thread takes the batch, and a new job comes
+            now[0] = 100.04
+            assert len(c.take("a")) == 2
+            c.put("a", Item(arrived=100.04))
+        else:
+            now[0] += left
+
+    c.fill("a", taken_then_a_new_job, lambda: False)
+    # the new job waits for company its own delay, not what was left of the jobs taken before it
+    assert waits == [pytest.approx(0.05), pytest.approx(0.05)]
+
+
 def test_a_batch_waits_only_when_the_models_jobs_come_closer_together_than_its_delay():
     now = [100.0]
     c: BatchCollector[Item] = BatchCollector(["a"], 8, 0.005, clock=lambda: now[0])

@@ -1,4 +1,4 @@
-"""app.dispatch.local: the embedded dispatcher (one inference thread, batching, queue bounds, deadlines,
+"""app.dispatch.local: the embedded dispatcher (inference threads, batching, queue bounds, deadlines,
 shutdown). Real tiny models, no mocks of the model."""
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def model_sample(name: str, model: str, default: float | None = None) -> float |
 
 def dispatcher_settings(**kw) -> Settings:
     # eager: the forwards these tests count are the batches' alone (no backend's parity check at start-up)
-    base = {"max_batch_size": 4, "max_delay_ms": 100, "max_queue": 8, "warmup": True, "backend": "eager"}
+    # one stream unless a test asks for more: these tests follow the batches of one inference thread
+    base = {"max_batch_size": 4, "max_delay_ms": 100, "max_queue": 8, "warmup": True, "backend": "eager",
+            "cpu_streams": 1}
     base.update(kw)
     return Settings(**base)
 
@@ -318,3 +320,59 @@ def test_a_request_gone_away_during_its_forward_is_not_postprocessed(det):
     assert batch[1] == 2  # both were in the forward
     assert "defects" in answered and len(posts) == 1  # only the job still wanted was postprocessed
     assert posts[0].startswith("s2amnet-post")
+
+
+def test_under_load_two_streams_compute_side_by_side_on_a_share_of_the_threads_each(det):
+    """S2AMNET_CPU_STREAMS=2: a part alone gets its forward on the first inference thread with every torch
+    thread; with jobs waiting, a second thread computes beside the first, each on half of the threads; the
+    answers are those of one forward each."""
+    import torch
+    from prometheus_client import REGISTRY
+
+    calls: list[tuple[str, int]] = []
+
+    class Probe(Recording):
+        def infer(self, arrays):
+            calls.append((threading.current_thread().name, torch.get_num_threads()))
+            return super().infer(arrays)
+
+    probe = Probe(det)
+
+    async def go():
+        d = LocalDispatcher({"det": probe}, dispatcher_settings(cpu_streams=2, torch_threads=2, forward_batch=1,
+                                                                max_delay_ms=0))
+        await d.start()
+        assert d.streams == 2 and REGISTRY.get_sample_value("s2amnet_cpu_streams") == 2
+        calls.clear()
+        alone = await d.submit(job(det, 0))
+        lone_calls = list(calls)
+        calls.clear()
+        probe.gate.clear()  # hold the forwards: the first two jobs are then in forwards at the same time
+        jobs = [job(det, i) for i in range(1, 5)]
+        tasks = [asyncio.create_task(d.submit(j)) for j in jobs]
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if len(calls) >= 2:
+                break
+        in_flight = list(calls)
+        probe.gate.set()
+        results = await asyncio.gather(*tasks)
+        await d.stop()
+        return alone, lone_calls, in_flight, jobs, results
+
+    alone, lone_calls, in_flight, jobs, results = asyncio.run(go())
+    assert lone_calls == [("s2amnet-inference", 2)]
+    assert sorted(in_flight) == [("s2amnet-inference", 1), ("s2amnet-inference-2", 1)]
+    expected = [run_batch(det, [j])[0] for j in [job(det, 0), *jobs]]
+    assert [r["defects"] for r in [alone, *results]] == [e["defects"] for e in expected]
+
+
+def test_one_stream_when_asked(det):
+    async def go():
+        d = LocalDispatcher({"det": Recording(det)}, dispatcher_settings(cpu_streams=1, torch_threads=2))
+        await d.start()
+        threads = [t.name for t in d._threads]
+        await d.stop()
+        return d.streams, threads
+
+    assert asyncio.run(go()) == (1, ["s2amnet-inference"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from app.settings import Settings
@@ -221,3 +222,82 @@ assert n == gc.get_freeze_count() >= 100_000 and len(gc.get_objects()) < tracked
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=process_env(PYTHONPATH=str(ROOT)),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_several_cpu_streams_only_where_every_forward_runs_on_the_calling_threads_torch_threads():
+    from types import SimpleNamespace
+
+    import torch
+
+    from app.runtime import cpu_streams
+
+    def model(device="cpu", backend="eager-channels-last"):
+        return SimpleNamespace(device=torch.device(device), backend=backend)
+
+    assert cpu_streams("auto", {"a": model(), "b": model(backend="eager")}, 2)[0] == 2
+    assert cpu_streams(4, {"a": model()}, 16)[0] == 4
+    assert cpu_streams(4, {"a": model()}, 2)[0] == 2  # at most one per thread
+    assert cpu_streams("auto", {"a": model()}, 1) == (1, "one torch thread")
+    assert cpu_streams("auto", {"a": model(), "b": model(device="meta")}, 8) == (1, "forwards on a GPU")
+    n, why = cpu_streams("auto", {"a": model(), "b": model(backend="onnxruntime")}, 8)
+    assert n == 1 and "onnxruntime" in why  # its session keeps a thread pool of its own
+    assert cpu_streams("auto", {"a": model(backend="compile")}, 8)[0] == 1  # threads fixed when compiled
+
+
+def test_thread_shares_give_a_lone_forward_every_thread_and_never_more_than_there_are():
+    import threading
+
+    import torch
+
+    from app.runtime import ThreadShares
+
+    shares = ThreadShares(threads=4, streams=2)
+    seen: dict[str, int] = {}
+
+    def take(name: str, waiting: bool, first: bool, hold: threading.Event | None = None) -> None:
+        got = shares.take(waiting, first)
+        seen[name] = got
+        seen[name + " torch"] = torch.get_num_threads()  # the calling thread's own count
+        if hold is not None:
+            hold.wait(10)
+        shares.give(got)
+
+    def run(*args) -> threading.Thread:
+        t = threading.Thread(target=take, args=args)
+        t.start()
+        return t
+
+    run("alone", False, True).join()
+    run("others waiting", True, True).join()
+    run("second stream", False, False).join()
+    assert (seen["alone"], seen["others waiting"], seen["second stream"]) == (4, 2, 2)
+    assert (seen["alone torch"], seen["others waiting torch"], seen["second stream torch"]) == (4, 2, 2)
+
+    # a lone forward holds every thread: the second stream's forward waits for it, then both run on a share
+    hold = threading.Event()
+    first = run("first", False, True, hold)
+    while "first" not in seen:
+        time.sleep(0.01)
+    second = run("second", False, False)
+    time.sleep(0.2)
+    assert "second" not in seen  # waiting for threads
+    hold.set()
+    first.join()
+    second.join(10)
+    assert seen["second"] == 2
+    # a stream waiting for threads is company: the first stream, giving its threads back and taking again at
+    # once, takes its share and leaves the waiting stream the rest (else it could take them all, again and again)
+    seen.clear()
+    before = torch.get_num_threads()
+    try:
+        got = shares.take(False, True)
+        waiter = run("waiter", False, False)
+        while shares._waiting == 0:
+            time.sleep(0.01)
+        shares.give(got)
+        again = shares.take(False, True)
+        waiter.join(10)
+        shares.give(again)
+    finally:
+        torch.set_num_threads(before)
+    assert (got, again, seen["waiter"]) == (4, 2, 2)

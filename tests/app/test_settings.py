@@ -91,10 +91,11 @@ def test_serve_and_worker_flags_come_from_the_settings():
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--port", "8123", "--max-delay-ms", "2.5", "--models", "a,b",
-                              "--forward-batch", "auto", "--model-max-batch-size", "a=2", "--torch-threads", "2"])
+                              "--forward-batch", "auto", "--model-max-batch-size", "a=2", "--torch-threads", "2",
+                              "--cpu-streams", "3"])
     s = settings_from_args(args, SERVE_FLAGS)
-    assert (s.port, s.max_delay_ms, s.models, s.forward_batch, s.model_max_batch_size, s.torch_threads) == (
-        8123, 2.5, ["a", "b"], "auto", {"a": 2}, 2)
+    assert (s.port, s.max_delay_ms, s.models, s.forward_batch, s.model_max_batch_size, s.torch_threads,
+            s.cpu_streams) == (8123, 2.5, ["a", "b"], "auto", {"a": 2}, 2, 3)
     args = parser.parse_args(["worker", "--visibility-timeout", "4", "--max-deliveries", "5", "--name", "w1"])
     s = settings_from_args(args, WORKER_FLAGS)
     assert (s.visibility_timeout_s, s.max_deliveries, args.name) == (4.0, 5, "w1")
@@ -146,3 +147,17 @@ def test_an_empty_variable_counts_as_unset(monkeypatch):
     assert empty.records_dir == Path("records") and empty.recipes is None and empty.redis_url is None
     monkeypatch.setenv("S2AMNET_RECORDS_DIR", "/var/lib/s2amnet/records")
     assert Settings().records_dir == Path("/var/lib/s2amnet/records")
+
+
+def test_cpu_streams_take_auto_or_a_whole_number(monkeypatch):
+    from pydantic import ValidationError
+
+    assert Settings().cpu_streams == "auto"
+    monkeypatch.setenv("S2AMNET_CPU_STREAMS", " AUTO ")
+    assert Settings().cpu_streams == "auto"
+    monkeypatch.setenv("S2AMNET_CPU_STREAMS", "1")
+    assert Settings().cpu_streams == 1
+    for bad in ("0", "two", "1.5"):
+        monkeypatch.setenv("S2AMNET_CPU_STREAMS", bad)
+        with pytest.raises(ValidationError, match="auto or a whole number"):
+            Settings()
