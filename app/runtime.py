@@ -131,19 +131,20 @@ def one_torch_thread() -> None:
 
 
 def cpu_streams(setting: int | str, predictors: Mapping[str, Predictor], threads: int) -> tuple[int, str]:
-    """How many forwards the embedded service runs at once (S2AMNET_CPU_STREAMS), and why: 1 unless every
-    model runs on the CPU with a backend whose forwards take the calling thread's torch threads
-    (`model.backends.THREAD_SHARING_BACKENDS`); then the setting ('auto': 2), at most one per thread."""
-    from model.backends import THREAD_SHARING_BACKENDS
-
+    """How many forwards the embedded service runs at once (S2AMNET_CPU_STREAMS), and why: on a CPU, the
+    setting ('auto': 2), at most one per torch thread and at most what every model's backend can run at once on
+    threads of its own (its runner's ``concurrency``: eager and `ModuleRunner` no limit, a compiled package 2,
+    ONNX Runtime and OpenVINO 1, for their thread pools take the cores themselves); with a GPU, 1."""
     if not all(runs_on_cpu(p) for p in predictors.values()):
         return 1, "forwards on a GPU"
-    own = sorted({p.backend for p in predictors.values()} - set(THREAD_SHARING_BACKENDS))
-    if own:
-        return 1, f"backend {', '.join(own)} runs on threads of its own"
+    limits = {p.backend: limit for p in predictors.values()
+              if (limit := getattr(p.runner, "concurrency", 1) if p.runner is not None else None) is not None}
+    single = sorted(b for b, limit in limits.items() if limit <= 1)
+    if single:
+        return 1, f"backend {', '.join(single)} runs one forward at a time, on threads of its own"
     if threads < 2:
         return 1, "one torch thread"
-    streams = max(1, min(2 if setting == "auto" else int(setting), threads))
+    streams = max(1, min(2 if setting == "auto" else int(setting), threads, *limits.values()))
     how = "auto" if setting == "auto" else "requested"
     return streams, f"{how}; {threads} torch threads, {max(1, threads // streams)} per forward while others wait"
 

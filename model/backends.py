@@ -36,6 +36,7 @@ import copy
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,8 +49,7 @@ import torch
 
 from model.blocks import use_real_valued_fft
 
-__all__ = ["BACKENDS", "THREAD_SHARING_BACKENDS",
-           "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
+__all__ = ["BACKENDS", "ModuleRunner", "CompiledRunner", "OnnxRuntimeRunner", "OpenVinoRunner", "export_onnx",
            "compile_package", "cache_key", "cache_path", "check_parity", "choose_backend", "load_runner",
            "try_backend", "Trial", "BackendReport", "default_cache_dir", "cpu_has_bf16_units", "graph_sources"]
 
@@ -57,12 +57,9 @@ __all__ = ["BACKENDS", "THREAD_SHARING_BACKENDS",
 GRAPH_BACKENDS = ("compile", "compile-bf16", "onnxruntime", "openvino", "openvino-bf16")
 MODULE_BACKENDS = ("eager-channels-last", "eager-bf16")  # run the module itself, differently
 BACKENDS = ("eager", *MODULE_BACKENDS, *GRAPH_BACKENDS)
-# forwards on the calling thread's torch threads (`torch.set_num_threads` on that thread), so that forwards on
-# several threads can share the cores; the graph backends fix their threads when built (compile) or keep pools
-# of their own (ONNX Runtime, OpenVINO)
-THREAD_SHARING_BACKENDS = ("eager", *MODULE_BACKENDS)
 RUNNER_BACKENDS = BACKENDS[1:]  # set a runner on the Predictor: what `auto` chooses among, beside plain eager
 MAX_EXPORT_BATCH = 256
+COMPILED_CONCURRENCY = 2  # forwards a compiled package runs at once (model instances sharing the weights)
 
 log = logging.getLogger("s2amnet.backends")
 
@@ -177,11 +174,15 @@ def _batch_dim():
 
 
 def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str | os.PathLike,
-                    bf16: bool = False) -> Path:
+                    bf16: bool = False, threads: int | None = None) -> Path:
     """Compile ``model`` (eval mode, on the CPU) ahead of time with TorchInductor into a ``.pt2`` package:
     `torch.export` of what `_Exported` computes with a dynamic batch dimension, the weights frozen into the
     graph (constant folding, convolutions fused with what follows them), native code for this machine's CPU.
-    ``bf16``: captured under autocast to bfloat16 (outputs in float32); only on a CPU with bf16 units."""
+    ``bf16``: captured under autocast to bfloat16 (outputs in float32); only on a CPU with bf16 units.
+    ``threads`` (default: the calling thread's torch threads): the most threads the code may run on. Its
+    parallel reductions keep one partial sum per thread in arrays of that size, so run on more threads it
+    writes past them and crashes the process (`CompiledRunner` never lets it)."""
+    threads = int(threads or torch.get_num_threads())
     if bf16:
         require_cpu_bf16_units()
     path = Path(path)
@@ -193,7 +194,7 @@ def compile_package(model: torch.nn.Module, input_size: Sequence[int], path: str
             program = torch.export.export(_Exported(model, bf16).eval(), (torch.zeros(2, 3, h, w),),
                                           dynamic_shapes={"x": {0: _batch_dim()}})
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                     inductor_configs={"freezing": True})
+                                                     inductor_configs={"freezing": True, "cpp.threads": threads})
         os.replace(tmp, path)  # atomic: a replica starting beside this one never loads half a package
     finally:
         tmp.unlink(missing_ok=True)
@@ -228,7 +229,10 @@ class ModuleRunner:
     one of them; the arithmetic is the same, so the outputs agree with eager to float rounding. ``bf16``
     (``eager-bf16``): also under `torch.autocast` to bfloat16 (the frequency blocks stay in float32: they turn
     autocast off), on a GPU or a CPU with bf16 matrix units. Returns what an exported graph returns (classify /
-    segment logits, detect boxes and scores), in the usual contiguous order."""
+    segment logits, detect boxes and scores), in the usual contiguous order. Forwards on several threads may run
+    at once, each on its calling thread's torch threads (``concurrency`` None: no limit)."""
+
+    concurrency = None
 
     def __init__(self, model: torch.nn.Module, device: str = "cpu", bf16: bool = False):
         dev = torch.device(device)
@@ -250,10 +254,11 @@ class _AotiLibrary:
     """The native library of a `compile_package` package, called through AOTInductor's C interface (its model
     container) with ctypes, which lets go of the GIL for the whole forward. Through torch's own loader
     (``torch._inductor.aoti_load_package``) a forward holds the GIL from start to end, so that in the service the
-    event loop, decoding and postprocessing would all stop for every batch. Raises ValueError for a package laid
-    out otherwise than this torch version writes it (one ``.so`` under ``data/aotinductor/``, weights inside)."""
+    event loop, decoding and postprocessing would all stop for every batch. ``models``: forwards that may run at
+    once (the container's model instances; they share the weights). Raises ValueError for a package laid out
+    otherwise than this torch version writes it (one ``.so`` under ``data/aotinductor/``, weights inside)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, models: int = 1):
         import ctypes
         import tempfile
         import weakref
@@ -276,7 +281,7 @@ class _AotiLibrary:
         self._ct = ctypes
         handle = ctypes.c_void_p()
         self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
-            ctypes.byref(handle), ctypes.c_size_t(1), b"cpu", None), "create the model container")
+            ctypes.byref(handle), ctypes.c_size_t(models), b"cpu", None), "create the model container")
         self._handle = handle
         n = ctypes.c_size_t()
         self._check(self._lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(n)), "count its outputs")
@@ -307,34 +312,47 @@ class _AotiLibrary:
 
 
 class CompiledRunner:
-    """Runs a `compile_package` package on the CPU, with torch's threads, without holding the GIL (`_AotiLibrary`;
-    through torch's loader, holding it, should the package be laid out otherwise). Same call as
-    `OnnxRuntimeRunner`. ``input_size`` (H, W), when given, is checked before each forward: the native code
-    does not check shapes, and a batch of another size would crash the process instead of raising."""
+    """Runs a `compile_package` package on the CPU, on the calling thread's torch threads, without holding the
+    GIL (`_AotiLibrary`; through torch's loader, holding it, should the package be laid out otherwise). Same
+    call as `OnnxRuntimeRunner`. ``input_size`` (H, W), when given, is checked before each forward: the native
+    code does not check shapes, and a batch of another size would crash the process instead of raising.
+    ``threads``: what the package was compiled for (default: the calling thread's torch threads); a forward
+    asked of it on more threads runs on that many (more would crash the process, see `compile_package`).
+    ``concurrency``: forwards that may run at once, on threads of their own (1 through torch's loader)."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", input_size: Sequence[int] | None = None,
-                 name: str = "compile"):
+                 name: str = "compile", threads: int | None = None, concurrency: int = COMPILED_CONCURRENCY):
         if not device.startswith("cpu"):
             raise ValueError(f"the compile backend runs on the CPU, not {device}")
         self.name = name  # compile, or compile-bf16 (what the package was compiled as)
         self.path = Path(path)
         self.input_size = tuple(int(v) for v in input_size) if input_size is not None else None
+        self.threads = int(threads or torch.get_num_threads())
         try:
-            self.fn = _AotiLibrary(self.path).run
+            self.fn = _AotiLibrary(self.path, models=max(1, int(concurrency))).run
             self.releases_gil = True
+            self.concurrency = max(1, int(concurrency))
         except ValueError as exc:
             log.warning("%s; running it through torch's loader, which holds the GIL during each forward", exc)
             self.fn = torch._inductor.aoti_load_package(str(path))
             self.releases_gil = False
-        self._lock = threading.Lock()  # one compiled model: one batch at a time
+            self.concurrency = 1
+        self._slots = threading.BoundedSemaphore(self.concurrency)  # one forward per model instance
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.input_size is not None and (x.dim() != 4 or tuple(x.shape[1:]) != (3, *self.input_size)
                                             or not 1 <= x.shape[0] <= MAX_EXPORT_BATCH):
             raise ValueError(f"the compiled model takes N x 3 x {self.input_size[0]} x {self.input_size[1]} "
                              f"(N 1-{MAX_EXPORT_BATCH}), not {tuple(x.shape)}")
-        with self._lock, torch.inference_mode():
-            return _outputs(self.fn(x.detach().to("cpu", torch.float32).contiguous()))
+        asked = torch.get_num_threads()
+        if asked > self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with self._slots, torch.inference_mode():
+                return _outputs(self.fn(x.detach().to("cpu", torch.float32).contiguous()))
+        finally:
+            if asked > self.threads:
+                torch.set_num_threads(asked)
 
 
 class OnnxRuntimeRunner:
@@ -342,6 +360,7 @@ class OnnxRuntimeRunner:
     float32 CPU tensors, as `_Exported` returns them."""
 
     name = "onnxruntime"
+    concurrency = 1  # its session's own thread pool takes the cores: one forward at a time
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):
         import onnxruntime as ort
@@ -381,6 +400,8 @@ class OpenVinoRunner:
     ``precision="bf16"`` in bfloat16 (only on a CPU with bf16 units). The precision hint is always pinned: on
     CPUs with bf16 units OpenVINO would otherwise lower fp32 by itself. Same call as `OnnxRuntimeRunner`.
     Compiled blobs are cached in ``cache_dir`` when given (faster later starts)."""
+
+    concurrency = 1  # its own thread pool takes the cores: one forward at a time
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "cpu",
                  cache_dir: str | os.PathLike | None = None, precision: str = "f32"):
@@ -503,17 +524,19 @@ class BackendReport:
                 "export_s": None if self.export_s is None else round(self.export_s, 1), "cached": self.cached}
 
 
-def cache_path(predictor, backend: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_path(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
+               threads: int | None = None) -> Path:
     """Where the export cache keeps ``backend``'s artefact for the predictor's weights, present or not: the
     ONNX graph (onnxruntime and both openvino backends run it) or, for compile and compile-bf16, the package
-    for this CPU."""
+    for this CPU and ``threads`` torch threads (default: the calling thread's; `compile_package`)."""
     if backend not in GRAPH_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(GRAPH_BACKENDS)}, not {backend!r}")
     sha = str(predictor.manifest.get("sha256") or "")
     if not sha:
         raise ValueError("the weights have no sha256 in their manifest: nothing to key a cached export by")
     if backend.startswith("compile"):
-        suffix, kind = "pt2", f"aoti{'-bf16' if backend.endswith('bf16') else ''}-{cpu_isa()}"
+        threads = int(threads or torch.get_num_threads())
+        suffix, kind = "pt2", f"aoti{'-bf16' if backend.endswith('bf16') else ''}-{cpu_isa()}-t{threads}"
     else:
         suffix, kind = "onnx", "onnx"
     return Path(cache_dir or default_cache_dir()) / f"{cache_key(sha, predictor.input_size, kind)}.{suffix}"
@@ -536,14 +559,28 @@ def exported_graph(predictor, cache_dir: str | os.PathLike | None = None) -> tup
                    lambda path: export_onnx(predictor.model, predictor.input_size, path))
 
 
-def compiled_package(predictor, cache_dir: str | os.PathLike | None = None,
-                     bf16: bool = False) -> tuple[Path, float | None]:
-    """The predictor's AOTInductor package for this CPU in the cache (``bf16``: the compile-bf16 one), compiled
-    now when missing (minutes)."""
+def compiled_package(predictor, cache_dir: str | os.PathLike | None = None, bf16: bool = False,
+                     threads: int | None = None) -> tuple[Path, float | None, int]:
+    """The predictor's AOTInductor package for this CPU in the cache (``bf16``: the compile-bf16 one), the
+    seconds spent compiling it (None when cached) and the threads it was compiled for: the one compiled for
+    ``threads`` torch threads (default: the calling thread's); else, when the cache holds one compiled for more
+    threads (it runs on fewer, see `compile_package`), the closest such; else compiled now (minutes)."""
     if predictor.device.type != "cpu":
         raise ValueError(f"the compile backends run on the CPU, not {predictor.device}")
-    return _cached(cache_path(predictor, "compile-bf16" if bf16 else "compile", cache_dir),
-                   lambda path: compile_package(predictor.model, predictor.input_size, path, bf16=bf16))
+    backend = "compile-bf16" if bf16 else "compile"
+    threads = int(threads or torch.get_num_threads())
+    exact = cache_path(predictor, backend, cache_dir, threads)
+    if not exact.is_file():
+        pattern = cache_path(predictor, backend, cache_dir, 1).name.replace("-t1-", "-t*-", 1)
+        pattern = pattern[: pattern.rindex("-")] + "-*.pt2"
+        counts = {int(m.group(1)) for f in exact.parent.glob(pattern) if (m := re.search(r"-t(\d+)-", f.name))}
+        for more in sorted(c for c in counts if c > threads):
+            path = cache_path(predictor, backend, cache_dir, more)
+            if path.is_file():  # the same weights, model code and torch (the name's tag), more threads
+                return path, None, more
+    path, spent = _cached(exact, lambda path: compile_package(predictor.model, predictor.input_size, path,
+                                                               bf16=bf16, threads=threads))
+    return path, spent, threads
 
 
 def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = None,
@@ -558,8 +595,10 @@ def load_runner(predictor, backend: str, cache_dir: str | os.PathLike | None = N
         bf16 = backend == "compile-bf16"
         if bf16:  # refused before minutes of compiling, or before loading a package built on another CPU
             require_cpu_bf16_units()
-        path, spent = compiled_package(predictor, cache_dir, bf16=bf16)
-        return CompiledRunner(path, device=device, input_size=predictor.input_size, name=backend), spent, spent is None
+        path, spent, compiled_for = compiled_package(predictor, cache_dir, bf16=bf16, threads=threads)
+        runner = CompiledRunner(path, device=device, input_size=predictor.input_size, name=backend,
+                                threads=compiled_for)
+        return runner, spent, spent is None
     if backend == "openvino-bf16":
         _require_bf16_units()  # before exporting a graph it could not run
     path, spent = exported_graph(predictor, cache_dir)

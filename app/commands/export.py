@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--cache", action="store_true",
                    help="write into the service's export cache (S2AMNET_CACHE_DIR) instead, so that a service "
                         "started with S2AMNET_BACKEND=auto, compile, compile-bf16, onnxruntime or openvino finds it")
+    p.add_argument("--threads", type=int,
+                   help="compile, compile-bf16: the torch threads to compile for (default: this process's, as a "
+                        "service without S2AMNET_TORCH_THREADS on this machine runs); the package runs on at most "
+                        "that many, and the service's cache keeps one package per thread count")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
     p.set_defaults(func=run)
 
@@ -42,6 +46,13 @@ def run(args) -> int:
     from model.checkpoint import CheckpointError
     from model.predictor import Predictor
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)  # what the package is compiled, checked and cached for
     try:
         predictor = Predictor.from_folder(args.weights)
     except CheckpointError as exc:
@@ -60,11 +71,17 @@ def run(args) -> int:
               "path": str(path), "export_s": None if spent is None else round(spent, 1),
               "cached": cached, "parity": ok, "detail": why, "input": [1, 3, *predictor.input_size],
               "mean": predictor.manifest["mean"], "std": predictor.manifest["std"]}
+    threads = getattr(runner, "threads", None)  # a compiled package: the most threads it may run on
+    if threads is not None:
+        report["threads"] = threads
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{predictor.name} {predictor.version} -> {path}"
               + ("" if spent is None else f" (exported in {spent:.1f} s)") + (" (cached)" if cached else ""))
+        if threads is not None:
+            print(f"compiled for {threads} torch thread(s): run it on at most {threads} "
+                  "(torch.set_num_threads; more crash the process)")
         print(f"parity with eager PyTorch: {'ok' if ok else 'FAILED'} — {why}")
     return 0 if ok else 1
 

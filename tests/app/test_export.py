@@ -50,6 +50,15 @@ def test_export_finds_what_the_service_cached_and_eval_scores_every_backend_as_e
         assert report["parity"] and report["cached"] and report["export_s"] is None
         assert Path(report["path"]).suffix == suffix and Path(report["path"]).parent == cache
         assert report["input"] == [1, 3, 64, 64]
+        if fmt == "compile":  # compiled for the export process's threads, every core: the name says so too
+            assert report["threads"] >= 1 and f"-t{report['threads']}-" in Path(report["path"]).name
+            compiled = report
+    # for a service on one thread, the package compiled for more serves (it runs correctly on fewer)
+    one = _json(_cli("export", "--weights", str(folder), "--format", "compile", "--cache", "--threads", "1", "--json",
+                     env=env))
+    assert one["cached"] and one["path"] == compiled["path"] and one["threads"] == compiled["threads"]
+    refused = _cli("export", "--weights", str(folder), "--format", "compile", "--threads", "0", env=env)
+    assert refused.returncode == 2 and "--threads must be >= 1" in refused.stderr
 
     args = ["eval", "--weights", str(folder), "--data", str(_dataset(tmp_path / "data")), "--json"]
     eager = _json(_cli(*args, env=env))

@@ -158,9 +158,12 @@ def test_the_service_serves_the_compiled_package_and_tunes_the_forward_batch_for
     upright = pattern(64, 64, seed=5)
     packages = sorted(cache.glob("*.pt2"))
     with running_server("embedded", folder.parent, S2AMNET_BACKEND="compile", S2AMNET_CACHE_DIR=str(cache),
-                        S2AMNET_MODELS="cls") as server, httpx.Client(base_url=server.url, timeout=60) as client:
+                        S2AMNET_MODELS="cls", S2AMNET_TORCH_THREADS="2") as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
         text = client.get("/metrics").text
         assert metric(text, "s2amnet_model_backend", model="cls", backend="compile") == 1
+        # the compiled model runs two forwards at once, on a share of the server's threads each
+        assert metric(text, "s2amnet_cpu_streams") == 2
         got = client.post("/classify", files={"file": ("a.png", encode(upright))}).json()
     assert sorted(cache.glob("*.pt2")) == packages
     want = Predictor.from_folder(folder).predict([upright], top_k=5)[0]
@@ -224,24 +227,25 @@ assert n == gc.get_freeze_count() >= 100_000 and len(gc.get_objects()) < tracked
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_several_cpu_streams_only_where_every_forward_runs_on_the_calling_threads_torch_threads():
+def test_several_cpu_streams_only_where_every_backend_can_run_forwards_side_by_side():
     from types import SimpleNamespace
 
     import torch
 
     from app.runtime import cpu_streams
 
-    def model(device="cpu", backend="eager-channels-last"):
-        return SimpleNamespace(device=torch.device(device), backend=backend)
+    def model(device="cpu", backend="eager-channels-last", concurrency=None):
+        runner = None if backend == "eager" else SimpleNamespace(concurrency=concurrency)
+        return SimpleNamespace(device=torch.device(device), backend=backend, runner=runner)
 
     assert cpu_streams("auto", {"a": model(), "b": model(backend="eager")}, 2)[0] == 2
     assert cpu_streams(4, {"a": model()}, 16)[0] == 4
     assert cpu_streams(4, {"a": model()}, 2)[0] == 2  # at most one per thread
+    assert cpu_streams(4, {"a": model(), "b": model(backend="compile", concurrency=2)}, 16)[0] == 2
     assert cpu_streams("auto", {"a": model()}, 1) == (1, "one torch thread")
     assert cpu_streams("auto", {"a": model(), "b": model(device="meta")}, 8) == (1, "forwards on a GPU")
-    n, why = cpu_streams("auto", {"a": model(), "b": model(backend="onnxruntime")}, 8)
+    n, why = cpu_streams("auto", {"a": model(), "b": model(backend="onnxruntime", concurrency=1)}, 8)
     assert n == 1 and "onnxruntime" in why  # its session keeps a thread pool of its own
-    assert cpu_streams("auto", {"a": model(backend="compile")}, 8)[0] == 1  # threads fixed when compiled
 
 
 def test_thread_shares_give_a_lone_forward_every_thread_and_never_more_than_there_are():

@@ -121,7 +121,7 @@ def test_compile_runs_the_package_built_for_this_cpu_and_agrees_with_eager(compi
     report = backends.choose_backend(p, "compile", cache_dir=cache)
     assert report.chosen == "compile" and p.backend == "compile" and "agree" in report.reason, report.reason
     assert report.cached and report.export_s is None  # the package the fixture compiled: found, not rebuilt
-    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-{backends.cpu_isa()}-64x64-*.pt2")
+    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-{backends.cpu_isa()}-t*-64x64-*.pt2")
     assert p.runner.path == package
     after = p.predict(imgs)
     for a, b in zip(before, after, strict=True):
@@ -134,6 +134,56 @@ def test_compile_runs_the_package_built_for_this_cpu_and_agrees_with_eager(compi
     # native code is for one instruction set: another CPU family gets its own package
     other = backends.cache_key(p.manifest["sha256"], p.input_size, "aoti-avx2")
     assert other != backends.cache_key(p.manifest["sha256"], p.input_size, "aoti-avx512")
+
+
+def test_a_compiled_package_never_runs_on_more_threads_than_it_was_compiled_for(compiled_classifier):
+    """Compiled parallel reductions keep one partial sum per thread in arrays sized when compiling: run on more
+    threads, the process would crash. The cache keeps a package per thread count, one compiled for more threads
+    serves fewer, and a forward asked on more runs on as many as its package was compiled for. Two forwards may
+    run at once, each on its own thread's threads (the service's streams)."""
+    import re
+    import threading
+
+    folder, cache = compiled_classifier
+    p = Predictor.from_folder(folder)
+    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-{backends.cpu_isa()}-t*-64x64-*.pt2")
+    compiled_for = int(re.search(r"-t(\d+)-", package.name).group(1))  # by `s2amnet export`, on every core
+    assert package == backends.cache_path(p, "compile", cache, threads=compiled_for)
+    assert backends.cache_path(p, "compile", cache, threads=compiled_for + 1) != package
+    runner, spent, cached = backends.load_runner(p, "compile", cache_dir=cache, threads=1)
+    assert cached and spent is None and runner.path == package and runner.threads == compiled_for
+    assert runner.concurrency == 2
+    x = torch.rand(4, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        ref = p.model(x)
+    out: dict[str, tuple[torch.Tensor, int]] = {}
+    inside: list[int] = []  # the threads each native forward ran on
+    native = runner.fn
+    runner.fn = lambda t: inside.append(torch.get_num_threads()) or native(t)
+
+    def forward_on(threads: int, key: str, start: threading.Barrier | None = None) -> None:
+        torch.set_num_threads(threads)  # this thread's own count
+        if start is not None:
+            start.wait(10)
+        got = runner(x)[0]
+        out[key] = (got, torch.get_num_threads())
+
+    def on_threads(*calls) -> None:
+        threads = [threading.Thread(target=forward_on, args=c) for c in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    on_threads((compiled_for * 4, "more"))
+    on_threads((1, "fewer"))
+    assert inside == [compiled_for, 1]
+    start = threading.Barrier(2)
+    on_threads((1, "side by side 1", start), (1, "side by side 2", start))
+    assert set(out) == {"more", "fewer", "side by side 1", "side by side 2"}
+    assert out["more"][1] == compiled_for * 4  # the thread's count is put back after the forward
+    for key, (got, _) in out.items():
+        assert torch.allclose(got, ref, atol=1e-4), key
 
 
 def _longest_gap_while(run) -> tuple[float, float]:
@@ -302,7 +352,7 @@ def test_compile_bf16_runs_the_package_compiled_under_autocast_on_a_cpu_with_bf1
         return
     runner, spent, cached = backends.load_runner(p, "compile-bf16", cache_dir=cache)
     assert runner.name == "compile-bf16" and cached and spent is None  # built in the background, found here
-    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-bf16-{backends.cpu_isa()}-64x64-*.pt2")
+    (package,) = cache.glob(f"{p.manifest['sha256'][:16]}-aoti-bf16-{backends.cpu_isa()}-t*-64x64-*.pt2")
     assert runner.path == package and package != backends.cache_path(p, "compile", cache)
     x = torch.rand(3, 3, SIZE, SIZE)
     (got,) = runner(x)
