@@ -315,6 +315,6 @@ class LocalDispatcher(Dispatcher):
                 results = [{"error": "failed", "detail": f"{type(exc).__name__}: {exc}"}] * len(batch)
             finally:
                 self._shares.give(threads)
-            self._hand_over(predictor, batch, results)
-            with self._cond:
+            with self._cond:  # before the answers go out: the next part sent alone must find this stream idle
                 self._in_hand.pop(stream, None)
+            self._hand_over(predictor, batch, results)

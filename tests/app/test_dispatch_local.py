@@ -343,9 +343,19 @@ def test_under_load_two_streams_compute_side_by_side_on_a_share_of_the_threads_e
                                                                 max_delay_ms=0))
         await d.start()
         assert d.streams == 2 and REGISTRY.get_sample_value("s2amnet_cpu_streams") == 2
+        hand_over = d._hand_over
+
+        def slow_hand_over(*args):  # the next part comes while this thread is still handing answers over
+            hand_over(*args)
+            time.sleep(0.05)
+
+        d._hand_over = slow_hand_over
         calls.clear()
         alone = await d.submit(job(det, 0))
-        lone_calls = list(calls)
+        for i in range(4):  # one part at a time: each the moment the last answer is back
+            await d.submit(job(det, i))
+        d._hand_over = hand_over
+        lone_calls = sorted(set(calls))
         calls.clear()
         probe.gate.clear()  # hold the forwards: the first two jobs are then in forwards at the same time
         jobs = [job(det, i) for i in range(1, 5)]
