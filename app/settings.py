@@ -81,8 +81,8 @@ class Settings(BaseSettings):
         description="Embedded service, forwards on a CPU: how many forwards may run at once, each on its share of "
         "the torch threads (a part alone gets them all). Small convolutions use few threads well, so under load "
         "two forwards on half the threads each serve more images per second than one on all of them. 'auto': "
-        "2 when every model runs on the CPU with an eager or compiled backend and there are at least 2 threads, "
-        "else 1 (ONNX Runtime and OpenVINO keep thread pools of their own; a compiled model runs at most 2).",
+        "2 when every model runs on the CPU with an eager backend and there are at least 2 threads, else 1 "
+        "(compiled models, ONNX Runtime and OpenVINO run one forward at a time).",
     )
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."

@@ -59,7 +59,10 @@ MODULE_BACKENDS = ("eager-channels-last", "eager-bf16")  # run the module itself
 BACKENDS = ("eager", *MODULE_BACKENDS, *GRAPH_BACKENDS)
 RUNNER_BACKENDS = BACKENDS[1:]  # set a runner on the Predictor: what `auto` chooses among, beside plain eager
 MAX_EXPORT_BATCH = 256
-COMPILED_CONCURRENCY = 2  # forwards a compiled package runs at once (model instances sharing the weights)
+# forwards a compiled package runs at once by default (model instances sharing the weights). One: its parallel
+# regions start an OpenMP team even on one thread, and with a second forward's thread among libgomp's busy
+# threads, the service's lone forwards on every thread ran 1.6x slower (measured with mt-classify)
+COMPILED_CONCURRENCY = 1
 
 log = logging.getLogger("s2amnet.backends")
 

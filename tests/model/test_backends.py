@@ -152,7 +152,8 @@ def test_a_compiled_package_never_runs_on_more_threads_than_it_was_compiled_for(
     assert backends.cache_path(p, "compile", cache, threads=compiled_for + 1) != package
     runner, spent, cached = backends.load_runner(p, "compile", cache_dir=cache, threads=1)
     assert cached and spent is None and runner.path == package and runner.threads == compiled_for
-    assert runner.concurrency == 2
+    assert runner.concurrency == 1  # the service's default: one forward at a time
+    runner = backends.CompiledRunner(package, input_size=p.input_size, threads=compiled_for, concurrency=2)
     x = torch.rand(4, 3, SIZE, SIZE)
     with torch.inference_mode():
         ref = p.model(x)
