@@ -133,15 +133,16 @@ def one_torch_thread() -> None:
 def cpu_streams(setting: int | str, predictors: Mapping[str, Predictor], threads: int) -> tuple[int, str]:
     """How many forwards the embedded service runs at once (S2AMNET_CPU_STREAMS), and why: on a CPU, the
     setting ('auto': 2), at most one per torch thread and at most what every model's backend can run at once on
-    threads of its own (its runner's ``concurrency``: eager and `ModuleRunner` no limit, a compiled package 2,
-    ONNX Runtime and OpenVINO 1, for their thread pools take the cores themselves); with a GPU, 1."""
+    threads of its own (its runner's ``concurrency``: eager and `ModuleRunner` no limit, a compiled package what
+    it was loaded for, 1 by default, ONNX Runtime and OpenVINO 1, for their thread pools take the cores
+    themselves); with a GPU, 1."""
     if not all(runs_on_cpu(p) for p in predictors.values()):
         return 1, "forwards on a GPU"
     limits = {p.backend: limit for p in predictors.values()
               if (limit := getattr(p.runner, "concurrency", 1) if p.runner is not None else None) is not None}
     single = sorted(b for b, limit in limits.items() if limit <= 1)
     if single:
-        return 1, f"backend {', '.join(single)} runs one forward at a time, on threads of its own"
+        return 1, f"backend {', '.join(single)} runs one forward at a time"
     if threads < 2:
         return 1, "one torch thread"
     streams = max(1, min(2 if setting == "auto" else int(setting), threads, *limits.values()))
