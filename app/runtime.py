@@ -138,8 +138,11 @@ def cpu_streams(setting: int | str, predictors: Mapping[str, Predictor], threads
     themselves); with a GPU, 1."""
     if not all(runs_on_cpu(p) for p in predictors.values()):
         return 1, "forwards on a GPU"
-    limits = {p.backend: limit for p in predictors.values()
-              if (limit := getattr(p.runner, "concurrency", 1) if p.runner is not None else None) is not None}
+    limits: dict[str, int] = {}  # backends with a limit (eager, runner None, has none)
+    for p in predictors.values():
+        limit = None if p.runner is None else getattr(p.runner, "concurrency", 1)
+        if limit is not None:
+            limits[p.backend] = limit
     single = sorted(b for b, limit in limits.items() if limit <= 1)
     if single:
         return 1, f"backend {', '.join(single)} runs one forward at a time"
@@ -163,8 +166,7 @@ class ThreadShares:
     def __init__(self, threads: int, streams: int):
         self.total = max(1, int(threads))
         self.share = max(1, self.total // max(1, int(streams)))
-        self._free = self.total
-        self._running = 0
+        self._free = self.total  # a forward runs while fewer are free
         self._waiting = 0  # streams in `take`
         self._cond = threading.Condition()
 
@@ -176,14 +178,13 @@ class ThreadShares:
         with self._cond:
             self._waiting += 1
             while True:  # another stream's batch waiting for threads counts as company, or it could starve
-                alone = first and not (waiting or self._running or self._waiting > 1)
+                alone = first and not (waiting or self._free < self.total or self._waiting > 1)
                 want = self.total if alone else self.share
                 if want <= self._free:
                     break
                 self._cond.wait()
             self._waiting -= 1
             self._free -= want
-            self._running += 1
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
         return want
@@ -191,7 +192,6 @@ class ThreadShares:
     def give(self, threads: int) -> None:
         with self._cond:
             self._free += threads
-            self._running -= 1
             self._cond.notify_all()
 
 
