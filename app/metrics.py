@@ -196,8 +196,8 @@ FORWARD_BATCH = Gauge(
 )
 CPU_STREAMS = Gauge(
     "cpu_streams",
-    "Forwards the embedded service runs at once, each on its share of the torch threads (S2AMNET_CPU_STREAMS; "
-    "1 with a GPU or a backend with threads of its own).",
+    "Forwards the embedded service or a worker runs at once, each on its share of the torch threads "
+    "(S2AMNET_CPU_STREAMS; 1 with a GPU or a backend with threads of its own).",
     namespace=PREFIX,
     multiprocess_mode="livemax",
 )

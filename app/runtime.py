@@ -1,8 +1,8 @@
 """Process runtime of the code that runs the forwards (embedded inference thread, Redis worker).
 
 - torch intra-op threads: the thread that runs the forwards keeps torch's default (or
-  S2AMNET_TORCH_THREADS); threads that run torch beside it (model loading, postprocessing) use one; in the
-  embedded service several inference streams may share them (S2AMNET_CPU_STREAMS, `ThreadShares`);
+  S2AMNET_TORCH_THREADS); threads that run torch beside it (model loading, postprocessing) use one; several
+  inference streams may share them (S2AMNET_CPU_STREAMS, `ThreadShares`);
 - allocator tuning (glibc's mallopt), so that every forward's activations reuse memory;
 - warm-up (one blank image per model), the per-model forward-batch size (S2AMNET_FORWARD_BATCH) and
   backend (S2AMNET_BACKEND: eager PyTorch or ONNX Runtime).
@@ -131,7 +131,7 @@ def one_torch_thread() -> None:
 
 
 def cpu_streams(setting: int | str, predictors: Mapping[str, Predictor], threads: int) -> tuple[int, str]:
-    """How many forwards the embedded service runs at once (S2AMNET_CPU_STREAMS), and why: on a CPU, the
+    """How many forwards the embedded service or a worker runs at once (S2AMNET_CPU_STREAMS), and why: on a CPU, the
     setting ('auto': 2), at most one per torch thread and at most what every model's backend can run at once on
     threads of its own (its runner's ``concurrency``: eager and `ModuleRunner` no limit, a compiled package what
     it was loaded for, 1 by default, ONNX Runtime and OpenVINO 1, for their thread pools take the cores
@@ -154,7 +154,8 @@ def cpu_streams(setting: int | str, predictors: Mapping[str, Predictor], threads
 
 
 class ThreadShares:
-    """The forwards' torch threads, shared by the embedded service's inference streams (`cpu_streams`).
+    """The forwards' torch threads, shared by the inference streams (`cpu_streams`) of the embedded service or
+    of a Redis worker.
 
     The first stream's forward gets every thread when no other forward runs and no job waits (a part sent
     alone gets the whole CPU), else its share (threads ÷ streams); the other streams' forwards always get

@@ -78,11 +78,11 @@ class Settings(BaseSettings):
     )
     cpu_streams: int | Literal["auto"] = Field(
         "auto",
-        description="Embedded service, forwards on a CPU: how many forwards may run at once, each on its share of "
-        "the torch threads (a part alone gets them all). Small convolutions use few threads well, so under load "
-        "two forwards on half the threads each serve more images per second than one on all of them. 'auto': "
-        "2 when every model runs on the CPU with an eager backend and there are at least 2 threads, else 1 "
-        "(compiled models, ONNX Runtime and OpenVINO run one forward at a time).",
+        description="Forwards on a CPU (embedded service and each Redis worker): how many forwards may run at "
+        "once, each on its share of the torch threads (a part alone gets them all). Small convolutions use few "
+        "threads well, so under load two forwards on half the threads each serve more images per second than one "
+        "on all of them. 'auto': 2 when every model runs on the CPU with an eager backend and there are at least "
+        "2 threads, else 1 (compiled models, ONNX Runtime and OpenVINO run one forward at a time).",
     )
     max_delay_ms: float = Field(
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill once a job is waiting."
@@ -283,8 +283,8 @@ SERVE_FLAGS = ("host", "port", "weights_dir", "models", "device", "max_batch_siz
                "api_keys", "torch_threads", "drain_timeout_s", "recipes", "records_url", "records_dir", "record_images",
                "mqtt_url", "opcua_endpoint", "log_level")
 WORKER_FLAGS = ("redis_url", "device", "models", "weights_dir", "max_batch_size", "model_max_batch_size",
-                "forward_batch", "backend", "max_delay_ms", "metrics_port", "torch_threads", "visibility_timeout_s",
-                "max_deliveries", "log_level")
+                "forward_batch", "backend", "cpu_streams", "max_delay_ms", "metrics_port", "torch_threads",
+                "visibility_timeout_s", "max_deliveries", "log_level")
 _FLAG_NAMES = {"visibility_timeout_s": "--visibility-timeout"}  # flags not named after their field
 
 

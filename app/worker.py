@@ -30,8 +30,18 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
   returns;
 - SIGTERM/SIGINT: stop reading, finish, reply and ack the jobs in hand, leave the group, exit 0.
 
-The worker keeps a heartbeat key ``s2amnet:worker:<consumer>`` (with a TTL) in Redis. `s2amnet worker`
-(app/commands/worker.py) loads the models, exports the worker's metrics and runs it.
+With forwards on a CPU and an eager backend, a worker process runs several streams (``S2AMNET_CPU_STREAMS``,
+``app.runtime.cpu_streams``), as the embedded dispatcher does: each a consumer of its own (the first named
+after the worker, the others ``<name>-stream<i>``) with its own connection, all sharing the torch threads
+(``app.runtime.ThreadShares``) through a `StreamGate`. The first stream reads as above; the others read, never
+blocking in Redis, only while the first computes a batch behind which it saw jobs waiting in the streams
+(entries not yet delivered: ``XLEN`` - ``XPENDING``, asked with the batch's cancel marks): a part sent alone
+always goes to the first stream, on every thread, and under load two forwards run side by side on a share
+each.
+
+The worker keeps a heartbeat key ``s2amnet:worker:<consumer>`` (with a TTL) in Redis (its first stream's
+name; one per process). `s2amnet worker` (app/commands/worker.py) loads the models, exports the worker's
+metrics and runs its streams (`run_streams`).
 """
 
 from __future__ import annotations
@@ -39,7 +49,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -68,6 +77,7 @@ from app.queue.constants import (
     worker_key,
 )
 from app.queue.jobs import DEAD, EXPIRED, OK, JobEntry, encode_reply, text
+from app.runtime import ThreadShares
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +98,73 @@ def decode_encoded(predictor: Predictor, job: Job) -> np.ndarray:
     return predictor.preprocess(image).array
 
 
+def default_consumer() -> str:
+    """A worker's consumer name when none is given: host-pid-random."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def stream_consumer(name: str, stream: int) -> str:
+    """The consumer name of a worker's stream (0: the first, named after the worker)."""
+    return name if not stream else f"{name}-stream{stream + 1}"
+
+
+def run_streams(workers: Sequence[Worker]) -> None:
+    """Run a worker process's streams: the first on this thread, the others on threads of their own, each
+    in torch's inference mode, until the first stops (`Worker.request_stop`: then the others stop too); each
+    finishes the jobs in hand and leaves its group."""
+    import torch  # noqa: PLC0415 - loaded with the models already
+
+    def run(worker: Worker) -> None:
+        with torch.inference_mode():
+            worker.run()
+
+    others = [threading.Thread(target=run, args=(w,), name=f"s2amnet-worker-stream{w.stream + 1}")
+              for w in workers[1:]]
+    for t in others:
+        t.start()
+    try:
+        run(workers[0])
+    finally:
+        for w in workers[1:]:
+            w.request_stop()
+        for t in others:
+            t.join()
+
+
+class StreamGate:
+    """What a worker process's streams share: the torch threads (`ThreadShares`), and whether the first
+    stream computes a batch behind which it saw jobs waiting in Redis; the other streams read jobs only then."""
+
+    def __init__(self, shares: ThreadShares):
+        self.shares = shares
+        self._cond = threading.Condition()
+        self._open = False  # the first stream computes, and jobs waited behind its batch
+
+    def first_computes(self, jobs_waiting: bool) -> None:
+        """The first stream starts a forward (``jobs_waiting``: it saw jobs waiting behind its batch)."""
+        with self._cond:
+            self._open = jobs_waiting
+            if jobs_waiting:
+                self._cond.notify_all()
+
+    def first_done(self) -> None:
+        """The first stream's forward ended: the other streams stop reading."""
+        with self._cond:
+            self._open = False
+
+    def taken(self) -> None:
+        """A stream found nothing to read: the jobs seen waiting are in hand elsewhere."""
+        self.first_done()
+
+    def wait_open(self, timeout: float) -> bool:
+        """Whether the other streams may read now, waiting up to ``timeout`` seconds for it."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._open, timeout)
+
+
 class Worker:
-    """Consumes ``s2amnet:jobs:<model>`` for each model in ``predictors`` (name -> Predictor)."""
+    """Consumes ``s2amnet:jobs:<model>`` for each model in ``predictors`` (name -> Predictor); stream
+    ``stream`` of a worker process whose streams share ``gate`` (None: one stream)."""
 
     def __init__(
         self,
@@ -109,13 +184,19 @@ class Worker:
         heartbeat_ttl_s: float = 10.0,
         run_batch: RunBatch | None = None,
         decode_threads: int | None = None,
+        stream: int = 0,
+        gate: StreamGate | None = None,
     ):
         if not predictors:
             raise ValueError("a worker needs at least one model")
+        if stream and gate is None:
+            raise ValueError("a worker's other streams share the first one's StreamGate")
+        self.stream = int(stream)
+        self._gate = gate
         self.redis_url = redis_url
         self.predictors = dict(predictors)
         self.models = list(self.predictors)
-        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.consumer = consumer or default_consumer()
         self.max_batch_size = max(1, int(max_batch_size))
         # the jobs in hand, batched by the policy of the embedded dispatcher; most jobs per forward for
         # each model: max_batch_size unless batch_sizes caps the model
@@ -156,10 +237,6 @@ class Worker:
         """Finish the jobs in hand, then leave ``run()``. Safe from a signal handler."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -169,7 +246,8 @@ class Worker:
                  self.consumer, ",".join(self.models),
                  ",".join(f"{m}={n}" for m, n in self.batch_sizes.items()), self.max_delay_s * 1000,
                  self.visibility_ms)
-        metrics.WORKER_UP.labels(worker=self.consumer).set(1)
+        if not self.stream:
+            metrics.WORKER_UP.labels(worker=self.consumer).set(1)
         backoff = 0.05
         try:
             while not self._stop.is_set():
@@ -188,7 +266,8 @@ class Worker:
                     self._stop.wait(0.5)
             self._drain()
         finally:
-            metrics.WORKER_UP.labels(worker=self.consumer).set(0)
+            if not self.stream:
+                metrics.WORKER_UP.labels(worker=self.consumer).set(0)
             self._leave()
             self._r.close()
             if self._decode_pool is not None:
@@ -209,7 +288,13 @@ class Worker:
             self._janitor()
             self._next_janitor = now + self.janitor_interval_s
         if self._batches.empty():
-            self._read(self.models, min(self.batch_sizes.values()), self.block_ms)
+            if not self.stream:
+                self._read(self.models, min(self.batch_sizes.values()), self.block_ms)
+            elif self._gate is not None and self._gate.wait_open(self.block_ms / 1000):
+                # never blocking in Redis: a job that arrives while the first stream is idle is the first's
+                self._read(self.models, min(self.batch_sizes.values()), None)
+                if self._batches.empty():
+                    self._gate.taken()
         model = self._batches.oldest()
         if model is None:
             return
@@ -235,6 +320,8 @@ class Worker:
         self._groups_ok = False
 
     def _heartbeat(self, now: float) -> None:
+        if self.stream:  # one heartbeat per process: the first stream's
+            return
         metrics.WORKER_HEARTBEAT.labels(worker=self.consumer).set(time.time())
         if now >= self._next_heartbeat:
             info = json.dumps({"consumer": self.consumer, "models": self.models, "pid": os.getpid(),
@@ -309,20 +396,28 @@ class Worker:
 
     # -- one batch ---------------------------------------------------------------------------------
 
-    def _clock_and_cancelled(self, batch: list[JobEntry]) -> tuple[int | None, set[str]]:
-        """Redis's time in ms and the job ids of the batch whose request went away (cancel marks set by the
-        API), in one round trip; (None, nothing cancelled) when Redis cannot be asked."""
+    def _clock_and_cancelled(self, batch: list[JobEntry]) -> tuple[int | None, set[str], bool]:
+        """Redis's time in ms, the job ids of the batch whose request went away (cancel marks set by the
+        API) and, for the first of several streams, whether jobs wait in the streams (not yet delivered), in
+        one round trip; (None, nothing cancelled, False) when Redis cannot be asked."""
+        watch = self.models if self._gate is not None and not self.stream else []
         try:
             pipe = self._r.pipeline(transaction=False)
             pipe.time()
             pipe.mget([cancel_key(e.job_id) for e in batch])
-            (sec, usec), marks = pipe.execute()
-            return int(sec) * 1000 + int(usec) // 1000, {e.job_id for e, m in zip(batch, marks, strict=True) if m}
+            for m in watch:
+                pipe.xlen(job_stream(m))
+                pipe.xpending(job_stream(m), GROUP)
+            (sec, usec), marks, *sizes = pipe.execute()
         except Exception:  # noqa: BLE001 - Redis away: judge expiry by the deadline field, compute all
-            return None, set()
+            return None, set(), False
+        waiting = any(int(n) > int(p["pending"]) for n, p in zip(sizes[::2], sizes[1::2], strict=True))
+        return (int(sec) * 1000 + int(usec) // 1000,
+                {e.job_id for e, m in zip(batch, marks, strict=True) if m}, waiting)
 
     def _process(self, model: str, batch: list[JobEntry]) -> None:
-        redis_now_ms, cancelled = self._clock_and_cancelled(batch)
+        redis_now_ms, cancelled, waiting = self._clock_and_cancelled(batch)
+        waiting = waiting or sum(self._batches.depth(m) for m in self.models) > len(batch)  # more in hand
         replies: list[tuple[JobEntry, dict]] = []
         dead: list[tuple[JobEntry, str]] = []
         requeue: list[JobEntry] = []
@@ -349,7 +444,7 @@ class Worker:
             metrics.WORKER_STAGE.labels(model=model, stage="decode").observe(time.perf_counter() - t0)
 
         if live:
-            results = run_batch_isolating_failures(self.predictors[model], [j for _, j in live], self._run_batch)
+            results = self._compute(model, [j for _, j in live], waiting)
             self.stats["batches"] += 1
             self.stats["jobs"] += len(live)
             for (e, _job), res in zip(live, results, strict=True):
@@ -370,6 +465,24 @@ class Worker:
         t0 = time.perf_counter()
         self._commit(model, batch, replies, dead, requeue)
         metrics.WORKER_STAGE.labels(model=model, stage="commit").observe(time.perf_counter() - t0)
+
+    def _compute(self, model: str, jobs: list[Job], waiting: bool) -> list[dict[str, Any]]:
+        """The batch's answers (`run_batch_isolating_failures`); with several streams, on the torch threads
+        `ThreadShares` gives this one (``waiting``: jobs wait behind the batch), the first stream letting the
+        others read meanwhile when jobs wait."""
+        gate = self._gate
+        if gate is None:
+            return run_batch_isolating_failures(self.predictors[model], jobs, self._run_batch)
+        first = not self.stream
+        if first:
+            gate.first_computes(waiting)
+        threads = gate.shares.take(waiting, first=first)
+        try:
+            return run_batch_isolating_failures(self.predictors[model], jobs, self._run_batch)
+        finally:
+            gate.shares.give(threads)
+            if first:
+                gate.first_done()
 
     def _decode_images(self, model: str, live: list[tuple[JobEntry, Job]],
                        dead: list[tuple[JobEntry, str]]) -> list[tuple[JobEntry, Job]]:

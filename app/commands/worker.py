@@ -41,19 +41,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
-    """Load and warm up the models, export metrics, consume until SIGTERM (``app.worker.Worker``)."""
+    """Load and warm up the models, export metrics, consume until SIGTERM (``app.worker.Worker``: one per
+    inference stream, `app.runtime.cpu_streams`)."""
     stop_early = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_early.set())
     # torch-heavy imports only when the command runs
     from app import metrics  # noqa: PLC0415
     from app.models import load_predictors  # noqa: PLC0415
     from app.runtime import (  # noqa: PLC0415
+        ThreadShares,
         configure_runtime,
+        cpu_streams,
         freeze_startup_objects,
         one_forward_per_batch,
         prepare_predictors,
     )
-    from app.worker import Worker  # noqa: PLC0415
+    from app.worker import StreamGate, Worker, default_consumer, run_streams, stream_consumer  # noqa: PLC0415
 
     configure_runtime(settings)
     try:
@@ -72,16 +75,23 @@ def serve_worker(settings: Settings, *, consumer: str | None = None) -> int:
     unknown = sorted(set(settings.model_max_batch_size) - set(predictors))
     if unknown:  # workers may each serve a part of the models; the same settings may name the others
         log.warning("S2AMNET_MODEL_MAX_BATCH_SIZE names %s, not served by this worker", ", ".join(unknown))
-    worker = Worker(settings.redis_url, predictors, consumer=consumer,
-                    max_batch_size=settings.max_batch_size,
-                    batch_sizes=batch_sizes, max_delay_ms=settings.max_delay_ms,
-                    visibility_timeout_s=settings.visibility_timeout_s, max_deliveries=settings.max_deliveries)
-    worker.install_signal_handlers()
-    freeze_startup_objects()
-    if stop_early.is_set():
-        worker.request_stop()
     import torch  # noqa: PLC0415
 
-    with torch.inference_mode():
-        worker.run()
+    threads = torch.get_num_threads()  # as configure_runtime set them for the forwards
+    streams, why = cpu_streams(settings.cpu_streams, predictors, threads)
+    log.info("inference streams: %d (%s)", streams, why)
+    metrics.CPU_STREAMS.set(streams)
+    gate = StreamGate(ThreadShares(threads, streams)) if streams > 1 else None
+    name = consumer or default_consumer()
+    workers = [Worker(settings.redis_url, predictors, consumer=stream_consumer(name, i),
+                      max_batch_size=settings.max_batch_size, batch_sizes=batch_sizes,
+                      max_delay_ms=settings.max_delay_ms, visibility_timeout_s=settings.visibility_timeout_s,
+                      max_deliveries=settings.max_deliveries, stream=i, gate=gate)
+               for i in range(streams)]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: workers[0].request_stop())
+    freeze_startup_objects()
+    if stop_early.is_set():
+        workers[0].request_stop()
+    run_streams(workers)
     return 0
