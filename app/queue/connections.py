@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -23,11 +24,12 @@ from app.queue.constants import GROUP, job_stream
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
-def _client_options(socket_timeout: float | None, connect_timeout: float, retries: int) -> dict[str, Any]:
+def _client_options(socket_timeout: float | None, connect_timeout: float, retries: int,
+                    retry: type[Retry] | type[AsyncRetry] = Retry) -> dict[str, Any]:
     return dict(
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
-        retry=Retry(NoBackoff(), retries),
+        retry=retry(NoBackoff(), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
@@ -37,7 +39,7 @@ def redis_client(url: str, *, socket_timeout: float | None, connect_timeout: flo
                  pool_timeout: float = 2.0) -> aioredis.Redis:
     """An asyncio client (the API side); with ``max_connections``, a pool that waits up to
     ``pool_timeout`` for a free connection instead of opening more."""
-    options = _client_options(socket_timeout, connect_timeout, retries)
+    options = _client_options(socket_timeout, connect_timeout, retries, AsyncRetry)
     if max_connections:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=pool_timeout, **options

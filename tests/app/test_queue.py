@@ -151,3 +151,29 @@ def test_the_worker_refuses_an_image_that_decodes_to_another_size(det):
     with pytest.raises(Exception, match="corrupt|unreadable|not a supported"):
         decode_encoded(det, Job(model=det.name, array=None, meta={"orig_w": 4, "orig_h": 4}, options={},
                                 deadline=time.time() + 10, image=b"\xff\xd8\xffnot really a jpeg"))
+
+
+def test_the_api_client_is_built_for_asyncio_and_fails_fast_while_redis_is_down():
+    """The asyncio client gets asyncio retries (a synchronous Retry draws a warning at every start) and,
+    against a port nobody listens on, answers a connection error at once instead of hanging."""
+    import asyncio
+    import warnings
+
+    from support.harness import free_port
+
+    from app.queue.connections import CONNECTION_ERRORS, redis_client
+
+    async def go() -> float:
+        r = redis_client(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(CONNECTION_ERRORS):
+                await r.ping()
+        finally:
+            await r.aclose()
+        return time.monotonic() - t0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        took = asyncio.run(go())
+    assert took < 5
