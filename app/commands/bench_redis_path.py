@@ -7,7 +7,8 @@ forward's (`Predictor.infer` at its best batch in the models part of the same ru
 most that device gives this model). Where the worker's time goes, per image, read from its own metrics
 (its Prometheus port) before and after each level: decoding uploaded images, the forward passes,
 postprocessing, writing replies and acks to Redis, and the rest of its wall time (waiting for and reading
-jobs, forming batches); also the mean batch, and how long a job waited between the API's enqueue and the
+jobs, forming batches), each stream's time counted (a worker with two CPU streams has two seconds of stream
+time per second); also the mean batch, and how long a job waited between the API's enqueue and the
 start of its batch (Redis transit and queueing).
 """
 
@@ -61,7 +62,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
 
 def worker_totals(metrics_url: str, model: str) -> dict[str, float]:
     """The worker's running totals for ``model``: seconds per stage, images, batches, queue-wait seconds and
-    jobs (from its Prometheus text)."""
+    jobs; and its inference streams (``streams``; from its Prometheus text)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,8 +71,11 @@ def worker_totals(metrics_url: str, model: str) -> dict[str, float]:
               "s2amnet_batch_size_sum": "images", "s2amnet_batches_total": "batches",
               "s2amnet_queue_wait_seconds_sum": "wait", "s2amnet_queue_wait_seconds_count": "waited"}
     totals = dict.fromkeys([*STAGES, "images", "batches", "wait", "waited"], 0.0)
+    totals["streams"] = 1.0
     for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
         for s in family.samples:
+            if s.name == "s2amnet_cpu_streams":
+                totals["streams"] = max(1.0, s.value)
             if s.labels.get("model") != model:
                 continue
             if s.name in wanted:
@@ -86,18 +90,21 @@ def level_row(concurrency: int, tally, before: dict[str, float], after: dict[str
     """One level's figures: the client's (``tally``) and the worker's, from its totals before and after."""
     from app.commands.bench_peers import _latency_ms
 
-    d = {k: after[k] - before[k] for k in after}
+    d = {k: after[k] - before[k] for k in after if k != "streams"}
+    streams = int(after.get("streams", 1))
     images = d["images"]
     ok = tally.statuses.get("200", 0)
     per_image = {k: round(1000.0 * d[k] / images, 2) if images else None for k in STAGES}
     busy = sum(d[k] for k in STAGES)
-    per_image["other"] = round(1000.0 * (tally.wall - busy) / images, 2) if images else None
+    stream_time = tally.wall * streams  # each stream's wall time: forwards side by side both count
+    per_image["other"] = round(1000.0 * (stream_time - busy) / images, 2) if images else None
     return {"concurrency": concurrency, "requests": len(tally.latencies), "ok": ok,
             "errors": len(tally.latencies) - ok, "statuses": dict(sorted(tally.statuses.items())),
             **_latency_ms(tally.latencies), "images_per_s": round(ok / tally.wall, 2),
             "share_of_raw": round(ok / tally.wall / raw_images_per_s, 3),
             "worker": {"images": int(images), "batch_mean": round(images / d["batches"], 2) if d["batches"] else None,
-                       "ms_per_image": per_image, "busy_pct": round(100.0 * busy / tally.wall, 1),
+                       "streams": streams, "ms_per_image": per_image,
+                       "busy_pct": round(100.0 * busy / stream_time, 1),
                        "queue_wait_ms": round(1000.0 * d["wait"] / d["waited"], 2) if d["waited"] else None}}
 
 
@@ -181,8 +188,11 @@ def redis_path_markdown(r: dict[str, Any], result: dict[str, Any]) -> list[str]:
         lines.append(f"| {x['concurrency']} | {x['requests']} | {x['errors']} | {x['images_per_s']:.1f} | "
                      f"{100 * x['share_of_raw']:.0f} % | {x['p50_ms']:.0f} | {x['p99_ms']:.0f} | "
                      f"{_ms(w['batch_mean'])} | {_ms(w['queue_wait_ms'])} |")
+    streams = max((x["worker"].get("streams", 1) for x in r["levels"]), default=1)
+    each = (f"; the worker ran {streams} inference streams, and each one's time counts: forwards side by side "
+            "each take longer, and busy is of their time together" if streams > 1 else "")
     lines += ["", "Where the worker's time goes, ms per image (its own metrics, before and after each level; "
-              "\"other\": the rest of its wall time: waiting for and reading jobs, forming batches):", "",
+              f"\"other\": the rest of its wall time: waiting for and reading jobs, forming batches{each}):", "",
               "| in flight | decode | forward | postprocess | replies + acks to Redis | other | worker busy |",
               "|---|---|---|---|---|---|---|"]
     for x in r["levels"]:

@@ -29,7 +29,7 @@ def test_bench_redis_path_reports_where_one_workers_time_goes(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkept\n\n## Redis path: an older run\n\nold table\n\n## Later\n\nkept too\n")
     proc = _bench("--weights", str(weights / "det"), "--no-http", "--batch-sizes", "1,2", "--iters", "1",
-                  "--threads", "1", "--device", "cpu", "--redis-path", "--redis-path-model", str(weights / "det"),
+                  "--threads", "2", "--device", "cpu", "--redis-path", "--redis-path-model", str(weights / "det"),
                   "--redis-path-concurrency", "1,4", "--redis-path-requests", "12", "--images", str(images),
                   "--out", str(out), "--merge", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +43,7 @@ def test_bench_redis_path_reports_where_one_workers_time_goes(tmp_path):
         assert 0 < x["p50_ms"] <= x["p95_ms"] <= x["p99_ms"] and x["images_per_s"] > 0
         assert x["share_of_raw"] == pytest.approx(x["images_per_s"] / r["raw"]["images_per_s"], abs=1e-3)
         w = x["worker"]  # from the worker's own metrics, before and after the level
+        assert w["streams"] == 2  # two threads: two inference streams, whose times add up to the worker's
         assert w["images"] == 12 and 1.0 <= w["batch_mean"] <= x["concurrency"] and w["queue_wait_ms"] >= 0
         ms = w["ms_per_image"]
         assert min(ms["decode"], ms["forward"], ms["postprocess"], ms["commit"]) > 0, ms
@@ -55,6 +56,7 @@ def test_bench_redis_path_reports_where_one_workers_time_goes(tmp_path):
     section = md.split("## Redis path: ")[1]
     assert section.startswith("det ") and "`s2amnet bench --weights" in section
     assert "| 4 | 12 | 0 |" in section and "replies + acks to Redis" in section
+    assert "the worker ran 2 inference streams, and each one's time counts" in section
 
 
 @pytest.mark.parametrize(("args", "says"), [
