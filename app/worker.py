@@ -111,12 +111,22 @@ def stream_consumer(name: str, stream: int) -> str:
 def run_streams(workers: Sequence[Worker]) -> None:
     """Run a worker process's streams: the first on this thread, the others on threads of their own, each
     in torch's inference mode, until the first stops (`Worker.request_stop`: then the others stop too); each
-    finishes the jobs in hand and leaves its group."""
+    finishes the jobs in hand and leaves its group. A stream that fails stops them all, and the failure is
+    raised here (the process exits and is restarted, rather than serving on with fewer streams)."""
     import torch  # noqa: PLC0415 - loaded with the models already
 
+    failures: list[BaseException] = []
+
     def run(worker: Worker) -> None:
-        with torch.inference_mode():
-            worker.run()
+        try:
+            with torch.inference_mode():
+                worker.run()
+        except BaseException as exc:
+            if not worker.stream:  # the first stream's failure is raised by its own call
+                raise
+            log.exception("inference stream %d failed; stopping the worker", worker.stream + 1)
+            failures.append(exc)
+            workers[0].request_stop()
 
     others = [threading.Thread(target=run, args=(w,), name=f"s2amnet-worker-stream{w.stream + 1}")
               for w in workers[1:]]
@@ -129,6 +139,9 @@ def run_streams(workers: Sequence[Worker]) -> None:
             w.request_stop()
         for t in others:
             t.join()
+    if failures:
+        raise RuntimeError(f"an inference stream failed: {type(failures[0]).__name__}: {failures[0]}") \
+            from failures[0]
 
 
 class StreamGate:

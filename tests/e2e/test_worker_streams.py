@@ -77,8 +77,10 @@ def test_a_part_alone_goes_to_the_first_stream_and_waiting_jobs_to_both(redis_se
         spy.calls.clear()
         spy.hold.clear()  # forwards held: the first stream computes while the other jobs wait in Redis
         jobs = [job(det, i) for i in range(6)]
-        for j in jobs:
-            r.xadd(JOBS.format("det"), encode_job(j, REPLIES))
+        with r.pipeline(transaction=True) as pipe:  # all queued at once: the first stream sees five wait
+            for j in jobs:
+                pipe.xadd(JOBS.format("det"), encode_job(j, REPLIES))
+            pipe.execute()
         end = time.monotonic() + 20
         while len(spy.calls) < 2 and time.monotonic() < end:
             time.sleep(0.01)
@@ -126,3 +128,37 @@ def test_the_worker_command_runs_its_streams_under_one_heartbeat(redis_server: R
         assert _consumers(r) == [] and live_worker_pids(r) == set()
     finally:
         w.stop(signal.SIGKILL, 10)
+
+
+def test_a_stream_that_fails_stops_the_worker(redis_server: RedisServer, e2e_weights):
+    """Not serving on with fewer streams: the failure stops the first stream too, which leaves the group, and
+    is raised where the process runs its streams (so the worker exits and is restarted)."""
+    from model.predictor import Predictor
+
+    det = Predictor.from_folder(e2e_weights / "det")
+    gate = StreamGate(ThreadShares(2, 2))
+    workers = [Worker(redis_server.url, {"det": det}, consumer=stream_consumer("f", i), stream=i, gate=gate,
+                      block_ms=100) for i in range(2)]
+
+    def broken_step() -> None:
+        raise ValueError("boom")
+
+    workers[1]._step = broken_step
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_streams(workers)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            raised.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    runner.join(30)
+    stopped = not runner.is_alive()
+    workers[0].request_stop()  # the first stream would otherwise serve on, alone
+    runner.join(30)
+    assert stopped and workers[0].stopping
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
+    assert str(raised[0]) == "an inference stream failed: ValueError: boom"
+    assert _consumers(redis_server.client()) == []
