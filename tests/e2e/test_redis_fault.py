@@ -9,10 +9,13 @@ import threading
 import time
 
 import httpx
+import pytest
 from support.answers import Reference, assert_same_answer, size_for
 from support.harness import GROUP, JOBS, group_pending, redis_stack
 from support.images import png
 from support.metrics import metric
+
+from app.worker import stream_consumer
 
 N = 200
 VISIBILITY_S = 2.0
@@ -26,7 +29,10 @@ def consumer_of(r, pid: int) -> str:
     raise AssertionError(f"no heartbeat of worker pid {pid}")
 
 
-def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e_weights):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e_weights, streams: int):
+    """``streams``: inference streams per worker (each a consumer of its own: a killed worker leaves jobs
+    pending under every one of them)."""
     bodies = [png(*size_for(i), seed=i) for i in range(N)]
     ref = Reference(e2e_weights, "cls")
     want = ref.answers(bodies)
@@ -35,17 +41,18 @@ def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e
                S2AMNET_MAX_DELAY_MS="5")
     # every forward sleeps 50 ms first, so that the run lasts long enough to kill a worker in it
     with redis_stack(tmp_path, e2e_weights, workers=2, models="cls", visibility_s=VISIBILITY_S,
-                     worker_env={"S2AMNET_TEST_INFER_DELAY_S": "0.05"}, **env) as stack:
+                     worker_env={"S2AMNET_TEST_INFER_DELAY_S": "0.05", "S2AMNET_CPU_STREAMS": str(streams),
+                                 "S2AMNET_TORCH_THREADS": str(streams)}, **env) as stack:
         r = stack.r()
         victim, survivor = stack.workers
         victim_name = consumer_of(r, victim.pid)
+        victim_names = {stream_consumer(victim_name, i) for i in range(streams)}
         done = 0
         killed: dict = {}
 
         def held_by_victim() -> int:
-            holding = {_s(c["name"]): int(c["pending"])
-                       for c in r.xpending(JOBS.format("cls"), GROUP)["consumers"]}
-            return holding.get(victim_name, 0)
+            return sum(int(c["pending"]) for c in r.xpending(JOBS.format("cls"), GROUP)["consumers"]
+                       if _s(c["name"]) in victim_names)
 
         def killer() -> None:
             # Freeze the victim (SIGSTOP) before counting what it holds, so that the count cannot go
