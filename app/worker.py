@@ -160,14 +160,11 @@ class StreamGate:
             if jobs_waiting:
                 self._cond.notify_all()
 
-    def first_done(self) -> None:
-        """The first stream's forward ended: the other streams stop reading."""
+    def close(self) -> None:
+        """The other streams stop reading: the first stream's forward ended, or a stream found nothing left
+        (the jobs seen waiting are in hand elsewhere)."""
         with self._cond:
             self._open = False
-
-    def taken(self) -> None:
-        """A stream found nothing to read: the jobs seen waiting are in hand elsewhere."""
-        self.first_done()
 
     def wait_open(self, timeout: float) -> bool:
         """Whether the other streams may read now, waiting up to ``timeout`` seconds for it."""
@@ -307,7 +304,7 @@ class Worker:
                 # never blocking in Redis: a job that arrives while the first stream is idle is the first's
                 self._read(self.models, min(self.batch_sizes.values()), None)
                 if self._batches.empty():
-                    self._gate.taken()
+                    self._gate.close()
         model = self._batches.oldest()
         if model is None:
             return
@@ -421,10 +418,15 @@ class Worker:
             for m in watch:
                 pipe.xlen(job_stream(m))
                 pipe.xpending(job_stream(m), GROUP)
-            (sec, usec), marks, *sizes = pipe.execute()
+            clock, marks, *sizes = pipe.execute(raise_on_error=False)
+            if isinstance(clock, Exception) or isinstance(marks, Exception):
+                raise clock if isinstance(clock, Exception) else marks
+            sec, usec = clock
         except Exception:  # noqa: BLE001 - Redis away: judge expiry by the deadline field, compute all
             return None, set(), False
-        waiting = any(int(n) > int(p["pending"]) for n, p in zip(sizes[::2], sizes[1::2], strict=True))
+        # a stream or group gone (Redis came back empty) says nothing waits there
+        waiting = any(not isinstance(n, Exception) and not isinstance(p, Exception) and int(n) > int(p["pending"])
+                      for n, p in zip(sizes[::2], sizes[1::2], strict=True))
         return (int(sec) * 1000 + int(usec) // 1000,
                 {e.job_id for e, m in zip(batch, marks, strict=True) if m}, waiting)
 
@@ -495,7 +497,7 @@ class Worker:
         finally:
             gate.shares.give(threads)
             if first:
-                gate.first_done()
+                gate.close()
 
     def _decode_images(self, model: str, live: list[tuple[JobEntry, Job]],
                        dead: list[tuple[JobEntry, str]]) -> list[tuple[JobEntry, Job]]:
