@@ -17,9 +17,11 @@ from support.metrics import metric
 from support.predictors import job
 
 from app.inference import run_batch
-from app.queue.jobs import encode_job
+from app.queue.constants import cancel_key
+from app.queue.jobs import JobEntry, encode_job
 from app.runtime import ThreadShares
 from app.worker import StreamGate, Worker, run_streams, stream_consumer
+from model.predictor import Predictor
 
 REPLIES = "s2amnet:replies:test-streams"
 
@@ -50,8 +52,6 @@ def replies(r, n: int, after: str, timeout: float = 30.0) -> tuple[list[dict[str
 
 
 def test_a_part_alone_goes_to_the_first_stream_and_waiting_jobs_to_both(redis_server: RedisServer, e2e_weights):
-    from model.predictor import Predictor
-
     det = Predictor.from_folder(e2e_weights / "det")
     spy = Spy()
     gate = StreamGate(ThreadShares(2, 2))
@@ -133,8 +133,6 @@ def test_the_worker_command_runs_its_streams_under_one_heartbeat(redis_server: R
 def test_a_stream_that_fails_stops_the_worker(redis_server: RedisServer, e2e_weights):
     """Not serving on with fewer streams: the failure stops the first stream too, which leaves the group, and
     is raised where the process runs its streams (so the worker exits and is restarted)."""
-    from model.predictor import Predictor
-
     det = Predictor.from_folder(e2e_weights / "det")
     gate = StreamGate(ThreadShares(2, 2))
     workers = [Worker(redis_server.url, {"det": det}, consumer=stream_consumer("f", i), stream=i, gate=gate,
@@ -162,3 +160,28 @@ def test_a_stream_that_fails_stops_the_worker(redis_server: RedisServer, e2e_wei
     assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
     assert str(raised[0]) == "an inference stream failed: ValueError: boom"
     assert _consumers(redis_server.client()) == []
+
+
+def test_the_waiting_check_survives_a_stream_gone(redis_server: RedisServer, e2e_weights):
+    """The first stream asks, with its batch's clock and cancel marks, whether jobs wait in each model's stream;
+    a stream whose key is gone (Redis came back empty) counts as nothing waiting, and the clock and the
+    cancel marks of the batch still count."""
+    det = Predictor.from_folder(e2e_weights / "det")
+    gate = StreamGate(ThreadShares(2, 2))
+    w = Worker(redis_server.url, {"det": det, "cls": det}, consumer="g", stream=0, gate=gate)
+    r = redis_server.client()
+    for model in ("det", "cls"):
+        r.xgroup_create(JOBS.format(model), GROUP, id="0", mkstream=True)
+    queued = [job(det, i) for i in range(3)]
+    for j in queued:
+        r.xadd(JOBS.format("det"), encode_job(j, REPLIES))
+    r.delete(JOBS.format("cls"))
+    r.set(cancel_key(queued[0].job_id), 1)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encode_job(queued[0], REPLIES).items()}
+    batch = [JobEntry("det", "1-0", fields, 1)]
+    now_ms, cancelled, waiting = w._clock_and_cancelled(batch)
+    sec, usec = r.time()
+    assert now_ms is not None and abs(now_ms - (sec * 1000 + usec // 1000)) < 5000
+    assert cancelled == {queued[0].job_id} and waiting  # three undelivered in det; cls gone
+    r.delete(JOBS.format("det"))
+    assert w._clock_and_cancelled(batch)[2] is False
