@@ -24,8 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "then ack. SIGTERM finishes the jobs in hand and exits. Defaults come from S2AMNET_* settings.",
     )
     add_service_flags(p, "worker")
-    p.add_argument("--name", help="consumer name in the group (default: host-pid-random); a restarted "
-                   "worker with the same name takes its unacked jobs back at once")
+    p.add_argument("--name", help="consumer name in the group (default: host-pid-random; further inference "
+                   "streams are NAME-stream2, ...); a restarted worker with the same name takes its unacked jobs "
+                   "back at once")
     p.set_defaults(func=run)
 
 
