@@ -298,11 +298,12 @@ class Worker:
             self._janitor()
             self._next_janitor = now + self.janitor_interval_s
         if self._batches.empty():
+            count = min(self.batch_sizes.values())
             if not self.stream:
-                self._read(self.models, min(self.batch_sizes.values()), self.block_ms)
+                self._read(self.models, count, self.block_ms)
             elif self._gate is not None and self._gate.wait_open(self.block_ms / 1000):
                 # never blocking in Redis: a job that arrives while the first stream is idle is the first's
-                self._read(self.models, min(self.batch_sizes.values()), None)
+                self._read(self.models, count, None)
                 if self._batches.empty():
                     self._gate.close()
         model = self._batches.oldest()
@@ -419,11 +420,11 @@ class Worker:
                 pipe.xlen(job_stream(m))
                 pipe.xpending(job_stream(m), GROUP)
             clock, marks, *sizes = pipe.execute(raise_on_error=False)
-            if isinstance(clock, Exception) or isinstance(marks, Exception):
-                raise clock if isinstance(clock, Exception) else marks
-            sec, usec = clock
-        except Exception:  # noqa: BLE001 - Redis away: judge expiry by the deadline field, compute all
-            return None, set(), False
+        except Exception:  # noqa: BLE001 - Redis away: judged below like a failed reply
+            clock = marks = None
+        if clock is None or isinstance(clock, Exception) or isinstance(marks, Exception):
+            return None, set(), False  # judge expiry by the deadline field, compute all
+        sec, usec = clock
         # a stream or group gone (Redis came back empty) says nothing waits there
         waiting = any(not isinstance(n, Exception) and not isinstance(p, Exception) and int(n) > int(p["pending"])
                       for n, p in zip(sizes[::2], sizes[1::2], strict=True))
