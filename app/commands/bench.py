@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("--http-image", help="image file the service part sends (a real part; default: a random PNG "
                    "at the model's input size, the costliest to decode)")
     p.add_argument("--requests", type=int, default=48, help="requests at each concurrency level (default 48)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round (>= 2; default 8)")
     p.add_argument("--backends", nargs="?", const="all", default=None, metavar="LIST",
                    help="also time each model under every inference backend beside eager PyTorch (or only "
                         "those of a comma-separated LIST, e.g. onnxruntime,openvino; exports and compiled "
@@ -516,10 +516,11 @@ def _checked(args) -> tuple[list[int], list[Path], Path, str, bool, dict[str, li
             import matplotlib  # noqa: F401
         except ImportError:
             raise BenchError("--plot needs matplotlib: pip install 's2amnet[train]'") from None
-    for flag, v in (("--iters", args.iters), ("--requests", args.requests), ("--concurrency", args.concurrency),
-                    ("--threads", args.threads)):
+    for flag, v in (("--iters", args.iters), ("--requests", args.requests), ("--threads", args.threads)):
         if v is not None and v < 1:
             raise BenchError(f"{flag} must be >= 1, got {v}")
+    if args.http and args.concurrency < 2:  # its round is compared with the one-at-a-time round
+        raise BenchError(f"--concurrency must be >= 2 (one at a time is always measured), got {args.concurrency}")
     device = resolve_device(args.device)
     if missing_gpu(device):
         raise BenchError(f"--device {device}: no CUDA device here")

@@ -106,6 +106,7 @@ def test_bench_times_models_and_the_service_and_writes_markdown_and_png(tmp_path
     (["--batch-sizes", "one"], "comma-separated integers"),
     (["--iters", "0"], "--iters must be >= 1"),
     (["--requests", "0"], "--requests must be >= 1"),
+    (["--concurrency", "1"], "--concurrency must be >= 2 (one at a time is always measured), got 1"),
     (["--http-model", "/nonexistent/model"], "--http-model"),
     (["--http-image", "/nonexistent/part.jpg"], "--http-image /nonexistent/part.jpg: no such file"),
 ])
