@@ -19,7 +19,7 @@ import binascii
 import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from app.errors import Problem, bad_image, too_large, unsupported_media
 
@@ -88,6 +88,42 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0) -> Image.Image:
     """Bytes -> upright 8-bit image, grey (L) or RGB, fully loaded; or raise a Problem."""
+    img = _open(data, max_pixels=max_pixels, min_side=min_side, index=index)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()  # truncated / corrupt data fails here (LOAD_TRUNCATED_IMAGES stays False)
+            img = ImageOps.exif_transpose(img) or img
+            img = _to_8bit(img)
+            img.load()
+    except Problem:
+        raise
+    except MemoryError:
+        raise too_large("too_many_pixels", f"image {index}: too large to decode") from None
+    except Exception as exc:
+        raise bad_image(
+            f"image {index}: corrupt or truncated image data ({type(exc).__name__}: {exc})"
+        ) from None
+    return img
+
+
+def upright_size(data: bytes, *, max_pixels: int, min_side: int = 1, index: int = 0) -> tuple[int, int]:
+    """(width, height) of the upright image from its header alone, no pixel decoded (EXIF orientations that
+    turn it by 90 degrees swap the two); raises the Problem `decode_image` raises for that header."""
+    with _open(data, max_pixels=max_pixels, min_side=min_side, index=index) as img:
+        width, height = img.size
+        try:  # a PNG's EXIF may follow its pixel data: truncated or corrupt data ends the search
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001
+            turned = False
+    return (height, width) if turned else (width, height)
+
+
+def _open(data: bytes, *, max_pixels: int, min_side: int, index: int) -> Image.Image:
+    """The image of ``data`` opened from its header (format, size) and checked against the limits; or raise a
+    Problem."""
     if not data:
         raise bad_image(f"image {index}: empty file")
     try:
@@ -113,19 +149,4 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int = 1, index: int 
         )
     if width < min_side or height < min_side:
         raise bad_image(f"image {index}: {width}x{height} is smaller than {min_side} px on a side")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()  # truncated / corrupt data fails here (LOAD_TRUNCATED_IMAGES stays False)
-            img = ImageOps.exif_transpose(img) or img
-            img = _to_8bit(img)
-            img.load()
-    except Problem:
-        raise
-    except MemoryError:
-        raise too_large("too_many_pixels", f"image {index}: too large to decode") from None
-    except Exception as exc:
-        raise bad_image(
-            f"image {index}: corrupt or truncated image data ({type(exc).__name__}: {exc})"
-        ) from None
     return img

@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-import anyio
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
@@ -69,7 +69,7 @@ async def _startup(app: FastAPI) -> None:
 async def lifespan(app: FastAPI):
     state = service_state(app)
     settings = state.settings
-    state.decode_limiter = anyio.CapacityLimiter(settings.decode_threads)
+    state.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     if not settings.api_keys:
         log.warning("S2AMNET_API_KEYS is not set: the API is open to anyone who can reach it")
     if settings.max_queue < settings.max_images:
@@ -93,6 +93,7 @@ async def lifespan(app: FastAPI):
         if state.recipes is not None:
             await state.recipes.close()
         await state.idempotency.close()
+        state.decoder.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
 

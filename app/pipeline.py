@@ -8,16 +8,17 @@ chosen, and what `s2amnet predict` does with image files; the two differ only in
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from app import metrics
-from app.codec import decode_image
+from app.codec import decode_image, upright_size
 from app.dispatch.base import DeadlineExceeded, Dispatcher, Job, QueueFull, Unavailable
 from app.inference import raise_for_result, run_batch
 from app.recipes import Decision
@@ -115,29 +116,32 @@ async def inspect_images(
     deadline: float,
     request_id: str,
     started: float,
-    limiter: anyio.CapacityLimiter | None = None,
+    decoder: Executor | None = None,
     decision: Decision | None = None,
     outlets: Outlets | None = None,
 ) -> list[dict[str, Any]]:
-    """Decode and preprocess ``images`` on worker threads (at most ``limiter``'s at a time; the list is
-    emptied once they are decoded, freeing the bytes, unless an outlet wants them or ``submit_all`` has
-    ``accepts_encoded`` set: then a job keeps its image's bytes when they are smaller than its array, and
-    the Redis dispatcher sends the bytes instead of the array), submit one job per image,
+    """Decode and preprocess ``images`` on the threads of ``decoder`` (the service's decoding pool, whose size
+    bounds the images decoded at once; None: the event loop's default executor), at most until ``deadline``
+    (the list is emptied once they are decoded, freeing the bytes, unless an outlet wants them or
+    ``submit_all`` has ``accepts_encoded`` set: then a job keeps its image's bytes when they are smaller than
+    its array, and the Redis dispatcher sends the bytes instead of the array), submit one job per image,
     and return one InspectionResult dict per image, in order, each offered to ``outlets`` (records, plant bus).
     ``decision``: the recipe's rule and on_timeout (`app.recipes.RecipeBook.decide`; default the model's own
     rule and the request's on_timeout). ``started``: the request's start (epoch seconds), for
     ``timing_ms.total``. Raises the decoder's Problem or the submitter's DispatchError."""
     decision = decision or Decision(on_timeout=options.on_timeout or "error")
-
-    async def prepare_one(i: int, data: bytes) -> tuple[Any, Any]:
-        return await anyio.to_thread.run_sync(prepare, predictor, data, i, limits, limiter=limiter)
-
-    prepared: Sequence[tuple[Any, Any]]
-    if len(images) == 1:
-        prepared = [await prepare_one(0, images[0])]
-    else:
-        prepared = await asyncio.gather(*(prepare_one(i, d) for i, d in enumerate(images)))
     kept = list(images) if outlets and outlets.wants_images() else [None] * len(images)
+    try:
+        prepared = await _prepare_all(predictor, images, limits, deadline, decoder)
+    except DeadlineExceeded:
+        if decision.on_timeout != "fail":
+            raise
+        # a part out of time fails; input that is no image is still refused for what it is (4xx)
+        sizes = [upright_size(data, max_pixels=limits.max_pixels, min_side=limits.min_side, index=i)
+                 for i, data in enumerate(images)]
+        metrics.FAIL_SAFE.labels(model=predictor.name, reason="timeout").inc(len(images))
+        outputs = [fail_safe_output(predictor, {"orig_w": w, "orig_h": h}, "timeout") for w, h in sizes]
+        return _answer(outputs, kept, options, decision, request_id, started, outlets)
     encoded: list[bytes | None] = [None] * len(images)
     if getattr(submit_all, "accepts_encoded", False):
         encoded = [data if len(data) < arr.nbytes else None for data, (arr, _) in zip(images, prepared, strict=True)]
@@ -156,12 +160,36 @@ async def inspect_images(
         reason = "timeout" if isinstance(exc, DeadlineExceeded) else "unavailable"
         metrics.FAIL_SAFE.labels(model=predictor.name, reason=reason).inc(len(jobs))
         outputs = [fail_safe_output(predictor, meta, reason) for _, meta in prepared]
+    return _answer(outputs, kept, options, decision, request_id, started, outlets)
 
+
+async def _prepare_all(predictor: Predictor, images: list[bytes], limits: ImageLimits, deadline: float,
+                       decoder: Executor | None) -> list[tuple[Any, Any]]:
+    """(array, meta) of every image, decoded on ``decoder``'s threads; DeadlineExceeded once ``deadline``
+    passes. A request out of time stops waiting at once: its images still queued for a thread are dropped,
+    one being decoded finishes on its thread, which stays taken until then (the pool's size stays the bound)."""
+    loop = asyncio.get_running_loop()
+    futures = [loop.run_in_executor(decoder, contextvars.copy_context().run, prepare, predictor, data, i, limits)
+               for i, data in enumerate(images)]
+    left = deadline - time.time()
+    try:
+        async with asyncio.timeout(max(0.0, left) if math.isfinite(left) else None):
+            return list(await asyncio.gather(*futures))
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request deadline passed while its {len(images)} image(s) were decoded") from None
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+def _answer(outputs: list[dict[str, Any]], images: list[bytes | None], options: InspectOptions, decision: Decision,
+            request_id: str, started: float, outlets: Outlets | None) -> list[dict[str, Any]]:
+    """The InspectionResult dicts of ``outputs``, each offered to ``outlets`` with its image (or None)."""
     total_ms = (time.time() - started) * 1000.0
     mes = options.mes()
     results = [assemble_result(out, request_id, total_ms, mes, decision.recipe) for out in outputs]
     if outlets:
-        for result, image in zip(results, kept, strict=True):
+        for result, image in zip(results, images, strict=True):
             outlets.offer(result, image)
     return results
 

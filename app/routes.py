@@ -151,7 +151,7 @@ async def _compute(request: Request, task: str, body: bytes, deadline: float) ->
     results = await inspect_images(
         predictor, parsed.images, options, via_dispatcher(_dispatcher(state)),
         limits=ImageLimits(settings.max_pixels, settings.min_image_side), deadline=deadline,
-        request_id=request.state.request_id, started=request.state.start_time, limiter=state.decode_limiter,
+        request_id=request.state.request_id, started=request.state.start_time, decoder=state.decoder,
         decision=decision, outlets=state.outlets,
     )
     return results[0] if parsed.single else results

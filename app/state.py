@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import anyio
+    from concurrent.futures import ThreadPoolExecutor
+
     from starlette.applications import Starlette
 
     from app.dispatch.base import Dispatcher
@@ -33,7 +34,7 @@ class ServiceState:
     on_startup_failure: Callable[[str], None] | None = None  # `s2amnet serve`: exit when start-up fails
     on_ready: Callable[[], object] | None = None  # `s2amnet serve`: once ready, `runtime.freeze_startup_objects`
     inflight: int = 0  # inspection requests being answered
-    decode_limiter: anyio.CapacityLimiter | None = None  # images decoded at the same time
+    decoder: ThreadPoolExecutor | None = None  # the threads that decode images (their number: at once)
     startup_task: asyncio.Task | None = None
     recipes: RecipeBook | None = None  # set once the models are loaded (recipes are checked against them)
     outlets: Outlets | None = None  # records, plant bus (app.line)

@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
     p.add_argument("--http-image", help="image file the service part sends (a real part; default: a random PNG "
                    "at the model's input size, the costliest to decode)")
     p.add_argument("--requests", type=int, default=48, help="requests at each concurrency level (default 48)")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight in the concurrent round (>= 2; default 8)")
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight in the concurrent round (>= 2; default 8)")
     p.add_argument("--backends", nargs="?", const="all", default=None, metavar="LIST",
                    help="also time each model under every inference backend beside eager PyTorch (or only "
                         "those of a comma-separated LIST, e.g. onnxruntime,openvino; exports and compiled "

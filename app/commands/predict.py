@@ -127,8 +127,6 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
     service's inspection pipeline on the image files in this process."""
     import asyncio
 
-    import anyio
-
     from app.errors import Problem
     from app.models import discover_models
     from app.pipeline import ImageLimits, in_process, inspect_images
@@ -173,7 +171,7 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
         return await inspect_images(
             predictor, images, options, in_process(predictor, batch_size),
             limits=ImageLimits(settings.max_pixels, settings.min_image_side), deadline=float("inf"),
-            request_id=uuid.uuid4().hex, started=start, limiter=anyio.CapacityLimiter(1), decision=decision,
+            request_id=uuid.uuid4().hex, started=start, decision=decision,
         )
 
     answer = asyncio.run(inspect())

@@ -225,6 +225,50 @@ def test_on_timeout_fail_answers_a_fail_at_the_deadline(slow_server: Server):
     assert ok["decided_by"] == "model"  # inspected: the model decided
 
 
+@pytest.fixture(scope="module")
+def slow_decoding_server(weights_dir) -> Iterator[Server]:
+    """One detector whose API decodes one image at a time, each taking >= DELAY s."""
+    server = start_server("embedded", weights_dir, S2AMNET_MODELS="det", S2AMNET_DECODE_THREADS="1",
+                          S2AMNET_TEST_DECODE_DELAY_S=str(DELAY))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_deadline_holds_while_images_wait_to_be_decoded(slow_decoding_server: Server):
+    """A request whose image waits for a decoding thread gets its 504 (or, with on_timeout=fail, its fail with
+    the image's size read from the header) at its deadline, not when the decoding thread is free again; the
+    image is then never decoded, and the request that holds the thread is answered as usual."""
+    url = slow_decoding_server.url + "/detect"
+    before = slow_decoding_server.metrics()
+    busy = Background(url, files=files(png(seed=12)))
+    wait_for(lambda: metric(slow_decoding_server.metrics(), "s2amnet_inflight_requests") == 1,
+             what="an image being decoded")
+    t0 = time.monotonic()
+    late = httpx.post(url, files=files(png(seed=13)), headers={"X-Request-Timeout": "0.3"})
+    assert time.monotonic() - t0 < DELAY
+    assert "decoded" in assert_problem(late, 504, "timeout")["detail"]
+    t0 = time.monotonic()
+    safe = httpx.post(url + "?on_timeout=fail", files=files(png(w=80, h=48, seed=14)),
+                      headers={"X-Request-Timeout": "0.3"})
+    assert time.monotonic() - t0 < DELAY
+    assert safe.status_code == 200, safe.text
+    body = safe.json()
+    assert (body["verdict"], body["decided_by"], body["image"]) == ("fail", "timeout", {"width": 80, "height": 48})
+    # input that is no image is refused for what it is, also when the part is out of time
+    junk = httpx.post(url + "?on_timeout=fail", files=[("file", ("a.txt", b"no image", "text/plain"))],
+                      headers={"X-Request-Timeout": "0.3"})
+    assert_problem(junk, 415, "unsupported_media_type")
+    assert busy.result().status_code == 200
+    t0 = time.monotonic()
+    assert httpx.post(url, files=files(png(seed=15)), timeout=30).status_code == 200
+    assert time.monotonic() - t0 < 2 * DELAY  # the two late images were dropped, not decoded before it
+    delta = metric_delta(before, slow_decoding_server.metrics())
+    assert delta("s2amnet_images_total", model="det") == 2
+    assert delta("s2amnet_fail_safe_answers_total", model="det", reason="timeout") == 1
+
+
 def test_a_recipe_can_make_every_deadline_a_fail(slow_server: Server):
     """The recipe's on_timeout applies to requests that do not say; a request's own on_timeout wins."""
     wait_ready(slow_server)

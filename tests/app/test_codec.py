@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import functools
 
 import numpy as np
 import pytest
 from PIL import Image
 from support.images import encode, exif_rotated, jpeg, pattern, png, png_bomb_header, real_png_bomb
 
-from app.codec import decode_base64, decode_image
+from app.codec import decode_base64, decode_image, upright_size
 from app.errors import Problem
 
 LIMIT = 40_000_000
@@ -139,6 +140,23 @@ def test_exif_orientation_gives_the_upright_image(fmt):
     assert out.size == (64, 40)  # not the stored 40x64
     diff = np.abs(np.asarray(out).astype(int) - upright.astype(int))
     assert diff.mean() < (4 if fmt == "JPEG" else 1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_the_upright_size_comes_from_the_header(fmt):
+    upright = pattern(64, 40, seed=3)
+    size = functools.partial(upright_size, max_pixels=LIMIT, min_side=8)
+    assert size(exif_rotated(upright, fmt)) == (64, 40)  # stored 40x64, turned by its EXIF orientation
+    assert size(encode(Image.fromarray(upright), fmt)) == (64, 40)
+    assert size(png_bomb_header(3000, 2000)) == (3000, 2000)  # no pixel decoded
+    truncated = encode(Image.fromarray(upright), fmt)[:-40]
+    assert size(truncated) == (64, 40)  # only the header is read
+    # what decode_image refuses from the header alone, refused alike
+    for data in (b"not an image", b"", png_bomb_header(100_000, 100_000), png(4, 40)):
+        expected = problem_of(data)
+        with pytest.raises(Problem) as raised:
+            size(data)
+        assert (raised.value.status, raised.value.code) == (expected.status, expected.code)
 
 
 def test_decompression_bomb_header_is_refused_before_decoding():
