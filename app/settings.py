@@ -201,7 +201,8 @@ class Settings(BaseSettings):
     # --- worker
     metrics_port: int = Field(9100, ge=0, le=65535, description="Port of a worker's Prometheus metrics; 0 = off.")
     visibility_timeout_s: float = Field(
-        30.0, gt=0, description="Redis mode: seconds a job may stay unacked before another worker takes it over."
+        30.0, gt=0, description="Redis mode: seconds a job may stay unacked under a live (stuck) worker before "
+        "another worker takes it over; a killed worker's jobs are taken over once its heartbeat keys lapse (3 s)."
     )
     max_deliveries: int = Field(
         3, ge=1, description="Redis mode: deliveries (or failures) before a job goes to the dead-letter stream."

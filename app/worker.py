@@ -22,9 +22,13 @@ One process per GPU (or CPU box). For every model it serves, the worker is a con
   when a batch fails, its jobs are retried one by one (``run_batch_isolating_failures``);
 - replies are written (``XADD`` to the asking API instance's reply stream, ``MAXLEN ~`` + ``EXPIRE``)
   and *then* the jobs are acked and deleted, in one ``MULTI`` — at-least-once delivery;
-- jobs idle longer than the visibility timeout in any consumer's pending list (a dead or stuck worker)
-  are taken over with ``XAUTOCLAIM``; a job delivered more than ``max_deliveries`` times (or that
-  failed that often) is moved to ``s2amnet:dead:<model>`` and answered with an error;
+- every stream keeps a heartbeat key ``s2amnet:worker:<consumer>`` in Redis, set every second with a
+  TTL of a few seconds by a thread of its own (so a long batch never lets it lapse); the jobs pending
+  under a consumer whose key is gone (its worker was killed, or its machine lost) are taken over at once
+  with ``XCLAIM``, within seconds of the death and well inside the requests' deadlines;
+- jobs idle longer than the visibility timeout in any consumer's pending list (a stuck worker, whose
+  heartbeat goes on) are taken over with ``XAUTOCLAIM``; a job delivered more than ``max_deliveries`` times
+  (or that failed that often) is moved to ``s2amnet:dead:<model>`` and answered with an error;
 - Redis outages: the worker keeps retrying with backoff and carries on when Redis is back (the consumer
   group is recreated if Redis came back empty); replies computed during an outage are written when it
   returns;
@@ -39,9 +43,8 @@ blocking in Redis, only while the first computes a batch behind which it saw job
 always goes to the first stream, on every thread, and under load two forwards run side by side on a share
 each.
 
-The worker keeps a heartbeat key ``s2amnet:worker:<consumer>`` (with a TTL) in Redis (its first stream's
-name; one per process). `s2amnet worker` (app/commands/worker.py) loads the models, exports the worker's
-metrics and runs its streams (`run_streams`).
+Each stream's heartbeat key holds the process's pid, host and models. `s2amnet worker`
+(app/commands/worker.py) loads the models, exports the worker's metrics and runs its streams (`run_streams`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ from app.queue.jobs import DEAD, EXPIRED, OK, JobEntry, encode_reply, text
 from app.runtime import ThreadShares
 
 log = logging.getLogger(__name__)
+
+ORPHAN_MIN_IDLE_MS = 1000  # a job of a worker that is gone is taken over once it has been idle this long
+ORPHANS_AT_ONCE = 1000  # most jobs of one such consumer taken over in one go
 
 if TYPE_CHECKING:
     import numpy as np
@@ -172,6 +178,41 @@ class StreamGate:
             return self._cond.wait_for(lambda: self._open, timeout)
 
 
+class Heartbeat:
+    """A consumer's key ``s2amnet:worker:<consumer>`` in Redis, set every ``interval_s`` with a TTL of ``ttl_s``
+    by a thread of its own while the worker runs, and deleted when it stops: the key is there exactly while
+    the process lives, whatever its forwards do. Other workers take over the jobs of a consumer whose key is
+    gone (`Worker._take_over_orphans`)."""
+
+    def __init__(self, r: Any, consumer: str, info: Mapping[str, Any], ttl_s: float, interval_s: float = 1.0):
+        self._r, self.key = r, worker_key(consumer)
+        self._info, self._ttl_ms = dict(info), max(1, int(ttl_s * 1000))
+        self.interval_s = min(float(interval_s), ttl_s / 3)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Set the key once (raises Redis's errors)."""
+        self._r.set(self.key, json.dumps({**self._info, "time": time.time()}), px=self._ttl_ms)
+
+    def start(self) -> None:
+        def run() -> None:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.beat()
+                except (RedisError, *CONNECTION_ERRORS):  # Redis away: the worker's loop says so
+                    pass
+
+        self._thread = threading.Thread(target=run, name=f"s2amnet-heartbeat-{self.key}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating (the key then lapses, or the worker deletes it on leaving)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class Worker:
     """Consumes ``s2amnet:jobs:<model>`` for each model in ``predictors`` (name -> Predictor); stream
     ``stream`` of a worker process whose streams share ``gate`` (None: one stream)."""
@@ -191,7 +232,7 @@ class Worker:
         reply_maxlen: int = DEFAULT_REPLY_MAXLEN,
         reply_ttl_s: int = DEFAULT_REPLY_TTL_S,
         dead_maxlen: int = DEFAULT_DEAD_MAXLEN,
-        heartbeat_ttl_s: float = 10.0,
+        heartbeat_ttl_s: float = 3.0,
         run_batch: RunBatch | None = None,
         decode_threads: int | None = None,
         stream: int = 0,
@@ -222,6 +263,7 @@ class Worker:
         self.dead_maxlen = dead_maxlen
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.claim_interval_s = max(0.2, visibility_timeout_s / 4)
+        self.orphan_interval_s = 1.0  # how often the first stream looks for jobs of workers that are gone
         self.janitor_interval_s = 60.0
         self.consumer_max_idle_ms = max(600_000, 10 * self.visibility_ms)
         self._run_batch = run_batch or default_run_batch
@@ -234,8 +276,11 @@ class Worker:
         self._held: set[tuple[str, str]] = set()
         self._claim_cursor: dict[str, str] = dict.fromkeys(self.models, "0-0")
         self._next_claim = 0.0
+        self._next_orphans = 0.0
         self._next_janitor = time.monotonic() + self.janitor_interval_s
-        self._next_heartbeat = 0.0
+        self._heartbeat = Heartbeat(self._r, self.consumer, {"consumer": self.consumer, "models": self.models,
+                                                            "pid": os.getpid(), "host": socket.gethostname()},
+                                    heartbeat_ttl_s)
         self._connected = False
         self._groups_ok = False
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "cancelled": 0, "dead": 0, "redelivered": 0,
@@ -259,6 +304,7 @@ class Worker:
         if not self.stream:
             metrics.WORKER_UP.labels(worker=self.consumer).set(1)
         backoff = 0.05
+        self._heartbeat.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -278,6 +324,7 @@ class Worker:
         finally:
             if not self.stream:
                 metrics.WORKER_UP.labels(worker=self.consumer).set(0)
+            self._heartbeat.stop()
             self._leave()
             self._r.close()
             if self._decode_pool is not None:
@@ -290,7 +337,11 @@ class Worker:
         if not self._groups_ok:
             self._ensure_groups()
         now = time.monotonic()
-        self._heartbeat(now)
+        if not self.stream:  # one loop heartbeat per process, the first stream's
+            metrics.WORKER_HEARTBEAT.labels(worker=self.consumer).set(time.time())
+            if now >= self._next_orphans:
+                self._take_over_orphans()
+                self._next_orphans = now + self.orphan_interval_s
         if now >= self._next_claim:
             self._claim()
             self._next_claim = now + self.claim_interval_s
@@ -314,6 +365,7 @@ class Worker:
         self._process(model, self._batches.peek(model))
 
     def _ensure_groups(self) -> None:
+        self._heartbeat.beat()  # before the first read: a consumer holding jobs always has its key
         for m in self.models:
             ensure_group_blocking(self._r, m)
         if not self._connected:
@@ -329,16 +381,6 @@ class Worker:
             log.warning("worker %s lost Redis (%s); retrying", self.consumer, exc)
         self._connected = False
         self._groups_ok = False
-
-    def _heartbeat(self, now: float) -> None:
-        if self.stream:  # one heartbeat per process: the first stream's
-            return
-        metrics.WORKER_HEARTBEAT.labels(worker=self.consumer).set(time.time())
-        if now >= self._next_heartbeat:
-            info = json.dumps({"consumer": self.consumer, "models": self.models, "pid": os.getpid(),
-                               "host": socket.gethostname(), "time": time.time()})
-            self._r.set(worker_key(self.consumer), info, px=int(self.heartbeat_ttl_s * 1000))
-            self._next_heartbeat = now + min(1.0, self.heartbeat_ttl_s / 3)
 
     def _add(self, model: str, entry_id: bytes | str, fields: dict | None, deliveries: int) -> bool:
         """Put an entry in hand; False when it is already held (or has no fields)."""
@@ -372,28 +414,51 @@ class Worker:
     def _claim(self) -> None:
         """Take over jobs idle longer than the visibility timeout in any consumer's pending list."""
         for m in self.models:
-            stream = job_stream(m)
             start = self._claim_cursor[m]
-            res = self._r.xautoclaim(stream, GROUP, self.consumer, self.visibility_ms,
+            res = self._r.xautoclaim(job_stream(m), GROUP, self.consumer, self.visibility_ms,
                                      start_id=start, count=self.max_batch_size)
-            nxt, entries = text(res[0]), res[1]
-            self._claim_cursor[m] = nxt
-            entries = [(e, f) for e, f in entries if f]
-            if not entries:
+            self._claim_cursor[m] = text(res[0])
+            self._hold_claimed(m, res[1], f"idle > {self.visibility_ms} ms")
+
+    def _take_over_orphans(self) -> None:
+        """Take over the jobs pending under consumers whose heartbeat key is gone: their worker is (killed, or
+        its machine lost), so they will never be answered by it. Each job must have been idle a moment
+        (`ORPHAN_MIN_IDLE_MS`): of two workers taking over at once, only one gets it."""
+        for m in self.models:
+            stream = job_stream(m)
+            holders = [text(c["name"]) for c in self._r.xinfo_consumers(stream, GROUP)
+                       if int(c["pending"]) and text(c["name"]) != self.consumer]
+            if not holders:
                 continue
             pipe = self._r.pipeline(transaction=False)
-            for eid, _ in entries:
-                pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
-            pend = pipe.execute()
-            taken = 0
-            for (eid, fields), p in zip(entries, pend, strict=True):
-                deliveries = int(p[0]["times_delivered"]) if p else 2
-                taken += self._add(m, eid, fields, deliveries)  # not counted: jobs already in hand here
-            if taken:
-                self.stats["redelivered"] += taken
-                metrics.JOBS_REDELIVERED.labels(model=m).inc(taken)
-                log.warning("worker %s took over %d job(s) of %s idle > %d ms", self.consumer, taken, m,
-                            self.visibility_ms)
+            for name in holders:
+                pipe.exists(worker_key(name))
+            for name, alive in zip(holders, pipe.execute(), strict=True):
+                if alive:
+                    continue
+                ids = [p["message_id"] for p in self._r.xpending_range(stream, GROUP, min="-", max="+",
+                                                                       count=ORPHANS_AT_ONCE, consumername=name)]
+                if ids:
+                    entries = self._r.xclaim(stream, GROUP, self.consumer, ORPHAN_MIN_IDLE_MS, ids)
+                    self._hold_claimed(m, entries, f"of {name}, whose worker is gone")
+
+    def _hold_claimed(self, model: str, entries: Sequence[tuple[Any, Any]], why: str) -> None:
+        """Put claimed entries in hand with their delivery counts (entries deleted meanwhile have no fields)."""
+        entries = [(e, f) for e, f in entries if f]
+        if not entries:
+            return
+        stream = job_stream(model)
+        pipe = self._r.pipeline(transaction=False)
+        for eid, _ in entries:
+            pipe.xpending_range(stream, GROUP, min=eid, max=eid, count=1)
+        taken = 0
+        for (eid, fields), p in zip(entries, pipe.execute(), strict=True):
+            deliveries = int(p[0]["times_delivered"]) if p else 2
+            taken += self._add(model, eid, fields, deliveries)  # not counted: jobs already in hand here
+        if taken:
+            self.stats["redelivered"] += taken
+            metrics.JOBS_REDELIVERED.labels(model=model).inc(taken)
+            log.warning("worker %s took over %d job(s) of %s %s", self.consumer, taken, model, why)
 
     def _janitor(self) -> None:
         """Remove consumers that hold nothing and have been silent for long (workers that exited

@@ -3,7 +3,8 @@
 Job fields: ``job_id``, ``reply_to`` (the asking instance's reply stream), ``deadline`` (epoch seconds on
 the API host), ``ttl_ms`` (time left at XADD: workers judge expiry on Redis's clock from the entry ID),
 ``enqueued_at``, ``options`` and ``meta`` (JSON), ``attempts`` (failed tries so far, raised when a worker
-requeues the job), ``payload`` and the image in one of two forms:
+requeues the job), ``queued_ms`` (only on a requeued job: Redis's time of its first queueing, from which its
+``ttl_ms`` still counts, so that a retry keeps the job's deadline), ``payload`` and the image in one of two forms:
 
 - ``payload=array``: ``dtype``, ``shape`` and ``array`` (the preprocessed image's raw bytes, 3×H×W at the
   model's input size). A job without ``payload`` (written before the field existed) is read as this;
@@ -173,10 +174,15 @@ class JobEntry:
         if ttl is None or redis_now_ms is None:
             return None
         try:
-            queued_ms = int(self.entry_id.split("-", 1)[0])
+            queued_ms = self._queued_ms()
             return redis_now_ms - queued_ms, queued_ms + int(text(ttl)) - redis_now_ms
         except ValueError:
             return None
+
+    def _queued_ms(self) -> int:
+        """Redis's time in ms when the job was first queued: its entry ID's, or a requeued job's ``queued_ms``."""
+        first = self.fields.get(b"queued_ms")
+        return int(text(first)) if first is not None else int(self.entry_id.split("-", 1)[0])
 
     def expired(self, redis_now_ms: int | None) -> bool:
         """On Redis's clock where the job carries ``ttl_ms``; else by the API host's absolute ``deadline``."""
@@ -207,7 +213,12 @@ class JobEntry:
         return fields
 
     def requeued(self) -> dict[bytes, Any]:
-        """The fields of a fresh entry for another try, carrying its tries so far."""
+        """The fields of a fresh entry for another try, carrying its tries so far and the time of its first
+        queueing (the new entry's ID is later: the job's deadline stays where it was)."""
         fields: dict[bytes, Any] = dict(self.fields)
         fields[b"attempts"] = str(self.deliveries)
+        try:
+            fields[b"queued_ms"] = str(self._queued_ms())
+        except ValueError:  # not on Redis's clock: its absolute deadline field still holds
+            pass
         return fields

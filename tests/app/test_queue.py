@@ -39,7 +39,8 @@ def test_key_names():
 
 def _as_read(fields: dict) -> dict[bytes, bytes]:
     """Fields as redis-py reads them back: bytes keys and values."""
-    return {k.encode(): v if isinstance(v, bytes) else str(v).encode() for k, v in fields.items()}
+    return {k if isinstance(k, bytes) else k.encode(): v if isinstance(v, bytes) else str(v).encode()
+            for k, v in fields.items()}
 
 
 def test_a_job_survives_the_round_trip_and_its_expiry_is_judged_on_redis_clock():
@@ -60,6 +61,12 @@ def test_a_job_survives_the_round_trip_and_its_expiry_is_judged_on_redis_clock()
     local = entry.decode(queued_ms + 2000)  # 2 s after it was queued, on Redis's clock
     assert abs(local.deadline - (time.time() + (ttl - 2000) / 1000)) < 0.5
     assert b"array" not in entry.dead_letter("why", "w") and entry.requeued()[b"attempts"] == "1"
+    # a retry, queued again 1.5 s later, keeps the deadline of the first queueing, also when requeued again
+    retry = JobEntry("m", f"{queued_ms + 1500}-0", _as_read(entry.requeued()), deliveries=2)
+    again = JobEntry("m", f"{queued_ms + 2500}-0", _as_read(retry.requeued()), deliveries=3)
+    for e in (retry, again):
+        assert not e.expired(queued_ms + ttl - 1) and e.expired(queued_ms + ttl)
+        assert abs(e.decode(queued_ms + 2000).deadline - local.deadline) < 0.5
     with pytest.raises((KeyError, ValueError)):
         decode_job("m", {**fields, b"shape": b"9,9"})
 

@@ -1,4 +1,5 @@
-"""Fault test of the Redis mode: a worker SIGKILLed mid-run loses nothing."""
+"""Fault test of the Redis mode: a worker SIGKILLed mid-run loses nothing, with the shipped visibility
+timeout: its jobs are taken over as soon as its heartbeat keys lapse, inside the requests' deadlines."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from support.metrics import metric
 from app.worker import stream_consumer
 
 N = 200
-VISIBILITY_S = 2.0
+VISIBILITY_S = 30.0  # the default: a killed worker's jobs must not wait for it
+REQUEST_TIMEOUT_S = 25.0  # below the visibility timeout, as the defaults are (10 s against 30 s)
 
 
 def consumer_of(r, pid: int) -> str:
@@ -37,7 +39,7 @@ def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e
     ref = Reference(e2e_weights, "cls")
     want = ref.answers(bodies)
 
-    env = dict(S2AMNET_MAX_QUEUE="1000", S2AMNET_REQUEST_TIMEOUT_S="60", S2AMNET_MAX_BATCH_SIZE="8",
+    env = dict(S2AMNET_MAX_QUEUE="1000", S2AMNET_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S), S2AMNET_MAX_BATCH_SIZE="8",
                S2AMNET_MAX_DELAY_MS="5")
     # every forward sleeps 50 ms first, so that the run lasts long enough to kill a worker in it
     with redis_stack(tmp_path, e2e_weights, workers=2, models="cls", visibility_s=VISIBILITY_S,
@@ -106,10 +108,11 @@ def test_sigkill_one_of_two_workers_mid_run_every_request_answered(tmp_path, e2e
         assert r.xlen(JOBS.format("cls")) == 0
         assert r.xlen("s2amnet:dead:cls") == 0
         assert r.xinfo_groups(JOBS.format("cls"))[0]["lag"] == 0  # defined (KEDA scales on it) and 0
-        # the survivor took the victim's jobs over (after the visibility timeout) and says so
+        # the survivor took the victim's jobs over (its heartbeat gone, not after the visibility timeout)
         metrics = httpx.get(survivor.url, timeout=10).text
         redelivered = metric(metrics, "s2amnet_jobs_redelivered_total", model="cls")
         assert redelivered >= killed["pending"], (redelivered, killed)
+        assert "whose worker is gone" in survivor.log() and "idle > " not in survivor.log()
         assert survivor.alive() and stack.api.alive()
         print(f"\nfault test: {N} requests in {elapsed:.2f} s, worker SIGKILLed after {killed['done']} "
               "answers "

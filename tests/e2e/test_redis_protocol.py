@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import re
 import signal
@@ -18,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from support.harness import (
     GROUP,
@@ -39,6 +41,7 @@ from app.dispatch.base import DeadlineExceeded, Job, JobFailed, QueueFull, Unava
 from app.dispatch.redis_streams import RedisDispatcher
 from app.queue.constants import cancel_key, reply_stream
 from app.queue.jobs import encode_job, encode_reply
+from model.predictor import Predictor
 
 VISIBILITY_S = 1.5
 MAX_DELIVERIES = 3
@@ -404,6 +407,75 @@ def test_sigterm_finishes_the_batch_in_hand_then_exits(stack: Stack, e2e_weights
         names = [c["name"].decode() for c in r.xinfo_consumers(JOBS.format("det"), GROUP)]
         assert consumer not in names  # left the group
         assert w.pid not in live_worker_pids(r)  # heartbeat key removed
+    finally:
+        w.stop(signal.SIGKILL, 10)
+
+
+def test_jobs_of_a_worker_that_is_gone_are_taken_over_at_once(stack: Stack, e2e_weights: Path):
+    """A job pending under a consumer without a heartbeat key (its worker was killed) is taken over and
+    answered within seconds, long before the visibility timeout (60 s here); a job pending under a consumer
+    whose key is there (a live worker busy with it) is left to it."""
+    r = stack.r()
+    stream = JOBS.format("det")
+    w = start_worker(stack.redis.url, e2e_weights, stack.log_dir, visibility_s=60, S2AMNET_MODELS="det")
+    try:
+        wait_workers(r, [w])
+        det = Predictor.from_folder(e2e_weights / "det")
+        samples = [det.preprocess(Image.open(io.BytesIO(png(seed=i))).convert("RGB")) for i in range(2)]
+        jobs = {name: Job(model="det", array=s.array, meta=s.meta, options={}, deadline=time.time() + 30)
+                for name, s in zip(("gone-worker", "busy-worker"), samples, strict=True)}
+        r.set("s2amnet:worker:busy-worker", json.dumps({"consumer": "busy-worker", "pid": 0}), px=60_000)
+        for name, j in jobs.items():
+            with r.pipeline(transaction=True) as pipe:  # atomic: the live worker cannot read it first
+                pipe.xadd(stream, encode_job(j, f"s2amnet:replies:test-{name}"))
+                pipe.xreadgroup(GROUP, name, {stream: ">"}, count=1)
+                added, read = pipe.execute()
+            assert read[0][1][0][0] == added
+        t0 = time.monotonic()
+        replies = read_replies(r, "s2amnet:replies:test-gone-worker", 1, timeout=20)
+        took = time.monotonic() - t0
+        assert replies and replies[0]["status"] == "ok" and replies[0]["job_id"] == jobs["gone-worker"].job_id
+        assert took < 10, took  # not the visibility timeout
+        assert "took over 1 job(s) of det of gone-worker, whose worker is gone" in w.log()
+        time.sleep(2)  # two more rounds of looking for such jobs
+        held = {c["name"].decode(): c["pending"] for c in r.xpending(stream, GROUP)["consumers"]}
+        assert held == {"busy-worker": 1}, held
+        r.delete("s2amnet:worker:busy-worker")  # now that worker is gone too
+        replies = read_replies(r, "s2amnet:replies:test-busy-worker", 1, timeout=20)
+        assert replies and replies[0]["status"] == "ok"
+        assert group_pending(r, "det") == 0
+    finally:
+        w.stop(signal.SIGKILL, 10)
+        r.delete("s2amnet:worker:busy-worker")
+
+
+def test_a_worker_in_a_long_forward_keeps_its_heartbeat(stack: Stack, e2e_weights: Path):
+    """The heartbeat key is kept by a thread of its own: a forward longer than the key's TTL (3 s) does not
+    let it lapse, so no other worker takes that worker's jobs."""
+    r = stack.r()
+    w = start_worker(stack.redis.url, e2e_weights, stack.log_dir, visibility_s=60, S2AMNET_MODELS="det",
+                     S2AMNET_TEST_INFER_DELAY_S="4.5")
+    try:
+        wait_workers(r, [w])
+        consumer = next(json.loads(r.get(k))["consumer"] for k in r.scan_iter("s2amnet:worker:*")
+                        if json.loads(r.get(k))["pid"] == w.pid)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=stack.api.url, timeout=60) as c:
+                task = asyncio.create_task(c.post("/detect", files=[("file", ("a.png", png(seed=1), "image/png"))]))
+                end = time.monotonic() + 20
+                while not r.xpending(JOBS.format("det"), GROUP)["pending"] and time.monotonic() < end:
+                    await asyncio.sleep(0.01)
+                lapsed = 0
+                t0 = time.monotonic()
+                while not task.done():
+                    lapsed += not r.exists(f"s2amnet:worker:{consumer}")
+                    await asyncio.sleep(0.1)
+                return await task, lapsed, time.monotonic() - t0
+
+        resp, lapsed, held = asyncio.run(go())
+        assert resp.status_code == 200 and held > 3.5, held
+        assert lapsed == 0
     finally:
         w.stop(signal.SIGKILL, 10)
 
