@@ -41,13 +41,17 @@ async def require_api_key(
 ) -> str | None:
     """When API keys are configured, the request must carry one (X-API-Key or Authorization: Bearer), and
     every key it carries must be valid: an Authorization header that is not `Bearer <key>`, or a second key
-    that is wrong, is refused rather than ignored."""
+    that is wrong (also in a header sent twice), is refused rather than ignored. The two parameters declare
+    the schemes in the OpenAPI document; the keys are read from every value of the headers."""
     keys = service_state(request.app).settings.api_keys
     if not keys:
         return None
-    if credentials is None and "authorization" in request.headers:
-        raise unauthorized("unreadable Authorization header: send it as 'Authorization: Bearer <key>'")
-    given = [k for k in (x_api_key, credentials.credentials if credentials else None) if k]
+    given = [k for k in request.headers.getlist("x-api-key") if k]  # a header sent twice: each value counts
+    for value in request.headers.getlist("authorization"):
+        scheme, _, key = value.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise unauthorized("unreadable Authorization header: send it as 'Authorization: Bearer <key>'")
+        given.append(key.strip())
     if not given:
         raise unauthorized("missing API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'")
     for one in given:
@@ -155,7 +159,7 @@ async def parse_inspect_body(request: Request, body: bytes, max_images: int) -> 
     if media == "application/json" or media.endswith("+json"):
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise invalid(
                 f"malformed JSON body: {exc}",
                 [{"loc": ["body"], "msg": "malformed JSON", "type": "json_invalid"}],

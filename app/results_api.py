@@ -20,7 +20,7 @@ from app.deps import require_api_key
 from app.errors import Problem, invalid
 from app.line.records import BadCursor, Cursor, Filters, RecordOutlet, RecordStore
 from app.line.records.images import EXTENSIONS
-from app.line.records.query import answer, csv_lines, jsonl_lines
+from app.line.records.query import answer, csv_lines, jsonl_lines, utc
 from app.openapi import problem_doc
 from app.schemas import ID, InspectionResult
 from app.state import service_state
@@ -74,6 +74,16 @@ class ResultFilters(BaseModel):
         # pydantic would also take a bare number as Unix seconds; the documented form is an ISO 8601 date-time
         if isinstance(value, str) and not re.match(r"^\d{4}-\d{2}-\d{2}", value):
             raise ValueError("expected an ISO 8601 date-time, e.g. 2026-12-06T08:00:00Z")
+        return value
+
+    @field_validator("since", "until")
+    @classmethod
+    def _in_utc_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None:
+            try:
+                utc(value)
+            except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+                raise ValueError("the date-time is out of range once in UTC") from None
         return value
 
     def filters(self) -> Filters:

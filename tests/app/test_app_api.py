@@ -283,6 +283,9 @@ def test_invalid_json_422(client: httpx.Client, payload):
 def test_malformed_json_422(client: httpx.Client):
     resp = client.post("/detect", content=b'{"image": ', headers={"Content-Type": "application/json"})
     assert_problem(resp, 422, "invalid_request")
+    nested = b'{"a":' * 5000 + b"1" + b"}" * 5000  # deeper than the JSON parser goes
+    resp = client.post("/detect", content=nested, headers={"Content-Type": "application/json"})
+    assert "malformed JSON" in assert_problem(resp, 422, "invalid_request")["detail"]
 
 
 def test_invalid_headers_422(client: httpx.Client):
@@ -464,6 +467,12 @@ def test_api_key_required(anon: httpx.Client):
         assert "Authorization" in body["detail"] or "invalid API key" in body["detail"], auth
     both = anon.get("/models", headers={"X-API-Key": API_KEY, "Authorization": f"Bearer {OTHER_API_KEY}"})
     assert both.status_code == 200
+    # a header sent twice: every value counts, whatever its order
+    for name, good, bad in (("X-API-Key", API_KEY, "wrong"), ("Authorization", f"Bearer {API_KEY}", "Bearer wrong"),
+                            ("Authorization", f"Bearer {API_KEY}", f"Basic {API_KEY}")):
+        for values in ((good, bad), (bad, good)):
+            assert_problem(anon.get("/models", headers=[(name, v) for v in values]), 401)
+        assert anon.get("/models", headers=[(name, good), (name, good)]).status_code == 200
 
 
 def test_auth_is_checked_before_the_body(anon: httpx.Client):

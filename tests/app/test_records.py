@@ -6,6 +6,7 @@ server (support/postgres.py), real HTTP."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import io
 import json
@@ -466,9 +467,14 @@ def test_the_read_api_needs_an_api_key_and_checks_its_query(recorded):
     assert bearer.status_code == 200
     for params in ({"verdict": "maybe"}, {"limit": 0}, {"limit": 1001}, {"since": "yesterday"}, {"until": "1.5e-148"},
                    {"since": "1765000000"}, {"station_id": "ST\x07"}, {"cursor": "x!"},
-                   {"cursor": "WzEsMl0"}):
+                   {"cursor": "WzEsMl0"},
+                   {"cursor": base64.urlsafe_b64encode(b'["0001-01-01T00:00:00+01:00","x"]').decode()}):
         r = client.get("/results", params=params)
         assert r.status_code == 422 and r.json()["code"] == "invalid_request", params
+    for params in ({"since": "0001-01-01T00:00:00+01:00"}, {"until": "9999-12-31T23:59:59-01:00"}):  # none in UTC
+        for path in ("/results", "/results/export"):
+            r = client.get(path, params=params)
+            assert r.status_code == 422 and r.json()["code"] == "invalid_request", (path, params)
     assert client.get("/results/export", params={"format": "xml"}).status_code == 422
     for path in ("/results", "/results/export"):  # a repeated parameter is refused, not read as its last value
         r = client.get(path, params=[("model", "a"), ("model", "b"), ("verdict", "fail")])

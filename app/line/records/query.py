@@ -72,7 +72,7 @@ class Cursor:
             if not isinstance(result_id, str):
                 raise TypeError("result_id")
             return cls(utc(datetime.fromisoformat(when)), result_id)
-        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
             raise BadCursor("invalid cursor: pass next_cursor of a previous page unchanged") from exc
 
     def after(self) -> sa.ColumnElement[bool]:
