@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from app.commands.eval import add_model_data_args, format_parts, load_inputs
+from app.commands.eval import add_model_data_args, format_parts, load_inputs, writable_file
 
 
 def add_parser(sub) -> None:
@@ -38,8 +38,6 @@ def add_parser(sub) -> None:
                         "with the best mAP50 is kept (where none does, the one that lets the fewest parts escape); "
                         "both are written")
     p.add_argument("--dry-run", action="store_true", help="print the thresholds; leave the manifest as it is")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="last line of output is one JSON object")
     p.set_defaults(func=run)
 
@@ -76,6 +74,8 @@ def run(args) -> int:
             ious = []
         if not ious or not all(0.0 < v <= 1.0 for v in ious):
             problem = f"--nms-iou must be comma-separated values within (0, 1], got {args.nms_iou!r}"
+    if not problem and not args.dry_run:  # found out before the evaluation, not after it
+        problem = writable_file(Path(args.weights) / "manifest.json", "--weights: the manifest")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -127,6 +127,9 @@ def run(args) -> int:
         except CheckpointError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"error: could not write {args.weights}/manifest.json: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps({"model": predictor.name, "version": version, "verdict": rule, "before": before,
                           **({"postprocess": post} if post else {})}))

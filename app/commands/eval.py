@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,24 @@ SPLIT_HELP = ("part of the split by file stem: train (80 %%), val (10 %%: picks 
               "test (10 %%: only for reporting), heldout (val + test), all")
 
 
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_data_args(p, split: str) -> None:
-    """--weights, --data and --split (default ``split``), as eval and calibrate take them."""
+    """--weights, --data, --split (default ``split``), --batch and --device, as eval and calibrate take them."""
     p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
     p.add_argument("--data", required=True, help="dataset folder in its native layout")
     p.add_argument("--split", default=split, choices=["all", "train", "val", "test", "heldout"],
                    help=f"{SPLIT_HELP} (default {split})")
+    p.add_argument("--batch", type=_batch_size, default=16, help="images per forward (default 16)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:N")
 
 
 def add_parser(sub) -> None:
@@ -32,8 +46,6 @@ def add_parser(sub) -> None:
     p.add_argument("--iou", type=float, metavar="IOU",
                    help="detect: the NMS IoU threshold for this evaluation instead of the manifest's "
                         "(s2amnet calibrate --nms-iou chooses it)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="eager",
                    help="what runs the forward: eager (default), compile, onnxruntime, openvino or openvino-bf16; "
                         "evaluate the model as a service started with S2AMNET_BACKEND=that serves it (exports and "
@@ -48,12 +60,22 @@ def add_parser(sub) -> None:
 def load_inputs(weights: str, data: str, split: str, device: str = "auto", tta: list[str] | None = None):
     """(predictor, records) for evaluating ``weights`` on ``data``'s ``split``; raises SystemExit(2) with a
     message on stderr when either cannot be used."""
+    import torch
+
     from model.checkpoint import CheckpointError
     from model.data import DatasetFormatError, load_records, split_records
-    from model.device import resolve_device
+    from model.device import missing_gpu, resolve_device
     from model.predictor import Predictor
 
     device = resolve_device(device)
+    try:
+        torch.device(device)
+    except RuntimeError:
+        print(f"error: --device {device}: not a torch device (auto, cpu, cuda, cuda:N)", file=sys.stderr)
+        raise SystemExit(2) from None
+    if missing_gpu(device):
+        print(f"error: --device {device}: torch sees no CUDA GPU here; use --device cpu", file=sys.stderr)
+        raise SystemExit(2)
     try:  # fused, as the service loads it: evaluate what is served
         predictor = Predictor.from_folder(weights, device=device, tta=tta)
         info = load_records(data, predictor.task)
@@ -89,12 +111,38 @@ def format_parts(parts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def writable_file(path: str | Path, flag: str) -> str | None:
+    """Why ``path`` cannot be written as a file (``flag`` names the option), or None: checked before the work
+    that ends in writing it."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{flag} {path} is a folder; name a file"
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"{flag} {path}: no folder {parent}"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"{flag} {path}: not writable"
+    return None
+
+
 def run(args) -> int:
+    from model.checkpoint import TTA_VIEWS
     from model.evaluate import evaluate
 
     tta = None
     if args.tta is not None:
         tta = [] if args.tta == "none" else [v.strip() for v in args.tta.split(",") if v.strip()]
+        unknown = [v for v in tta if v not in TTA_VIEWS]
+        if unknown or len(set(tta)) != len(tta):
+            print(f"error: --tta takes distinct views from {', '.join(sorted(TTA_VIEWS))} (or none), "
+                  f"not {args.tta!r}", file=sys.stderr)
+            return 2
+    problems = [writable_file(args.plot, "--plot")] if args.plot else []
+    if args.record:
+        problems.append(writable_file(Path(args.weights) / "manifest.json", "--record: the manifest"))
+    if any(problems):
+        print(f"error: {next(p for p in problems if p)}", file=sys.stderr)
+        return 2
     from model.backends import BACKENDS, choose_backend
 
     if args.backend not in BACKENDS:
@@ -126,12 +174,16 @@ def run(args) -> int:
         from model.plots import plot_eval, plot_verdict
         from model.verdict import threshold_sweep
 
-        plot_eval(args.plot, predictor, records, metrics, preds)
         out = Path(args.plot)
-        plot_verdict(out.with_name(f"{out.stem}-verdict.png"), predictor.name,
-                     threshold_sweep(outcomes, predictor.verdict_rule, predictor.classes), metrics["parts"],
-                     title=f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} "
-                           f"({len(records)} images)")
+        try:
+            plot_eval(out, predictor, records, metrics, preds)
+            plot_verdict(out.with_name(f"{out.stem}-verdict.png"), predictor.name,
+                         threshold_sweep(outcomes, predictor.verdict_rule, predictor.classes), metrics["parts"],
+                         title=f"{predictor.name} {predictor.version} on {Path(args.data).name}:{args.split} "
+                               f"({len(records)} images)")
+        except (OSError, ValueError) as exc:  # e.g. a file name matplotlib has no format for
+            print(f"error: --plot {out}: {exc}", file=sys.stderr)
+            return 1
     metrics = {"model": predictor.name, "version": predictor.version, "task": predictor.task,
                "data": str(args.data), "split": args.split, "tta": predictor.tta, "backend": predictor.backend,
                **({"nms_iou": predictor.nms_iou} if predictor.task == "detect" else {}), **metrics}
@@ -139,7 +191,11 @@ def run(args) -> int:
         from model.checkpoint import record_metrics
 
         key = f"{Path(args.data).resolve().name}:{args.split}"
-        record_metrics(args.weights, key, {k: v for k, v in metrics.items() if k not in ("model", "data")})
+        try:
+            record_metrics(args.weights, key, {k: v for k, v in metrics.items() if k not in ("model", "data")})
+        except OSError as exc:
+            print(f"error: --record: could not write {args.weights}/manifest.json: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(metrics))
     else:

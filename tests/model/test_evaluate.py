@@ -117,3 +117,34 @@ def test_eval_and_calibrate_choose_and_keep_the_nms_threshold(folders, capsys):
     assert cli_main(["eval", *base, "--iou", "0"]) == 2
     assert "--iou" in capsys.readouterr().err
     assert json.loads((weights / "manifest.json").read_text()) == manifest  # refused: nothing written
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("eval", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    ("eval", ["--batch", "-1"], "argument --batch: must be >= 1, got -1"),
+    ("calibrate", ["--max-escape", "0", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    ("eval", ["--device", "bogus"], "--device bogus: not a torch device"),
+    ("calibrate", ["--max-escape", "0", "--device", "bogus"], "--device bogus: not a torch device"),
+    ("eval", ["--tta", "hflip,spin"], "--tta takes distinct views from hflip, vflip (or none), not 'hflip,spin'"),
+    ("eval", ["--plot", "."], "--plot . is a folder; name a file"),
+    ("eval", ["--plot", "no/such/folder/p.png"], "--plot no/such/folder/p.png: no folder no/such/folder"),
+])
+def test_eval_and_calibrate_refuse_bad_options_before_any_work(folders, capsys, command, args, message):
+    data, weights, _ = folders
+    manifest = (weights / "manifest.json").read_text()
+    argv = [command, "--weights", str(weights), "--data", str(data), "--split", "val", *args]
+    try:
+        code = cli_main(argv)
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert (weights / "manifest.json").read_text() == manifest
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_eval_on_a_gpu_that_is_not_there_says_so(folders, capsys):
+    data, weights, _ = folders
+    assert cli_main(["eval", "--weights", str(weights), "--data", str(data), "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
