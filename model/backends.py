@@ -153,22 +153,27 @@ def export_onnx(model: torch.nn.Module, input_size: Sequence[int], path: str | o
     wrapped = _Exported(model).eval()
     x = torch.zeros(2, 3, h, w)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with _real_valued(model):
-        quiet = logging.getLogger("torch.onnx")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            torch.onnx.export(wrapped, (x,), str(tmp), dynamo=True, verbose=False, input_names=["x"],
-                              dynamic_shapes={"x": {0: _batch_dim()}})
-        finally:
-            quiet.setLevel(level)
     data = tmp.with_name(tmp.name + ".data")
-    if data.exists():  # weights stored beside the graph: keep them inside one file instead
-        import onnx
+    try:
+        with _real_valued(model):
+            quiet = logging.getLogger("torch.onnx")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                torch.onnx.export(wrapped, (x,), str(tmp), dynamo=True, verbose=False, input_names=["x"],
+                                  dynamic_shapes={"x": {0: _batch_dim()}})
+            finally:
+                quiet.setLevel(level)
+        if data.exists():  # weights stored beside the graph: keep them inside one file instead
+            import onnx
 
-        onnx.save_model(onnx.load(str(tmp)), str(tmp), save_as_external_data=False)
-        data.unlink()
-    os.replace(tmp, path)  # atomic: a concurrent start never loads half a file
+            onnx.save_model(onnx.load(str(tmp)), str(tmp), save_as_external_data=False)
+            data.unlink()
+        os.replace(tmp, path)  # atomic: a concurrent start never loads half a file
+    except BaseException:  # nothing half-made left behind
+        tmp.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
                     "in bfloat16 on a CPU with bf16 units: model-bf16.pt2), runs it on a fixed "
                     "check set and reports whether its outputs agree with eager PyTorch "
                     "(classify probabilities within 1e-3, the same detections after NMS, segment labels on "
-                    ">= 99.9 %% of the pixels). The graph takes the normalised image, N x 3 x H x W float32 "
+                    ">= 99.9 % of the pixels). The graph takes the normalised image, N x 3 x H x W float32 "
                     "((pixel / 255 - mean) / std, from the manifest); detect returns boxes in input pixels "
                     "and per-class scores before NMS.")
     p.add_argument("--weights", required=True, help="weights folder (model.safetensors + manifest.json)")
@@ -53,6 +53,13 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)  # what the package is compiled, checked and cached for
+    if args.out and args.cache:
+        print("error: --out and --cache name two places: give one", file=sys.stderr)
+        return 2
+    if args.out and Path(args.out).is_dir():  # found out now, not after minutes of exporting
+        print(f"error: --out {args.out} is a folder; name the file to write (e.g. {Path(args.out) / 'model.onnx'})",
+              file=sys.stderr)
+        return 2
     try:
         predictor = Predictor.from_folder(args.weights)
     except CheckpointError as exc:

@@ -74,6 +74,12 @@ def test_export_finds_what_the_service_cached_and_eval_scores_every_backend_as_e
     assert "--backend must be one of eager, eager-channels-last, eager-bf16, compile" in bad.stderr
     missing = _cli("export", "--weights", str(tmp_path / "missing"), env=env)
     assert missing.returncode == 2 and "error:" in missing.stderr
+    # where the file would go, checked before any exporting: a folder; two places at once
+    for extra, said in ((["--out", str(tmp_path)], f"--out {tmp_path} is a folder; name the file to write"),
+                        (["--out", str(tmp_path / "m.onnx"), "--cache"], "--out and --cache name two places")):
+        refused = _cli("export", "--weights", str(folder), *extra, env=env)
+        assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing half-made
 
 
 def test_export_to_a_file_is_made_from_the_cache_when_it_holds_these_weights(exported_classifier, tmp_path: Path):

@@ -282,6 +282,20 @@ def test_auto_times_every_backend_and_eager_stays_when_asked_or_when_the_runtime
         backends.choose_backend(p, "tensorrt")
 
 
+def test_an_export_that_fails_leaves_nothing_half_made(folders, tmp_path, monkeypatch):
+    p = Predictor.from_folder(folders["segment"])
+
+    def fails_half_way(model, args, f, **kw):
+        Path(f).write_bytes(b"half a graph")
+        Path(f + ".data").write_bytes(b"half its weights")
+        raise RuntimeError("the exporter gave up")
+
+    monkeypatch.setattr(torch.onnx, "export", fails_half_way)
+    with pytest.raises(RuntimeError, match="gave up"):
+        backends.export_onnx(p.model, p.input_size, tmp_path / "out" / "model.onnx")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_a_runner_that_disagrees_is_refused(folders, tmp_path):
     p = Predictor.from_folder(folders["segment"])
 
