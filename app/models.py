@@ -20,31 +20,53 @@ if TYPE_CHECKING:
 log = logging.getLogger("s2amnet.api")
 
 
-def find_model_folders(root: Path, wanted: Sequence[str] = ()) -> list[tuple[str, Path]]:
+def find_model_folders(
+    root: Path, wanted: Sequence[str] = (), *, skip_unreadable: bool = False
+) -> list[tuple[str, Path]]:
     """(name, folder) of the model folders (those with a manifest.json) in ``root``, in name order, only
-    the ``wanted`` ones (by manifest name or folder name) if given; RuntimeError names what is missing."""
+    the ``wanted`` ones (by manifest name or folder name) if given; RuntimeError names what is missing.
+
+    A folder whose manifest cannot be read (not JSON, not a JSON object) stops the search with a
+    RuntimeError naming the file when it may be one of the models asked for: every model when none is
+    named, or a wanted one by its folder name. Any other such folder (or every one, with
+    ``skip_unreadable``) is logged and left out: it is not a model that was asked for, and it must not
+    keep those from loading. Should a wanted model then be missing, the error names these folders too."""
     if not root.is_dir():
         raise RuntimeError(f"weights folder {str(root)!r} does not exist")
     found: dict[str, Path] = {}
+    unreadable: list[str] = []
     for folder in find_weights(root):
+        path = folder / MANIFEST_FILE
         try:
-            name = json.loads((folder / MANIFEST_FILE).read_text()).get("name") or folder.name
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
         except (OSError, ValueError) as exc:
-            raise RuntimeError(f"{folder}/{MANIFEST_FILE} is unreadable: {exc}") from exc
-        found[str(name)] = folder
+            problem = f"{path} is unreadable: {exc}"
+            if not skip_unreadable and (not wanted or folder.name in wanted):
+                raise RuntimeError(problem) from None
+            log.warning("%s; left out", problem)
+            unreadable.append(problem)
+            continue
+        found[str(manifest.get("name") or folder.name)] = folder
+    also = f"; left out: {'; '.join(unreadable)}" if unreadable else ""
     if wanted:
         missing = [m for m in wanted if m not in found and m not in {f.name for f in found.values()}]
         if missing:
-            raise RuntimeError(f"models {missing} not found in {str(root)!r} (found: {sorted(found)})")
+            raise RuntimeError(f"models {missing} not found in {str(root)!r} (found: {sorted(found)}){also}")
         found = {n: f for n, f in found.items() if n in wanted or f.name in wanted}
     if not found:
-        raise RuntimeError(f"no model folders (with manifest.json) in {str(root)!r}")
+        raise RuntimeError(f"no model folders (with manifest.json) in {str(root)!r}{also}")
     return sorted(found.items())
 
 
-def discover_models(settings: Settings) -> list[tuple[str, Path]]:
-    """(name, folder) of every model folder to load, in name order; raises on a missing wanted model."""
-    return find_model_folders(Path(settings.weights_dir), settings.models)
+def discover_models(settings: Settings, *, skip_unreadable: bool = True) -> list[tuple[str, Path]]:
+    """(name, folder) of the model folders to choose from, in name order; raises on a missing wanted model.
+
+    A folder whose manifest cannot be read is logged and left out, so that a broken folder beside them does
+    not keep the others from being chosen; ``skip_unreadable=False`` stops on it instead, as when every
+    model is loaded (see `find_model_folders`)."""
+    return find_model_folders(Path(settings.weights_dir), settings.models, skip_unreadable=skip_unreadable)
 
 
 def load_predictors(settings: Settings) -> dict[str, Predictor]:
@@ -53,7 +75,7 @@ def load_predictors(settings: Settings) -> dict[str, Predictor]:
 
     device = settings.resolved_device()
     predictors: dict[str, Predictor] = {}
-    for name, folder in discover_models(settings):
+    for name, folder in discover_models(settings, skip_unreadable=False):
         t0 = time.perf_counter()
         predictor = Predictor.from_folder(folder, device=device)
         seconds = time.perf_counter() - t0

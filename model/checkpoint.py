@@ -21,6 +21,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -161,7 +162,32 @@ def _checked_arch(arch: Any, cfg: Mapping[str, Any]) -> dict:
         raise CheckpointError(f"manifest arch.input_size must be [H, W] integers >= {MIN_INPUT_SIZE}, got {size!r}")
     arch["input_size"] = [int(size[0]), int(size[1])]
     arch.setdefault("in_chans", 3)
+    for key in ("in_chans", "reg_max"):
+        val = arch.get(key, 1)
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise CheckpointError(f"manifest arch.{key} must be a positive integer, got {val!r}")
+    ls = arch.get("layer_scale")
+    if ls is not None and not _is_number(ls, low=0.0, open_low=True):
+        raise CheckpointError(f"manifest arch.layer_scale must be null or a number > 0, got {ls!r}")
     return arch
+
+
+def _is_number(val: Any, *, low: float | None = None, high: float | None = None, open_low: bool = False) -> bool:
+    """True for a finite JSON number (not a boolean) within the bounds."""
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+        return False
+    if low is not None and (val <= low if open_low else val < low):
+        return False
+    return high is None or val <= high
+
+
+def _checked_number(what: str, val: Any, *, low: float = 0.0, high: float | None = None) -> Any:
+    """``val`` unchanged when it is a number within [low, high] (no upper bound when ``high`` is None);
+    CheckpointError naming the field ``what`` if not."""
+    if not _is_number(val, low=low, high=high):
+        bounds = f"within [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise CheckpointError(f"{what} must be a number {bounds}, got {val!r}")
+    return val
 
 
 def _checked_classes(classes: Any, task: str, nc: int) -> list[str]:
@@ -188,7 +214,7 @@ def _checked_classes(classes: Any, task: str, nc: int) -> list[str]:
 def _checked_norm(key: str, val: Any) -> list[float]:
     if isinstance(val, (int, float)) and not isinstance(val, bool):
         val = [float(val)] * 3
-    if not isinstance(val, (list, tuple)) or len(val) not in (1, 3):
+    if not isinstance(val, (list, tuple)) or len(val) not in (1, 3) or not all(_is_number(v) for v in val):
         raise CheckpointError(f"manifest {key} must be 1 or 3 numbers (0..1 scale), got {val!r}")
     val = [float(v) for v in val] * (3 if len(val) == 1 else 1)
     if key == "std" and any(v <= 0 for v in val):
@@ -197,10 +223,15 @@ def _checked_norm(key: str, val: Any) -> list[float]:
 
 
 def _checked_preprocess(pre: Any, cfg: Mapping[str, Any]) -> dict:
+    if pre is not None and not isinstance(pre, Mapping):
+        raise CheckpointError("manifest preprocess must be an object {resize, pad_value}")
     pre = dict(pre or {})
     pre.setdefault("resize", cfg.get("resize", "resize"))
     pre.setdefault("pad_value", int(cfg.get("pad_value", 114)))
-    if pre["resize"] not in ("resize", "stretch", "letterbox"):
+    pad = pre["pad_value"]
+    if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad <= 255:
+        raise CheckpointError(f"manifest preprocess.pad_value must be an integer within [0, 255], got {pad!r}")
+    if not isinstance(pre["resize"], str) or pre["resize"] not in ("resize", "stretch", "letterbox"):
         raise CheckpointError(
             f"manifest preprocess.resize must be 'letterbox' or 'resize' (alias 'stretch'), "
             f"got {pre['resize']!r}"
@@ -238,6 +269,8 @@ def _checked_verdict(verdict: Any, task: str, classes: list[str]) -> dict:
         if task != "classify":
             raise CheckpointError(f"verdict type 'classify' needs a classify model, this one is {task}")
         pl = verdict.setdefault("pass_labels", [])
+        if not isinstance(pl, list) or not all(isinstance(p, str) for p in pl):
+            raise CheckpointError(f"verdict pass_labels must be a list of class names, got {pl!r}")
         unknown = [p for p in pl if p not in classes]
         if unknown:
             raise CheckpointError(f"verdict pass_labels {unknown} are not among the classes {classes}")
@@ -247,8 +280,9 @@ def _checked_verdict(verdict: Any, task: str, classes: list[str]) -> dict:
         verdict.setdefault("min_area", 0)
     else:
         raise CheckpointError(f"verdict type must be 'classify' or 'any_defect', got {vtype!r}")
-    if not 0.0 <= float(verdict["min_score"]) <= 1.0:
-        raise CheckpointError(f"verdict min_score must be within [0, 1], got {verdict['min_score']}")
+    _checked_number("verdict min_score", verdict["min_score"], high=1.0)
+    if "min_area" in verdict:
+        _checked_number("verdict min_area", verdict["min_area"])
     per_class = verdict.get("classes") or {}
     if not isinstance(per_class, Mapping):
         raise CheckpointError("verdict classes must be an object: class name -> {min_score, min_area}")
@@ -257,8 +291,10 @@ def _checked_verdict(verdict: Any, task: str, classes: list[str]) -> dict:
             raise CheckpointError(f"verdict classes: {name!r} is not a defect class of this model")
         if not isinstance(per, Mapping) or set(per) - {"min_score", "min_area"}:
             raise CheckpointError(f"verdict classes.{name} must be an object with min_score and/or min_area")
-        if not 0.0 <= float(per.get("min_score", 0.5)) <= 1.0 or float(per.get("min_area", 0)) < 0:
-            raise CheckpointError(f"verdict classes.{name}: min_score must be within [0, 1] and min_area >= 0")
+        if "min_score" in per:
+            _checked_number(f"verdict classes.{name}.min_score", per["min_score"], high=1.0)
+        if "min_area" in per:
+            _checked_number(f"verdict classes.{name}.min_area", per["min_area"])
     return verdict
 
 
@@ -266,7 +302,11 @@ def _checked_tta(tta: Any, task: str, input_size: list[int]) -> list[str]:
     from model.registry import MIN_INPUT_SIZE
 
     views = tta or []
-    if not isinstance(views, (list, tuple)) or any(v not in TTA_VIEWS for v in views) or len(set(views)) != len(views):
+    if (
+        not isinstance(views, (list, tuple))
+        or not all(isinstance(v, str) and v in TTA_VIEWS for v in views)
+        or len(set(views)) != len(views)
+    ):
         raise CheckpointError(f"manifest tta must be a list of distinct views from {sorted(TTA_VIEWS)}, got {tta!r}")
     # MIN_INPUT_SIZE is the network's total stride: mirrored anchors line up only on whole stride cells
     if views and task == "detect" and any(int(s) % MIN_INPUT_SIZE for s in input_size):

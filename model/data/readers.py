@@ -26,8 +26,9 @@ Native layouts of the public datasets
     - image and xml are paired by file stem; ``<filename>`` and ``<folder>`` are ignored (inconsistent).
     - boxes use the object's ``<name>`` (some images hold objects of another class than their prefix).
     - VOC coordinates are 1-based inclusive pixel indices: box = (xmin-1, ymin-1, xmax, ymax) in continuous
-      pixel coordinates (0..W), clipped to the image. Exact duplicate objects (3 in the shared half) are
-      dropped; ``<difficult>`` (67 boxes) is kept and exposed as ``Record.difficult``.
+      pixel coordinates (0..W), clipped to the image (its ``<size>``, else the image file's size); a box
+      entirely outside the image is dropped. Exact duplicate objects (3 in the shared half) are dropped;
+      ``<difficult>`` (67 boxes) is kept and exposed as ``Record.difficult``.
 
 ``crackforest``  ``image/<NNN>.jpg`` + ``groundTruth/<NNN>.mat`` (``Segmentation``: 1 = background,
     >= 2 = crack). Task: segment, classes ``background, crack``. Images without a .mat are skipped.
@@ -40,17 +41,21 @@ Own data (for users; ``classes.txt`` = optional file, one class name per line, f
 -----------------------------------------------------------------------------------------------------
 
 ``folder-classify``  ``<root>/<class_name>/*.{jpg,png,bmp,tif}`` — one folder per class (class order =
-    ``classes.txt`` or sorted folder names). Task: classify.
+    ``classes.txt`` or sorted folder names), at least two classes. Task: classify.
 ``folder-segment``  ``<root>/images/<stem>.<ext>`` + ``<root>/masks/<stem>.png``. Without ``classes.txt``
     (or with two names) a mask is binary: pixel is defect if value >= 128 (or > 0 when the mask only holds
     0/1). With ``classes.txt`` of more than two names (first = background) mask values are class indices,
-    255 = ignore. Task: segment.
+    255 = ignore; any other value is an error when the mask is loaded. Task: segment.
 ``voc``  ``<root>/images/*.jpg`` + ``<root>/annotations/<stem>.xml`` (or the xml beside each image, or
     ``IMAGES/`` + ``ANNOTATIONS/``). Class names from ``classes.txt`` or the sorted set of ``<name>`` values.
     Images without an xml are negatives. Task: detect.
 ``yolo``  ``<root>/images/<stem>.<ext>`` + ``<root>/labels/<stem>.txt`` with lines
     ``<class> <cx> <cy> <w> <h>`` normalised to 0..1; class names from ``classes.txt`` (else ``class0``...).
     Task: detect.
+
+Files that cannot be read (an image or mask PIL cannot identify, an xml that does not parse, a YOLO line
+that is not five numbers, ...) raise `DatasetFormatError` naming the file: a dataset is never read in
+part. Image headers are checked when the records are read; pixels when they are decoded.
 
 Split
 -----
@@ -75,7 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTS",
@@ -146,6 +151,19 @@ def default_data_root() -> Path:
 # image / mask decoding
 
 
+# what PIL raises for a file that is not an image it can decode (truncated, another format, text, ...)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _unreadable(path: str | os.PathLike, exc: BaseException) -> Exception:
+    """The error for an image or mask file that cannot be decoded (a missing file stays FileNotFoundError)."""
+    if isinstance(exc, FileNotFoundError):
+        return exc
+    if isinstance(exc, UnidentifiedImageError):
+        return DatasetFormatError(f"{path}: not an image (no image format recognised in the file)")
+    return DatasetFormatError(f"{path}: not a readable image ({type(exc).__name__}: {exc})")
+
+
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
     """Decode an image file to a uint8 array (H×W×3 for RGB, H×W for L) by the service's own conversion
     (`model.transforms.to_rgb_uint8`: EXIF orientation applied, 16-bit scaled from its full range), so that
@@ -154,23 +172,42 @@ def load_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
 
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be RGB or L, not {mode!r}")
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if mode == "RGB":
-            return to_rgb_uint8(im)
-        pixels = to_uint8(im)  # grey images stay grey; colour ones are converted to luma below
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if mode == "RGB":
+                return to_rgb_uint8(im)
+            pixels = to_uint8(im)  # grey images stay grey; colour ones are converted to luma below
+    except UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
     if pixels.ndim == 2:
         return pixels
     return np.asarray(Image.fromarray(pixels, "RGB").convert("L"), dtype=np.uint8).copy()
 
 
+def _image_size(path: str | os.PathLike, *, exif: bool = True) -> tuple[int, int]:
+    """(width, height) of an image file as decoded (EXIF rotation applied; ``exif=False``: as stored, from
+    the header alone — a PNG's EXIF may sit after its pixels)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if exif and im.getexif().get(274, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
+                w, h = h, w
+    except UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+    return w, h
+
+
 def _read_mask_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode == "1":
-            return np.asarray(im, dtype=np.uint8)  # 0/1
-        if im.mode not in ("L", "P", "I", "I;16"):
-            im = im.convert("L")
-        return np.asarray(im).copy()
+    try:
+        with Image.open(path) as im:
+            if im.mode == "1":
+                return np.asarray(im, dtype=np.uint8)  # 0/1
+            if im.mode not in ("L", "P", "I", "I;16"):
+                im = im.convert("L")
+            return np.asarray(im).copy()
+    except UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
 
 
 def _binarise(m: np.ndarray) -> np.ndarray:
@@ -206,6 +243,7 @@ class Record:
         width, height: image size in pixels when known without decoding (else None).
         subset: original subset (DeepCrack ``train``/``test``), else "".
         mask_path, mask_kind, mask_value: how `load_mask` builds the label mask (None = no mask).
+        mask_classes: the number of segment classes an ``index`` mask may name (values 0..n-1, 255 = ignore).
         difficult: bool array per box (VOC ``<difficult>``), same length as the boxes.
         defect_free: True / False where the dataset says so (magnetic-tile: the ``MT_Free`` folder), None
             where it follows from the annotations (see `is_defect_free`).
@@ -223,6 +261,7 @@ class Record:
     mask_path: Path | None = None
     mask_kind: str | None = None  # "mt" | "mat" | "binary" | "index"
     mask_value: int = 1
+    mask_classes: int | None = None
     difficult: np.ndarray | None = None
     defect_free: bool | None = None
     _boxes: np.ndarray | None = field(default=None, repr=False)
@@ -290,7 +329,7 @@ class Record:
         elif self.mask_kind == "binary":
             out = _binarise(_read_mask_png(self.mask_path)).astype(np.uint8) * np.uint8(self.mask_value)
         elif self.mask_kind == "index":
-            out = _read_mask_png(self.mask_path).astype(np.uint8)
+            out = _index_mask(self.mask_path, self.mask_classes)
         else:  # pragma: no cover
             raise ValueError(f"unknown mask kind {self.mask_kind}")
         if hw is None and self.height is not None and self.width is not None:
@@ -300,12 +339,15 @@ class Record:
     def size(self) -> tuple[int, int]:
         """(width, height), reading only the image header when unknown."""
         if self.width is None or self.height is None:
-            with Image.open(self.image) as im:
-                w, h = im.size
-                if im.getexif().get(274, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
-                    w, h = h, w
-            self.width, self.height = w, h
+            self.width, self.height = _image_size(self.image)
         return self.width, self.height
+
+    def check_files(self) -> None:
+        """Raise DatasetFormatError when the image (or mask picture) is not an image PIL can identify; reads
+        the headers only."""
+        _image_size(self.image, exif=False)
+        if self.mask_path is not None and self.mask_kind != "mat":
+            _image_size(self.mask_path, exif=False)
 
 
 @dataclass
@@ -417,15 +459,21 @@ def _read_classes_txt(root: Path) -> list[str] | None:
     return [n for n in names if n and not n.startswith("#")]
 
 
-def parse_voc_xml(path: str | os.PathLike) -> dict:
+def parse_voc_xml(path: str | os.PathLike, image: str | os.PathLike | None = None) -> dict:
     """Parse a Pascal VOC annotation.
 
     Returns ``{"width", "height", "names": [str], "boxes": float32 N×4, "difficult": bool N}`` with boxes
     converted from 1-based inclusive pixel indices to continuous 0-based xyxy (xmin-1, ymin-1, xmax, ymax),
-    clipped to the image, degenerate boxes and exact duplicates dropped. Width/height are None when the
-    ``<size>`` block is missing or zero.
+    clipped to the image, degenerate boxes (those entirely outside the image among them) and exact
+    duplicates dropped. The image size is the ``<size>`` block's; when it is missing or zero, the header of
+    ``image`` (the picture the xml annotates) gives it. Width/height are None when neither is known (boxes
+    are then clipped at 0 only). DatasetFormatError when the file is not well-formed XML or an object's box
+    is not four numbers.
     """
-    root = ET.parse(path).getroot()
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, UnicodeDecodeError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable VOC annotation ({exc})") from None
 
     def _num(node, tag):
         t = node.findtext(tag) if node is not None else None
@@ -438,13 +486,18 @@ def parse_voc_xml(path: str | os.PathLike) -> dict:
     w, h = _num(size, "width"), _num(size, "height")
     w = int(w) if w else None
     h = int(h) if h else None
+    if (w is None or h is None) and image is not None:
+        w, h = _image_size(image)
     names, boxes, diff, seen = [], [], [], set()
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
+        if not name:
+            continue
         bb = obj.find("bndbox")
         vals = [_num(bb, k) for k in ("xmin", "ymin", "xmax", "ymax")]
-        if not name or any(v is None for v in vals):
-            continue
+        if any(v is None or not np.isfinite(v) for v in vals):
+            raise DatasetFormatError(f"{path}: object {name!r} has no box of four numbers "
+                                     "(bndbox xmin, ymin, xmax, ymax)")
         x1, y1, x2, y2 = vals
         x1, x2 = min(x1, x2), max(x1, x2)
         y1, y2 = min(y1, y2), max(y1, y2)
@@ -473,6 +526,19 @@ def parse_voc_xml(path: str | os.PathLike) -> dict:
     }
 
 
+def _index_mask(path: Path, num_classes: int | None) -> np.ndarray:
+    """uint8 class-index mask; DatasetFormatError for a value that names no class (255 = ignore)."""
+    m = _read_mask_png(path)
+    if num_classes is not None and m.size:
+        bad = m[((m < 0) | (m >= num_classes)) & (m != IGNORE_INDEX)]
+        if bad.size:
+            raise DatasetFormatError(
+                f"{path}: mask value {int(bad.max())} is not a class index (0..{num_classes - 1} for the "
+                f"{num_classes} classes of classes.txt, or {IGNORE_INDEX} = ignore)"
+            )
+    return m.astype(np.uint8)
+
+
 def _boxes_from_mask(rec: Record) -> tuple[np.ndarray, np.ndarray]:
     """Boxes of the 8-connected components of a binarised mask (xyxy, continuous pixel coordinates)."""
     from scipy import ndimage
@@ -497,9 +563,14 @@ def _boxes_from_mask(rec: Record) -> tuple[np.ndarray, np.ndarray]:
 def _load_crackforest_mat(path: Path) -> np.ndarray:
     from scipy.io import loadmat
 
-    gt = loadmat(str(path))["groundTruth"]
-    s = gt[0, 0]["Segmentation"] if gt.dtype.names else gt
-    s = np.asarray(s)
+    try:
+        gt = loadmat(str(path))["groundTruth"]
+        s = gt[0, 0]["Segmentation"] if gt.dtype.names else gt
+        s = np.asarray(s, dtype=np.float64)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise DatasetFormatError(f"{path}: not a CrackForest groundTruth .mat ({type(exc).__name__}: {exc})") from None
     return (s >= 2).astype(np.uint8)
 
 
@@ -554,10 +625,14 @@ def _read_magnetic_tile(root: Path) -> DatasetInfo:
 def _read_voc(root: Path, img_dir: Path, ann_dir: Path | None, fmt: str,
               classes: list[str] | None) -> DatasetInfo:
     images = _images_in(img_dir)
+    by_stem: dict[str, Path] = {}
+    for p in images:
+        by_stem.setdefault(p.stem, p)
     parsed: dict[str, dict] = {}
     ann_dir = ann_dir or img_dir
     for p in sorted(ann_dir.glob("*.xml")) + sorted(ann_dir.glob("*.XML")):
-        parsed[p.stem] = parse_voc_xml(p)
+        # an xml without <size> is clipped to its image's real size: training and evaluation see one box
+        parsed[p.stem] = parse_voc_xml(p, by_stem.get(p.stem))
     if classes is None:
         classes = sorted({n for a in parsed.values() for n in a["names"]})
     index = {n: i for i, n in enumerate(classes)}
@@ -582,7 +657,6 @@ def _read_voc(root: Path, img_dir: Path, ann_dir: Path | None, fmt: str,
             prefix = stem.rsplit("_", 1)[0]
             rec.label = index.get(prefix)
         records.append(rec)
-    # sizes from <size> are trusted only if the xml declares them; verify the first image cheaply
     tasks = ("detect", "classify") if prefix_classes else ("detect",)
     cl = {"detect": list(classes)}
     if prefix_classes:
@@ -626,6 +700,12 @@ def _read_folder_classify(root: Path) -> DatasetInfo:
     dirs = {d.name: d for d in root.iterdir() if d.is_dir() and _images_in(d)}
     if names is None:
         names = sorted(dirs)
+    if len(names) < 2:
+        found = f"only {names[0]!r}" if names else "none"
+        raise DatasetFormatError(
+            f"{root}: a classifier needs at least two classes (one folder of images per class, e.g. ok/ and "
+            f"defect/, or their names in classes.txt), found {found}"
+        )
     records = []
     for ci, n in enumerate(names):
         if n not in dirs:
@@ -649,9 +729,33 @@ def _read_folder_segment(root: Path, img_dir: Path, mask_dir: Path) -> DatasetIn
         if m is None:
             continue
         records.append(Record(stem=p.stem, key=f"{img_dir.name}/{p.stem}", image=p, mask_path=m,
-                              mask_kind=kind, mask_value=1))
+                              mask_kind=kind, mask_value=1,
+                              mask_classes=len(names) if kind == "index" else None))
     return DatasetInfo(format="folder-segment", root=root, tasks=("segment",),
                        classes={"segment": list(names)}, records=records)
+
+
+def _read_yolo_labels(path: Path) -> np.ndarray:
+    """float32 N×5 rows ``class cx cy w h`` of a YOLO label file (values after the fifth are ignored);
+    DatasetFormatError naming the file and line for one that is not an integer class and four numbers."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetFormatError(f"{path}: not a text file of YOLO labels ({exc})") from None
+    rows = []
+    for n, ln in enumerate(text.splitlines(), 1):
+        parts = ln.split()
+        if not parts:
+            continue
+        try:
+            row = [float(v) for v in parts[:5]]
+        except ValueError:
+            row = []
+        if len(row) < 5 or not all(np.isfinite(row)) or row[0] != int(row[0]):
+            raise DatasetFormatError(f"{path} line {n}: expected '<class index> <cx> <cy> <w> <h>' (numbers, "
+                                     f"0..1), got {ln.strip()!r}")
+        rows.append(row)
+    return np.asarray(rows, np.float32).reshape(-1, 5)
 
 
 def _read_yolo(root: Path, img_dir: Path, lab_dir: Path) -> DatasetInfo:
@@ -660,13 +764,7 @@ def _read_yolo(root: Path, img_dir: Path, lab_dir: Path) -> DatasetInfo:
     for p in _images_in(img_dir):
         rec = Record(stem=p.stem, key=f"{img_dir.name}/{p.stem}", image=p)
         lp = lab_dir / f"{p.stem}.txt"
-        rows = []
-        if lp.is_file():
-            for ln in lp.read_text().splitlines():
-                parts = ln.split()
-                if len(parts) >= 5:
-                    rows.append([float(v) for v in parts[:5]])
-        arr = np.asarray(rows, np.float32).reshape(-1, 5)
+        arr = _read_yolo_labels(lp) if lp.is_file() else np.zeros((0, 5), np.float32)
         if len(arr):
             max_cls = max(max_cls, int(arr[:, 0].max()))
         records.append(rec)
@@ -755,4 +853,6 @@ def load_records(data_dir: str | os.PathLike, task: str | None = None) -> Datase
         info = _read_folder_classify(root)
     if task is not None:
         info.records = info.records_for(task)
+    for rec in info.records:  # headers only: a file that is not an image fails here, not mid-training
+        rec.check_files()
     return info

@@ -156,6 +156,48 @@ def test_manifest_validation(tmp_path):
         read_manifest(folder)
 
 
+WRONG_TYPES = [  # edits of a detect manifest, and the field the error names
+    pytest.param(lambda m: m["verdict"].update(min_score="high"),
+                 r"verdict min_score must be a number within \[0, 1\], got 'high'", id="min_score"),
+    pytest.param(lambda m: m["verdict"].update(min_score=True), "verdict min_score", id="min_score-bool"),
+    pytest.param(lambda m: m["verdict"].update(min_area="big"), r"verdict min_area must be a number >= 0, got 'big'",
+                 id="min_area"),
+    pytest.param(lambda m: m["verdict"].update(classes={"b": {"min_score": None}}), "verdict classes.b.min_score",
+                 id="class-min_score"),
+    pytest.param(lambda m: m["verdict"].update(classes={"b": {"min_area": "big"}}), "verdict classes.b.min_area",
+                 id="class-min_area"),
+    pytest.param(lambda m: m.update(mean=["a", "b", "c"]), "manifest mean must be 1 or 3 numbers", id="mean"),
+    pytest.param(lambda m: m.update(std=[0.2, None, 0.2]), "manifest std", id="std"),
+    pytest.param(lambda m: m.update(preprocess={"pad_value": "x"}), "preprocess.pad_value", id="pad_value"),
+    pytest.param(lambda m: m.update(preprocess="letterbox"), "preprocess must be an object", id="preprocess"),
+    pytest.param(lambda m: m["arch"].update(in_chans="3"), "arch.in_chans must be a positive integer", id="in_chans"),
+    pytest.param(lambda m: m["arch"].update(reg_max=16.5), "arch.reg_max", id="reg_max"),
+    pytest.param(lambda m: m["arch"].update(layer_scale="x"), "arch.layer_scale", id="layer_scale"),
+    pytest.param(lambda m: m.update(tta=[["hflip"]]), "manifest tta", id="tta"),
+]
+
+
+@pytest.mark.parametrize(("edit", "match"), WRONG_TYPES)
+def test_manifest_fields_of_the_wrong_type_are_refused_naming_the_field(tmp_path, edit, match):
+    _, folder = _save("detect", tmp_path)
+    _edit_manifest(folder, edit)
+    with pytest.raises(CheckpointError, match=match):
+        read_manifest(folder)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(folder)
+
+
+def test_classify_pass_labels_must_be_a_list_of_names(tmp_path):
+    _, folder = _save("classify", tmp_path)
+    for bad in ("ok", [1], None):
+        _edit_manifest(folder, lambda m, bad=bad: m["verdict"].update(pass_labels=bad))
+        with pytest.raises(CheckpointError, match="verdict pass_labels must be a list of class names"):
+            read_manifest(folder)
+    _edit_manifest(folder, lambda m: m["verdict"].update(pass_labels=["ok"], min_area="big"))
+    with pytest.raises(CheckpointError, match="verdict min_area"):
+        read_manifest(folder)
+
+
 def test_per_class_verdict_rules(tmp_path):
     _, folder = _save("detect", tmp_path)
     rule = {"type": "any_defect", "min_score": 0.5, "min_area": 0, "classes": {"b": {"min_score": 0.1}},

@@ -485,3 +485,95 @@ def test_load_image_grey_and_colour(tmp_path: Path):
     assert np.array_equal(load_image(tmp_path / "colour.png"), colour)
     with pytest.raises(ValueError, match="RGB or L"):
         load_image(tmp_path / "grey.png", "CMYK")
+
+
+# ----------------------------------------------------------------------------------------------------
+# files that cannot be read: DatasetFormatError naming the file, at read time where cheap
+
+
+def test_a_voc_xml_that_does_not_parse_is_named(tmp_path):
+    v = tmp_path / "voc"
+    _save_img(v / "images/a.jpg", _gray(64, 64))
+    (v / "annotations").mkdir()
+    (v / "annotations/a.xml").write_text("<annotation><object>")  # cut short
+    with pytest.raises(DatasetFormatError, match=r"annotations/a.xml: not a readable VOC annotation"):
+        load_records(v)
+    (v / "annotations/a.xml").write_text(NEU_XML.format(fname="a", objects=OBJ.format(n="dent", d=0,
+                                                                                      b=(1, 2, "x", 9))))
+    with pytest.raises(DatasetFormatError, match=r"a.xml: object 'dent' has no box of four numbers"):
+        load_records(v)
+
+
+def test_a_voc_box_is_clipped_to_the_image_when_the_xml_has_no_size(tmp_path):
+    v = tmp_path / "voc"
+    (v / "annotations").mkdir(parents=True)
+    for stem, box in (("a", (31, 31, 200, 200)), ("b", (100, 100, 200, 200))):
+        _save_img(v / f"images/{stem}.jpg", _gray(64, 64))
+        (v / f"annotations/{stem}.xml").write_text(
+            f"<annotation><object><name>dent</name><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
+            f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object></annotation>")
+    recs = {r.stem: r for r in load_records(v).records}
+    # the image header gives the size: the box ends at the image border, as training sees it
+    assert recs["a"].boxes.tolist() == [[30, 30, 64, 64]] and (recs["a"].width, recs["a"].height) == (64, 64)
+    # entirely outside the image: dropped, as for an xml with a <size>
+    assert len(recs["b"].boxes) == 0 and recs["b"].is_defect_free("detect")
+    ds = DetectDataset(list(recs.values()), imgsz=64, train=False)
+    assert ds[0]["boxes"].tolist() == [[30, 30, 64, 64]]
+
+
+def test_a_yolo_line_that_is_not_numbers_is_named(tmp_path):
+    y = tmp_path / "yolo"
+    _save_img(y / "images/a.jpg", _gray(64, 64))
+    (y / "labels").mkdir()
+    for line in ("dent 0.5 0.5 0.2 0.2", "0 0.5 0.5 0.2", "1.5 0.5 0.5 0.2 0.2"):
+        (y / "labels/a.txt").write_text(f"0 0.5 0.5 0.1 0.1\n\n{line}\n")
+        with pytest.raises(DatasetFormatError, match=rf"labels/a.txt line 3: expected .*got '{line}'"):
+            load_records(y)
+
+
+def test_a_file_that_is_not_an_image_is_named_when_the_records_are_read(tmp_path):
+    c = tmp_path / "cls"
+    _save_img(c / "ok/a.png", _gray(16, 16))
+    _save_img(c / "bad/b.png", _gray(16, 16))
+    (c / "bad/c.png").write_text("not a picture")
+    with pytest.raises(DatasetFormatError, match=r"bad/c.png: not an image"):
+        load_records(c, "classify")
+    # a file whose header reads but whose pixels do not: named when decoded (training caches them first)
+    _save_img(c / "bad/c.png", np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8))
+    (c / "bad/c.png").write_bytes((c / "bad/c.png").read_bytes()[:2000])
+    info = load_records(c, "classify")
+    with pytest.raises(DatasetFormatError, match=r"bad/c.png: not a readable image"):
+        ClassifyDataset(info.records, imgsz=16, train=True).preload()
+
+
+def test_a_classifier_needs_two_classes(tmp_path):
+    c = tmp_path / "cls"
+    for i in range(3):
+        _save_img(c / "ok" / f"ok{i}.png", _gray(16, 16))
+    with pytest.raises(DatasetFormatError, match=r"a classifier needs at least two classes .*found only 'ok'"):
+        load_records(c)
+    (c / "classes.txt").write_text("ok\nscratch\n")  # a class without images yet: its name is known
+    assert load_records(c).class_names("classify") == ["ok", "scratch"]
+
+
+def test_an_index_mask_value_that_names_no_class_is_named_when_loaded(tmp_path):
+    s = tmp_path / "seg"
+    m = np.zeros((10, 12), np.uint8)
+    m[2, 3], m[4, 5] = 7, 255
+    _save_img(s / "images/a.jpg", _gray(10, 12))
+    _save_img(s / "masks/a.png", m)
+    (s / "classes.txt").write_text("background\npit\nscratch\n")
+    info = load_records(s, "segment")
+    with pytest.raises(DatasetFormatError, match=r"masks/a.png: mask value 7 is not a class index \(0..2"):
+        info.records[0].load_mask()
+    with pytest.raises(DatasetFormatError, match="mask value 7"):
+        SegmentDataset(info.records, imgsz=16, train=True).preload()
+    # 16-bit masks are checked before they are narrowed to 8 bits (256 would otherwise read as 0)
+    m16 = m.astype(np.uint16)
+    m16[2, 3] = 256
+    Image.fromarray(m16).save(s / "masks/a.png")
+    with pytest.raises(DatasetFormatError, match="mask value 256"):
+        load_records(s, "segment").records[0].load_mask()
+    m[2, 3] = 2
+    _save_img(s / "masks/a.png", m)
+    assert load_records(s, "segment").records[0].load_mask()[2, 3] == 2

@@ -141,3 +141,15 @@ def test_calibrate_chooses_minimum_areas_from_a_grid():
     assert _area(new, "crazing") == 16 and _area(new, "patches") == 16
     assert _score(new, "crazing") == 0.5
     assert part_metrics(outcomes, new, CLASSES)["escaped"] == 0
+
+
+def test_a_manifest_rule_reaches_the_thresholds_only_with_numbers():
+    from model.checkpoint import CheckpointError, validate_manifest
+
+    manifest = {"task": "detect", "arch": {"variant": "tiny", "num_classes": 2}, "classes": CLASSES}
+    rule = {"type": "any_defect", "min_score": 0.4, "min_area": 8, "classes": {"patches": {"min_area": 2}}}
+    checked = validate_manifest({**manifest, "verdict": rule}, require_sha=False)["verdict"]
+    assert thresholds(checked, CLASSES)[1].tolist() == [8, 2]
+    for bad in ({"min_area": "big"}, {"min_score": "high"}, {"classes": {"patches": {"min_score": None}}}):
+        with pytest.raises(CheckpointError, match="must be a number"):
+            validate_manifest({**manifest, "verdict": {**rule, **bad}}, require_sha=False)
