@@ -55,12 +55,13 @@ from model.data import (
     sample_weights,
     split_records,
 )
+from model.device import missing_gpu
 from model.evaluate import evaluate
 from model.losses import DetectionLoss, SegmentationLoss
 from model.predictor import Predictor
 from model.registry import MIN_INPUT_SIZE, build_model
 
-__all__ = ["TrainConfig", "TrainConfigError", "RECIPES", "train"]
+__all__ = ["TrainConfig", "TrainConfigError", "TrainOutputError", "RECIPES", "train"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ RECIPES: dict[str, TaskRecipe] = {
 
 class TrainConfigError(ValueError):
     """A training option out of range or meaningless for the task; the message names the CLI flag."""
+
+
+class TrainOutputError(RuntimeError):
+    """The run trained, but copying its result to --export / --export-mask failed; the message names the
+    option and where the trained weights are."""
 
 
 MAX_BALANCE = 1.0  # --balance: 1 = every class equally often (weights 1 / class count)
@@ -211,6 +217,18 @@ class TrainConfig:
             bad("--select", "folders needs several comma-separated --data folders")
         if self.export_mask and (self.task != "classify" or not self.aux_mask):
             bad("--export-mask", "needs --task classify with the auxiliary mask head (no --no-aux-mask)")
+        # --device: cpu, or a CUDA GPU that torch sees here (refused now, not as a traceback mid-run)
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError, ValueError):
+            device = torch.device("meta")
+        if device.type not in ("cpu", "cuda"):
+            bad("--device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if missing_gpu(self.device):
+            bad("--device", f"{self.device}: torch sees no CUDA GPU here (torch {torch.__version__}); "
+                            "use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            bad("--device", f"{self.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         return self
 
     def resolved(self) -> TrainConfig:
@@ -314,6 +332,9 @@ class _Task:
             if cfg.copy_paste and not use_masks:
                 raise TrainConfigError("--copy-paste needs a data folder whose images all have defect masks "
                                        "(magnetic-tile layout)")
+            if cfg.export_mask and not use_masks:
+                raise TrainConfigError("--export-mask needs a data folder whose images all have defect masks "
+                                       "(magnetic-tile layout): without them no mask head is trained")
             if cfg.defect_keep != DEFECT_KEEP and not have_masks:
                 raise TrainConfigError("--defect-keep needs a data folder whose images all have defect masks "
                                        "(the crop keeps a fraction of the masked defect)")
@@ -437,23 +458,87 @@ def _close_mosaic(ds, cfg: TrainConfig, epoch: int) -> bool:
     return True
 
 
+# --resume: the options this invocation may set anew (the length of the run, the machine, the outputs);
+# given, they replace the saved run's
+RESUME_OPTIONS = ("epochs", "time_limit", "close_mosaic", "workers", "threads", "max_train_batches",
+                  "max_val_images", "export", "export_mask")
+# always this invocation's: the machine may differ from the one that started the run
+_RESUME_MACHINE = ("device", "amp", "val_every")
+RESUME_FLAGS = ("--epochs, --time-limit, --close-mosaic, --workers, --threads, --export, --export-mask, "
+                "--keep-epochs, --device, --val-every")  # the CLI flags of the above, for messages
+_FLAG_NAMES = {"aux_mask": "--no-aux-mask", "ema_decay": "ema_decay", "lr_final": "lr_final"}  # not --field-name
+
+
+def _as_option(key: str, value: Any) -> str:
+    """A TrainConfig field's value as the option that gives it: ``--lr 0.001``, ``no --init-weights``."""
+    flag = _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+    if key == "aux_mask":
+        return "the auxiliary mask head" if value else flag
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"no {flag}" if value is None else f"{flag} {value}"
+
+
+def _same_data(given: str, saved: str) -> bool:
+    """Whether two --data values name the same folders (as written, or resolved from here)."""
+    def folders(data: str) -> list[Path]:
+        return [Path(d.strip()).resolve() for d in data.split(",") if d.strip()]
+
+    return given == saved or folders(given) == folders(saved)
+
+
+def _check_resume_options(cfg: TrainConfig, saved: TrainConfig, last_path: Path) -> None:
+    """--resume continues a run as it was trained: an option of this invocation that is neither one of the
+    `RESUME_OPTIONS` nor left at its default must agree with the saved run (e.g. the same command again with
+    --resume); otherwise it is refused with the option named, rather than silently dropped."""
+    may_differ = {*RESUME_OPTIONS, *_RESUME_MACHINE, "keep_epochs", "out", "resume", "command"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in may_differ:
+            continue
+        given, was = getattr(cfg, f.name), getattr(saved, f.name)
+        if f.default is not dataclasses.MISSING and given == f.default:
+            continue  # not given: the saved run's value
+        if given == was or (f.name == "data" and _same_data(given, was)):
+            continue
+        raise TrainConfigError(
+            f"{_as_option(f.name, given)}: the run in {last_path.parent} was trained with "
+            f"{_as_option(f.name, was)}; --resume continues a run as it was trained (only {RESUME_FLAGS} "
+            "may change): start a new run in another --out to train otherwise")
+
+
+def _load_state(last_path: Path) -> tuple[dict, TrainConfig]:
+    """The resume state in ``last.pt`` and the run's saved configuration; `CheckpointError` naming the file
+    where it is not one `train` wrote (damaged, truncated, another kind of file)."""
+    from model.checkpoint import CheckpointError
+
+    try:
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+    except Exception as exc:  # noqa: BLE001 - any damage to the file reads as one of many errors
+        raise CheckpointError(f"--resume: {last_path} is not a training state that s2amnet train wrote "
+                              f"(damaged or another file: {type(exc).__name__}); start the run again without "
+                              "--resume, or in another --out") from None
+    try:
+        return state, TrainConfig(**_saved_options(saved))
+    except TypeError as exc:
+        raise CheckpointError(f"--resume: {last_path} holds a configuration this version cannot continue "
+                              f"({exc})") from None
+
+
 def _resume(cfg: TrainConfig, last_path: Path) -> tuple[TrainConfig, dict | None, list[str]]:
     """(config, saved state or None, the commands that resumed the run): ``--resume`` continues the saved
-    run with its data and architecture; only the length / output options may change."""
+    run with its data, architecture and recipe; only the `RESUME_OPTIONS` (when given), the machine's
+    options and --keep-epochs come from this invocation, any other option given must agree with the run."""
     if not cfg.resume:
         return cfg, None, []
-    if not last_path.exists():
+    if not last_path.is_file():
         raise FileNotFoundError(f"--resume: no {last_path} to resume from")
-    state = torch.load(last_path, map_location="cpu", weights_only=True)
-    saved = TrainConfig(**_saved_options(json.loads(state["config"])))
-    overrides = {k: getattr(cfg, k) for k in ("epochs", "workers", "export", "export_mask", "threads",
-                                              "close_mosaic", "max_train_batches", "max_val_images", "time_limit")
-                 if getattr(cfg, k) is not None}
+    state, saved = _load_state(last_path)
+    _check_resume_options(cfg, saved, last_path)
+    overrides = {k: getattr(cfg, k) for k in RESUME_OPTIONS if getattr(cfg, k) is not None}
     resumed_with = json.loads(state.get("resumed_with", "[]")) + ([cfg.command] if cfg.command else [])
-    # the machine may differ from the one that started the run: device / mixed precision / validation
-    # cadence are taken from this invocation
-    cfg = dataclasses.replace(saved, **overrides, resume=True, device=cfg.device, amp=cfg.amp,
-                              val_every=cfg.val_every)
+    cfg = dataclasses.replace(saved, **overrides, **{k: getattr(cfg, k) for k in _RESUME_MACHINE}, resume=True,
+                              keep_epochs=saved.keep_epochs or cfg.keep_epochs, out=str(last_path.parent))
     return cfg, state, resumed_with
 
 
@@ -627,8 +712,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     last_path = out / "last.pt"
     cfg, state, resumed_with = _resume(cfg, last_path)
     cfg = cfg.resolved().validate()
+    _check_outputs(cfg, out)
     device = _setup_process(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainConfigError(f"--out {out}: cannot create the run folder ({exc.strerror or exc})") from None
     recipe = RECIPES[cfg.task]
 
     info, source = _load_data(cfg.data, cfg.task)
@@ -702,11 +791,39 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     return _finish(cfg, out, recipe.metric, best, best_epoch, best_mask if m.ema_mask is not None else None)
 
 
+def _check_outputs(cfg: TrainConfig, out: Path) -> None:
+    """Refuse, before any work, a run folder (--out) or --export / --export-mask folder that cannot be
+    written: an existing file, or a folder to be made under an existing file or a folder not writable."""
+    for flag, path in (("--out", out), ("--export", cfg.export), ("--export-mask", cfg.export_mask)):
+        if not path:
+            continue
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise TrainConfigError(f"{flag} {folder}: exists and is not a folder")
+        nearest = folder  # the missing folders are made under the nearest existing one
+        while not nearest.exists() and nearest != nearest.parent:
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            raise TrainConfigError(f"{flag} {folder}: {nearest} is not a folder")
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise TrainConfigError(f"{flag} {folder}: {nearest} is not writable")
+
+
 def _finish(cfg: TrainConfig, out: Path, metric: str, best: float, best_epoch: int,
             best_mask: float | None) -> dict[str, Any]:
-    """Copy the best weights (and mask model) to --export / --export-mask; the run's result."""
-    export = _copy_folder(out / "best", cfg.export)
-    export_mask = _copy_folder(out / "best-mask", cfg.export_mask)
+    """Copy the best weights (and mask model) to --export / --export-mask; the run's result.
+    `TrainOutputError` where a copy fails (a full disk, permissions changed during the run)."""
+    copied, failed = {}, []
+    for flag, src, dst in (("--export", out / "best", cfg.export),
+                           ("--export-mask", out / "best-mask", cfg.export_mask)):
+        try:
+            copied[flag] = _copy_folder(src, dst)
+        except OSError as exc:
+            failed.append(f"{flag} {dst}: could not copy the best weights there ({exc}); "
+                          f"the trained weights are in {src}")
+    if failed:
+        raise TrainOutputError("; ".join(failed))
+    export, export_mask = copied["--export"], copied["--export-mask"]
     result = {"best": {metric: best}, "best_epoch": best_epoch, "out": str(out),
               "best_dir": str(out / "best"), "export": str(export) if export else None}
     if best_mask is not None:

@@ -23,9 +23,13 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-epochs", type=float, help="linear LR warm-up length (fractions allowed)")
     p.add_argument("--crop", type=int, help="segment: training crop size")
-    p.add_argument("--out", default="", help="run folder (default runs/<data>-<task>)")
-    p.add_argument("--name", default="", help="model name written to the manifest")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--out", default="", help="run folder (default runs/NAME, NAME being --name)")
+    p.add_argument("--name", default="", help="model name written to the manifest (default <data folder>-<task>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/last.pt with the run's own data and settings; only --epochs, "
+                        "--time-limit, --close-mosaic, --workers, --threads, --export, --export-mask, "
+                        "--keep-epochs, --device and --val-every may change, any other option must agree "
+                        "with the run")
     p.add_argument("--export", help="copy the best weights folder here at the end (e.g. weights/NAME)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
@@ -91,7 +95,7 @@ def argparse_hidden():
 def run(args) -> int:
     from model.checkpoint import CheckpointError
     from model.data import DatasetFormatError
-    from model.train import TrainConfig, TrainConfigError, train
+    from model.train import TrainConfig, TrainConfigError, TrainOutputError, train
 
     cfg = TrainConfig(task=args.task, data=args.data, variant=args.variant, epochs=args.epochs,
                       imgsz=args.imgsz, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
@@ -112,5 +116,9 @@ def run(args) -> int:
     except (TrainConfigError, DatasetFormatError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # the run trained but its result could not be copied, or the disk failed while writing the run folder
+    except (TrainOutputError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result))
     return 0

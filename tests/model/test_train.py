@@ -180,6 +180,58 @@ def test_resume_reads_saved_configurations_with_options_train_does_not_have():
             _saved_options({**old, key: value})
 
 
+def test_resume_refuses_options_that_disagree_with_the_run(tmp_path, capsys):
+    """--resume continues the saved run with its own task, data and recipe: an option given with another
+    value (another task, data folder or learning rate) is refused with the option named, before anything
+    is read or written; the same command again with --resume (the data spelled otherwise, the length and
+    the machine's options changed) continues the run."""
+    data = make_classify(tmp_path / "data")
+    out = tmp_path / "run"
+    train(TrainConfig(task="classify", data=str(data), out=str(out), imgsz=32, batch=4, epochs=1, workers=0,
+                      max_train_batches=1), progress=False)
+    state = (out / "last.pt").read_bytes()
+    same = ["train", "--task", "classify", "--data", str(data), "--imgsz", "32", "--batch", "4", "--out", str(out),
+            "--resume", "--quiet"]
+    for argv, message in (
+        ([*same[:2], "detect", "--data", str(make_detect(tmp_path / "voc")), *same[5:]],
+         "--task detect: the run in " + str(out) + " was trained with --task classify"),
+        ([*same[:4], str(make_classify(tmp_path / "other")), *same[5:]], "--data " + str(tmp_path / "other")),
+        ([*same, "--lr", "0.01"], f"--lr 0.01: the run in {out} was trained with --lr {RECIPE_LR}"),
+        ([*same, "--seed", "1"], f"--seed 1: the run in {out} was trained with --seed 42"),
+        ([*same, "--no-aux-mask"], f"--no-aux-mask: the run in {out} was trained with the auxiliary mask head"),
+    ):
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message) and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1
+    assert (out / "last.pt").read_bytes() == state
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1]
+
+    again = [*same[:4], str(data) + "/", *same[5:], "--lr", str(RECIPE_LR), "--epochs", "2", "--workers", "0",
+             "--threads", "1", "--device", "cpu", "--time-limit", "60", "--max-train-batches", "1"]
+    assert cli_main(again) == 0
+    assert [int(r["epoch"]) for r in csv.DictReader(open(out / "log.csv"))] == [1, 2]
+
+
+def test_resume_from_a_damaged_state_names_the_file(tmp_path, capsys):
+    from model.checkpoint import CheckpointError
+
+    data = make_classify(tmp_path / "data")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_text("garbage\n")
+    with pytest.raises(CheckpointError, match="last.pt is not a training state"):
+        train(TrainConfig(task="classify", data=str(data), out=str(out), resume=True), progress=False)
+    torch.save({"model": {}}, out / "last.pt")  # a torch file, but not a run's state
+    for _ in range(2):
+        assert cli_main(["train", "--task", "classify", "--data", str(data), "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --resume: {out / 'last.pt'} is not a training state"), err
+        assert "Traceback" not in err and "weights_only" not in err
+        (out / "last.pt").write_text("garbage\n")
+
+
 def test_time_limit_shrinks_the_epochs_and_still_exports(tmp_path):
     """--time-limit: a budget that one epoch already exceeds ends the run after that epoch, validated and
     exported; the schedule was fitted to one epoch (the LR reached its final value), and the config of
@@ -730,6 +782,103 @@ def test_train_and_eval_cli_answer_bad_input_with_a_message_and_exit_2(tmp_path,
         assert cli_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
+
+
+def test_train_refuses_a_device_it_cannot_use_before_any_work(tmp_path, capsys, monkeypatch):
+    """--device cuda where torch sees no GPU, or a name that is no device: one line, exit 2, nothing written."""
+    import model.device
+
+    monkeypatch.setattr(model.device, "gpu_available", lambda: False)
+    data = make_classify(tmp_path / "data")
+    out = tmp_path / "run"
+    for device, message in (("cuda", "--device cuda: torch sees no CUDA GPU here"),
+                            ("cuda:1", "--device cuda:1: torch sees no CUDA GPU here"),
+                            ("bogus", "--device must be auto, cpu, cuda or cuda:N, got 'bogus'")):
+        assert cli_main(["train", "--task", "classify", "--data", str(data), "--out", str(out), "--quiet",
+                         "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message) and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_train_refuses_output_paths_it_cannot_write_before_training(tmp_path, capsys):
+    """--out / --export / --export-mask that is an existing file, or that would be made under a file (or
+    in a folder not writable), is refused before any work."""
+    import os
+
+    data = make_classify(tmp_path / "data")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    out = tmp_path / "run"
+    base = ["train", "--task", "classify", "--data", str(data), "--quiet", "--epochs", "1", "--imgsz", "32",
+            "--workers", "0", "--max-train-batches", "1"]
+    cases = [
+        (["--out", str(a_file)], f"--out {a_file}: exists and is not a folder"),
+        (["--out", str(a_file / "run")], f"--out {a_file / 'run'}: {a_file} is not a folder"),
+        (["--out", str(out), "--export", str(a_file)], f"--export {a_file}: exists and is not a folder"),
+        (["--out", str(out), "--export", str(a_file / "w")], f"--export {a_file / 'w'}: {a_file} is not a folder"),
+    ]
+    if os.geteuid() != 0:  # (root writes into any folder)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        cases.append((["--out", str(out), "--export", str(locked / "w")], f"--export {locked / 'w'}: {locked} "
+                                                                          "is not writable"))
+    for extra, message in cases:
+        assert cli_main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: " + message) and "Traceback" not in err, err
+        assert not out.exists() and a_file.read_text() == "keep me"
+
+
+def test_export_mask_without_masks_is_refused_before_training(tmp_path, capsys):
+    """--export-mask where no mask head is trained (data without masks) is refused, as --copy-paste is,
+    rather than ignored with exit 0."""
+    data = make_classify(tmp_path / "data")
+    out, mask_dst = tmp_path / "run", tmp_path / "w-seg"
+    assert cli_main(["train", "--task", "classify", "--data", str(data), "--quiet", "--epochs", "1", "--imgsz", "32",
+                     "--workers", "0", "--max-train-batches", "1", "--out", str(out),
+                     "--export-mask", str(mask_dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --export-mask needs a data folder whose images all have defect masks"), err
+    assert not mask_dst.exists() and not (out / "last.pt").exists()
+
+
+def test_train_answers_a_failed_export_with_where_the_weights_are(tmp_path, capsys, monkeypatch):
+    """A copy to --export that fails at the end of the run (a full disk): one line naming the option and
+    the run's best/ folder, which holds the trained weights; exit 1."""
+    import errno
+    import shutil
+
+    data = make_classify(tmp_path / "data")
+    out, dst = tmp_path / "run", tmp_path / "w"
+
+    def full(src, dst, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(shutil, "copy2", full)
+    assert cli_main(["train", "--task", "classify", "--data", str(data), "--quiet", "--epochs", "1", "--imgsz",
+                     "32", "--batch", "4", "--workers", "0", "--max-train-batches", "1", "--out", str(out),
+                     "--export", str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --export {dst}: could not copy the best weights there") and "Traceback" not in err
+    assert "No space left on device" in err and err.rstrip().endswith(f"the trained weights are in {out / 'best'}")
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_train_run_folder_defaults_to_runs_name(tmp_path, capsys, monkeypatch):
+    """Without --out the run folder is runs/NAME: --name, else <data folder>-<task>; the help says so."""
+    data = make_classify(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--task", "classify", "--data", str(data), "--quiet", "--epochs", "1", "--imgsz", "32",
+            "--batch", "4", "--workers", "0", "--max-train-batches", "1"]
+    assert cli_main([*base, "--name", "foo"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(Path("runs") / "foo")
+    assert (tmp_path / "runs" / "foo" / "best" / "manifest.json").is_file()
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT run folder (default runs/NAME, NAME being --name)" in shown
+    assert "(default <data folder>-<task>)" in shown
 
 
 def test_train_and_eval_cli_run_without_the_service_dependencies(tmp_path):
