@@ -15,6 +15,7 @@ import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,6 +34,8 @@ BackendName = Literal["auto", "eager", "eager-channels-last", "eager-bf16", "com
                       "openvino", "openvino-bf16"]
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
 class Settings(BaseSettings):
     # an empty variable counts as unset (`S2AMNET_RECORDS_DIR=` in an env file, `${VAR:-}` in compose)
     model_config = SettingsConfigDict(env_prefix="S2AMNET_", extra="ignore", validate_default=True,
@@ -41,7 +44,7 @@ class Settings(BaseSettings):
     # --- where the API listens
     host: str = Field("0.0.0.0", description="Interface the HTTP API binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the HTTP API.")
-    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error, critical.")
 
     # --- models
     weights_dir: Path = Field(Path("weights"), description="Folder of model folders to load.")
@@ -212,6 +215,24 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: Any) -> Any:
+        level = str(value).strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # S2AMNET_REDIS_URL= : embedded mode
+        parts = urlsplit(str(value).strip())
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ValueError("expected redis://host:port/db, rediss://... (TLS) or unix:///path/to/redis.sock")
+        return str(value).strip()
 
     @field_validator("backend", mode="before")
     @classmethod

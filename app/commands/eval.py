@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from app.commands import positive_int
+
 SPLIT_HELP = ("part of the split by file stem: train (80 %%), val (10 %%: picks epochs and thresholds), "
               "test (10 %%: only for reporting), heldout (val + test), all")
-
-
-def _batch_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_model_data_args(p, split: str) -> None:
@@ -29,7 +20,7 @@ def add_model_data_args(p, split: str) -> None:
     p.add_argument("--data", required=True, help="dataset folder in its native layout")
     p.add_argument("--split", default=split, choices=["all", "train", "val", "test", "heldout"],
                    help=f"{SPLIT_HELP} (default {split})")
-    p.add_argument("--batch", type=_batch_size, default=16, help="images per forward (default 16)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per forward (default 16)")
     p.add_argument("--device", default="auto", help="auto (a GPU when torch sees one, else cpu), cpu, cuda, cuda:N")
 
 

@@ -19,7 +19,7 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from app.commands import add_service_flags
+from app.commands import add_service_flags, positive_int
 
 if TYPE_CHECKING:
     import uvicorn
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_service_flags(p, "serve")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=1,
         help="API processes (default 1). With more than one, metrics use prometheus-client "
         "multiprocess mode (PROMETHEUS_MULTIPROC_DIR, a temp folder if unset); mainly "

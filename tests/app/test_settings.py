@@ -161,3 +161,36 @@ def test_cpu_streams_take_auto_or_a_whole_number(monkeypatch):
         monkeypatch.setenv("S2AMNET_CPU_STREAMS", bad)
         with pytest.raises(ValidationError, match="auto or a whole number"):
             Settings()
+
+
+def test_log_level_and_redis_url_are_checked_when_read(monkeypatch):
+    """A typo fails at start with the setting named (`s2amnet serve|worker` print it in one line), not
+    with a traceback from logging or from the first Redis call."""
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("S2AMNET_LOG_LEVEL", " WARNING ")
+    assert Settings().log_level == "warning"
+    monkeypatch.setenv("S2AMNET_LOG_LEVEL", "loud")
+    with pytest.raises(ValidationError, match="expected one of debug, info, warning, error, critical"):
+        Settings()
+    monkeypatch.delenv("S2AMNET_LOG_LEVEL")
+    for good in ("redis://localhost:6379/0", "rediss://:secret@redis.plant:6380/1", "unix:///run/redis.sock"):
+        monkeypatch.setenv("S2AMNET_REDIS_URL", good)
+        assert Settings().redis_url == good
+    for bad in ("notaurl", "localhost:6379", "http://redis:6379", "redis://"):
+        monkeypatch.setenv("S2AMNET_REDIS_URL", bad)
+        with pytest.raises(ValidationError, match="expected redis://host:port/db"):
+            Settings()
+
+
+def test_serve_and_worker_answer_bad_settings_in_one_line(capsys):
+    from app.cli import main
+
+    for argv, said in ((["serve", "--log-level", "loud"], "error: invalid setting: log_level"),
+                       (["worker", "--redis-url", "notaurl"], "error: invalid setting: redis_url")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--workers", "0"])
+    assert exited.value.code == 2 and "argument --workers: must be >= 1, got 0" in capsys.readouterr().err
