@@ -43,7 +43,8 @@ blocking in Redis, only while the first computes a batch behind which it saw job
 always goes to the first stream, on every thread, and under load two forwards run side by side on a share
 each.
 
-Each stream's heartbeat key holds the process's pid, host and models. `s2amnet worker`
+Each stream's heartbeat key holds its consumer name and stream number (1 for the first) and the process's
+pid, host and models. `s2amnet worker`
 (app/commands/worker.py) loads the models, exports the worker's metrics and runs its streams (`run_streams`).
 """
 
@@ -278,9 +279,9 @@ class Worker:
         self._next_claim = 0.0
         self._next_orphans = 0.0
         self._next_janitor = time.monotonic() + self.janitor_interval_s
-        self._heartbeat = Heartbeat(self._r, self.consumer, {"consumer": self.consumer, "models": self.models,
-                                                            "pid": os.getpid(), "host": socket.gethostname()},
-                                    heartbeat_ttl_s)
+        self._heartbeat = Heartbeat(self._r, self.consumer, {"consumer": self.consumer, "stream": self.stream + 1,
+                                                            "models": self.models, "pid": os.getpid(),
+                                                            "host": socket.gethostname()}, heartbeat_ttl_s)
         self._connected = False
         self._groups_ok = False
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "cancelled": 0, "dead": 0, "redelivered": 0,

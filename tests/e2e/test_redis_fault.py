@@ -4,7 +4,6 @@ timeout: its jobs are taken over as soon as its heartbeat keys lapse, inside the
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 import time
@@ -12,7 +11,7 @@ import time
 import httpx
 import pytest
 from support.answers import Reference, assert_same_answer, size_for
-from support.harness import GROUP, JOBS, group_pending, redis_stack
+from support.harness import GROUP, JOBS, consumer_of, group_pending, redis_stack
 from support.images import png
 from support.metrics import metric
 
@@ -21,14 +20,6 @@ from app.worker import stream_consumer
 N = 200
 VISIBILITY_S = 30.0  # the default: a killed worker's jobs must not wait for it
 REQUEST_TIMEOUT_S = 25.0  # below the visibility timeout, as the defaults are (10 s against 30 s)
-
-
-def consumer_of(r, pid: int) -> str:
-    for key in r.scan_iter("s2amnet:worker:*"):
-        info = json.loads(r.get(key) or b"{}")
-        if info.get("pid") == pid:
-            return info["consumer"]
-    raise AssertionError(f"no heartbeat of worker pid {pid}")
 
 
 @pytest.mark.parametrize("streams", [1, 2])

@@ -26,6 +26,7 @@ from support.harness import (
     JOBS,
     RedisServer,
     Stack,
+    consumer_of,
     group_pending,
     live_worker_pids,
     redis_stack,
@@ -364,7 +365,7 @@ def test_worker_metrics_and_heartbeat(stack: Stack):
     assert chosen and metric(text, "s2amnet_forward_batch_size", model="cls") == int(chosen.group(1))
     assert "start-up objects moved out of the garbage collector's reach" in stack.workers[0].log()
     info = json.loads(stack.r().get(f"s2amnet:worker:{worker}"))
-    assert info["pid"] == stack.workers[0].pid and info["models"] == ["cls"]
+    assert info["pid"] == stack.workers[0].pid and info["models"] == ["cls"] and info["stream"] == 1
     assert 0 < stack.r().pttl(f"s2amnet:worker:{worker}") <= 10_000  # a dead worker's key expires
 
 
@@ -377,8 +378,7 @@ def test_sigterm_finishes_the_batch_in_hand_then_exits(stack: Stack, e2e_weights
                      S2AMNET_MAX_DELAY_MS="300")
     try:
         wait_workers(r, [w])
-        consumer = next(json.loads(r.get(k))["consumer"] for k in r.scan_iter("s2amnet:worker:*")
-                        if json.loads(r.get(k))["pid"] == w.pid)
+        consumer = consumer_of(r, w.pid)
 
         async def go():
             async with httpx.AsyncClient(base_url=stack.api.url, timeout=60) as c:
@@ -457,8 +457,7 @@ def test_a_worker_in_a_long_forward_keeps_its_heartbeat(stack: Stack, e2e_weight
                      S2AMNET_TEST_INFER_DELAY_S="4.5")
     try:
         wait_workers(r, [w])
-        consumer = next(json.loads(r.get(k))["consumer"] for k in r.scan_iter("s2amnet:worker:*")
-                        if json.loads(r.get(k))["pid"] == w.pid)
+        consumer = consumer_of(r, w.pid)
 
         async def go():
             async with httpx.AsyncClient(base_url=stack.api.url, timeout=60) as c:

@@ -227,6 +227,15 @@ def live_worker_pids(r: redis.Redis) -> set[int]:
     return pids
 
 
+def consumer_of(r: redis.Redis, pid: int) -> str:
+    """The consumer name of the worker process ``pid`` (its first stream's), from its heartbeat keys."""
+    for key in r.scan_iter("s2amnet:worker:*"):
+        info = json.loads(r.get(key) or b"{}")
+        if info.get("pid") == pid and info.get("stream") == 1:
+            return info["consumer"]
+    raise AssertionError(f"no heartbeat of worker pid {pid}")
+
+
 def wait_workers(r: redis.Redis, workers: list[Proc], timeout: float = 180.0) -> None:
     """Until every worker has loaded its models and sends heartbeats."""
     end = time.monotonic() + timeout
