@@ -44,8 +44,8 @@ always goes to the first stream, on every thread, and under load two forwards ru
 each.
 
 Each stream's heartbeat key holds its consumer name and stream number (1 for the first) and the process's
-pid, host and models. `s2amnet worker`
-(app/commands/worker.py) loads the models, exports the worker's metrics and runs its streams (`run_streams`).
+pid, host and models. `s2amnet worker` (app/commands/worker.py) loads the models, exports the worker's
+metrics and runs its streams (`run_streams`).
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ from app.runtime import ThreadShares
 
 log = logging.getLogger(__name__)
 
+# what Redis answers where a job stream or its group is gone (Redis restarted empty, or flushed): not an error
+# to log, the worker recreates them
+STREAMS_GONE = ("NOGROUP", "no such key", "UNBLOCKED the stream key no longer exists")
 ORPHAN_MIN_IDLE_MS = 1000  # a job of a worker that is gone is taken over once it has been idle this long
 ORPHANS_AT_ONCE = 1000  # most jobs of one such consumer taken over in one go
 
@@ -316,7 +319,7 @@ class Worker:
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 1.0)
                 except ResponseError as exc:
-                    if "NOGROUP" in str(exc):  # Redis came back without our groups
+                    if any(why in str(exc) for why in STREAMS_GONE):  # Redis came back without our streams
                         self._groups_ok = False
                         continue
                     log.exception("Redis refused a command; retrying")
@@ -422,8 +425,8 @@ class Worker:
             self._hold_claimed(m, res[1], f"idle > {self.visibility_ms} ms")
 
     def _take_over_orphans(self) -> None:
-        """Take over the jobs pending under consumers whose heartbeat key is gone: their worker is (killed, or
-        its machine lost), so they will never be answered by it. Each job must have been idle a moment
+        """Take over the jobs pending under consumers whose heartbeat key is gone: their worker is gone (killed,
+        or its machine lost), so it will never answer them. Each job must have been idle a moment
         (`ORPHAN_MIN_IDLE_MS`): of two workers taking over at once, only one gets it."""
         for m in self.models:
             stream = job_stream(m)

@@ -541,7 +541,13 @@ def test_redis_coming_back_empty_recreates_the_group(stack: Stack):
     """Redis restarted without its data (FLUSHALL here): the worker recreates its consumer group and
     requests are answered again, without restarting anything."""
     r = stack.r()
+    refused = stack.workers[0].log().count("Redis refused a command")
     r.flushall()
+    end = time.monotonic() + 10  # the worker recreates its stream and group by itself, before any request
+    while not (r.exists(JOBS.format("cls")) and r.xinfo_groups(JOBS.format("cls"))) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert r.exists(JOBS.format("cls")), stack.workers[0].log()[-2000:]
+    assert stack.workers[0].log().count("Redis refused a command") == refused
     t0 = time.monotonic()
     resp = httpx.post(stack.api.url + "/classify", files=[("file", ("a.png", png(seed=7), "image/png"))],
                       timeout=30)
