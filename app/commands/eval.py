@@ -157,8 +157,14 @@ def run(args) -> int:
         if report.chosen != args.backend:
             print(f"error: {args.backend} cannot run this model: {report.reason}", file=sys.stderr)
             return 2
-    metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json,
-                       keep_predictions=bool(args.plot), keep_outcomes=bool(args.plot))
+    from model.data import DatasetFormatError
+
+    try:
+        metrics = evaluate(predictor, records, batch_size=args.batch, progress=not args.json,
+                           keep_predictions=bool(args.plot), keep_outcomes=bool(args.plot))
+    except DatasetFormatError as exc:  # a file that reads as an image, but whose pixels do not decode
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     preds = metrics.pop("predictions", None)
     outcomes = metrics.pop("outcomes", None)
     if args.plot:

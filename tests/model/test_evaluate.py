@@ -148,3 +148,12 @@ def test_eval_on_a_gpu_that_is_not_there_says_so(folders, capsys):
     data, weights, _ = folders
     assert cli_main(["eval", "--weights", str(weights), "--data", str(data), "--device", "cuda"]) == 2
     assert "--device cuda: torch sees no CUDA GPU here; use --device cpu" in capsys.readouterr().err
+
+
+def test_eval_names_an_image_whose_pixels_do_not_decode(folders, capsys):
+    data, weights, val = folders
+    image = val[0].image
+    image.write_bytes(image.read_bytes()[:60])  # the header reads, the pixels are cut off
+    assert cli_main(["eval", "--weights", str(weights), "--data", str(data), "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert f"{image}: not a readable image" in err and "Traceback" not in err, err
