@@ -153,7 +153,9 @@ def _local(args: argparse.Namespace, options: Any) -> Any:
             break
     if chosen is None:
         what = f"model {options.model!r}" if options.model else f"{args.task} model"
-        raise Problem(404, "unknown_model", f"no {what} in {str(settings.weights_dir)!r}")
+        manifest = Path(settings.weights_dir) / str(options.model or "") / "manifest.json"
+        broken = f": {manifest} is unreadable" if options.model and manifest.is_file() else ""
+        raise Problem(404, "unknown_model", f"no {what} in {str(settings.weights_dir)!r}{broken}")
     if chosen[2] != args.task:
         raise Problem(404, "unknown_model", f"model {chosen[0]!r} is a {chosen[2]} model, not {args.task}")
     predictor = Predictor.from_folder(chosen[1], device=settings.resolved_device())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import numpy as np
@@ -140,6 +141,15 @@ def test_predict_errors(capsys, weights_dir, tmp_path, server: Server):
         capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(weights_dir), "--conf", "3"
     )
     assert code == 1 and json.loads(err)["status"] == 422
+    # the model asked for is there, but its manifest cannot be read: the answer names the file
+    broken = tmp_path / "weights"
+    shutil.copytree(weights_dir / "det", broken / "det")
+    (broken / "det" / "manifest.json").write_text("[1, 2]")
+    code, _, err = run_cli(capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(broken),
+                           "--model", "det")
+    problem = json.loads(err.strip().splitlines()[-1])
+    assert code == 1 and problem["status"] == 404
+    assert problem["detail"].endswith(f"{broken / 'det' / 'manifest.json'} is unreadable"), problem
 
 
 # ------------------------------------------------------------------------------------------- client
