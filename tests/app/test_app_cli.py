@@ -143,7 +143,7 @@ def test_predict_errors(capsys, weights_dir, tmp_path, server: Server):
     assert code == 1 and json.loads(err)["status"] == 422
     # the model asked for is there, but its manifest cannot be read: the answer names the file
     broken = tmp_path / "weights"
-    shutil.copytree(weights_dir / "det", broken / "det")
+    shutil.copytree(weights_dir, broken)
     (broken / "det" / "manifest.json").write_text("[1, 2]")
     code, _, err = run_cli(capsys, "predict", str(text), "--task", "detect", "--weights-dir", str(broken),
                            "--model", "det")
