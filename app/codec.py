@@ -19,9 +19,10 @@ import binascii
 import io
 import warnings
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import Problem, bad_image, too_large, unsupported_media
+from model.transforms import turned_by_exif
 
 # Leading bytes of image formats PIL can decode: data starting like this but failing to decode is a
 # corrupt image (400), anything else is not an image (415).
@@ -115,7 +116,7 @@ def upright_size(data: bytes, *, max_pixels: int, min_side: int = 1, index: int 
         try:  # a PNG's EXIF may follow its pixel data: truncated or corrupt data ends the search
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                turned = img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+                turned = turned_by_exif(img)
         except Exception:  # noqa: BLE001
             turned = False
     return (height, width) if turned else (width, height)

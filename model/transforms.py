@@ -75,6 +75,12 @@ def _array_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def turned_by_exif(image) -> bool:
+    """Whether an opened PIL image's EXIF orientation (5-8) turns it by 90 degrees when shown upright: its
+    width and height then swap. Reads the header (and, for a PNG, the chunks up to its EXIF)."""
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
 def to_uint8(image) -> np.ndarray:
     """Decoded image → H×W uint8 (grey) or H×W×3 uint8 RGB: the one conversion that serving, training and
     evaluation share.

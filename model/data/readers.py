@@ -82,6 +82,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from model.transforms import turned_by_exif
+
 __all__ = [
     "IMAGE_EXTS",
     "MT_CLASSIFY_CLASSES",
@@ -191,7 +193,7 @@ def _image_size(path: str | os.PathLike, *, exif: bool = True) -> tuple[int, int
     try:
         with Image.open(path) as im:
             w, h = im.size
-            if exif and im.getexif().get(274, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
+            if exif and turned_by_exif(im):
                 w, h = h, w
     except UNREADABLE as exc:
         raise _unreadable(path, exc) from None
